@@ -1,0 +1,3 @@
+from shardsurgeon.cli import main
+
+main()

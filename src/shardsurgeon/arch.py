@@ -1,0 +1,189 @@
+"""Where the transformer layer stack lives: in tensor names and in config.json.
+
+Finds the prefix under which layers are numbered (``model.layers.N.``, ``transformer.h.N.``,
+``gpt_neox.layers.N.``, ``model.language_model.layers.N.`` ...), the config section and key that
+count them, and how the tensors outside the stack are ordered. Pure: no files, no tensor data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shardsurgeon.errors import PlanError
+
+KNOWN_PREFIXES = (
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "model.text_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.blocks",
+    "transformer.layers",
+    "backbone.layers",
+)
+"""Prefixes of decoder stacks, most common first; used when several numbered stacks exist."""
+
+COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+TEXT_SECTIONS = ("text_config", "language_config", "llm_config")
+NOT_PER_LAYER = frozenset({"architectures"})
+"""Config lists that are never per-layer even when their length equals the layer count."""
+
+_NUMBERED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")
+_HEAD_MARKERS = ("embed_tokens", "embed_in", "wte", "wpe", "word_embeddings", "embeddings")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStack:
+    """The layer stack of a checkpoint: ``{prefix}.{i}.{rest}`` for i in range(count)."""
+
+    prefix: str
+    count: int
+    config_section: tuple[str, ...]
+    count_key: str
+
+    def split(self, name: str) -> tuple[int, str] | None:
+        """``(layer, rest)`` for a tensor of the stack, None for any other tensor."""
+        head = self.prefix + "."
+        if not name.startswith(head):
+            return None
+        index, dot, rest = name[len(head) :].partition(".")
+        if not dot or not index.isdigit():
+            return None
+        return int(index), rest
+
+    def name(self, layer: int, rest: str) -> str:
+        return f"{self.prefix}.{layer}.{rest}"
+
+
+def find_layer_stack(
+    names: Iterable[str],
+    config: Mapping[str, Any],
+    prefix: str | None = None,
+    count_key: str | None = None,
+) -> LayerStack:
+    """Detect the layer stack from tensor names and config, or use the ``prefix`` given."""
+    layers_by_prefix: dict[str, set[int]] = {}
+    for name in names:
+        match = _NUMBERED.match(name)
+        if match:
+            layers_by_prefix.setdefault(match["prefix"], set()).add(int(match["index"]))
+    if prefix is None:
+        prefix = _choose_prefix(layers_by_prefix)
+    elif prefix not in layers_by_prefix:
+        raise PlanError(
+            f"--layer-prefix {prefix!r}: no tensor is named {prefix}.N.*; "
+            f"numbered prefixes found: {', '.join(sorted(layers_by_prefix)) or 'none'}"
+        )
+    indices = layers_by_prefix[prefix]
+    count = max(indices) + 1
+    missing = sorted(set(range(count)) - indices)
+    if missing:
+        raise PlanError(
+            f"layer stack {prefix}.N: layers 0..{count - 1} expected, but layer {missing[0]} has no "
+            "tensors; the checkpoint is incomplete"
+        )
+    section = _config_section(config, prefix)
+    key = _count_key(config, section, count_key)
+    declared = _section(config, section).get(key)
+    if declared != count:
+        where = ".".join((*section, key))
+        raise PlanError(
+            f"config.json: {where} is {declared!r} but the tensors hold {count} layers under "
+            f"{prefix}.N; the config does not describe these weights"
+        )
+    return LayerStack(prefix, count, section, key)
+
+
+def _choose_prefix(layers_by_prefix: Mapping[str, set[int]]) -> str:
+    for known in KNOWN_PREFIXES:
+        if known in layers_by_prefix:
+            return known
+    stacks = [p for p in layers_by_prefix if p.rsplit(".", 1)[-1] in ("layers", "h", "blocks", "layer")]
+    if len(stacks) == 1:
+        return stacks[0]
+    found = ", ".join(sorted(layers_by_prefix)) or "no numbered tensor names"
+    raise PlanError(
+        f"cannot tell which layer stack to edit (looked for {', '.join(KNOWN_PREFIXES)}; found {found}); "
+        "name it with --layer-prefix"
+    )
+
+
+def _config_section(config: Mapping[str, Any], prefix: str) -> tuple[str, ...]:
+    if "language_model" in prefix or "text_model" in prefix:
+        for section in TEXT_SECTIONS:
+            if isinstance(config.get(section), dict):
+                return (section,)
+    if not any(k in config for k in COUNT_KEYS):
+        for section in TEXT_SECTIONS:
+            if isinstance(config.get(section), dict) and any(k in config[section] for k in COUNT_KEYS):
+                return (section,)
+    return ()
+
+
+def _section(config: Mapping[str, Any], section: tuple[str, ...]) -> Mapping[str, Any]:
+    for key in section:
+        config = config[key]
+    return config
+
+
+def _count_key(config: Mapping[str, Any], section: tuple[str, ...], count_key: str | None) -> str:
+    values = _section(config, section)
+    if count_key is not None:
+        if count_key not in values:
+            raise PlanError(f"--layers-key {count_key!r}: config.json has no such key in {section or 'top level'}")
+        return count_key
+    for key in COUNT_KEYS:
+        if key in values:
+            return key
+    where = ".".join(section) or "the top level"
+    raise PlanError(
+        f"config.json: none of {', '.join(COUNT_KEYS)} found in {where}; name the layer count key with --layers-key"
+    )
+
+
+def patch_config(config: Mapping[str, Any], stack: LayerStack, source_layers: list[int]) -> dict[str, Any]:
+    """The config for an output stack whose layer i copies source layer ``source_layers[i]``.
+
+    Sets the layer count and rebuilds every per-layer list of the stack's section (a list as long as
+    the old layer count, such as ``layer_types``) so each output layer keeps its source's entry.
+    Key order is kept. The input is not modified.
+    """
+
+    def rebuild(section: Mapping[str, Any], depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in section.items():
+            if depth < len(stack.config_section) and key == stack.config_section[depth]:
+                out[key] = rebuild(value, depth + 1)
+            elif depth == len(stack.config_section) and key == stack.count_key:
+                out[key] = len(source_layers)
+            elif (
+                depth == len(stack.config_section)
+                and isinstance(value, list)
+                and len(value) == stack.count
+                and key not in NOT_PER_LAYER
+            ):
+                out[key] = [value[i] for i in source_layers]
+            else:
+                out[key] = value
+        return out
+
+    return rebuild(config, 0)
+
+
+def outside_rank(name: str) -> tuple[int, int]:
+    """Sort key group of a tensor outside the stack: (0, _) before the stack, (1, n) after it.
+
+    After the stack come final norms, then the output head, then anything else.
+    """
+    if name.startswith("lm_head") or "embed_out" in name:
+        return (1, 1)
+    if any(marker in name for marker in _HEAD_MARKERS):
+        return (0, 0)
+    if "norm" in name or "ln_f" in name:
+        return (1, 0)
+    return (1, 2)

@@ -1,0 +1,289 @@
+"""The command line: parses arguments, calls the library, turns library errors into one-line messages.
+
+The only module that imports click. Progress is drawn on stderr when it is a terminal.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from shardsurgeon import __version__
+from shardsurgeon.arch import find_layer_stack
+from shardsurgeon.checkpoint import Checkpoint, open_checkpoint
+from shardsurgeon.demo import make_demo_checkpoint
+from shardsurgeon.errors import RecipeError, ShardSurgeonError
+from shardsurgeon.format import DTYPE_ALIASES
+from shardsurgeon.hfdir import base_model_id, model_card
+from shardsurgeon.inspect import describe_checkpoint
+from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout, parse_size, plan_layout
+from shardsurgeon.mergekit import to_mergekit_yaml
+from shardsurgeon.plan import Plan, make_plan
+from shardsurgeon.recipe import expand_recipe, parse_dup, parse_filters
+from shardsurgeon.report import describe_expansion, dry_run_text, plan_json
+from shardsurgeon.rewrite import RunResult, write_checkpoint
+from shardsurgeon.verify import compare_with_plan
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _ParsedParam(click.ParamType):
+    """A click type that calls a pure parser and turns its RecipeError into a usage error."""
+
+    def __init__(self, name: str, parse: Callable[[str], Any]):
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return self._parse(value)
+        except RecipeError as e:
+            self.fail(str(e), param, ctx)
+
+
+DUP = _ParsedParam("LAYERxCOPIES", parse_dup)
+FILTERS = _ParsedParam("NAME[,NAME...]", parse_filters)
+SIZE = _ParsedParam("SIZE", parse_size)
+DTYPE = click.Choice(["bfloat16", "float16", "float32"])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="shardsurgeon")
+def cli() -> None:
+    """Rewrite Hugging Face safetensors checkpoints layer by layer, streaming, in constant memory."""
+
+
+def main() -> None:
+    cli(prog_name="shardsurgeon")
+
+
+def _verbosity(command: F) -> F:
+    command = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")(command)
+    return click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of errors.")(command)
+
+
+def _reports_errors(command: F) -> F:
+    """Print library errors as one line and exit non-zero; keep the traceback for -v."""
+
+    @wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ShardSurgeonError as e:
+            if kwargs.get("verbose"):
+                raise
+            click.echo(f"shardsurgeon: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("shardsurgeon: interrupted; run the same command again to resume", err=True)
+            sys.exit(130)
+
+    return run  # type: ignore[return-value]
+
+
+@cli.command()
+@click.option("--src", required=True, type=click.Path(path_type=Path), help="Source checkpoint folder.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist, or be empty).")
+@click.option("--dup", "dups", multiple=True, type=DUP, help="Insert N copies of layer L after L: LxN (repeatable).")
+@click.option("--every", type=click.IntRange(min=1), help="Insert a copy after every STEP-th layer (LLaMA Pro).")
+@click.option("--zero", type=FILTERS, default="", help="Zero tensors of inserted copies whose name contains these.")
+@click.option("--dtype", type=DTYPE, help="Cast floating-point tensors to this dtype.")
+@click.option("--max-shard-size", type=SIZE, default=str(DEFAULT_MAX_SHARD_BYTES), help="Largest shard, e.g. 5GB.")
+@click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--dry-run", is_flag=True, help="Print the plan in words and write nothing.")
+@click.option("--plan-json", type=click.Path(path_type=Path), help="Write the plan as JSON here ('-': stdout).")
+@click.option("--layer-prefix", help="Layer stack prefix, e.g. model.layers, when it cannot be detected.")
+@click.option("--layers-key", help="config.json key that counts the layers, when it cannot be detected.")
+@_verbosity
+@_reports_errors
+def expand(
+    src: Path,
+    out: Path | None,
+    dups: tuple[list[tuple[int, int]], ...],
+    every: int | None,
+    zero: tuple[str, ...] | str,
+    dtype: str | None,
+    max_shard_size: int,
+    dense: bool,
+    force: bool,
+    dry_run: bool,
+    plan_json: Path | None,
+    layer_prefix: str | None,
+    layers_key: str | None,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Insert copies of layers, such as LLaMA Pro identity blocks.
+
+    \b
+    shardsurgeon expand --src ./openchat-3.5-0106 --dup 31x12 --zero o_proj,down_proj --out ./openchat-44
+    shardsurgeon expand --src ./llama-2-7b --every 4 --zero o_proj,down_proj --out ./llama-pro-8b
+    """
+    if out is None and not dry_run and plan_json is None:
+        raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
+    checkpoint = open_checkpoint(src)
+    model = str(src)
+    stack_count = _layer_count(checkpoint, layer_prefix, layers_key)
+    recipe = expand_recipe(
+        model,
+        stack_count,
+        [pair for group in dups for pair in group],
+        every,
+        zero if isinstance(zero, tuple) else (),
+        DTYPE_ALIASES[dtype] if dtype else None,
+    )
+    plan = make_plan(recipe, {model: checkpoint}, layer_prefix=layer_prefix, layers_key=layers_key)
+    layout = plan_layout(plan, max_shard_size)
+    if plan_json is not None:
+        _write_plan_json(plan, layout, plan_json)
+    if dry_run:
+        click.echo(dry_run_text(plan, layout))
+    if out is None or dry_run:
+        return
+    command = _command_line(
+        "expand",
+        src=src,
+        dup=",".join(f"{layer}x{n}" for g in dups for layer, n in g),
+        every=every,
+        zero=",".join(zero) if isinstance(zero, tuple) else "",
+        dtype=dtype,
+        max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
+        dense=dense,
+        out=out,
+    )
+    base = base_model_id(checkpoint.folder, checkpoint.config)
+    source_dtype = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
+    card = model_card(
+        plan,
+        base,
+        command,
+        describe_expansion(plan, base),
+        to_mergekit_yaml(recipe, {model: base}, dtype or source_dtype),
+    )
+    result = _write(plan, layout, out, {model: checkpoint}, card, force, dense, quiet)
+    if not quiet:
+        click.echo(_summary(plan, result), err=True)
+
+
+def _layer_count(checkpoint: Checkpoint, layer_prefix: str | None, layers_key: str | None) -> int:
+    return find_layer_stack(checkpoint.tensors, checkpoint.config, layer_prefix, layers_key).count
+
+
+def _write_plan_json(plan: Plan, layout: Layout, path: Path) -> None:
+    data = plan_json(plan, layout)
+    if str(path) == "-":
+        click.echo(data.decode(), nl=False)
+    else:
+        path.write_bytes(data)
+
+
+def _command_line(command: str, **options: Any) -> str:
+    words = ["shardsurgeon", command]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value not in (None, False, ""):
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def _write(
+    plan: Plan,
+    layout: Layout,
+    out: Path,
+    checkpoints: dict[str, Any],
+    card: str,
+    force: bool,
+    dense: bool,
+    quiet: bool,
+) -> RunResult:
+    with _progress_bar(layout, quiet) as progress:
+        return write_checkpoint(
+            plan, layout, out, checkpoints, model_card=card, force=force, dense=dense, progress=progress
+        )
+
+
+@contextmanager
+def _progress_bar(layout: Layout, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    with click.progressbar(length=layout.total_size, label="writing", file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _summary(plan: Plan, result: RunResult) -> str:
+    reused = f" ({result.shards_reused} kept from an interrupted run)" if result.shards_reused else ""
+    return (
+        f"shardsurgeon: {plan.source_layers} -> {plan.output_layers} layers, {result.tensors} tensors, "
+        f"{result.shards} shards{reused}, {result.written / 1e9:.2f} GB written, "
+        f"{result.holes / 1e9:.2f} GB left as holes, {result.seconds:.1f} s -> {result.out}"
+    )
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--layer-prefix", help="Layer stack prefix, when it cannot be detected.")
+@click.option("--layers-key", help="config.json key that counts the layers.")
+@_verbosity
+@_reports_errors
+def inspect(folder: Path, layer_prefix: str | None, layers_key: str | None, quiet: bool, verbose: bool) -> None:
+    """Show a checkpoint's layer stack, tensors per layer, dtypes, parameters and shards."""
+    click.echo(describe_checkpoint(open_checkpoint(folder), layer_prefix, layers_key))
+
+
+@cli.command()
+@click.option("--keep", type=click.Path(path_type=Path), help="Build in this folder and keep it.")
+@_verbosity
+@_reports_errors
+def demo(keep: Path | None, quiet: bool, verbose: bool) -> None:
+    """Build a small 32-layer Mistral-shaped checkpoint, expand it with the seed recipe, check it."""
+    with tempfile.TemporaryDirectory(prefix="shardsurgeon-demo-") as scratch:
+        root = keep or Path(scratch)
+        src, out = root / "mistral-32", root / "mistral-44"
+        make_demo_checkpoint(src)
+        checkpoint = open_checkpoint(src)
+        click.echo(f"built a 32-layer Mistral-shaped bf16 checkpoint in {src} ({len(checkpoint.shards)} shards)")
+        args = [
+            "expand",
+            "--src",
+            str(src),
+            "--dup",
+            "31x12",
+            "--zero",
+            "o_proj,down_proj",
+            "--out",
+            str(out),
+        ]
+        click.echo("$ shardsurgeon " + shlex.join(args))
+        expand.main(args[1:] + ["--force"] + (["-q"] if quiet else []), standalone_mode=False)
+        recipe = expand_recipe(str(src), 32, [(31, 12)], zero=("o_proj", "down_proj"))
+        plan = make_plan(recipe, {str(src): checkpoint})
+        mismatches = compare_with_plan(plan_layout(plan), out)
+        for mismatch in mismatches:
+            click.echo(f"MISMATCH {mismatch.shard} {mismatch.tensor}: {mismatch.problem}", err=True)
+        if mismatches:
+            raise SystemExit(1)
+        click.echo(describe_checkpoint(open_checkpoint(out)))
+        click.echo(
+            f"checked: all {len(plan.tensors)} tensors of {out} hold exactly the source bytes or zeros "
+            "the plan says; layers 32-43 are identity blocks"
+        )
+        if keep is None:
+            click.echo("(the demo folders are removed; pass --keep DIR to keep them)")
+
+
+if __name__ == "__main__":
+    main()

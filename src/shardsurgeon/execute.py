@@ -1,0 +1,181 @@
+"""Write one shard of a Layout: the only module that writes tensor bytes.
+
+The file is sized to its final length first, so a zero tensor is a hole that is never written
+(``dense`` writes real zeros). Copies go through ``os.copy_file_range`` and stay in the kernel,
+with a chunked ``pread``/``pwrite`` fallback where the kernel or filesystem refuses. Casts and
+scales stream through fixed-size reused buffers. No buffer ever has the size of a tensor.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from shardsurgeon.errors import CheckpointError, OutputError
+from shardsurgeon.layout import PlacedTensor, ShardLayout
+from shardsurgeon.numerics import ChunkConverter
+
+Progress = Callable[[int], None]
+
+COPY_CALL_BYTES = 64 << 20
+"""Largest single copy_file_range call: keeps progress smooth and Ctrl-C prompt."""
+CHUNK_BYTES = 4 << 20
+_FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM})
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStats:
+    """What writing one shard did, in bytes."""
+
+    written: int
+    holes: int
+
+
+class SourceFiles:
+    """Read-only descriptors of source shards, opened on first use and closed on exit."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            try:
+                self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open source shard: {e.strerror}") from None
+        return self._fds[path]
+
+    def __enter__(self) -> SourceFiles:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class ShardWriter:
+    """Writes shards; remembers whether copy_file_range works so it is not retried per tensor."""
+
+    def __init__(self, sources: SourceFiles, *, dense: bool = False, progress: Progress | None = None):
+        self._sources = sources
+        self._dense = dense
+        self._progress = progress or (lambda nbytes: None)
+        self._kernel_copy = True
+        self._buffer = bytearray(CHUNK_BYTES)
+
+    def write(self, shard: ShardLayout, path: Path) -> ShardStats:
+        """Write ``shard`` to ``path`` (created or truncated), fsynced; returns the byte counts."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot create shard: {e.strerror}") from None
+        written = holes = 0
+        try:
+            os.ftruncate(fd, shard.nbytes)
+            _pwrite_all(fd, shard.header, 0)
+            written += len(shard.header)
+            for placed in shard.tensors:
+                if placed.tensor.op == "zeros" and not self._dense:
+                    holes += placed.tensor.nbytes
+                    self._progress(placed.tensor.nbytes)
+                    continue
+                self._write_tensor(placed, fd)
+                written += placed.tensor.nbytes
+            os.fsync(fd)
+        except OSError as e:
+            raise OutputError(_describe_write_error(path, e)) from None
+        finally:
+            os.close(fd)
+        return ShardStats(written, holes)
+
+    def _write_tensor(self, placed: PlacedTensor, fd: int) -> None:
+        tensor = placed.tensor
+        if tensor.op == "zeros":
+            self._write_zeros(fd, placed.offset, tensor.nbytes)
+        elif tensor.op == "copy":
+            self._copy(
+                self._sources.fd(tensor.source.path),
+                tensor.source.data_start,
+                fd,
+                placed.offset,
+                tensor.nbytes,
+            )
+        else:
+            self._convert(placed, fd)
+
+    def _copy(self, src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> None:
+        done = 0
+        while done < nbytes and self._kernel_copy:
+            want = min(nbytes - done, COPY_CALL_BYTES)
+            try:
+                got = os.copy_file_range(src, dst, want, src_offset + done, dst_offset + done)
+            except OSError as e:
+                if e.errno not in _FALLBACK_ERRNOS:
+                    raise
+                self._kernel_copy = False
+                break
+            if got == 0:
+                raise _source_truncated(src, src_offset + done)
+            done += got
+            self._progress(got)
+        while done < nbytes:
+            view = memoryview(self._buffer)[: min(nbytes - done, CHUNK_BYTES)]
+            got = os.preadv(src, [view], src_offset + done)
+            if got == 0:
+                raise _source_truncated(src, src_offset + done)
+            _pwrite_all(dst, view[:got], dst_offset + done)
+            done += got
+            self._progress(got)
+
+    def _write_zeros(self, fd: int, offset: int, nbytes: int) -> None:
+        zeros = memoryview(bytes(min(nbytes, CHUNK_BYTES)))
+        for start in range(0, nbytes, CHUNK_BYTES):
+            count = min(CHUNK_BYTES, nbytes - start)
+            _pwrite_all(fd, zeros[:count], offset + start)
+            self._progress(count)
+
+    def _convert(self, placed: PlacedTensor, fd: int) -> None:
+        tensor = placed.tensor
+        converter = ChunkConverter(tensor.source.dtype, tensor.dtype, tensor.scale)
+        src = self._sources.fd(tensor.source.path)
+        chunk = converter.chunk_src_bytes
+        buffer = bytearray(chunk)
+        dst_offset = placed.offset
+        for start in range(0, tensor.source.nbytes, chunk):
+            view = memoryview(buffer)[: min(chunk, tensor.source.nbytes - start)]
+            got = os.preadv(src, [view], tensor.source.data_start + start)
+            if got != len(view):
+                raise _source_truncated(src, tensor.source.data_start + start + got)
+            out = converter.convert(view)
+            _pwrite_all(fd, out, dst_offset)
+            dst_offset += len(out)
+            self._progress(len(view))
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _source_truncated(fd: int, offset: int) -> CheckpointError:
+    path = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else f"fd {fd}"
+    return CheckpointError(
+        f"{path}: ends at byte {offset}, before the data its header promises; the source changed or "
+        "was truncated while running"
+    )
+
+
+def _describe_write_error(path: Path, error: OSError) -> str:
+    if error.errno == errno.ENOSPC:
+        return (
+            f"{path}: no space left on device; free some space and run the same command again, "
+            "completed shards will be kept"
+        )
+    return f"{path}: write failed: {error.strerror or error}"

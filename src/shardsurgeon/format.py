@@ -1,0 +1,270 @@
+"""The safetensors file format: dtype table, header decoding with full validation, header encoding.
+
+A file is an 8-byte little-endian header length N, N bytes of JSON (an object mapping tensor names
+to ``{"dtype", "shape", "data_offsets"}`` plus an optional ``__metadata__`` of strings), then the
+tensor data, whose offsets are relative to the end of the header. This module knows nothing about
+checkpoints or layers and never reads tensor data.
+
+Headers are untrusted: every rule the reference reader enforces is checked here, with a message that
+names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from shardsurgeon.errors import FormatError
+
+MAX_HEADER_BYTES = 100_000_000
+"""Same cap as the reference reader: a header longer than this is refused before it is read."""
+
+HEADER_LENGTH_BYTES = 8
+MAX_TENSOR_BYTES = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class DType:
+    """One safetensors dtype: its name in headers, its size in bits, and its numpy type if any."""
+
+    name: str
+    bits: int
+    numpy: np.dtype | None
+    is_float: bool
+
+    def nbytes(self, numel: int) -> int:
+        return numel * self.bits // 8
+
+
+def _dt(name: str, bits: int, numpy_type: Any, is_float: bool = False) -> DType:
+    return DType(name, bits, None if numpy_type is None else np.dtype(numpy_type), is_float)
+
+
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        _dt("BOOL", 8, np.bool_),
+        _dt("U8", 8, np.uint8),
+        _dt("I8", 8, np.int8),
+        _dt("F8_E5M2", 8, ml_dtypes.float8_e5m2),
+        _dt("F8_E4M3", 8, ml_dtypes.float8_e4m3fn),
+        _dt("F8_E8M0", 8, ml_dtypes.float8_e8m0fnu),
+        _dt("I16", 16, np.int16),
+        _dt("U16", 16, np.uint16),
+        _dt("F16", 16, np.float16, is_float=True),
+        _dt("BF16", 16, ml_dtypes.bfloat16, is_float=True),
+        _dt("I32", 32, np.int32),
+        _dt("U32", 32, np.uint32),
+        _dt("F32", 32, np.float32, is_float=True),
+        _dt("F64", 64, np.float64, is_float=True),
+        _dt("I64", 64, np.int64),
+        _dt("U64", 64, np.uint64),
+        _dt("C64", 64, np.complex64),
+        _dt("F4", 4, None),
+        _dt("F6_E2M3", 6, None),
+        _dt("F6_E3M2", 6, None),
+    )
+}
+"""Every dtype the reference reader knows. ``is_float`` marks the ones we can scale and cast."""
+
+DTYPE_ALIASES = {
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "float32": "F32",
+    "fp32": "F32",
+    "float": "F32",
+    "float64": "F64",
+}
+"""User-facing names (the ones torch, mergekit and config.json use) for the castable dtypes."""
+
+TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEntry:
+    """One tensor as a header describes it; offsets are relative to the start of the data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A decoded, validated header. ``tensors`` are in data order; ``data_start`` is absolute."""
+
+    metadata: dict[str, str] | None
+    tensors: tuple[HeaderEntry, ...]
+    data_start: int
+    data_nbytes: int
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor; raises ValueError when the element count does not fill whole bytes."""
+    bits = DTYPES[dtype].bits * numel(shape)
+    if bits % 8:
+        raise ValueError(f"{numel(shape)} elements of {dtype} do not fill whole bytes")
+    return bits // 8
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: Mapping[str, str] | None) -> bytes:
+    """Encode a header for tensors given as ``(name, dtype, shape, nbytes)`` in data order.
+
+    Returns the 8-byte length followed by compact JSON padded with spaces so that the data starts
+    at a multiple of 8, exactly as the reference writer lays it out.
+    """
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate the header of the safetensors file at ``path``."""
+    try:
+        with open(path, "rb") as f:
+            file_nbytes = os.fstat(f.fileno()).st_size
+            if file_nbytes < HEADER_LENGTH_BYTES:
+                raise FormatError(
+                    f"{path}: file is {file_nbytes} bytes, too short for a safetensors header "
+                    "(needs at least 8); the file is truncated or not a safetensors file"
+                )
+            (header_nbytes,) = struct.unpack("<Q", f.read(HEADER_LENGTH_BYTES))
+            if header_nbytes > MAX_HEADER_BYTES:
+                raise FormatError(
+                    f"{path}: header length field says {header_nbytes} bytes, more than the "
+                    f"{MAX_HEADER_BYTES} allowed; the file is corrupt or not a safetensors file"
+                )
+            if HEADER_LENGTH_BYTES + header_nbytes > file_nbytes:
+                raise FormatError(
+                    f"{path}: header length field says {header_nbytes} bytes but the file has only "
+                    f"{file_nbytes - HEADER_LENGTH_BYTES} after it; the file is truncated"
+                )
+            raw = f.read(header_nbytes)
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, expected a safetensors file") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    return decode_header(raw, file_nbytes, str(path))
+
+
+def decode_header(raw: bytes, file_nbytes: int, where: str) -> Header:
+    """Validate header bytes ``raw`` of a file of ``file_nbytes`` bytes; ``where`` names the file."""
+    data_start = HEADER_LENGTH_BYTES + len(raw)
+    data_nbytes = file_nbytes - data_start
+    try:
+        text = raw.decode("utf-8")
+        parsed = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as e:
+        raise FormatError(f"{where}: header repeats the key {e.args[0]!r}; the file is corrupt") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{where}: header is not valid UTF-8 JSON ({e}); the file is corrupt") from None
+    if not isinstance(parsed, dict):
+        raise FormatError(f"{where}: header must be a JSON object, found {type(parsed).__name__}; the file is corrupt")
+    metadata = _decode_metadata(parsed.pop("__metadata__", None), where)
+    entries = sorted(
+        (_decode_entry(name, value, where) for name, value in parsed.items()),
+        key=lambda e: (e.begin, e.end),
+    )
+    expected_begin = 0
+    for entry in entries:
+        if entry.begin != expected_begin:
+            problem = "overlaps the previous tensor" if entry.begin < expected_begin else "leaves a gap"
+            raise FormatError(
+                f"{where}: tensor {entry.name!r} starts at data offset {entry.begin}, expected "
+                f"{expected_begin} ({problem}); the file is corrupt"
+            )
+        expected_begin = entry.end
+    if expected_begin != data_nbytes:
+        problem = "runs past the end of the file" if expected_begin > data_nbytes else "leaves trailing bytes"
+        raise FormatError(
+            f"{where}: tensors cover {expected_begin} data bytes but the file holds {data_nbytes} "
+            f"after the header ({problem}); the file is truncated or corrupt"
+        )
+    return Header(metadata, tuple(entries), data_start, data_nbytes)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _decode_metadata(value: Any, where: str) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise FormatError(
+            f"{where}: __metadata__ must map strings to strings, found {json.dumps(value)[:80]}; the file is corrupt"
+        )
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _decode_entry(name: str, value: Any, where: str) -> HeaderEntry:
+    def fail(what: str) -> FormatError:
+        return FormatError(f"{where}: tensor {name!r}: {what}; the file is corrupt")
+
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
+        found = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise fail(f"expected an object with dtype, shape and data_offsets, found {found}")
+    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise fail(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise fail(f"shape must be a list of non-negative integers, found {json.dumps(shape)}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and 0 <= o <= MAX_TENSOR_BYTES for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise fail(f"data_offsets must be [begin, end] with 0 <= begin <= end, found {json.dumps(offsets)}")
+    bits = numel(tuple(shape)) * DTYPES[dtype].bits
+    if bits > MAX_TENSOR_BYTES * 8:
+        raise fail(f"shape {shape} overflows: {bits // 8} bytes is more than a file can hold")
+    if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+        raise fail(
+            f"shape {shape} of {dtype} needs {bits / 8:g} bytes but data_offsets {offsets} span "
+            f"{offsets[1] - offsets[0]}"
+        )
+    return HeaderEntry(name, dtype, tuple(shape), offsets[0], offsets[1])

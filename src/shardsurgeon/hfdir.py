@@ -1,0 +1,93 @@
+"""The non-weight files of a Hugging Face checkpoint folder: config, index, other files, model card.
+
+Writes into the staging folder only; never touches tensor bytes and never writes to the source.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from shardsurgeon.layout import INDEX_FILE, Layout
+from shardsurgeon.output import fsync_file
+from shardsurgeon.plan import Plan
+
+NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+NOT_COPIED_NAMES = frozenset({"config.json", "README.md", "model.safetensors.index.json"})
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    fsync_file(path)
+
+
+def write_index(folder: Path, layout: Layout) -> None:
+    """The index json, only when there is more than one shard (like transformers)."""
+    if len(layout.shards) == 1:
+        return
+    weight_map = {p.tensor.name: s.name for s in layout.shards for p in s.tensors}
+    write_json(folder / INDEX_FILE, {"metadata": {"total_size": layout.total_size}, "weight_map": weight_map})
+
+
+def other_files(source: Path) -> list[Path]:
+    """Top-level files of the source to carry over as they are: tokenizer, generation config..."""
+    return sorted(
+        entry
+        for entry in source.iterdir()
+        if entry.is_file()
+        and not entry.name.startswith(".")
+        and entry.name not in NOT_COPIED_NAMES
+        and not entry.name.endswith(NOT_COPIED_SUFFIXES)
+        and not entry.name.startswith("pytorch_model")
+    )
+
+
+def copy_other_files(source: Path, folder: Path) -> list[str]:
+    copied = []
+    for entry in other_files(source):
+        shutil.copyfile(entry, folder / entry.name)
+        fsync_file(folder / entry.name)
+        copied.append(entry.name)
+    return copied
+
+
+def base_model_id(source: Path, config: dict[str, Any]) -> str:
+    """The Hugging Face id to name as ``base_model``: from the cache path, the config, or the folder."""
+    for part in source.resolve().parts:
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/", 1)
+    name = config.get("_name_or_path")
+    if isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/")):
+        return name
+    return source.resolve().name
+
+
+def model_card(plan: Plan, base_model: str, command: str, what: str, mergekit_yaml: str) -> str:
+    return f"""---
+base_model: {base_model}
+library_name: transformers
+tags:
+- shardsurgeon
+- mergekit
+- merge
+- block-expansion
+---
+
+# {base_model}, {plan.output_layers} layers
+
+{what}
+
+Made with [shardsurgeon](https://pypi.org/project/shardsurgeon/) by:
+
+```sh
+{command}
+```
+
+The same checkpoint as a mergekit passthrough config:
+
+```yaml
+{mergekit_yaml.rstrip()}
+```
+"""

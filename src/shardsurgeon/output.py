@@ -1,0 +1,128 @@
+"""The output folder's life: safety checks, the staging folder, resume, and the atomic commit.
+
+Everything is written under a hidden sibling ``.NAME.shardsurgeon-partial`` and renamed to NAME
+only when complete and fsynced, so NAME never holds a partial result. A staging folder left by an
+interrupted run is reused when its resume key (plan fingerprint and source file identities)
+matches; its completed shards are then checked against the layout before they are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from shardsurgeon.errors import OutputError
+from shardsurgeon.layout import ShardLayout
+
+RESUME_FILE = ".shardsurgeon-resume"
+PARTIAL_SUFFIX = ".partial"
+
+
+def staging_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.shardsurgeon-partial"
+
+
+def check_destination(out: Path, sources: Iterable[Path], force: bool) -> None:
+    """Refuse an output that is, holds or lies inside a source, or is non-empty without ``force``."""
+    real_out = out.resolve()
+    for source in sources:
+        real_source = source.resolve()
+        if real_out == real_source or real_out.is_relative_to(real_source):
+            raise OutputError(
+                f"--out {out}: is inside the source {source}; the source is never written to, "
+                "choose an output folder outside it"
+            )
+        if real_source.is_relative_to(real_out):
+            raise OutputError(f"--out {out}: contains the source {source}; choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: exists and is a file; choose a folder name")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputError(f"--out {out}: folder exists and is not empty; pass --force to replace it")
+
+
+def open_staging(out: Path, resume_key: str) -> tuple[Path, bool]:
+    """Create or reuse the staging folder; returns it and whether a matching earlier run was found."""
+    staging = staging_folder(out)
+    marker = staging / RESUME_FILE
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        resumed = marker.is_file() and marker.read_text() == resume_key
+        if staging.exists() and not resumed:
+            shutil.rmtree(staging)
+        staging.mkdir(exist_ok=True)
+        if not resumed:
+            marker.write_text(resume_key)
+    except OSError as e:
+        raise OutputError(f"{staging}: cannot prepare the output: {e.strerror or e}") from None
+    return staging, resumed
+
+
+def completed_shard(path: Path, shard: ShardLayout) -> bool:
+    """True when ``path`` is a finished shard of this layout: right size and identical header."""
+    try:
+        if path.stat().st_size != shard.nbytes:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(shard.header)) == shard.header
+    except OSError:
+        return False
+
+
+def remove_strays(staging: Path, keep: set[str]) -> None:
+    """Delete files of an earlier run that this layout does not produce (other shard names)."""
+    for entry in staging.iterdir():
+        if entry.name not in keep and entry.name != RESUME_FILE:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def free_bytes(folder: Path) -> int:
+    stat = os.statvfs(folder)
+    return stat.f_bavail * stat.f_frsize
+
+
+def check_room(staging: Path, needed: int) -> None:
+    available = free_bytes(staging)
+    if needed > available:
+        raise OutputError(
+            f"{staging.parent}: needs {needed / 1e9:.2f} GB for the shards still to write but only "
+            f"{available / 1e9:.2f} GB is free; free some space or write elsewhere with --out"
+        )
+
+
+def commit(staging: Path, out: Path) -> None:
+    """Fsync the staging folder and move it to ``out``, replacing an empty or forced ``out``."""
+    (staging / RESUME_FILE).unlink(missing_ok=True)
+    _fsync_dir(staging)
+    old = out.parent / f".{out.name}.shardsurgeon-old"
+    try:
+        if out.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(out, old)
+        os.rename(staging, out)
+        _fsync_dir(out.parent)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot move the finished output into place: {e.strerror or e}") from None
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,121 @@
+"""The layer recipe: which source layer each output layer comes from, and what happens to its tensors.
+
+A recipe is pure data in the shape of a mergekit passthrough config: an ordered list of output
+layers, each naming a model and a source layer and carrying scale rules, plus the donors of the
+tensors before and after the stack and an optional dtype to cast to. ``expand`` flags build one
+with :func:`expand_recipe`. No files, no tensors: layer counts come in as plain integers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shardsurgeon.errors import RecipeError
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleRule:
+    """Multiply by ``value`` every tensor whose *source* name contains ``filter`` (None: all)."""
+
+    value: float
+    filter: str | None = None
+
+    def matches(self, source_name: str) -> bool:
+        return self.filter is None or self.filter in source_name
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSource:
+    """One output layer, or the donor of the tensors outside the stack (``layer`` is None)."""
+
+    model: str
+    layer: int | None
+    scale: tuple[ScaleRule, ...] = ()
+    inserted: bool = False
+
+    def scale_for(self, source_name: str) -> tuple[float, ScaleRule | None]:
+        """The factor for a tensor (first matching rule wins) and the rule that gave it."""
+        for rule in self.scale:
+            if rule.matches(source_name):
+                return rule.value, rule
+        return 1.0, None
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """An output checkpoint described layer by layer; ``models`` keys are model references."""
+
+    layers: tuple[LayerSource, ...]
+    head: LayerSource
+    tail: LayerSource
+    dtype: str | None = None
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        seen = dict.fromkeys([self.head.model, *(s.model for s in self.layers), self.tail.model])
+        return tuple(seen)
+
+
+_DUP = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
+
+
+def parse_dup(text: str) -> list[tuple[int, int]]:
+    """Parse ``--dup`` values such as ``31x12`` or ``3x1,7x2`` into (layer, copies) pairs."""
+    pairs = []
+    for part in text.split(","):
+        match = _DUP.match(part)
+        if not match:
+            raise RecipeError(
+                f"--dup {text!r}: expected LAYERxCOPIES such as 31x12 (comma-separated for several), "
+                f"found {part.strip()!r}"
+            )
+        layer, copies = int(match[1]), int(match[2])
+        if copies == 0:
+            raise RecipeError(f"--dup {part.strip()!r}: the number of copies must be at least 1, found 0")
+        pairs.append((layer, copies))
+    return pairs
+
+
+def parse_filters(text: str, flag: str = "--zero") -> tuple[str, ...]:
+    """Parse a comma-separated list of name substrings such as ``o_proj,down_proj``."""
+    filters = tuple(f.strip() for f in text.split(","))
+    if not all(filters):
+        raise RecipeError(f"{flag} {text!r}: expected comma-separated name parts such as o_proj,down_proj")
+    return filters
+
+
+def expand_recipe(
+    model: str,
+    num_layers: int,
+    dups: Sequence[tuple[int, int]] = (),
+    every: int | None = None,
+    zero: tuple[str, ...] = (),
+    dtype: str | None = None,
+) -> Recipe:
+    """The recipe for ``expand``: copies inserted right after their source layer.
+
+    ``dups`` inserts N copies of layer L after L; ``every`` S inserts one copy after every S-th
+    layer (LLaMA Pro). Tensors of inserted copies whose name contains one of ``zero`` become zeros.
+    """
+    copies_after = [0] * num_layers
+    for layer, copies in dups:
+        if not 0 <= layer < num_layers:
+            raise RecipeError(
+                f"--dup {layer}x{copies}: layer {layer} is out of range, the model has layers 0..{num_layers - 1}"
+            )
+        copies_after[layer] += copies
+    if every is not None:
+        if not 1 <= every <= num_layers:
+            raise RecipeError(f"--every {every}: expected a step between 1 and {num_layers} (the layer count)")
+        for layer in range(every - 1, num_layers, every):
+            copies_after[layer] += 1
+    if not any(copies_after):
+        raise RecipeError("expand: nothing to insert; give --dup LAYERxCOPIES or --every STEP")
+    copy_rules = tuple(ScaleRule(0.0, f) for f in zero)
+    layers = []
+    for layer in range(num_layers):
+        layers.append(LayerSource(model, layer))
+        layers.extend(LayerSource(model, layer, copy_rules, inserted=True) for _ in range(copies_after[layer]))
+    return Recipe(tuple(layers), LayerSource(model, None), LayerSource(model, None), dtype)

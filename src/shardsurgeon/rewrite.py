@@ -1,0 +1,94 @@
+"""Write a planned checkpoint: staging, resume, shards, the other files, and the atomic commit.
+
+This is the library's entry point for writing; it sequences :mod:`output`, :mod:`execute` and
+:mod:`hfdir` and reports progress through a callback. The CLI calls it; so can any program.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardsurgeon import hfdir, output
+from shardsurgeon.checkpoint import Checkpoint
+from shardsurgeon.execute import ShardWriter, SourceFiles
+from shardsurgeon.layout import Layout, ShardLayout
+from shardsurgeon.plan import Plan
+
+Progress = Callable[[int], None]
+SMALL_FILES_ALLOWANCE = 64 << 20
+"""Room kept free for the config, index, tokenizer and model card when checking disk space."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What a run did; bytes are file bytes (headers included), holes are zeros left unwritten."""
+
+    out: Path
+    tensors: int
+    shards: int
+    shards_reused: int
+    written: int
+    holes: int
+    seconds: float
+
+
+def write_checkpoint(
+    plan: Plan,
+    layout: Layout,
+    out: Path,
+    checkpoints: Mapping[str, Checkpoint],
+    *,
+    model_card: str,
+    force: bool = False,
+    dense: bool = False,
+    progress: Progress | None = None,
+) -> RunResult:
+    """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run."""
+    started = time.monotonic()
+    progress = progress or (lambda nbytes: None)
+    donor = checkpoints[plan.recipe.head.model]
+    output.check_destination(out, [c.folder for c in checkpoints.values()], force)
+    staging, _ = output.open_staging(out, _resume_key(plan, layout, checkpoints))
+    done = {s.name for s in layout.shards if output.completed_shard(staging / s.name, s)}
+    output.remove_strays(staging, done)
+    todo = [s for s in layout.shards if s.name not in done]
+    output.check_room(staging, sum(_bytes_to_write(s, dense) for s in todo) + SMALL_FILES_ALLOWANCE)
+    for shard in layout.shards:
+        if shard.name in done:
+            progress(shard.nbytes - len(shard.header))
+    written = holes = 0
+    with SourceFiles() as sources:
+        writer = ShardWriter(sources, dense=dense, progress=progress)
+        for shard in todo:
+            partial = staging / (shard.name + output.PARTIAL_SUFFIX)
+            stats = writer.write(shard, partial)
+            partial.rename(staging / shard.name)
+            written += stats.written
+            holes += stats.holes
+    hfdir.write_json(staging / "config.json", plan.config)
+    hfdir.write_index(staging, layout)
+    hfdir.copy_other_files(donor.folder, staging)
+    (staging / "README.md").write_text(model_card)
+    output.fsync_file(staging / "README.md")
+    output.commit(staging, out)
+    return RunResult(out, len(plan.tensors), len(layout.shards), len(done), written, holes, time.monotonic() - started)
+
+
+def _bytes_to_write(shard: ShardLayout, dense: bool) -> int:
+    return len(shard.header) + sum(p.tensor.nbytes for p in shard.tensors if dense or p.tensor.op != "zeros")
+
+
+def _resume_key(plan: Plan, layout: Layout, checkpoints: Mapping[str, Checkpoint]) -> str:
+    """Identifies a run: the plan, the shard names, and the exact source files (path, size, mtime)."""
+    digest = hashlib.sha256(plan.fingerprint.encode())
+    for shard in layout.shards:
+        digest.update(shard.name.encode())
+    for checkpoint in checkpoints.values():
+        for source in checkpoint.shards:
+            stat = source.path.stat()
+            digest.update(f"{source.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
