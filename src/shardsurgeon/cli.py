@@ -96,7 +96,7 @@ def _reports_errors(command: F) -> F:
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist, or be empty).")
 @click.option("--dup", "dups", multiple=True, type=DUP, help="Insert N copies of layer L after L: LxN (repeatable).")
 @click.option("--every", type=click.IntRange(min=1), help="Insert a copy after every STEP-th layer (LLaMA Pro).")
-@click.option("--zero", type=FILTERS, default="", help="Zero tensors of inserted copies whose name contains these.")
+@click.option("--zero", type=FILTERS, help="Zero tensors of inserted copies whose name contains these.")
 @click.option("--dtype", type=DTYPE, help="Cast floating-point tensors to this dtype.")
 @click.option("--max-shard-size", type=SIZE, default=str(DEFAULT_MAX_SHARD_BYTES), help="Largest shard, e.g. 5GB.")
 @click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes.")
@@ -112,7 +112,7 @@ def expand(
     out: Path | None,
     dups: tuple[list[tuple[int, int]], ...],
     every: int | None,
-    zero: tuple[str, ...] | str,
+    zero: tuple[str, ...] | None,
     dtype: str | None,
     max_shard_size: int,
     dense: bool,
@@ -140,7 +140,7 @@ def expand(
         stack_count,
         [pair for group in dups for pair in group],
         every,
-        zero if isinstance(zero, tuple) else (),
+        zero or (),
         DTYPE_ALIASES[dtype] if dtype else None,
     )
     plan = make_plan(recipe, {model: checkpoint}, layer_prefix=layer_prefix, layers_key=layers_key)
@@ -156,7 +156,7 @@ def expand(
         src=src,
         dup=",".join(f"{layer}x{n}" for g in dups for layer, n in g),
         every=every,
-        zero=",".join(zero) if isinstance(zero, tuple) else "",
+        zero=",".join(zero or ()),
         dtype=dtype,
         max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
         dense=dense,

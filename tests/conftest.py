@@ -1,0 +1,150 @@
+"""Shared fixtures: tiny Mistral-shaped checkpoints whose bytes say where they came from.
+
+Every tensor is filled from a hash of its own name, so a tensor copied from the wrong layer, a
+shifted offset or a swapped pair of tensors changes the bytes a test compares. Outputs are read
+back by a minimal reader written here, independent of the code under test, and by the reference
+``safetensors`` reader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from shardsurgeon.cli import cli
+from shardsurgeon.demo import mistral_config
+
+LAYER_PARTS = {
+    "input_layernorm.weight": lambda h, i, kv: (h,),
+    "self_attn.q_proj.weight": lambda h, i, kv: (h, h),
+    "self_attn.k_proj.weight": lambda h, i, kv: (kv, h),
+    "self_attn.v_proj.weight": lambda h, i, kv: (kv, h),
+    "self_attn.o_proj.weight": lambda h, i, kv: (h, h),
+    "post_attention_layernorm.weight": lambda h, i, kv: (h,),
+    "mlp.gate_proj.weight": lambda h, i, kv: (i, h),
+    "mlp.up_proj.weight": lambda h, i, kv: (i, h),
+    "mlp.down_proj.weight": lambda h, i, kv: (h, i),
+}
+
+
+def origin_bytes(name: str, nbytes: int) -> bytes:
+    """Bytes that name their tensor; the low byte of every bf16 value is random, the high is finite."""
+    raw = bytearray(hashlib.shake_256(name.encode()).digest(nbytes))
+    raw[1::2] = bytes(b & 0x3F for b in raw[1::2])  # exponent below 0x7F: finite, no NaN or inf
+    return bytes(raw)
+
+
+def tiny_specs(layers: int, hidden: int = 8, intermediate: int = 12, kv: int = 4, vocab: int = 16, lm_head=True):
+    specs = [("model.embed_tokens.weight", (vocab, hidden))]
+    for layer in range(layers):
+        specs += [
+            (f"model.layers.{layer}.{part}", shape(hidden, intermediate, kv)) for part, shape in LAYER_PARTS.items()
+        ]
+    specs.append(("model.norm.weight", (hidden,)))
+    if lm_head:
+        specs.append(("lm_head.weight", (vocab, hidden)))
+    return specs
+
+
+def write_tiny_checkpoint(
+    folder: Path,
+    layers: int = 4,
+    shards: int = 2,
+    config: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
+    **shape: Any,
+) -> dict[str, bytes]:
+    """A bf16 Mistral-shaped checkpoint in ``shards`` files, written byte by byte here (not by the
+    code under test). Tensors are spread over shards in an order unlike the output's. Returns each
+    tensor's bytes by name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = tiny_specs(layers, **shape)
+    data = {name: origin_bytes(name, 2 * _numel(dims)) for name, dims in specs}
+    groups = [specs[i::shards] for i in range(shards)]
+    weight_map = {}
+    for number, group in enumerate(groups, start=1):
+        file_name = "model.safetensors" if shards == 1 else f"model-{number:05d}-of-{shards:05d}.safetensors"
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dims in sorted(group):  # data in name order, like the reference writer
+            header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [offset, offset + len(data[name])]}
+            offset += len(data[name])
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        body = b"".join(data[name] for name, _ in sorted(group))
+        (folder / file_name).write_bytes(struct.pack("<Q", len(text)) + text + body)
+        weight_map |= {name: file_name for name, _ in group}
+    if shards > 1:
+        index = {
+            "metadata": {"total_size": sum(map(len, data.values()))},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hidden, intermediate, _kv, vocab = (
+        shape.get(k, d) for k, d in (("hidden", 8), ("intermediate", 12), ("kv", 4), ("vocab", 16))
+    )
+    base = mistral_config(layers, hidden, intermediate, hidden // 4, 2, vocab) | {"_name_or_path": "acme/tiny-mistral"}
+    (folder / "config.json").write_text(json.dumps(config if config is not None else base, indent=2))
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
+    return data
+
+
+def _numel(dims: tuple[int, ...]) -> int:
+    count = 1
+    for d in dims:
+        count *= d
+    return count
+
+
+def read_tensors(folder: Path) -> dict[str, tuple[str, list[int], bytes, str, int]]:
+    """Independent reader: name -> (dtype, shape, bytes, file name, absolute offset), all shards."""
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        blob = path.read_bytes()
+        (n,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(blob[8 : 8 + n])
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            begin, end = info["data_offsets"]
+            tensors[name] = (info["dtype"], info["shape"], blob[8 + n + begin : 8 + n + end], path.name, 8 + n + begin)
+    return tensors
+
+
+def data_order(folder: Path) -> list[str]:
+    """Tensor names in the order their bytes appear across the output's shards."""
+    tensors = read_tensors(folder)
+    return sorted(tensors, key=lambda name: (tensors[name][3], tensors[name][4]))
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def run_cli(*args: str | Path) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A 4-layer checkpoint in 2 shards with a tokenizer config and files that must not be copied."""
+    src = tmp_path / "src"
+    data = write_tiny_checkpoint(
+        src,
+        layers=4,
+        shards=2,
+        extra_files={
+            "tokenizer_config.json": '{"bos_token": "<s>"}',
+            "generation_config.json": "{}",
+            "README.md": "source card",
+            ".hidden": "x",
+            "pytorch_model.bin": "weights",
+        },
+    )
+    return src, data
