@@ -28,7 +28,7 @@ from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout, parse_size, pla
 from shardsurgeon.mergekit import to_mergekit_yaml
 from shardsurgeon.plan import Plan, make_plan
 from shardsurgeon.recipe import expand_recipe, parse_dup, parse_filters
-from shardsurgeon.report import describe_expansion, dry_run_text, plan_json
+from shardsurgeon.report import describe_expansion, dry_run_text, format_bytes, plan_json
 from shardsurgeon.rewrite import RunResult, write_checkpoint
 from shardsurgeon.verify import compare_with_plan
 
@@ -48,7 +48,7 @@ class _ParsedParam(click.ParamType):
         try:
             return self._parse(value)
         except RecipeError as e:
-            self.fail(str(e), param, ctx)
+            raise click.UsageError(str(e), ctx) from None
 
 
 DUP = _ParsedParam("LAYERxCOPIES", parse_dup)
@@ -57,7 +57,24 @@ SIZE = _ParsedParam("SIZE", parse_size)
 DTYPE = click.Choice(["bfloat16", "float16", "float32"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Usage errors as one line, like every other error, instead of click's usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.Abort:
+            click.echo("shardsurgeon: interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            hint = f" (see: shardsurgeon {e.ctx.info_name} --help)" if getattr(e, "ctx", None) and e.ctx else ""
+            click.echo(f"shardsurgeon: error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="shardsurgeon")
 def cli() -> None:
     """Rewrite Hugging Face safetensors checkpoints layer by layer, streaming, in constant memory."""
@@ -226,10 +243,11 @@ def _progress_bar(layout: Layout, quiet: bool) -> Iterator[Callable[[int], None]
 
 def _summary(plan: Plan, result: RunResult) -> str:
     reused = f" ({result.shards_reused} kept from an interrupted run)" if result.shards_reused else ""
+    shards = "1 shard" if result.shards == 1 else f"{result.shards} shards"
     return (
         f"shardsurgeon: {plan.source_layers} -> {plan.output_layers} layers, {result.tensors} tensors, "
-        f"{result.shards} shards{reused}, {result.written / 1e9:.2f} GB written, "
-        f"{result.holes / 1e9:.2f} GB left as holes, {result.seconds:.1f} s -> {result.out}"
+        f"{shards}{reused}, {format_bytes(result.written)} written, {format_bytes(result.holes)} left as holes, "
+        f"{result.seconds:.1f} s -> {result.out}"
     )
 
 

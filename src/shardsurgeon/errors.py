@@ -33,5 +33,11 @@ class OutputError(ShardSurgeonError):
     """The output folder cannot be written: exists, no room, not writable, or inside the source."""
 
 
+class DestinationError(OutputError):
+    """The output folder given is not acceptable: inside the source, a file, or not empty."""
+
+    exit_code = 2
+
+
 class VerifyError(ShardSurgeonError):
     """An output checkpoint does not match what it should hold."""

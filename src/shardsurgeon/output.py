@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from shardsurgeon.errors import OutputError
+from shardsurgeon.errors import DestinationError, OutputError
 from shardsurgeon.layout import ShardLayout
 
 RESUME_FILE = ".shardsurgeon-resume"
@@ -30,16 +30,16 @@ def check_destination(out: Path, sources: Iterable[Path], force: bool) -> None:
     for source in sources:
         real_source = source.resolve()
         if real_out == real_source or real_out.is_relative_to(real_source):
-            raise OutputError(
+            raise DestinationError(
                 f"--out {out}: is inside the source {source}; the source is never written to, "
                 "choose an output folder outside it"
             )
         if real_source.is_relative_to(real_out):
-            raise OutputError(f"--out {out}: contains the source {source}; choose another output folder")
+            raise DestinationError(f"--out {out}: contains the source {source}; choose another output folder")
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: exists and is a file; choose a folder name")
+        raise DestinationError(f"--out {out}: exists and is a file; choose a folder name")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"--out {out}: folder exists and is not empty; pass --force to replace it")
+        raise DestinationError(f"--out {out}: folder exists and is not empty; pass --force to replace it")
 
 
 def open_staging(out: Path, resume_key: str) -> tuple[Path, bool]:

@@ -16,7 +16,7 @@ import orjson
 from shardsurgeon import __version__
 from shardsurgeon.arch import LayerStack, find_layer_stack, outside_rank, patch_config
 from shardsurgeon.checkpoint import Checkpoint, TensorRef
-from shardsurgeon.errors import PlanError
+from shardsurgeon.errors import PlanError, RecipeError
 from shardsurgeon.format import DTYPES, TORCH_DTYPE_NAMES, tensor_nbytes
 from shardsurgeon.recipe import LayerSource, Recipe
 
@@ -76,7 +76,7 @@ def make_plan(
     _check_same_architecture(recipe, checkpoints, stacks)
     for position, source in enumerate(recipe.layers):
         if source.layer is None or not 0 <= source.layer < stacks[source.model].count:
-            raise PlanError(
+            raise RecipeError(
                 f"output layer {position}: source layer {source.layer} of {source.model} is out of range, "
                 f"the model has layers 0..{stacks[source.model].count - 1}"
             )
@@ -142,7 +142,7 @@ def _check_filters(recipe: Recipe, matched: set[str], layers: Mapping[str, Any])
                 example = layers[source.model][source.layer or 0]
                 names = ", ".join(rest for rest, _ in example)
                 flag = "--zero" if source.inserted else "scale filter"
-                raise PlanError(
+                raise RecipeError(
                     f"{flag} {rule.filter!r} matches no tensor it applies to (layer tensors are: {names}); "
                     "check the spelling"
                 )

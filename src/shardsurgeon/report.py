@@ -86,17 +86,21 @@ def dry_run_text(plan: Plan, layout: Layout) -> str:
         f"layers: {plan.source_layers} -> {plan.output_layers} (stack {plan.stack.prefix}.N, "
         f"config {'.'.join((*plan.stack.config_section, plan.stack.count_key))})",
         *describe_layers(plan),
-        f"tensors: {len(plan.tensors)}: {_gb(totals['copy'])} copied, {_gb(totals['zeros'])} zeros "
-        f"(holes, not written), {_gb(totals['convert'])} converted",
-        f"shards: {len(layout.shards)}, {_gb(layout.nbytes)} in all",
+        f"tensors: {len(plan.tensors)}: {format_bytes(totals['copy'])} copied, {format_bytes(totals['zeros'])} zeros "
+        f"(holes, not written), {format_bytes(totals['convert'])} converted",
+        f"shards: {len(layout.shards)}, {format_bytes(layout.nbytes)} in all",
     ]
-    lines += [f"  {s.name}  {len(s.tensors)} tensors  {_gb(s.nbytes)}" for s in layout.shards]
+    lines += [f"  {s.name}  {len(s.tensors)} tensors  {format_bytes(s.nbytes)}" for s in layout.shards]
     lines.append("dry run: nothing written")
     return "\n".join(lines)
 
 
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**8 else f"{nbytes / 1e6:.2f} MB"
+def format_bytes(nbytes: int) -> str:
+    """Decimal units, as disk sizes and --max-shard-size are given."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
 
 
 def plan_dict(plan: Plan, layout: Layout) -> dict[str, Any]:

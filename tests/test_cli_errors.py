@@ -1,0 +1,195 @@
+"""User mistakes through the CLI: one line naming the flag or file, exit 2 for usage and 1 for data,
+no traceback, nothing created, the source untouched. Plus interruption and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import folder_bytes, run_cli, write_tiny_checkpoint
+
+from shardsurgeon import rewrite
+from shardsurgeon.execute import ShardWriter
+
+USAGE, DATA = 2, 1
+
+
+def one_line_error(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+BAD_ARGUMENTS = [
+    (["--dup", "4x1"], USAGE, "--dup 4x1: layer 4 is out of range, the model has layers 0..3"),
+    (["--dup", "3x0"], USAGE, "the number of copies must be at least 1, found 0"),
+    (["--dup", "3-1"], USAGE, "expected LAYERxCOPIES such as 31x12"),
+    (["--dup", "x"], USAGE, "expected LAYERxCOPIES"),
+    (["--every", "0"], USAGE, "--every"),
+    (["--every", "5"], USAGE, "--every 5: expected a step between 1 and 4"),
+    ([], USAGE, "nothing to insert"),
+    (["--dup", "3x1", "--zero", "o_prj"], USAGE, "--zero 'o_prj' matches no tensor"),
+    (["--dup", "3x1", "--zero", "o_proj,,x"], USAGE, "--zero 'o_proj,,x': expected comma-separated"),
+    (["--dup", "3x1", "--max-shard-size", "5XB"], USAGE, "--max-shard-size '5XB': expected a size"),
+    (["--dup", "3x1", "--max-shard-size", "0"], USAGE, "must be more than 0 bytes"),
+    (["--dup", "3x1", "--dtype", "int8"], USAGE, "'int8' is not one of"),
+    (["--dup", "3x1", "--layer-prefix", "model.blocks"], DATA, "--layer-prefix 'model.blocks': no tensor"),
+    (["--dup", "3x1", "--layers-key", "n_layers"], DATA, "--layers-key 'n_layers'"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "message"), BAD_ARGUMENTS, ids=lambda v: str(v))
+def test_wrong_arguments(tmp_path, tiny, args, code, message):
+    src, _ = tiny
+    before = folder_bytes(src)
+    result = run_cli("expand", "--src", src, "--out", tmp_path / "out", *args)
+    assert result.exit_code == code, result.output
+    assert message in one_line_error(result.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert folder_bytes(src) == before
+
+
+def test_output_inside_or_equal_to_source_is_refused(tmp_path, tiny):
+    src, _ = tiny
+    before = folder_bytes(src)
+    for out in (src, src / "sub", tmp_path):
+        result = run_cli("expand", "--src", src, "--dup", "1x1", "--out", out, "--force")
+        assert result.exit_code == USAGE, result.output
+        assert "--out" in one_line_error(result.output)
+    assert folder_bytes(src) == before
+    assert sorted(p.name for p in src.iterdir()) == sorted(before)
+
+
+def test_existing_output_needs_force(tmp_path, tiny):
+    src, _ = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli("expand", "--src", src, "--dup", "1x1", "--out", out)
+    assert result.exit_code == USAGE
+    assert "folder exists and is not empty; pass --force" in one_line_error(result.output)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run_cli("expand", "--src", src, "--dup", "1x1", "--out", out, "--force", "-q").exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_empty_output_folder_is_used(tmp_path, tiny):
+    src, _ = tiny
+    (tmp_path / "out").mkdir()
+    assert run_cli("expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "out", "-q").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda src: (src / "model-00002-of-00002.safetensors").unlink(), "is missing"),
+        (lambda src: (src / "config.json").unlink(), "config.json: missing"),
+        (lambda src: (src / "config.json").write_text("{"), "config.json: cannot read JSON"),
+        (lambda src: (src / "model.safetensors.index.json").write_text("[]"), "expected an object with"),
+        (
+            lambda src: (src / "model-00001-of-00002.safetensors").write_bytes(b"\xff" * 16),
+            "model-00001-of-00002.safetensors: header length field says",
+        ),
+        (
+            lambda src: (src / "config.json").write_text(json.dumps({"num_hidden_layers": 5})),
+            "config.json: num_hidden_layers is 5 but the tensors hold 4 layers",
+        ),
+    ],
+    ids=["missing-shard", "no-config", "broken-config", "broken-index", "corrupt-header", "layer-count"],
+)
+def test_broken_source(tmp_path, tiny, damage, message):
+    src, _ = tiny
+    damage(src)
+    result = run_cli("expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "out")
+    assert result.exit_code == DATA, result.output
+    assert message in one_line_error(result.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_missing_source(tmp_path):
+    result = run_cli("expand", "--src", tmp_path / "nope", "--dup", "1x1", "--out", tmp_path / "out")
+    assert result.exit_code == DATA
+    assert "nope: no such folder" in one_line_error(result.output)
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="no such folder"):
+        run_cli("expand", "--src", tmp_path / "nope", "--dup", "1x1", "--out", tmp_path / "out", "-v")
+
+
+def test_interrupted_run_leaves_no_output_and_resumes(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    write_tiny_checkpoint(src, layers=4, shards=2)
+    args = ["expand", "--src", src, "--dup", "3x2", "--zero", "o_proj", "--max-shard-size", "2KB"]
+    assert run_cli(*args, "--out", tmp_path / "reference", "-q").exit_code == 0
+    shard_count = len(list((tmp_path / "reference").glob("*.safetensors")))
+    assert shard_count >= 3
+
+    real_write = ShardWriter.write
+    calls = []
+
+    def interrupted(self, shard, path):
+        calls.append(shard.name)
+        if len(calls) == 3:
+            real_write(self, shard, path)  # a partial file is on disk when the interrupt comes
+            raise KeyboardInterrupt
+        return real_write(self, shard, path)
+
+    monkeypatch.setattr(ShardWriter, "write", interrupted)
+    result = run_cli(*args, "--out", tmp_path / "out")
+    assert result.exit_code == 130
+    assert "interrupted; run the same command again to resume" in one_line_error(result.output)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(ShardWriter, "write", real_write)
+    result = run_cli(*args, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "(2 kept from an interrupted run)" in result.output
+    reference, resumed = folder_bytes(tmp_path / "reference"), folder_bytes(tmp_path / "out")
+    reference["README.md"] = reference["README.md"].replace(b"/reference\n", b"/out\n")
+    assert resumed == reference
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference", "src"]
+
+
+def test_leftover_of_another_recipe_is_not_reused(tmp_path, tiny, monkeypatch):
+    src, _ = tiny
+    out = tmp_path / "out"
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rewrite.hfdir, "write_index", interrupt)
+    assert run_cli("expand", "--src", src, "--dup", "3x1", "--max-shard-size", "2KB", "--out", out).exit_code == 130
+    monkeypatch.undo()
+    result = run_cli("expand", "--src", src, "--dup", "2x1", "--max-shard-size", "2KB", "--out", out)
+    assert result.exit_code == 0 and "kept" not in result.output
+    assert (
+        run_cli("expand", "--src", src, "--dup", "2x1", "--max-shard-size", "2KB", "--out", tmp_path / "ref").exit_code
+        == 0
+    )
+    produced, reference = folder_bytes(out), folder_bytes(tmp_path / "ref")
+    reference["README.md"] = reference["README.md"].replace(b"/ref\n", b"/out\n")
+    assert produced == reference
+
+
+def test_help_and_version():
+    assert "expand" in run_cli("--help").output
+    assert run_cli("-h").exit_code == 0
+    assert "shardsurgeon, version" in run_cli("--version").output
+    assert "--dup" in run_cli("expand", "--help").output
+
+
+def test_out_is_required_to_write(tiny):
+    src, _ = tiny
+    result = run_cli("expand", "--src", src, "--dup", "1x1")
+    assert result.exit_code == USAGE
+    assert "--out is required" in result.output
+
+
+def test_folder_given_as_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    result = run_cli("expand", "--src", path, "--dup", "1x1", "--out", tmp_path / "o")
+    assert result.exit_code == DATA
+    assert "is a file, expected a checkpoint folder" in one_line_error(result.output)
