@@ -187,3 +187,48 @@ def outside_rank(name: str) -> tuple[int, int]:
     if "norm" in name or "ln_f" in name:
         return (1, 0)
     return (1, 2)
+
+
+RESIDUAL_ALIAS = "residual"
+RESIDUAL_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    "gpt_neox": ("attention.dense", "dense_4h_to_h"),
+    "falcon": ("self_attention.dense", "dense_4h_to_h"),
+    "phi": ("self_attn.dense", "mlp.fc2"),
+    "mixtral": ("o_proj", "w2", "down_proj"),
+    "qwen2_moe": ("o_proj", "down_proj"),
+    "qwen3_moe": ("o_proj", "down_proj"),
+}
+"""Name parts of the projections that write into the residual stream, by config ``model_type``.
+
+Zeroing them turns a block into the identity. Not listed: ``o_proj`` and ``down_proj``, which
+Llama, Mistral, Qwen, Gemma and Phi-3 use (MoE experts' down projections included)."""
+DEFAULT_RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+def model_type(config: Mapping[str, Any], stack: LayerStack) -> str:
+    section = _section(config, stack.config_section)
+    return str(section.get("model_type") or config.get("model_type") or "")
+
+
+def residual_outputs(config: Mapping[str, Any], stack: LayerStack, layer_names: Iterable[str]) -> tuple[str, ...]:
+    """The residual-output name parts of this architecture that occur in ``layer_names``."""
+    names = list(layer_names)
+    candidates = RESIDUAL_OUTPUTS.get(model_type(config, stack), DEFAULT_RESIDUAL_OUTPUTS)
+    found = tuple(c for c in candidates if any(c in name for name in names))
+    if not found:
+        raise PlanError(
+            f"--zero {RESIDUAL_ALIAS}: none of {', '.join(candidates)} occurs in the layer tensors of this "
+            f"{model_type(config, stack) or 'unknown'} model; name the projections to zero explicitly"
+        )
+    return found
+
+
+def resolve_zero_filters(
+    filters: Iterable[str], config: Mapping[str, Any], stack: LayerStack, layer_names: Iterable[str]
+) -> tuple[str, ...]:
+    """Replace the ``residual`` alias in ``--zero`` filters by this architecture's projections."""
+    resolved: list[str] = []
+    for part in filters:
+        resolved += residual_outputs(config, stack, layer_names) if part == RESIDUAL_ALIAS else [part]
+    return tuple(dict.fromkeys(resolved))

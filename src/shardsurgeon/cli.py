@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from shardsurgeon import __version__
-from shardsurgeon.arch import find_layer_stack
+from shardsurgeon.arch import LayerStack, find_layer_stack, resolve_zero_filters
 from shardsurgeon.checkpoint import Checkpoint, open_checkpoint
 from shardsurgeon.demo import make_demo_checkpoint
 from shardsurgeon.errors import RecipeError, ShardSurgeonError
@@ -113,7 +113,11 @@ def _reports_errors(command: F) -> F:
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist, or be empty).")
 @click.option("--dup", "dups", multiple=True, type=DUP, help="Insert N copies of layer L after L: LxN (repeatable).")
 @click.option("--every", type=click.IntRange(min=1), help="Insert a copy after every STEP-th layer (LLaMA Pro).")
-@click.option("--zero", type=FILTERS, help="Zero tensors of inserted copies whose name contains these.")
+@click.option(
+    "--zero",
+    type=FILTERS,
+    help="Zero tensors of inserted copies whose name contains these; 'residual': the residual outputs.",
+)
 @click.option("--dtype", type=DTYPE, help="Cast floating-point tensors to this dtype.")
 @click.option("--max-shard-size", type=SIZE, default=str(DEFAULT_MAX_SHARD_BYTES), help="Largest shard, e.g. 5GB.")
 @click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes.")
@@ -151,13 +155,14 @@ def expand(
         raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
     checkpoint = open_checkpoint(src)
     model = str(src)
-    stack_count = _layer_count(checkpoint, layer_prefix, layers_key)
+    stack = find_layer_stack(checkpoint.tensors, checkpoint.config, layer_prefix, layers_key)
+    zero = resolve_zero_filters(zero or (), checkpoint.config, stack, _layer_names(checkpoint, stack))
     recipe = expand_recipe(
         model,
-        stack_count,
+        stack.count,
         [pair for group in dups for pair in group],
         every,
-        zero or (),
+        zero,
         DTYPE_ALIASES[dtype] if dtype else None,
     )
     plan = make_plan(recipe, {model: checkpoint}, layer_prefix=layer_prefix, layers_key=layers_key)
@@ -193,8 +198,8 @@ def expand(
         click.echo(_summary(plan, result), err=True)
 
 
-def _layer_count(checkpoint: Checkpoint, layer_prefix: str | None, layers_key: str | None) -> int:
-    return find_layer_stack(checkpoint.tensors, checkpoint.config, layer_prefix, layers_key).count
+def _layer_names(checkpoint: Checkpoint, stack: LayerStack) -> list[str]:
+    return [split[1] for split in map(stack.split, checkpoint.tensors) if split is not None]
 
 
 def _write_plan_json(plan: Plan, layout: Layout, path: Path) -> None:

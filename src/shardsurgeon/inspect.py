@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from shardsurgeon.arch import find_layer_stack
+from shardsurgeon.arch import find_layer_stack, residual_outputs
 from shardsurgeon.checkpoint import Checkpoint
 from shardsurgeon.errors import PlanError
 from shardsurgeon.format import numel
@@ -35,6 +35,12 @@ def describe_checkpoint(checkpoint: Checkpoint, layer_prefix: str | None = None,
     layer_params = sum(numel(t.shape) for _, t in per_layer)
     lines.append(f"  per layer: {len(per_layer)} tensors, {layer_params:,} parameters (layer 0):")
     lines += [f"    {rest:<40} {t.dtype:<5} {list(t.shape)}" for rest, t in per_layer]
+    try:
+        residual = residual_outputs(config, stack, [rest for rest, _ in per_layer])
+        selected = [rest for rest, _ in per_layer if any(r in rest for r in residual)]
+        lines.append(f"  --zero residual selects {', '.join(residual)}: {', '.join(selected)}")
+    except PlanError as e:
+        lines.append(f"  --zero residual: {e}")
     outside = [t for n, t in checkpoint.tensors.items() if stack.split(n) is None]
     lines.append(f"  outside the stack: {len(outside)} tensors")
     lines += [f"    {t.name:<40} {t.dtype:<5} {list(t.shape)}" for t in outside]
