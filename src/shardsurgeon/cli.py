@@ -17,19 +17,16 @@ from typing import Any, TypeVar
 import click
 
 from shardsurgeon import __version__
-from shardsurgeon.arch import LayerStack, find_layer_stack, resolve_zero_filters
-from shardsurgeon.checkpoint import Checkpoint, open_checkpoint
+from shardsurgeon.api import Job, plan_expand, run_job
+from shardsurgeon.checkpoint import open_checkpoint
 from shardsurgeon.demo import make_demo_checkpoint
 from shardsurgeon.errors import RecipeError, ShardSurgeonError
-from shardsurgeon.format import DTYPE_ALIASES
-from shardsurgeon.hfdir import base_model_id, model_card
 from shardsurgeon.inspect import describe_checkpoint
-from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout, parse_size, plan_layout
-from shardsurgeon.mergekit import to_mergekit_yaml
-from shardsurgeon.plan import Plan, make_plan
-from shardsurgeon.recipe import expand_recipe, parse_dup, parse_filters
-from shardsurgeon.report import describe_expansion, dry_run_text, format_bytes, plan_json
-from shardsurgeon.rewrite import RunResult, write_checkpoint
+from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout, parse_size
+from shardsurgeon.plan import Plan
+from shardsurgeon.recipe import parse_dup, parse_filters
+from shardsurgeon.report import dry_run_text, format_bytes, plan_json
+from shardsurgeon.rewrite import RunResult
 from shardsurgeon.verify import compare_with_plan
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -153,26 +150,16 @@ def expand(
     """
     if out is None and not dry_run and plan_json is None:
         raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
-    checkpoint = open_checkpoint(src)
-    model = str(src)
-    stack = find_layer_stack(checkpoint.tensors, checkpoint.config, layer_prefix, layers_key)
-    zero = resolve_zero_filters(zero or (), checkpoint.config, stack, _layer_names(checkpoint, stack))
-    recipe = expand_recipe(
-        model,
-        stack.count,
-        [pair for group in dups for pair in group],
-        every,
-        zero,
-        DTYPE_ALIASES[dtype] if dtype else None,
+    job = plan_expand(
+        src,
+        dups=[pair for group in dups for pair in group],
+        every=every,
+        zero=zero or (),
+        dtype=dtype,
+        max_shard_bytes=max_shard_size,
+        layer_prefix=layer_prefix,
+        layers_key=layers_key,
     )
-    plan = make_plan(recipe, {model: checkpoint}, layer_prefix=layer_prefix, layers_key=layers_key)
-    layout = plan_layout(plan, max_shard_size)
-    if plan_json is not None:
-        _write_plan_json(plan, layout, plan_json)
-    if dry_run:
-        click.echo(dry_run_text(plan, layout))
-    if out is None or dry_run:
-        return
     command = _command_line(
         "expand",
         src=src,
@@ -184,22 +171,29 @@ def expand(
         dense=dense,
         out=out,
     )
-    base = base_model_id(checkpoint.folder, checkpoint.config)
-    source_dtype = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
-    card = model_card(
-        plan,
-        base,
-        command,
-        describe_expansion(plan, base),
-        to_mergekit_yaml(recipe, {model: base}, dtype or source_dtype),
-    )
-    result = _write(plan, layout, out, {model: checkpoint}, card, force, dense, quiet)
+    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet)
+
+
+def _plan_or_run(
+    job: Job,
+    out: Path | None,
+    command: str,
+    dry_run: bool,
+    plan_json_path: Path | None,
+    force: bool,
+    dense: bool,
+    quiet: bool,
+) -> None:
+    if plan_json_path is not None:
+        _write_plan_json(job.plan, job.layout, plan_json_path)
+    if dry_run:
+        click.echo(dry_run_text(job.plan, job.layout))
+    if out is None or dry_run:
+        return
+    with _progress_bar(job.layout, quiet) as progress:
+        result = run_job(job, out, command=command, force=force, dense=dense, progress=progress)
     if not quiet:
-        click.echo(_summary(plan, result), err=True)
-
-
-def _layer_names(checkpoint: Checkpoint, stack: LayerStack) -> list[str]:
-    return [split[1] for split in map(stack.split, checkpoint.tensors) if split is not None]
+        click.echo(_summary(job.plan, result), err=True)
 
 
 def _write_plan_json(plan: Plan, layout: Layout, path: Path) -> None:
@@ -219,22 +213,6 @@ def _command_line(command: str, **options: Any) -> str:
         elif value not in (None, False, ""):
             words += [flag, str(value)]
     return shlex.join(words)
-
-
-def _write(
-    plan: Plan,
-    layout: Layout,
-    out: Path,
-    checkpoints: dict[str, Any],
-    card: str,
-    force: bool,
-    dense: bool,
-    quiet: bool,
-) -> RunResult:
-    with _progress_bar(layout, quiet) as progress:
-        return write_checkpoint(
-            plan, layout, out, checkpoints, model_card=card, force=force, dense=dense, progress=progress
-        )
 
 
 @contextmanager
@@ -292,16 +270,15 @@ def demo(keep: Path | None, quiet: bool, verbose: bool) -> None:
         ]
         click.echo("$ shardsurgeon " + shlex.join(args))
         expand.main(args[1:] + ["--force"] + (["-q"] if quiet else []), standalone_mode=False)
-        recipe = expand_recipe(str(src), 32, [(31, 12)], zero=("o_proj", "down_proj"))
-        plan = make_plan(recipe, {str(src): checkpoint})
-        mismatches = compare_with_plan(plan_layout(plan), out)
+        job = plan_expand(src, dups=[(31, 12)], zero=("o_proj", "down_proj"))
+        mismatches = compare_with_plan(job.layout, out)
         for mismatch in mismatches:
             click.echo(f"MISMATCH {mismatch.shard} {mismatch.tensor}: {mismatch.problem}", err=True)
         if mismatches:
             raise SystemExit(1)
         click.echo(describe_checkpoint(open_checkpoint(out)))
         click.echo(
-            f"checked: all {len(plan.tensors)} tensors of {out} hold exactly the source bytes or zeros "
+            f"checked: all {len(job.plan.tensors)} tensors of {out} hold exactly the source bytes or zeros "
             "the plan says; layers 32-43 are identity blocks"
         )
         if keep is None:

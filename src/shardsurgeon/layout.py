@@ -9,6 +9,7 @@ the data, so they cannot disagree. Pure.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shardsurgeon.errors import RecipeError
@@ -19,6 +20,7 @@ DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PLAN_METADATA_KEY = "shardsurgeon_plan"
+RECIPE_METADATA_KEY = "shardsurgeon_recipe"
 
 _UNITS = {
     "": 1,
@@ -79,8 +81,13 @@ def parse_size(text: str) -> int:
     return nbytes
 
 
-def plan_layout(plan: Plan, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Layout:
-    """Split the plan's tensors into shards and encode each shard's header."""
+def plan_layout(
+    plan: Plan, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: Mapping[str, str] | None = None
+) -> Layout:
+    """Split the plan's tensors into shards and encode each shard's header.
+
+    Every shard's ``__metadata__`` holds ``format: pt``, the plan fingerprint and ``metadata``.
+    """
     groups: list[list[PlannedTensor]] = []
     group_nbytes = 0
     for tensor in plan.tensors:
@@ -89,7 +96,7 @@ def plan_layout(plan: Plan, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> L
             group_nbytes = 0
         groups[-1].append(tensor)
         group_nbytes += tensor.nbytes
-    metadata = {"format": "pt", PLAN_METADATA_KEY: plan.fingerprint}
+    metadata = {"format": "pt", PLAN_METADATA_KEY: plan.fingerprint, **(metadata or {})}
     shards = []
     for number, group in enumerate(groups, start=1):
         name = SINGLE_FILE if len(groups) == 1 else f"model-{number:05d}-of-{len(groups):05d}.safetensors"

@@ -8,9 +8,11 @@ with :func:`expand_recipe`. No files, no tensors: layer counts come in as plain 
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from shardsurgeon.errors import RecipeError
 
@@ -119,3 +121,46 @@ def expand_recipe(
         layers.append(LayerSource(model, layer))
         layers.extend(LayerSource(model, layer, copy_rules, inserted=True) for _ in range(copies_after[layer]))
     return Recipe(tuple(layers), LayerSource(model, None), LayerSource(model, None), dtype)
+
+
+def recipe_to_json(recipe: Recipe, names: Mapping[str, str]) -> str:
+    """A compact JSON record of the recipe, stored in the output so ``verify`` can re-derive the plan.
+
+    Models are recorded by the names in ``names`` (Hugging Face ids), not by local paths.
+    """
+
+    def source(s: LayerSource) -> list[Any]:
+        rules = [[r.value, r.filter] for r in s.scale]
+        return [models.index(names.get(s.model, s.model)), s.layer, rules, s.inserted]
+
+    models = list(dict.fromkeys(names.get(m, m) for m in recipe.models))
+    record = {
+        "models": models,
+        "head": source(recipe.head),
+        "tail": source(recipe.tail),
+        "layers": [source(s) for s in recipe.layers],
+        "dtype": recipe.dtype,
+    }
+    return json.dumps(record, separators=(",", ":"))
+
+
+def recipe_from_json(text: str, models: Sequence[str] | None = None) -> Recipe:
+    """Read back :func:`recipe_to_json`; ``models`` replaces the recorded model names, in order."""
+    try:
+        record = json.loads(text)
+        names = list(models) if models is not None else record["models"]
+
+        def source(item: list[Any]) -> LayerSource:
+            model, layer, rules, inserted = item
+            return LayerSource(names[model], layer, tuple(ScaleRule(v, f) for v, f in rules), inserted)
+
+        return Recipe(
+            tuple(source(s) for s in record["layers"]),
+            source(record["head"]),
+            source(record["tail"]),
+            record["dtype"],
+        )
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise RecipeError(
+            f"recorded recipe is unreadable ({e!r}); the output was not written by this version"
+        ) from None
