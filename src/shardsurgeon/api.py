@@ -37,7 +37,7 @@ class Job:
 
     @property
     def base_model(self) -> str:
-        return self.names[self.recipe.head.model]
+        return self.names[self.recipe.donor]
 
 
 def plan_expand(

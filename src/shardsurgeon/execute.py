@@ -18,6 +18,7 @@ from types import TracebackType
 from shardsurgeon.errors import CheckpointError, OutputError
 from shardsurgeon.layout import PlacedTensor, ShardLayout
 from shardsurgeon.numerics import ChunkConverter
+from shardsurgeon.plan import PlannedTensor
 
 Progress = Callable[[int], None]
 
@@ -141,9 +142,9 @@ class ShardWriter:
 
     def _convert(self, placed: PlacedTensor, fd: int) -> None:
         tensor = placed.tensor
-        converter = ChunkConverter(tensor.source.dtype, tensor.dtype, tensor.scale)
+        converters = tensor_converters(tensor)
         src = self._sources.fd(tensor.source.path)
-        chunk = converter.chunk_src_bytes
+        chunk = converters[0].chunk_src_bytes
         buffer = bytearray(chunk)
         dst_offset = placed.offset
         for start in range(0, tensor.source.nbytes, chunk):
@@ -151,10 +152,22 @@ class ShardWriter:
             got = os.preadv(src, [view], tensor.source.data_start + start)
             if got != len(view):
                 raise _source_truncated(src, tensor.source.data_start + start + got)
-            out = converter.convert(view)
+            out = view
+            for converter in converters:
+                out = converter.convert(out)
             _pwrite_all(fd, out, dst_offset)
             dst_offset += len(out)
             self._progress(len(view))
+
+
+def tensor_converters(tensor: PlannedTensor) -> list[ChunkConverter]:
+    """The cast-and-scale stages of a ``convert`` tensor: to its working dtype, then to its own."""
+    if tensor.via is None:
+        return [ChunkConverter(tensor.source.dtype, tensor.dtype, tensor.scale)]
+    return [
+        ChunkConverter(tensor.source.dtype, tensor.via, tensor.scale),
+        ChunkConverter(tensor.via, tensor.dtype, 1.0),
+    ]
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -25,7 +25,11 @@ Op = Literal["copy", "zeros", "convert"]
 
 @dataclass(frozen=True, slots=True)
 class PlannedTensor:
-    """One output tensor. ``convert`` casts to ``dtype`` and then multiplies by ``scale``."""
+    """One output tensor.
+
+    ``convert`` casts the source to ``via`` (default: ``dtype``), multiplies by ``scale`` there,
+    then casts to ``dtype``: mergekit's ``dtype`` / ``out_dtype`` sequence.
+    """
 
     name: str
     dtype: str
@@ -34,6 +38,7 @@ class PlannedTensor:
     source: TensorRef
     model: str
     scale: float = 1.0
+    via: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -71,7 +76,7 @@ def make_plan(
         model: find_layer_stack(checkpoints[model].tensors, checkpoints[model].config, layer_prefix, layers_key)
         for model in recipe.models
     }
-    donor = recipe.head.model
+    donor = recipe.donor
     stack = stacks[donor]
     _check_same_architecture(recipe, checkpoints, stacks)
     for position, source in enumerate(recipe.layers):
@@ -84,17 +89,17 @@ def make_plan(
     matched: set[str] = set()
     tensors: list[PlannedTensor] = []
     for ref in _outside(checkpoints[recipe.head.model], stacks[recipe.head.model], before=True):
-        tensors.append(_planned(ref.name, ref, recipe.head, recipe.dtype, matched))
+        tensors.append(_planned(ref.name, ref, recipe.head, recipe, matched))
     for position, source in enumerate(recipe.layers):
         assert source.layer is not None
         for rest, ref in layers[source.model][source.layer]:
-            tensors.append(_planned(stack.name(position, rest), ref, source, recipe.dtype, matched))
+            tensors.append(_planned(stack.name(position, rest), ref, source, recipe, matched))
     for ref in _outside(checkpoints[recipe.tail.model], stacks[recipe.tail.model], before=False):
-        tensors.append(_planned(ref.name, ref, recipe.tail, recipe.dtype, matched))
+        tensors.append(_planned(ref.name, ref, recipe.tail, recipe, matched))
     _check_filters(recipe, matched, layers)
     config = patch_config(checkpoints[donor].config, stack, [s.layer for s in recipe.layers if s.layer is not None])
-    if recipe.dtype is not None:
-        config = _set_dtype(config, stack, TORCH_DTYPE_NAMES[recipe.dtype])
+    if recipe.output_dtype is not None:
+        config = _set_dtype(config, stack, TORCH_DTYPE_NAMES[recipe.output_dtype])
     fingerprint = _fingerprint(tensors, config, checkpoints)
     return Plan(recipe, stack, tuple(tensors), config, fingerprint)
 
@@ -114,24 +119,24 @@ def _outside(checkpoint: Checkpoint, stack: LayerStack, before: bool) -> list[Te
     return [ref for rank, _, ref in sorted(ranked, key=lambda r: r[:2]) if (rank[0] == 0) == before]
 
 
-def _planned(name: str, ref: TensorRef, source: LayerSource, cast_to: str | None, matched: set[str]) -> PlannedTensor:
+def _planned(name: str, ref: TensorRef, source: LayerSource, recipe: Recipe, matched: set[str]) -> PlannedTensor:
     factor, rule = source.scale_for(ref.name)
     if rule is not None and rule.filter is not None:
         matched.add(rule.filter)
     is_float = DTYPES[ref.dtype].is_float
-    dtype = cast_to if cast_to is not None and is_float else ref.dtype
+    work = recipe.dtype if recipe.dtype is not None and is_float else ref.dtype
+    final = recipe.output_dtype if recipe.output_dtype is not None and is_float else ref.dtype
     if factor == 0.0:
-        op: Op = "zeros"
-    elif factor == 1.0 and dtype == ref.dtype:
-        op = "copy"
-    elif factor != 1.0 and not is_float:
+        return PlannedTensor(name, final, ref.shape, "zeros", ref, source.model)
+    if factor == 1.0 and work == ref.dtype == final:
+        return PlannedTensor(name, final, ref.shape, "copy", ref, source.model)
+    if factor != 1.0 and not is_float:
         raise PlanError(
             f"tensor {ref.name!r} of {source.model} is {ref.dtype}, which cannot be scaled by {factor:g}; "
             "only BF16, F16, F32 and F64 tensors can be scaled (0 and 1 work for any dtype)"
         )
-    else:
-        op = "convert"
-    return PlannedTensor(name, dtype, ref.shape, op, ref, source.model, 1.0 if op == "zeros" else factor)
+    via = work if work != final else None
+    return PlannedTensor(name, final, ref.shape, "convert", ref, source.model, factor, via)
 
 
 def _check_filters(recipe: Recipe, matched: set[str], layers: Mapping[str, Any]) -> None:
@@ -207,7 +212,8 @@ def _fingerprint(tensors: list[PlannedTensor], config: dict[str, Any], checkpoin
     """
     headers = {str(s.path): s.header_sha256 for c in checkpoints.values() for s in c.shards}
     described = [
-        [t.name, t.dtype, t.shape, t.op, t.scale, headers[str(t.source.path)], t.source.data_start] for t in tensors
+        [t.name, t.dtype, t.shape, t.op, t.scale, t.via, headers[str(t.source.path)], t.source.data_start]
+        for t in tensors
     ]
     payload = orjson.dumps({"version": __version__, "tensors": described, "config": config})
     return hashlib.sha256(payload).hexdigest()[:32]

@@ -47,16 +47,31 @@ class LayerSource:
 
 @dataclass(frozen=True, slots=True)
 class Recipe:
-    """An output checkpoint described layer by layer; ``models`` keys are model references."""
+    """An output checkpoint described layer by layer; models are named by reference strings.
+
+    Floating-point tensors are cast to ``dtype`` (the working dtype, where scales are applied)
+    and then to ``out_dtype``, as mergekit does. ``base`` donates config.json and the tokenizer
+    (default: the model of ``head``).
+    """
 
     layers: tuple[LayerSource, ...]
     head: LayerSource
     tail: LayerSource
     dtype: str | None = None
+    out_dtype: str | None = None
+    base: str | None = None
+
+    @property
+    def donor(self) -> str:
+        return self.base or self.head.model
+
+    @property
+    def output_dtype(self) -> str | None:
+        return self.out_dtype or self.dtype
 
     @property
     def models(self) -> tuple[str, ...]:
-        seen = dict.fromkeys([self.head.model, *(s.model for s in self.layers), self.tail.model])
+        seen = dict.fromkeys([self.donor, self.head.model, *(s.model for s in self.layers), self.tail.model])
         return tuple(seen)
 
 
@@ -140,6 +155,8 @@ def recipe_to_json(recipe: Recipe, names: Mapping[str, str]) -> str:
         "tail": source(recipe.tail),
         "layers": [source(s) for s in recipe.layers],
         "dtype": recipe.dtype,
+        "out_dtype": recipe.out_dtype,
+        "base": None if recipe.base is None else models.index(names.get(recipe.base, recipe.base)),
     }
     return json.dumps(record, separators=(",", ":"))
 
@@ -154,11 +171,14 @@ def recipe_from_json(text: str, models: Sequence[str] | None = None) -> Recipe:
             model, layer, rules, inserted = item
             return LayerSource(names[model], layer, tuple(ScaleRule(v, f) for v, f in rules), inserted)
 
+        base = record.get("base")
         return Recipe(
             tuple(source(s) for s in record["layers"]),
             source(record["head"]),
             source(record["tail"]),
             record["dtype"],
+            record.get("out_dtype"),
+            None if base is None else names[base],
         )
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise RecipeError(

@@ -50,7 +50,7 @@ def write_checkpoint(
     """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run."""
     started = time.monotonic()
     progress = progress or (lambda nbytes: None)
-    donor = checkpoints[plan.recipe.head.model]
+    donor = checkpoints[plan.recipe.donor]
     output.check_destination(out, [c.folder for c in checkpoints.values()], force)
     staging, _ = output.open_staging(out, _resume_key(plan, layout, checkpoints))
     done = {s.name for s in layout.shards if output.completed_shard(staging / s.name, s)}

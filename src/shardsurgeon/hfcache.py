@@ -1,0 +1,52 @@
+"""Resolve a model reference to a local folder: a path, or a Hugging Face id in the local cache.
+
+Never touches the network. A Hugging Face id ``org/name`` (optionally ``org/name@revision``) is
+looked up in ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``: the
+snapshot that ``refs/main`` (or the revision's ref) names, or the newest snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shardsurgeon.errors import CheckpointError
+
+
+def hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    return home / "hub"
+
+
+def resolve_model(reference: str, relative_to: Path) -> Path:
+    """The folder of ``reference``: a local path (relative ones against ``relative_to``) or a cached id."""
+    local = (relative_to / reference).expanduser()
+    if local.exists():
+        return local
+    model_id, _, revision = reference.partition("@")
+    if model_id.count("/") != 1 or model_id.startswith((".", "/", "~")):
+        raise CheckpointError(f"model {reference!r}: no folder {local}; give a local path or a Hugging Face id")
+    entry = hub_cache() / ("models--" + model_id.replace("/", "--"))
+    snapshot = _snapshot(entry, revision or "main")
+    if snapshot is None:
+        raise CheckpointError(
+            f"model {reference!r}: not a folder ({local}) and not in the Hugging Face cache ({entry}); "
+            "download it first (huggingface-cli download) or give a local path"
+        )
+    return snapshot
+
+
+def _snapshot(entry: Path, revision: str) -> Path | None:
+    snapshots = entry / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = entry / "refs" / revision
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    if revision != "main":
+        matches = [s for s in snapshots.iterdir() if s.name.startswith(revision)]
+        return matches[0] if len(matches) == 1 else None
+    candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
