@@ -27,7 +27,7 @@ from shardsurgeon.plan import Plan
 from shardsurgeon.recipe import parse_dup, parse_filters
 from shardsurgeon.report import dry_run_text, format_bytes, plan_json
 from shardsurgeon.rewrite import RunResult
-from shardsurgeon.verify import compare_with_plan
+from shardsurgeon.verify import VerifyReport, compare_with_plan, shard_files, verify_checkpoint
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -283,6 +283,69 @@ def demo(keep: Path | None, quiet: bool, verbose: bool) -> None:
         )
         if keep is None:
             click.echo("(the demo folders are removed; pass --keep DIR to keep them)")
+
+
+@cli.command("verify")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "--src",
+    "sources",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A source the output was made from (repeat, in the recipe's order): check every tensor's bytes.",
+)
+@click.option("--layer-prefix", help="Layer stack prefix, when it cannot be detected.")
+@click.option("--layers-key", help="config.json key that counts the layers.")
+@_verbosity
+@_reports_errors
+def verify_command(
+    folder: Path,
+    sources: tuple[Path, ...],
+    layer_prefix: str | None,
+    layers_key: str | None,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Check a checkpoint: shards, index, config; with --src, every tensor against its source.
+
+    Lists problems one per line; exits 0 when there are none, 1 otherwise.
+
+    \b
+    shardsurgeon verify ./openchat-44
+    shardsurgeon verify ./openchat-44 --src ./openchat-3.5-0106
+    """
+    length = sum(p.stat().st_size for p in shard_files(folder)) if sources and folder.is_dir() else 0
+    with _verify_bar(length, quiet) as progress:
+        report = verify_checkpoint(folder, sources, layer_prefix=layer_prefix, layers_key=layers_key, progress=progress)
+    for mismatch in report.mismatches:
+        click.echo(str(mismatch))
+    if not quiet:
+        for note in report.notes:
+            click.echo(f"note: {note}")
+        click.echo(_verify_summary(report))
+    if not report.ok:
+        sys.exit(1)
+
+
+@contextmanager
+def _verify_bar(length: int, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+    if quiet or not length or not sys.stderr.isatty():
+        yield None
+        return
+    with click.progressbar(length=length, label="verifying", file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _verify_summary(report: VerifyReport) -> str:
+    layers = f", {report.layers} layers" if report.layers is not None else ""
+    shards = "1 shard" if report.shards == 1 else f"{report.shards} shards"
+    found = f"{shards}, {report.tensors} tensors{layers}, {format_bytes(report.nbytes)}"
+    if report.sources:
+        sources = "1 source" if report.sources == 1 else f"{report.sources} sources"
+        found += f"; {report.compared} tensors compared byte for byte with {sources}"
+    problems = len(report.mismatches)
+    verdict = "OK" if report.ok else ("1 problem" if problems == 1 else f"{problems} problems")
+    return f"shardsurgeon verify: {verdict}: {report.folder}: {found}"
 
 
 if __name__ == "__main__":

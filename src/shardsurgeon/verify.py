@@ -1,84 +1,393 @@
-"""Check a written checkpoint against the plan that made it, streaming, in fixed-size chunks.
+"""Check a written checkpoint: its shards, index and config, and, given the sources, every byte.
 
-Each output tensor is compared with what its op says it must hold: the source bytes (copy), zeros,
-or the source recomputed through the same cast and scale (convert). Reads only; writes nothing.
+:func:`verify_checkpoint` checks what a folder shows on its own: every shard's header by the
+format's rules (which also pins each file's size), the index (every tensor exactly once,
+``total_size`` right, no stray or missing shard; or a lone ``model.safetensors``), and the config's
+layer count against the tensors. Given the sources, it re-derives the plan from the recipe recorded
+in the shards' metadata and compares each output tensor, found by name, with the source bytes,
+zeros, or the source recomputed through the same cast and scale, streaming in fixed-size chunks.
+:func:`compare_with_plan` checks a folder against a layout in hand. Reads only; writes nothing.
 """
 
 from __future__ import annotations
 
+import filecmp
+import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from shardsurgeon.format import read_header
-from shardsurgeon.layout import Layout, PlacedTensor
+import numpy as np
+
+from shardsurgeon.arch import find_layer_stack
+from shardsurgeon.checkpoint import CONFIG_NAME, TensorRef, open_checkpoint
+from shardsurgeon.errors import FormatError, PlanError, RecipeError, VerifyError
+from shardsurgeon.execute import SourceFiles
+from shardsurgeon.format import Header, read_header
+from shardsurgeon.hfdir import other_files
+from shardsurgeon.layout import INDEX_FILE, PLAN_METADATA_KEY, RECIPE_METADATA_KEY, SINGLE_FILE, Layout
 from shardsurgeon.numerics import ChunkConverter
+from shardsurgeon.plan import Plan, PlannedTensor, make_plan
+from shardsurgeon.recipe import recipe_from_json
 
 CHUNK_BYTES = 4 << 20
+_ZEROS = bytes(CHUNK_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
 class Mismatch:
+    """One problem: ``shard`` names the file it is in ('' when the problem names it), ``tensor``
+    the tensor ('' for a whole file)."""
+
     shard: str
     tensor: str
     problem: str
+
+    def __str__(self) -> str:
+        where = [self.shard] if self.shard else []
+        where += [f"tensor {self.tensor!r}"] if self.tensor else []
+        return ": ".join([*where, self.problem])
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What :func:`verify_checkpoint` found; ``compared`` tensors were checked byte by byte."""
+
+    folder: Path
+    shards: int
+    tensors: int
+    nbytes: int
+    layers: int | None
+    sources: int
+    compared: int
+    mismatches: tuple[Mismatch, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+@dataclass(slots=True)
+class _Found:
+    """The output as its files show it; ``locations`` lists every shard holding a tensor name."""
+
+    headers: dict[str, Header] = field(default_factory=dict)
+    unreadable: set[str] = field(default_factory=set)
+    """Shards whose tensors are unknown (corrupt or missing); their tensors get no line of their own."""
+    locations: dict[str, list[TensorRef]] = field(default_factory=dict)
+    index_map: dict[str, str] | None = None
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    def add(self, shard: str, tensor: str, problem: str) -> None:
+        self.mismatches.append(Mismatch(shard, tensor, problem))
+
+    def tensor(self, name: str) -> TensorRef | None:
+        """Where the output holds ``name``: in the shard the index names, else the first found."""
+        refs = self.locations.get(name, [])
+        preferred = self.index_map.get(name) if self.index_map else None
+        return next((r for r in refs if r.path.name == preferred), refs[0] if refs else None)
+
+
+def verify_checkpoint(
+    folder: str | os.PathLike[str],
+    sources: Sequence[str | os.PathLike[str]] = (),
+    *,
+    layer_prefix: str | None = None,
+    layers_key: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    """Check the checkpoint in ``folder``; with ``sources`` (the models of its recorded recipe, in
+    order) also every tensor's bytes. ``progress`` gets the tensor bytes compared, chunk by chunk."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise VerifyError(f"{root}: no such folder; pass the checkpoint folder to verify")
+    found = _Found()
+    shard_names = _read_shards(root, found)
+    strays = _check_index(root, shard_names, found)
+    _check_each_tensor_once(found, strays)
+    config = _read_config(root, found)
+    layers = None
+    if config is not None and found.locations and not found.unreadable:
+        try:
+            layers = find_layer_stack(found.locations, config, layer_prefix, layers_key).count
+        except PlanError as e:
+            found.add("", "", str(e))
+    notes: list[str] = []
+    compared = 0
+    if sources:
+        plan = _recorded_plan(found, [Path(s) for s in sources], layer_prefix, layers_key, notes)
+        if plan is not None:
+            compared = _compare_with_sources(root, plan, config, found, progress or (lambda nbytes: None))
+    tensors = [found.tensor(name) for name in found.locations]
+    return VerifyReport(
+        root,
+        len(shard_names),
+        len(found.locations),
+        sum(t.nbytes for t in tensors if t is not None),
+        layers,
+        len(sources),
+        compared,
+        tuple(found.mismatches),
+        tuple(notes),
+    )
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, hidden ones aside, in name order."""
+    return sorted(p for p in folder.iterdir() if p.name.endswith(".safetensors") and not p.name.startswith("."))
+
+
+def _read_shards(root: Path, found: _Found) -> set[str]:
+    paths = shard_files(root)
+    for path in paths:
+        try:
+            header = read_header(path)
+        except FormatError as e:
+            found.add("", "", str(e))
+            found.unreadable.add(path.name)
+            continue
+        found.headers[path.name] = header
+        file_format = (header.metadata or {}).get("format")
+        if file_format != "pt":
+            found.add(
+                path.name,
+                "",
+                f"__metadata__ format is {file_format!r}, expected 'pt'; transformers refuses such files",
+            )
+        for entry in header.tensors:
+            ref = TensorRef(entry.name, path, entry.dtype, entry.shape, header.data_start + entry.begin, entry.nbytes)
+            found.locations.setdefault(entry.name, []).append(ref)
+    return {p.name for p in paths}
+
+
+def _check_each_tensor_once(found: _Found, strays: set[str]) -> None:
+    """A tensor in several shards; copies in stray shards are covered by the stray's own line."""
+    for name, refs in found.locations.items():
+        shards = [r.path.name for r in refs if r.path.name not in strays]
+        if len(shards) > 1:
+            found.add("", name, f"is in {len(shards)} shards ({', '.join(shards)}); expected exactly one")
+
+
+def _check_index(root: Path, shard_names: set[str], found: _Found) -> set[str]:
+    """Check the index against the shards; returns the stray shards (which no index lists)."""
+    if not (root / INDEX_FILE).exists():
+        if SINGLE_FILE not in shard_names:
+            seen = ", ".join(sorted(shard_names)) or "no safetensors file"
+            found.add("", "", f"{INDEX_FILE} or {SINGLE_FILE} expected, found {seen}")
+            return set()
+        strays = shard_names - {SINGLE_FILE}
+        for name in sorted(strays):
+            found.add(name, "", f"stray shard: there is no {INDEX_FILE}, so only {SINGLE_FILE} belongs here")
+        return strays
+    weight_map, total_size = _read_index(root / INDEX_FILE, found)
+    if weight_map is None:
+        return set()
+    found.index_map = weight_map
+    listed = set(weight_map.values())
+    for shard in sorted(listed - shard_names):
+        count = sum(1 for s in weight_map.values() if s == shard)
+        found.add(shard, "", f"missing: {INDEX_FILE} maps {count} tensors to it")
+        found.unreadable.add(shard)
+    for shard in sorted(shard_names - listed):
+        found.add(shard, "", f"stray shard: {INDEX_FILE} maps no tensor to it; remove it or restore the index")
+    for name, shard in weight_map.items():
+        holders = [r.path.name for r in found.locations.get(name, [])]
+        if shard in found.headers and shard not in holders:
+            also = f", it is in {', '.join(holders)}" if holders else ""
+            found.add(INDEX_FILE, name, f"mapped to {shard}, which does not hold it{also}")
+    strays = shard_names - listed
+    for name, refs in found.locations.items():
+        holders = [r.path.name for r in refs if r.path.name not in strays]
+        if name not in weight_map and holders:
+            found.add(holders[0], name, f"not listed in {INDEX_FILE}")
+    if not found.unreadable:
+        actual = sum(r.nbytes for refs in found.locations.values() for r in refs if r.path.name in listed)
+        if total_size != actual:
+            found.add(
+                INDEX_FILE, "", f"metadata.total_size is {total_size!r}, expected {actual} (the shards' tensor bytes)"
+            )
+    return strays
+
+
+def _read_index(path: Path, found: _Found) -> tuple[dict[str, str] | None, Any]:
+    index = _read_json(path, found)
+    if index is None:
+        return None, None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        found.add(INDEX_FILE, "", 'expected an object with a "weight_map" of tensor name to shard file')
+        return None, None
+    metadata = index.get("metadata")
+    return weight_map, metadata.get("total_size") if isinstance(metadata, dict) else None
+
+
+def _read_config(root: Path, found: _Found) -> dict[str, Any] | None:
+    if not (root / CONFIG_NAME).exists():
+        found.add(CONFIG_NAME, "", "missing; transformers needs it to load the checkpoint")
+        return None
+    config = _read_json(root / CONFIG_NAME, found)
+    if config is not None and not isinstance(config, dict):
+        found.add(CONFIG_NAME, "", f"expected a JSON object, found {type(config).__name__}")
+        return None
+    return config
+
+
+def _read_json(path: Path, found: _Found) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        found.add(path.name, "", f"cannot read JSON ({e})")
+        return None
+
+
+def _recorded_plan(
+    found: _Found, sources: list[Path], layer_prefix: str | None, layers_key: str | None, notes: list[str]
+) -> Plan | None:
+    """The plan re-derived from the recipe recorded in the shards, with ``sources`` as its models."""
+    recorded = {(h.metadata or {}).get(RECIPE_METADATA_KEY) for h in found.headers.values()}
+    fingerprints = {(h.metadata or {}).get(PLAN_METADATA_KEY) for h in found.headers.values()}
+    if len(recorded) != 1 or len(fingerprints) != 1:
+        problem = "no readable shard" if not recorded else "shards record different recipes or plans"
+        found.add("", "", f"cannot check against --src: {problem}; expected every shard to record the same one")
+        return None
+    (text,), (fingerprint,) = recorded, fingerprints
+    if text is None:
+        found.add("", "", f"cannot check against --src: the shards record no recipe ({RECIPE_METADATA_KEY})")
+        return None
+    models = recipe_from_json(text).models
+    if len(models) != len(sources):
+        raise RecipeError(
+            f"--src given {_count(len(sources), 'time')} but the output was made from "
+            f"{_count(len(models), 'model')} ({', '.join(models)}); give one --src per model, in this order"
+        )
+    recipe = recipe_from_json(text, [str(s) for s in sources])
+    checkpoints = {str(s): open_checkpoint(s) for s in sources}
+    plan = make_plan(recipe, checkpoints, layer_prefix=layer_prefix, layers_key=layers_key)
+    if plan.fingerprint != fingerprint:
+        notes.append(
+            f"the plan re-derived from --src has fingerprint {plan.fingerprint}, the output records "
+            f"{fingerprint}: the sources' headers or the shardsurgeon version differ from the run that "
+            "wrote it; tensors are compared with the sources given"
+        )
+    return plan
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _compare_with_sources(
+    root: Path, plan: Plan, config: dict[str, Any] | None, found: _Found, progress: Callable[[int], None]
+) -> int:
+    if config is not None and config != plan.config:
+        keys = [k for k in dict.fromkeys([*plan.config, *config]) if plan.config.get(k) != config.get(k)]
+        found.add(
+            CONFIG_NAME,
+            "",
+            f"differs from the config the recipe gives at {keys[0]!r}: found {json.dumps(config.get(keys[0]))}, "
+            f"expected {json.dumps(plan.config.get(keys[0]))}",
+        )
+    donor = Path(plan.recipe.head.model)
+    for source in other_files(donor):
+        copy = root / source.name
+        if not copy.is_file() or not filecmp.cmp(source, copy, shallow=False):
+            found.add(source.name, "", f"missing or different from {source}, which the output should carry as is")
+    planned = {t.name for t in plan.tensors}
+    for name, refs in found.locations.items():
+        if name not in planned:
+            found.add(refs[0].path.name, name, "is not in the plan the recorded recipe gives")
+    compared = 0
+    index_map = found.index_map or {}
+    with SourceFiles() as files:
+        for tensor in plan.tensors:
+            ref = found.tensor(tensor.name)
+            if ref is None:
+                if index_map.get(tensor.name) not in found.unreadable:
+                    found.add("", tensor.name, "missing from the output")
+                continue
+            if (ref.dtype, ref.shape) != (tensor.dtype, tensor.shape):
+                found.add(
+                    ref.path.name,
+                    tensor.name,
+                    f"is {ref.dtype} {list(ref.shape)}, expected {tensor.dtype} {list(tensor.shape)}",
+                )
+                continue
+            difference = _first_difference(tensor, files, files.fd(ref.path), ref.data_start, progress)
+            if difference is not None:
+                found.add(ref.path.name, tensor.name, f"{_describe(tensor)} at byte {difference} of the tensor")
+            compared += 1
+    return compared
+
+
+def _describe(tensor: PlannedTensor) -> str:
+    source = f"{tensor.source.name} of {tensor.source.path}"
+    if tensor.op == "zeros":
+        return "holds other bytes than the zeros the recipe gives"
+    if tensor.op == "copy":
+        return f"differs from the source bytes ({source})"
+    scaled = f" scaled by {tensor.scale:g}" if tensor.scale != 1.0 else ""
+    return f"differs from {source} cast to {tensor.dtype}{scaled}"
 
 
 def compare_with_plan(layout: Layout, folder: Path) -> list[Mismatch]:
     """Every way the shards in ``folder`` differ from ``layout``; empty when they match exactly."""
     mismatches: list[Mismatch] = []
-    for shard in layout.shards:
-        path = folder / shard.name
-        if not path.is_file():
-            mismatches.append(Mismatch(shard.name, "", "shard file is missing"))
-            continue
-        header = read_header(path)
-        with open(path, "rb") as f:
-            if f.read(len(shard.header)) != shard.header:
-                mismatches.append(Mismatch(shard.name, "", "header differs from the plan's"))
+    with SourceFiles() as files:
+        for shard in layout.shards:
+            path = folder / shard.name
+            if not path.is_file():
+                mismatches.append(Mismatch(shard.name, "", "shard file is missing"))
                 continue
-        assert header.data_start == len(shard.header)
-        out_fd = os.open(path, os.O_RDONLY)
-        try:
+            with open(path, "rb") as f:
+                if f.read(len(shard.header)) != shard.header:
+                    mismatches.append(Mismatch(shard.name, "", "header differs from the plan's"))
+                    continue
+            if path.stat().st_size != shard.nbytes:
+                mismatches.append(Mismatch(shard.name, "", f"is {path.stat().st_size} bytes, expected {shard.nbytes}"))
+                continue
             for placed in shard.tensors:
-                if not _tensor_matches(placed, out_fd):
-                    what = {"copy": "source bytes", "zeros": "zeros", "convert": "converted source"}
-                    mismatches.append(
-                        Mismatch(shard.name, placed.tensor.name, f"bytes differ from the {what[placed.tensor.op]}")
-                    )
-        finally:
-            os.close(out_fd)
+                if _first_difference(placed.tensor, files, files.fd(path), placed.offset) is not None:
+                    mismatches.append(Mismatch(shard.name, placed.tensor.name, _describe(placed.tensor)))
     return mismatches
 
 
-def _tensor_matches(placed: PlacedTensor, out_fd: int) -> bool:
-    tensor = placed.tensor
-    expected = _expected_chunks(placed)
-    offset = placed.offset
-    for chunk in expected:
-        if os.pread(out_fd, len(chunk), offset) != chunk:
-            return False
-        offset += len(chunk)
-    return offset == placed.offset + tensor.nbytes
+def _first_difference(
+    tensor: PlannedTensor,
+    files: SourceFiles,
+    out_fd: int,
+    out_offset: int,
+    progress: Callable[[int], None] = lambda nbytes: None,
+) -> int | None:
+    """The first byte of the tensor at ``out_offset`` that differs from what ``tensor`` says, or None."""
+    done = 0
+    for expected in _expected_chunks(tensor, files):
+        actual = os.pread(out_fd, len(expected), out_offset + done)
+        if actual != expected:
+            common = min(len(actual), len(expected))
+            got, want = np.frombuffer(actual, np.uint8, common), np.frombuffer(expected, np.uint8, common)
+            unequal = np.flatnonzero(got != want)
+            return done + (int(unequal[0]) if len(unequal) else common)
+        done += len(expected)
+        progress(len(expected))
+    return None if done == tensor.nbytes else done
 
 
-def _expected_chunks(placed: PlacedTensor) -> Iterator[bytes]:
-    tensor = placed.tensor
+def _expected_chunks(tensor: PlannedTensor, files: SourceFiles) -> Iterator[bytes | memoryview]:
+    """The bytes ``tensor`` must hold, in chunks of at most a few MiB."""
     if tensor.op == "zeros":
         for start in range(0, tensor.nbytes, CHUNK_BYTES):
-            yield bytes(min(CHUNK_BYTES, tensor.nbytes - start))
+            yield memoryview(_ZEROS)[: min(CHUNK_BYTES, tensor.nbytes - start)]
         return
-    src_fd = os.open(tensor.source.path, os.O_RDONLY)
-    try:
-        if tensor.op == "copy":
-            for start in range(0, tensor.nbytes, CHUNK_BYTES):
-                yield os.pread(src_fd, min(CHUNK_BYTES, tensor.nbytes - start), tensor.source.data_start + start)
-            return
-        converter = ChunkConverter(tensor.source.dtype, tensor.dtype, tensor.scale)
-        step = converter.chunk_src_bytes
-        for start in range(0, tensor.source.nbytes, step):
-            raw = os.pread(src_fd, min(step, tensor.source.nbytes - start), tensor.source.data_start + start)
-            yield bytes(converter.convert(memoryview(raw)))
-    finally:
-        os.close(src_fd)
+    src_fd = files.fd(tensor.source.path)
+    if tensor.op == "copy":
+        for start in range(0, tensor.nbytes, CHUNK_BYTES):
+            yield os.pread(src_fd, min(CHUNK_BYTES, tensor.nbytes - start), tensor.source.data_start + start)
+        return
+    converter = ChunkConverter(tensor.source.dtype, tensor.dtype, tensor.scale)
+    step = converter.chunk_src_bytes
+    for start in range(0, tensor.source.nbytes, step):
+        raw = os.pread(src_fd, min(step, tensor.source.nbytes - start), tensor.source.data_start + start)
+        yield converter.convert(memoryview(raw))
