@@ -13,13 +13,15 @@ from pathlib import Path
 
 from shardsurgeon.arch import find_layer_stack, resolve_zero_filters
 from shardsurgeon.checkpoint import Checkpoint, open_checkpoint
+from shardsurgeon.errors import RecipeError
 from shardsurgeon.format import DTYPE_ALIASES, TORCH_DTYPE_NAMES
+from shardsurgeon.hfcache import resolve_model
 from shardsurgeon.hfdir import base_model_id, model_card
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, plan_layout
-from shardsurgeon.mergekit import to_mergekit_yaml
+from shardsurgeon.mergekit import merge_recipe, parse_config, to_mergekit_yaml
 from shardsurgeon.plan import Plan, make_plan
 from shardsurgeon.recipe import Recipe, expand_recipe, recipe_to_json
-from shardsurgeon.report import describe_expansion
+from shardsurgeon.report import describe_expansion, describe_merge
 from shardsurgeon.rewrite import Progress, RunResult, write_checkpoint
 
 
@@ -36,8 +38,9 @@ class Job:
     mergekit_yaml: str
 
     @property
-    def base_model(self) -> str:
-        return self.names[self.recipe.donor]
+    def base_models(self) -> list[str]:
+        """Published names of the models, the config donor first."""
+        return list(dict.fromkeys(self.names[m] for m in self.recipe.models))
 
 
 def plan_expand(
@@ -77,6 +80,46 @@ def plan_expand(
     )
 
 
+def plan_merge(
+    config_path: str | Path,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    layer_prefix: str | None = None,
+    layers_key: str | None = None,
+) -> Job:
+    """Plan a mergekit passthrough config; models resolve against the config's folder or the HF cache."""
+    path = Path(config_path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the config: {e.strerror or e}") from None
+    spec = parse_config(text, str(path))
+    checkpoints = {model: open_checkpoint(resolve_model(model, path.parent)) for model in spec.models}
+    stacks = {
+        model: find_layer_stack(c.tensors, c.config, layer_prefix, layers_key) for model, c in checkpoints.items()
+    }
+    recipe = merge_recipe(spec, lambda model: stacks[model].count)
+    plan = make_plan(recipe, checkpoints, layer_prefix=layer_prefix, layers_key=layers_key)
+    names = {model: _published_name(model, c) for model, c in checkpoints.items()}
+    return Job(
+        checkpoints,
+        recipe,
+        plan,
+        plan_layout(plan, max_shard_bytes, {RECIPE_METADATA_KEY: recipe_to_json(recipe, names)}),
+        names,
+        describe_merge(plan, names),
+        text,
+    )
+
+
+def _published_name(reference: str, checkpoint: Checkpoint) -> str:
+    """A Hugging Face id stays as written; a local folder is named as its cache entry or config says."""
+    is_id = reference.count("/") == 1 and not reference.startswith((".", "/", "~"))
+    if is_id and not checkpoint.folder.is_relative_to(Path.cwd()):
+        return reference.partition("@")[0]
+    return base_model_id(checkpoint.folder, checkpoint.config)
+
+
 def run_job(
     job: Job,
     out: str | Path,
@@ -87,7 +130,7 @@ def run_job(
     progress: Progress | None = None,
 ) -> RunResult:
     """Write ``job`` to ``out``; ``command`` is the command line recorded in the model card."""
-    card = model_card(job.plan, job.base_model, command, job.description, job.mergekit_yaml)
+    card = model_card(job.plan, job.base_models, command, job.description, job.mergekit_yaml)
     return write_checkpoint(
         job.plan,
         job.layout,

@@ -64,9 +64,12 @@ def base_model_id(source: Path, config: dict[str, Any]) -> str:
     return source.resolve().name
 
 
-def model_card(plan: Plan, base_model: str, command: str, what: str, mergekit_yaml: str) -> str:
+def model_card(plan: Plan, base_models: list[str], command: str, what: str, mergekit_yaml: str) -> str:
+    """The README.md of the output: front matter, what was done, how, and the mergekit config."""
+    base = base_models[0] if len(base_models) == 1 else "".join(f"\n- {m}" for m in base_models)
+    title = base_models[0] if len(base_models) == 1 else " + ".join(base_models)
     return f"""---
-base_model: {base_model}
+base_model: {base}
 library_name: transformers
 tags:
 - shardsurgeon
@@ -75,7 +78,7 @@ tags:
 - block-expansion
 ---
 
-# {base_model}, {plan.output_layers} layers
+# {title}, {plan.output_layers} layers
 
 {what}
 

@@ -1,17 +1,25 @@
-"""mergekit passthrough configs: write the one equivalent to a recipe (parsing comes with `merge`).
+"""mergekit passthrough configs: read one into a Recipe, and write the one equivalent to a Recipe.
 
-Consecutive output layers that copy consecutive source layers of one model with the same scale
-rules become one slice with a half-open ``layer_range``, as mergekit users write them. Pure.
+Reading follows mergekit 0.1.5's semantics: slices of half-open ``layer_range``s, one source per
+slice; ``parameters.scale`` as a number or a list of ``{filter, value}`` entries where the first
+entry whose filter is a substring of the *source* tensor name wins (no filter or ``*``: all), and
+a scope without a matching entry falls through to the next (source, then slice, then top level);
+embeddings from the first slice's model and parameters, final norm and lm_head from the last's;
+``dtype`` then ``out_dtype``. What we do not support is an error naming it, never ignored.
+Writing merges consecutive layers into slices, as mergekit users write them. Pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from shardsurgeon.recipe import LayerSource, Recipe
+from shardsurgeon.errors import RecipeError
+from shardsurgeon.format import DTYPE_ALIASES
+from shardsurgeon.recipe import LayerSource, Recipe, ScaleRule
 
 
 def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None) -> str:
@@ -50,3 +58,210 @@ def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None
     if dtype is not None:
         config["dtype"] = dtype
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
+
+
+TOP_KEYS = frozenset({"merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype"})
+TOP_KEYS_IGNORED = frozenset({"tokenizer_source", "name"})
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True, slots=True)
+class SliceSpec:
+    """One slice of a config: ``model`` layers ``start`` to ``end`` (exclusive), and its scale rules."""
+
+    model: str
+    start: int | None
+    end: int | None
+    scale: tuple[ScaleRule, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MergeSpec:
+    """A parsed passthrough config; ``start``/``end`` are None in the ``models:`` form (all layers)."""
+
+    slices: tuple[SliceSpec, ...]
+    base_model: str | None
+    dtype: str | None
+    out_dtype: str | None
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*([self.base_model] if self.base_model else []), *(s.model for s in self.slices)]))
+
+
+def parse_config(text: str, where: str) -> MergeSpec:
+    """Parse a mergekit passthrough YAML config; ``where`` names it in messages."""
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"{where}: expected a mapping with slices and merge_method, found {type(config).__name__}")
+    _check_keys(config, TOP_KEYS | TOP_KEYS_IGNORED, where, "")
+    method = config.get("merge_method")
+    if method != "passthrough":
+        raise RecipeError(
+            f"{where}: merge_method {method!r} is not supported; shardsurgeon does passthrough merges only"
+        )
+    tokenizer_source = config.get("tokenizer_source")
+    if tokenizer_source not in (None, "base"):
+        raise RecipeError(
+            f"{where}: tokenizer_source {tokenizer_source!r} is not supported; only 'base' (the base model's "
+            "tokenizer, copied as is)"
+        )
+    top = _scale(config.get("parameters"), where, "parameters")
+    if ("slices" in config) == ("models" in config):
+        raise RecipeError(f"{where}: expected either slices or models (one of them), found {_found(config)}")
+    slices = _slices(config, top, where) if "slices" in config else _models(config, top, where)
+    return MergeSpec(
+        slices,
+        None if config.get("base_model") is None else _model_ref(config["base_model"], where, "base_model"),
+        _dtype(config.get("dtype"), where, "dtype"),
+        _dtype(config.get("out_dtype"), where, "out_dtype"),
+    )
+
+
+def merge_recipe(spec: MergeSpec, layer_count: Callable[[str], int]) -> Recipe:
+    """The recipe of a parsed config; ``layer_count(model)`` gives each model's number of layers."""
+    layers: list[LayerSource] = []
+    for number, piece in enumerate(spec.slices):
+        count = layer_count(piece.model)
+        start, end = (0, count) if piece.start is None else (piece.start, piece.end)
+        assert end is not None
+        if not 0 <= start < end <= count:
+            raise RecipeError(
+                f"slices[{number}]: layer_range [{start}, {end}] of {piece.model} is out of range; the model "
+                f"has layers 0..{count - 1}, so a range is [a, b] with 0 <= a < b <= {count}"
+            )
+        layers += [LayerSource(piece.model, layer, piece.scale) for layer in range(start, end)]
+    first, last = spec.slices[0], spec.slices[-1]
+    return Recipe(
+        tuple(layers),
+        LayerSource(first.model, None, first.scale),
+        LayerSource(last.model, None, last.scale),
+        spec.dtype,
+        spec.out_dtype,
+        spec.base_model,
+    )
+
+
+def _slices(config: dict[str, Any], top: tuple[ScaleRule, ...], where: str) -> tuple[SliceSpec, ...]:
+    slices = config["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise RecipeError(f"{where}: slices must be a non-empty list, found {_found(slices)}")
+    specs = []
+    for number, piece in enumerate(slices):
+        at = f"slices[{number}]"
+        if not isinstance(piece, dict):
+            raise RecipeError(f"{where}: {at} must be a mapping with sources, found {_found(piece)}")
+        _check_keys(piece, {"sources", "parameters"}, where, at)
+        sources = piece.get("sources")
+        if not isinstance(sources, list) or len(sources) != 1:
+            raise RecipeError(
+                f"{where}: {at}.sources must list exactly one source for a passthrough merge, found {_found(sources)}"
+            )
+        source = sources[0]
+        at_source = f"{at}.sources[0]"
+        if not isinstance(source, dict):
+            raise RecipeError(f"{where}: {at_source} must be a mapping with model and layer_range")
+        _check_keys(source, {"model", "layer_range", "parameters"}, where, at_source)
+        start, end = _layer_range(source.get("layer_range"), where, at_source)
+        scale = (
+            _scale(source.get("parameters"), where, f"{at_source}.parameters")
+            + _scale(piece.get("parameters"), where, f"{at}.parameters")
+            + top
+        )
+        specs.append(SliceSpec(_model_ref(source.get("model"), where, f"{at_source}.model"), start, end, scale))
+    return tuple(specs)
+
+
+def _models(config: dict[str, Any], top: tuple[ScaleRule, ...], where: str) -> tuple[SliceSpec, ...]:
+    models = config["models"]
+    if not isinstance(models, list) or len(models) != 1:
+        raise RecipeError(
+            f"{where}: models must list exactly one model for a passthrough merge, found {_found(models)}; "
+            "use slices to stack several"
+        )
+    entry = models[0]
+    if not isinstance(entry, dict):
+        raise RecipeError(f"{where}: models[0] must be a mapping with model, found {_found(entry)}")
+    _check_keys(entry, {"model", "parameters"}, where, "models[0]")
+    scale = _scale(entry.get("parameters"), where, "models[0].parameters") + top
+    return (SliceSpec(_model_ref(entry.get("model"), where, "models[0].model"), None, None, scale),)
+
+
+def _scale(parameters: Any, where: str, at: str) -> tuple[ScaleRule, ...]:
+    if parameters is None:
+        return ()
+    if not isinstance(parameters, dict):
+        raise RecipeError(f"{where}: {at} must be a mapping, found {_found(parameters)}")
+    _check_keys(parameters, {"scale"}, where, at)
+    value = parameters.get("scale")
+    if value is None:
+        return ()
+    if _is_number(value):
+        return (ScaleRule(float(value)),)
+    if not isinstance(value, list) or not value:
+        raise RecipeError(f"{where}: {at}.scale must be a number or a list of {{filter, value}}, found {_found(value)}")
+    rules = []
+    for number, entry in enumerate(value):
+        if _is_number(entry):
+            raise RecipeError(
+                f"{where}: {at}.scale is a list of numbers (a gradient across layers), which shardsurgeon does "
+                "not support; give one number or {filter, value} entries"
+            )
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{where}: {at}.scale[{number}] must be a mapping with value, found {_found(entry)}")
+        _check_keys(entry, {"filter", "value"}, where, f"{at}.scale[{number}]")
+        if not _is_number(entry.get("value")):
+            raise RecipeError(
+                f"{where}: {at}.scale[{number}].value must be a number, found {_found(entry.get('value'))}"
+            )
+        name_filter = entry.get("filter")
+        if name_filter is not None and not isinstance(name_filter, str):
+            raise RecipeError(f"{where}: {at}.scale[{number}].filter must be a string, found {_found(name_filter)}")
+        rules.append(ScaleRule(float(entry["value"]), None if name_filter in (None, "*") else name_filter))
+    return tuple(rules)
+
+
+def _layer_range(value: Any, where: str, at: str) -> tuple[int, int]:
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value)):
+        raise RecipeError(f"{where}: {at}.layer_range must be [start, end] (end excluded), found {_found(value)}")
+    return value[0], value[1]
+
+
+def _model_ref(value: Any, where: str, at: str) -> str:
+    if not isinstance(value, str) or not value or "+" in value:
+        problem = " (LoRA adapters, model+lora, are not supported)" if isinstance(value, str) and "+" in value else ""
+        raise RecipeError(f"{where}: {at} must be a folder or a Hugging Face id, found {_found(value)}{problem}")
+    return value
+
+
+def _dtype(value: Any, where: str, at: str) -> str | None:
+    if value is None:
+        return None
+    if value not in DTYPES:
+        raise RecipeError(f"{where}: {at} {value!r} is not supported; expected one of {', '.join(DTYPES)}")
+    return DTYPE_ALIASES[value]
+
+
+def _check_keys(mapping: dict[str, Any], known: frozenset[str] | set[str], where: str, at: str) -> None:
+    for key in mapping:
+        if key not in known:
+            place = f"{at}.{key}" if at else str(key)
+            raise RecipeError(
+                f"{where}: {place}: unknown or unsupported key; shardsurgeon accepts {', '.join(sorted(known))} here"
+            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _found(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    return text if len(text) <= 60 else text[:57] + "..."

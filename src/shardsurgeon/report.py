@@ -63,6 +63,22 @@ def describe_expansion(plan: Plan, base_model: str) -> str:
     return text + "."
 
 
+def describe_merge(plan: Plan, names: dict[str, str]) -> str:
+    """The model card's words for a mergekit passthrough merge."""
+    runs = []
+    for first, last, source, length in layer_runs(plan):
+        assert source.layer is not None
+        runs.append(
+            f"layers {first}-{last} from {names[source.model]} layers {source.layer}-{source.layer + length - 1}"
+            if length > 1
+            else f"layer {first} from {names[source.model]} layer {source.layer}"
+        )
+    text = f"A passthrough merge of {plan.output_layers} layers: " + "; ".join(runs) + "."
+    if plan.recipe.output_dtype:
+        text += f" Floating-point tensors are {plan.recipe.output_dtype}."
+    return text
+
+
 def _ranges(values: list[int]) -> str:
     parts: list[str] = []
     for value in values:
