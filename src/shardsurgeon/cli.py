@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from shardsurgeon import __version__
-from shardsurgeon.api import Job, plan_expand, run_job
+from shardsurgeon.api import Job, plan_expand, plan_merge, run_job
 from shardsurgeon.checkpoint import open_checkpoint
 from shardsurgeon.demo import make_demo_checkpoint
 from shardsurgeon.errors import RecipeError, ShardSurgeonError
@@ -194,6 +194,52 @@ def _plan_or_run(
         result = run_job(job, out, command=command, force=force, dense=dense, progress=progress)
     if not quiet:
         click.echo(_summary(job.plan, result), err=True)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist, or be empty).")
+@click.option("--max-shard-size", type=SIZE, default=str(DEFAULT_MAX_SHARD_BYTES), help="Largest shard, e.g. 5GB.")
+@click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--dry-run", is_flag=True, help="Print the plan in words and write nothing.")
+@click.option("--plan-json", type=click.Path(path_type=Path), help="Write the plan as JSON here ('-': stdout).")
+@click.option("--layer-prefix", help="Layer stack prefix, e.g. model.layers, when it cannot be detected.")
+@click.option("--layers-key", help="config.json key that counts the layers, when it cannot be detected.")
+@_verbosity
+@_reports_errors
+def merge(
+    config: Path,
+    out: Path | None,
+    max_shard_size: int,
+    dense: bool,
+    force: bool,
+    dry_run: bool,
+    plan_json: Path | None,
+    layer_prefix: str | None,
+    layers_key: str | None,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Run a mergekit passthrough config (slices of one or more models), bit for bit.
+
+    \b
+    shardsurgeon merge solar.yml --out ./solar-10.7b
+
+    Models are local folders (relative to the config's folder) or Hugging Face ids found in the
+    local cache (HF_HUB_CACHE or HF_HOME); nothing is downloaded.
+    """
+    if out is None and not dry_run and plan_json is None:
+        raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
+    job = plan_merge(config, max_shard_bytes=max_shard_size, layer_prefix=layer_prefix, layers_key=layers_key)
+    command = _command_line(
+        "merge",
+        config=config,
+        max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
+        dense=dense,
+        out=out,
+    ).replace("--config ", "")
+    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet)
 
 
 def _write_plan_json(plan: Plan, layout: Layout, path: Path) -> None:
