@@ -157,7 +157,7 @@ class ShardWriter:
                 out = converter.convert(out)
             _pwrite_all(fd, out, dst_offset)
             dst_offset += len(out)
-            self._progress(len(view))
+            self._progress(len(out))
 
 
 def tensor_converters(tensor: PlannedTensor) -> list[ChunkConverter]:
