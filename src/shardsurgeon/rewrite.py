@@ -7,6 +7,8 @@ This is the library's entry point for writing; it sequences :mod:`output`, :mod:
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from shardsurgeon.plan import Plan
 Progress = Callable[[int], None]
 SMALL_FILES_ALLOWANCE = 64 << 20
 """Room kept free for the config, index, tokenizer and model card when checking disk space."""
+TEST_KILL_ENV = "SHARDSURGEON_TEST_KILL_AFTER"
+"""Test-only (tests/test_resume.py): the process SIGKILLs itself once this many bytes are done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +53,8 @@ def write_checkpoint(
 ) -> RunResult:
     """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run."""
     started = time.monotonic()
-    progress = progress or (lambda nbytes: None)
+    crash = _test_kill_switch()
+    progress = _tee(progress or (lambda nbytes: None), crash)
     donor = checkpoints[plan.recipe.donor]
     output.check_destination(out, [c.folder for c in checkpoints.values()], force)
     staging, _ = output.open_staging(out, _resume_key(plan, layout, checkpoints))
@@ -74,6 +79,7 @@ def write_checkpoint(
     hfdir.copy_other_files(donor.folder, staging)
     (staging / "README.md").write_text(model_card)
     output.fsync_file(staging / "README.md")
+    crash(1)  # the final rename counts as one more byte, so a test can crash a run just before it
     output.commit(staging, out)
     return RunResult(out, len(plan.tensors), len(layout.shards), len(done), written, holes, time.monotonic() - started)
 
@@ -83,12 +89,52 @@ def _bytes_to_write(shard: ShardLayout, dense: bool) -> int:
 
 
 def _resume_key(plan: Plan, layout: Layout, checkpoints: Mapping[str, Checkpoint]) -> str:
-    """Identifies a run: the plan, the shard names, and the exact source files (path, size, mtime)."""
+    """Identifies a run: the plan, the shard names, and the exact source files.
+
+    A source file is its path, size, mtime, and inode number and ctime, which no tool can set back:
+    a source rewritten in place with its old mtime (``cp -p``, ``rsync``) is a different run.
+    """
     digest = hashlib.sha256(plan.fingerprint.encode())
     for shard in layout.shards:
         digest.update(shard.name.encode())
     for checkpoint in checkpoints.values():
         for source in checkpoint.shards:
             stat = source.path.stat()
-            digest.update(f"{source.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            identity = (
+                source.path.resolve(),
+                stat.st_size,
+                stat.st_mtime_ns,
+                stat.st_dev,
+                stat.st_ino,
+                stat.st_ctime_ns,
+            )
+            digest.update(repr(identity).encode())
     return digest.hexdigest()
+
+
+def _tee(first: Progress, second: Progress) -> Progress:
+    def both(nbytes: int) -> None:
+        first(nbytes)
+        second(nbytes)
+
+    return both
+
+
+def _test_kill_switch() -> Progress:
+    """A test hook, and the only place that reads ``SHARDSURGEON_TEST_KILL_AFTER``.
+
+    Set to N, the process SIGKILLs itself once N bytes are done: tensor bytes as progress reports
+    them (kept shards included), plus one for the final rename. So crash tests can stop a real run
+    at a chosen point: inside a shard, between shards, or with everything written but not moved
+    into place. Unset, it does nothing.
+    """
+    limit = int(os.environ.get(TEST_KILL_ENV) or 0)
+    done = 0
+
+    def count(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if limit and done >= limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return count
