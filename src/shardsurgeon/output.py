@@ -89,9 +89,17 @@ def check_room(staging: Path, needed: int) -> None:
     available = free_bytes(staging)
     if needed > available:
         raise OutputError(
-            f"{staging.parent}: needs {needed / 1e9:.2f} GB for the shards still to write but only "
-            f"{available / 1e9:.2f} GB is free; free some space or write elsewhere with --out"
+            f"{staging.parent.resolve()}: needs {_decimal(needed)} for the files still to write but only "
+            f"{_decimal(available)} is free; free some space or write elsewhere with --out"
         )
+
+
+def _decimal(nbytes: int) -> str:
+    """A size in the decimal unit that suits it, as disks are sold: 71.30 MB, 2.10 MB, 512 B."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
 
 
 def commit(staging: Path, out: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shardsurgeon import hfdir, output
 from shardsurgeon.checkpoint import Checkpoint
+from shardsurgeon.errors import OutputError
 from shardsurgeon.execute import ShardWriter, SourceFiles
 from shardsurgeon.layout import Layout, ShardLayout
 from shardsurgeon.plan import Plan
@@ -74,14 +75,33 @@ def write_checkpoint(
             partial.rename(staging / shard.name)
             written += stats.written
             holes += stats.holes
-    hfdir.write_json(staging / "config.json", plan.config)
-    hfdir.write_index(staging, layout)
-    hfdir.copy_other_files(donor.folder, staging)
-    (staging / "README.md").write_text(model_card)
-    output.fsync_file(staging / "README.md")
+    _write_small_files(staging, plan, layout, donor.folder, model_card)
     crash(1)  # the final rename counts as one more byte, so a test can crash a run just before it
     output.commit(staging, out)
     return RunResult(out, len(plan.tensors), len(layout.shards), len(done), written, holes, time.monotonic() - started)
+
+
+def _write_small_files(staging: Path, plan: Plan, layout: Layout, donor: Path, model_card: str) -> None:
+    """config.json, the index, the donor's other files and the model card, each fsynced."""
+
+    def write_card() -> None:
+        (staging / "README.md").write_text(model_card)
+        output.fsync_file(staging / "README.md")
+
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("config.json", lambda: hfdir.write_json(staging / "config.json", plan.config)),
+        ("the index", lambda: hfdir.write_index(staging, layout)),
+        (f"the other files of {donor}", lambda: hfdir.copy_other_files(donor, staging)),
+        ("README.md", write_card),
+    ]
+    for what, step in steps:
+        try:
+            step()
+        except OSError as e:
+            raise OutputError(
+                f"{staging}: cannot write {what}: {e.strerror or e}; fix that and run the same command again, "
+                "the shards written are kept"
+            ) from None
 
 
 def _bytes_to_write(shard: ShardLayout, dense: bool) -> int:
