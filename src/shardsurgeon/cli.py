@@ -66,7 +66,8 @@ class _OneLineErrors(click.Group):
             click.echo("shardsurgeon: interrupted", err=True)
             sys.exit(130)
         except click.ClickException as e:
-            hint = f" (see: shardsurgeon {e.ctx.info_name} --help)" if getattr(e, "ctx", None) and e.ctx else ""
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see: shardsurgeon {ctx.info_name} --help)" if ctx is not None else ""
             click.echo(f"shardsurgeon: error: {e.format_message()}{hint}", err=True)
             sys.exit(e.exit_code)
 

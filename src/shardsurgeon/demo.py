@@ -87,7 +87,7 @@ def mistral_tensors(
 ) -> dict[str, np.ndarray]:
     """Mistral tensor names and shapes; every tensor's values are seeded by its own name."""
     kv = hidden // heads * kv_heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}"
         shapes |= {
