@@ -87,6 +87,26 @@ def _verbosity(command: F) -> F:
     return click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of errors.")(command)
 
 
+def _writing_options(command: F) -> F:
+    """The options that ``expand`` and ``merge`` share: output, layout, planning and verbosity."""
+    options = [
+        click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist, or be empty)."),
+        click.option(
+            "--max-shard-size", type=SIZE, default=str(DEFAULT_MAX_SHARD_BYTES), help="Largest shard, e.g. 5GB."
+        ),
+        click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes."),
+        click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
+        click.option("--dry-run", is_flag=True, help="Print the plan in words and write nothing."),
+        click.option("--plan-json", type=click.Path(path_type=Path), help="Write the plan as JSON here ('-': stdout)."),
+        click.option("--layer-prefix", help="Layer stack prefix, e.g. model.layers, when it cannot be detected."),
+        click.option("--layers-key", help="config.json key that counts the layers, when it cannot be detected."),
+    ]
+    command = _verbosity(command)
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _reports_errors(command: F) -> F:
     """Print library errors as one line and exit non-zero; keep the traceback for -v."""
 
@@ -108,7 +128,6 @@ def _reports_errors(command: F) -> F:
 
 @cli.command()
 @click.option("--src", required=True, type=click.Path(path_type=Path), help="Source checkpoint folder.")
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist, or be empty).")
 @click.option("--dup", "dups", multiple=True, type=DUP, help="Insert N copies of layer L after L: LxN (repeatable).")
 @click.option("--every", type=click.IntRange(min=1), help="Insert a copy after every STEP-th layer (LLaMA Pro).")
 @click.option(
@@ -117,14 +136,7 @@ def _reports_errors(command: F) -> F:
     help="Zero tensors of inserted copies whose name contains these; 'residual': the residual outputs.",
 )
 @click.option("--dtype", type=DTYPE, help="Cast floating-point tensors to this dtype.")
-@click.option("--max-shard-size", type=SIZE, default=str(DEFAULT_MAX_SHARD_BYTES), help="Largest shard, e.g. 5GB.")
-@click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--dry-run", is_flag=True, help="Print the plan in words and write nothing.")
-@click.option("--plan-json", type=click.Path(path_type=Path), help="Write the plan as JSON here ('-': stdout).")
-@click.option("--layer-prefix", help="Layer stack prefix, e.g. model.layers, when it cannot be detected.")
-@click.option("--layers-key", help="config.json key that counts the layers, when it cannot be detected.")
-@_verbosity
+@_writing_options
 @_reports_errors
 def expand(
     src: Path,
@@ -199,15 +211,7 @@ def _plan_or_run(
 
 @cli.command()
 @click.argument("config", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist, or be empty).")
-@click.option("--max-shard-size", type=SIZE, default=str(DEFAULT_MAX_SHARD_BYTES), help="Largest shard, e.g. 5GB.")
-@click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--dry-run", is_flag=True, help="Print the plan in words and write nothing.")
-@click.option("--plan-json", type=click.Path(path_type=Path), help="Write the plan as JSON here ('-': stdout).")
-@click.option("--layer-prefix", help="Layer stack prefix, e.g. model.layers, when it cannot be detected.")
-@click.option("--layers-key", help="config.json key that counts the layers, when it cannot be detected.")
-@_verbosity
+@_writing_options
 @_reports_errors
 def merge(
     config: Path,
