@@ -89,7 +89,8 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
                 "the index and the shards disagree"
             )
     if not tensors:
-        raise CheckpointError(f"{root}: the checkpoint holds no tensors")
+        names = ", ".join(s.path.name for s in shards)
+        raise CheckpointError(f"{root}: the checkpoint holds no tensors; expected at least one in {names}")
     return Checkpoint(root, tensors, tuple(shards), _read_config(root))
 
 

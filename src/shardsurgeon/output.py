@@ -29,7 +29,11 @@ def check_destination(out: Path, sources: Iterable[Path], force: bool) -> None:
     real_out = out.resolve()
     for source in sources:
         real_source = source.resolve()
-        if real_out == real_source or real_out.is_relative_to(real_source):
+        if real_out == real_source:
+            raise DestinationError(
+                f"--out {out}: is the source folder; the source is never written to, choose another output folder"
+            )
+        if real_out.is_relative_to(real_source):
             raise DestinationError(
                 f"--out {out}: is inside the source {source}; the source is never written to, "
                 "choose an output folder outside it"

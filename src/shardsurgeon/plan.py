@@ -6,6 +6,7 @@ that :mod:`shardsurgeon.checkpoint` built, never tensor data, and writes nothing
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -144,13 +145,24 @@ def _check_filters(recipe: Recipe, matched: set[str], layers: Mapping[str, Any])
     for source in sources:
         for rule in source.scale:
             if rule.filter is not None and rule.filter not in matched:
-                example = layers[source.model][source.layer or 0]
-                names = ", ".join(rest for rest, _ in example)
+                names = [rest for rest, _ in layers[source.model][source.layer or 0]]
                 flag = "--zero" if source.inserted else "scale filter"
                 raise RecipeError(
-                    f"{flag} {rule.filter!r} matches no tensor it applies to (layer tensors are: {names}); "
-                    "check the spelling"
+                    f"{flag} {rule.filter!r} matches no tensor it applies to (layer tensors: "
+                    f"{_some(names)}); {_spelling_hint(rule.filter, names)}"
                 )
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    """A few names, so that a message stays one short line even for a layer of many experts."""
+    more = f", ... {len(names)} in all" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _spelling_hint(text: str, names: list[str]) -> str:
+    parts = sorted({part for name in names for part in (name, *name.split("."))})
+    close = difflib.get_close_matches(text, parts, n=1)
+    return f"did you mean {close[0]!r}?" if close else "check the spelling"
 
 
 def _check_same_architecture(
