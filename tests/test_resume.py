@@ -7,8 +7,7 @@ old folder), and running the same command again resumes, keeps exactly the shard
 the kill, and gives files byte-identical to an uninterrupted run. Leftovers of another recipe or of
 another source are never reused.
 
-The runs work on tmpfs (``/dev/shm``) when there is one: a SIGKILL loses nothing the page cache
-holds, so these tests need no disk, and fsync on a busy disk would make them slow.
+The runs work on tmpfs (``/dev/shm``) when there is one, see ``_scratch``.
 
 Every run uses ``--out out`` relative to its own working folder, so the command line recorded in the
 model card, and so every output file, is the same for the crashed and for the reference run.
@@ -20,13 +19,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _scratch import scratch_folder
 from conftest import folder_bytes, read_tensors, write_tiny_checkpoint
 
 from shardsurgeon.output import PARTIAL_SUFFIX, RESUME_FILE
@@ -77,25 +75,15 @@ def reference_run(cwd: Path, src: Path, recipe: list[str]) -> Reference:
     return Reference(folder_bytes(out), sorted(sizes.items()))
 
 
-@contextmanager
-def _scratch_folder(fallback: Path) -> Iterator[Path]:
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield fallback
-        return
-    with tempfile.TemporaryDirectory(dir=shm, prefix="shardsurgeon-test-") as folder:
-        yield Path(folder)
-
-
 @pytest.fixture
 def scratch(tmp_path) -> Iterator[Path]:
-    with _scratch_folder(tmp_path) as folder:
+    with scratch_folder(tmp_path) as folder:
         yield folder
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Iterator[tuple[Path, Reference]]:
-    with _scratch_folder(tmp_path_factory.mktemp("resume")) as root:
+    with scratch_folder(tmp_path_factory.mktemp("resume")) as root:
         make_source(root / "src")
         reference = reference_run(root / "reference", root / "src", RECIPE)
         assert len(reference.shards) >= 6, reference.shards

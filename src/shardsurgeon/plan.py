@@ -121,9 +121,9 @@ def _outside(checkpoint: Checkpoint, stack: LayerStack, before: bool) -> list[Te
 
 
 def _planned(name: str, ref: TensorRef, source: LayerSource, recipe: Recipe, matched: set[str]) -> PlannedTensor:
-    factor, rule = source.scale_for(ref.name)
-    if rule is not None and rule.filter is not None:
-        matched.add(rule.filter)
+    factor, _ = source.scale_for(ref.name)
+    # every filter that names the tensor counts as used, even when an earlier one wins (--zero mlp,down_proj)
+    matched.update(r.filter for r in source.scale if r.filter is not None and r.matches(ref.name))
     is_float = DTYPES[ref.dtype].is_float
     work = recipe.dtype if recipe.dtype is not None and is_float else ref.dtype
     final = recipe.output_dtype if recipe.output_dtype is not None and is_float else ref.dtype
