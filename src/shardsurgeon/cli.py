@@ -19,7 +19,6 @@ import click
 from shardsurgeon import __version__
 from shardsurgeon.api import Job, plan_expand, plan_merge, run_job
 from shardsurgeon.checkpoint import open_checkpoint
-from shardsurgeon.demo import make_demo_checkpoint
 from shardsurgeon.errors import RecipeError, ShardSurgeonError
 from shardsurgeon.inspect import describe_checkpoint
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout, parse_size
@@ -302,6 +301,8 @@ def inspect(folder: Path, layer_prefix: str | None, layers_key: str | None, quie
 @_reports_errors
 def demo(keep: Path | None, quiet: bool, verbose: bool) -> None:
     """Build a small 32-layer Mistral-shaped checkpoint, expand it with the seed recipe, check it."""
+    from shardsurgeon.demo import make_demo_checkpoint  # numpy loads only for the demo
+
     with tempfile.TemporaryDirectory(prefix="shardsurgeon-demo-") as scratch:
         root = keep or Path(scratch)
         src, out = root / "mistral-32", root / "mistral-44"

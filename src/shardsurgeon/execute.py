@@ -15,11 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from shardsurgeon.errors import CheckpointError, OutputError
 from shardsurgeon.layout import PlacedTensor, ShardLayout
-from shardsurgeon.numerics import ChunkConverter
 from shardsurgeon.plan import PlannedTensor
+
+if TYPE_CHECKING:
+    from shardsurgeon.numerics import ChunkConverter
 
 Progress = Callable[[int], None]
 
@@ -197,6 +200,8 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
 def tensor_converters(tensor: PlannedTensor) -> list[ChunkConverter]:
     """The cast-and-scale stages of a ``convert`` tensor: to its working dtype, then to its own."""
+    from shardsurgeon.numerics import ChunkConverter  # numpy loads only when a run converts
+
     if tensor.via is None:
         return [ChunkConverter(tensor.source.dtype, tensor.dtype, tensor.scale)]
     return [

@@ -11,15 +11,13 @@ names the file and the tensor.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import ml_dtypes
-import numpy as np
 
 from shardsurgeon.errors import FormatError
 
@@ -36,40 +34,48 @@ class DType:
 
     name: str
     bits: int
-    numpy: np.dtype | None
-    is_float: bool
+    numpy_name: str | None
+    is_float: bool = False
 
     def nbytes(self, numel: int) -> int:
         return numel * self.bits // 8
 
+    @property
+    def numpy(self) -> Any:
+        """The numpy dtype (from ml_dtypes for BF16 and FP8), or None.
 
-def _dt(name: str, bits: int, numpy_type: Any, is_float: bool = False) -> DType:
-    return DType(name, bits, None if numpy_type is None else np.dtype(numpy_type), is_float)
+        Imported on first use: numpy and ml_dtypes take over 100 ms to load, and only casts need them.
+        """
+        if self.numpy_name is None:
+            return None
+        module, _, attribute = self.numpy_name.rpartition(".")
+        numpy = importlib.import_module("numpy")
+        return numpy.dtype(getattr(importlib.import_module(module), attribute))
 
 
 DTYPES: dict[str, DType] = {
     d.name: d
     for d in (
-        _dt("BOOL", 8, np.bool_),
-        _dt("U8", 8, np.uint8),
-        _dt("I8", 8, np.int8),
-        _dt("F8_E5M2", 8, ml_dtypes.float8_e5m2),
-        _dt("F8_E4M3", 8, ml_dtypes.float8_e4m3fn),
-        _dt("F8_E8M0", 8, ml_dtypes.float8_e8m0fnu),
-        _dt("I16", 16, np.int16),
-        _dt("U16", 16, np.uint16),
-        _dt("F16", 16, np.float16, is_float=True),
-        _dt("BF16", 16, ml_dtypes.bfloat16, is_float=True),
-        _dt("I32", 32, np.int32),
-        _dt("U32", 32, np.uint32),
-        _dt("F32", 32, np.float32, is_float=True),
-        _dt("F64", 64, np.float64, is_float=True),
-        _dt("I64", 64, np.int64),
-        _dt("U64", 64, np.uint64),
-        _dt("C64", 64, np.complex64),
-        _dt("F4", 4, None),
-        _dt("F6_E2M3", 6, None),
-        _dt("F6_E3M2", 6, None),
+        DType("BOOL", 8, "numpy.bool_"),
+        DType("U8", 8, "numpy.uint8"),
+        DType("I8", 8, "numpy.int8"),
+        DType("F8_E5M2", 8, "ml_dtypes.float8_e5m2"),
+        DType("F8_E4M3", 8, "ml_dtypes.float8_e4m3fn"),
+        DType("F8_E8M0", 8, "ml_dtypes.float8_e8m0fnu"),
+        DType("I16", 16, "numpy.int16"),
+        DType("U16", 16, "numpy.uint16"),
+        DType("F16", 16, "numpy.float16", is_float=True),
+        DType("BF16", 16, "ml_dtypes.bfloat16", is_float=True),
+        DType("I32", 32, "numpy.int32"),
+        DType("U32", 32, "numpy.uint32"),
+        DType("F32", 32, "numpy.float32", is_float=True),
+        DType("F64", 64, "numpy.float64", is_float=True),
+        DType("I64", 64, "numpy.int64"),
+        DType("U64", 64, "numpy.uint64"),
+        DType("C64", 64, "numpy.complex64"),
+        DType("F4", 4, None),
+        DType("F6_E2M3", 6, None),
+        DType("F6_E3M2", 6, None),
     )
 }
 """Every dtype the reference reader knows. ``is_float`` marks the ones we can scale and cast."""

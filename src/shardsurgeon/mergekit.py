@@ -15,8 +15,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from shardsurgeon.errors import RecipeError
 from shardsurgeon.format import DTYPE_ALIASES
 from shardsurgeon.recipe import LayerSource, Recipe, ScaleRule
@@ -57,6 +55,8 @@ def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None
     config: dict[str, Any] = {"slices": slices, "merge_method": "passthrough"}
     if dtype is not None:
         config["dtype"] = dtype
+    import yaml  # loaded only when a config is read or written
+
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
 
 
@@ -91,6 +91,8 @@ class MergeSpec:
 
 def parse_config(text: str, where: str) -> MergeSpec:
     """Parse a mergekit passthrough YAML config; ``where`` names it in messages."""
+    import yaml
+
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -263,5 +265,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _found(value: Any) -> str:
+    import yaml
+
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
     return text if len(text) <= 60 else text[:57] + "..."
