@@ -292,3 +292,44 @@ def test_library_report(made):
     report = verify_checkpoint(out, [src])
     assert report.ok and report.shards == 4 and report.layers == 6 and report.compared == report.tensors == 57
     assert report.nbytes == sum(len(t[2]) for t in read_tensors(out).values())
+
+
+MERGE = """\
+slices:
+  - sources:
+    - model: {a}
+      layer_range: [0, 3]
+  - sources:
+    - model: {b}
+      layer_range: [1, 4]
+merge_method: passthrough
+parameters:
+  scale:
+    - filter: self_attn
+      value: 0.5
+dtype: float16
+"""
+
+
+def test_merge_of_two_models_with_the_same_name(tmp_path):
+    """Both sources call themselves acme/tiny-mistral: the record keeps them apart, in order."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_tiny_checkpoint(a, layers=4, shards=1)
+    write_tiny_checkpoint(b, layers=4, shards=2)
+    for path in b.glob("*.safetensors"):
+        blob = bytearray(path.read_bytes())
+        data_start = 8 + struct.unpack("<Q", blob[:8])[0]
+        blob[data_start:] = bytes(x ^ 0x01 for x in blob[data_start:])
+        path.write_bytes(bytes(blob))
+    config = tmp_path / "merge.yml"
+    config.write_text(MERGE.format(a=a, b=b))
+    out = tmp_path / "out"
+    assert run_cli("merge", config, "--out", out, "-q").exit_code == 0
+    code, lines = verify(out, a, b)
+    assert code == 0, lines
+    assert lines[-1].endswith("compared byte for byte with 2 sources")
+    code, lines = verify(out, b, a)
+    assert code == 1 and len(problems(lines)) > 10
+    result = run_cli("verify", out, "--src", a)
+    assert result.exit_code == 2
+    assert "the output was made from 2 models (acme/tiny-mistral, acme/tiny-mistral)" in result.output

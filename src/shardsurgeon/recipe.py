@@ -141,24 +141,36 @@ def expand_recipe(
 def recipe_to_json(recipe: Recipe, names: Mapping[str, str]) -> str:
     """A compact JSON record of the recipe, stored in the output so ``verify`` can re-derive the plan.
 
-    Models are recorded by the names in ``names`` (Hugging Face ids), not by local paths.
+    Models are recorded by the names in ``names`` (Hugging Face ids), not by local paths; two models
+    of the same name stay two entries, so that ``verify`` can be given each.
     """
 
     def source(s: LayerSource) -> list[Any]:
         rules = [[r.value, r.filter] for r in s.scale]
-        return [models.index(names.get(s.model, s.model)), s.layer, rules, s.inserted]
+        return [refs.index(s.model), s.layer, rules, s.inserted]
 
-    models = list(dict.fromkeys(names.get(m, m) for m in recipe.models))
+    refs = list(dict.fromkeys([*recipe.models, *([recipe.base] if recipe.base is not None else [])]))
     record = {
-        "models": models,
+        "models": [names.get(m, m) for m in refs],
         "head": source(recipe.head),
         "tail": source(recipe.tail),
         "layers": [source(s) for s in recipe.layers],
         "dtype": recipe.dtype,
         "out_dtype": recipe.out_dtype,
-        "base": None if recipe.base is None else models.index(names.get(recipe.base, recipe.base)),
+        "base": None if recipe.base is None else refs.index(recipe.base),
     }
     return json.dumps(record, separators=(",", ":"))
+
+
+def recorded_models(text: str) -> list[str]:
+    """The model names of a :func:`recipe_to_json` record, in the order ``recipe_from_json`` replaces."""
+    try:
+        models = json.loads(text)["models"]
+        if isinstance(models, list) and all(isinstance(m, str) for m in models):
+            return models
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise RecipeError("recorded recipe is unreadable (no list of models); the output was not written by this version")
 
 
 def recipe_from_json(text: str, models: Sequence[str] | None = None) -> Recipe:

@@ -30,7 +30,7 @@ from shardsurgeon.hfdir import other_files
 from shardsurgeon.layout import INDEX_FILE, PLAN_METADATA_KEY, RECIPE_METADATA_KEY, SINGLE_FILE, Layout
 from shardsurgeon.numerics import ChunkConverter
 from shardsurgeon.plan import Plan, PlannedTensor, make_plan
-from shardsurgeon.recipe import recipe_from_json
+from shardsurgeon.recipe import recipe_from_json, recorded_models
 
 CHUNK_BYTES = 4 << 20
 _ZEROS = bytes(CHUNK_BYTES)
@@ -257,7 +257,7 @@ def _recorded_plan(
     if text is None:
         found.add("", "", f"cannot check against --src: the shards record no recipe ({RECIPE_METADATA_KEY})")
         return None
-    models = recipe_from_json(text).models
+    models = recorded_models(text)
     if len(models) != len(sources):
         raise RecipeError(
             f"--src given {_count(len(sources), 'time')} but the output was made from "
