@@ -40,7 +40,7 @@ def make_source(folder: Path) -> None:
     write_tiny_checkpoint(folder, layers=6, shards=2, hidden=64, intermediate=128, kv=32, vocab=32)
 
 
-def expand(cwd: Path, src: Path, recipe: list[str], *extra: str, kill_after: int | None = None):
+def expand(cwd: Path, src: Path, recipe: list[str], *extra: str, kill_after: int | str | None = None):
     cwd.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != TEST_KILL_ENV}
     if kill_after is not None:
@@ -263,3 +263,14 @@ def test_staging_of_another_output_is_left_alone(scratch, source):
     assert folder_bytes(other / "out") == reference.files
     assert (run / STAGING).is_dir(), "another output's staging folder is not touched"
     assert kept(resumed(run, src, RECIPE)) == 2
+
+
+def test_ctrl_c_stops_with_one_line_and_resumes(scratch, source):
+    src, reference = source
+    run = scratch / "run"
+    result = expand(run, src, RECIPE, kill_after=f"{reference.before(2) + 1}:SIGINT")
+    assert result.returncode == 130
+    assert result.stderr == "shardsurgeon: interrupted; run the same command again to resume\n"
+    assert sorted(p.name for p in run.iterdir()) == [STAGING]
+    assert kept(resumed(run, src, RECIPE)) == 2
+    assert folder_bytes(run / "out") == reference.files

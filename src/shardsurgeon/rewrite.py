@@ -25,7 +25,7 @@ Progress = Callable[[int], None]
 SMALL_FILES_ALLOWANCE = 64 << 20
 """Room kept free for the config, index, tokenizer and model card when checking disk space."""
 TEST_KILL_ENV = "SHARDSURGEON_TEST_KILL_AFTER"
-"""Test-only (tests/test_resume.py): the process SIGKILLs itself once this many bytes are done."""
+"""Test-only (tests/test_resume.py): the process kills itself once this many bytes are done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,15 +146,17 @@ def _test_kill_switch() -> Progress:
     Set to N, the process SIGKILLs itself once N bytes are done: tensor bytes as progress reports
     them (kept shards included), plus one for the final rename. So crash tests can stop a real run
     at a chosen point: inside a shard, between shards, or with everything written but not moved
-    into place. Unset, it does nothing.
+    into place. ``N:SIGINT`` sends SIGINT instead, as Ctrl-C would. Unset, it does nothing.
     """
-    limit = int(os.environ.get(TEST_KILL_ENV) or 0)
+    limit_text, _, signal_name = (os.environ.get(TEST_KILL_ENV) or "0").partition(":")
+    limit, sent = int(limit_text), signal.Signals[signal_name or "SIGKILL"]
     done = 0
 
     def count(nbytes: int) -> None:
-        nonlocal done
+        nonlocal done, limit
         done += nbytes
         if limit and done >= limit:
-            os.kill(os.getpid(), signal.SIGKILL)
+            limit = 0
+            os.kill(os.getpid(), sent)
 
     return count
