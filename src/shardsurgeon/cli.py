@@ -366,7 +366,7 @@ def verify_command(
     shardsurgeon verify ./openchat-44
     shardsurgeon verify ./openchat-44 --src ./openchat-3.5-0106
     """
-    length = sum(p.stat().st_size for p in shard_files(folder)) if sources and folder.is_dir() else 0
+    length = sum(p.stat().st_size for p in shard_files(folder) if p.is_file()) if sources and folder.is_dir() else 0
     with _verify_bar(length, quiet) as progress:
         report = verify_checkpoint(folder, sources, layer_prefix=layer_prefix, layers_key=layers_key, progress=progress)
     for mismatch in report.mismatches:
