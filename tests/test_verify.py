@@ -333,3 +333,26 @@ def test_merge_of_two_models_with_the_same_name(tmp_path):
     result = run_cli("verify", out, "--src", a)
     assert result.exit_code == 2
     assert "the output was made from 2 models (acme/tiny-mistral, acme/tiny-mistral)" in result.output
+
+
+def test_merge_computed_in_one_dtype_and_written_in_another(tmp_path):
+    """dtype float16, out_dtype float32: each value rounded to float16, scaled there, widened."""
+    src = tmp_path / "m"
+    write_tiny_checkpoint(src, layers=2, shards=1)
+    config = tmp_path / "merge.yml"
+    config.write_text(
+        f"slices:\n  - sources:\n    - model: {src}\n      layer_range: [0, 2]\n"
+        "merge_method: passthrough\nparameters:\n  scale: 0.3\ndtype: float16\nout_dtype: float32\n"
+    )
+    out = tmp_path / "out"
+    assert run_cli("merge", config, "--out", out, "-q").exit_code == 0
+    code, lines = verify(out, src)
+    assert code == 0, lines
+    name = "model.layers.1.mlp.down_proj.weight"
+    rewrite_bytes(out / "model.safetensors", name, lambda b: b[:-1] + bytes([b[-1] ^ 0x04]))
+    code, lines = verify(out, src)
+    assert code == 1
+    assert problems(lines) == [
+        f"model.safetensors: tensor {name!r}: differs from {name} of {src / 'model.safetensors'} cast to F16 "
+        f"scaled by 0.3, then to F32 at byte {len(read_tensors(out)[name][2]) - 1} of the tensor"
+    ]

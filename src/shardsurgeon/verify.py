@@ -19,16 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from shardsurgeon.arch import find_layer_stack
 from shardsurgeon.checkpoint import CONFIG_NAME, TensorRef, open_checkpoint
 from shardsurgeon.errors import FormatError, PlanError, RecipeError, VerifyError
-from shardsurgeon.execute import SourceFiles
+from shardsurgeon.execute import SourceFiles, tensor_converters
 from shardsurgeon.format import Header, read_header
 from shardsurgeon.hfdir import other_files
 from shardsurgeon.layout import INDEX_FILE, PLAN_METADATA_KEY, RECIPE_METADATA_KEY, SINGLE_FILE, Layout
-from shardsurgeon.numerics import ChunkConverter
 from shardsurgeon.plan import Plan, PlannedTensor, make_plan
 from shardsurgeon.recipe import recipe_from_json, recorded_models
 
@@ -329,6 +326,8 @@ def _describe(tensor: PlannedTensor) -> str:
     if tensor.op == "copy":
         return f"differs from the source bytes ({source})"
     scaled = f" scaled by {tensor.scale:g}" if tensor.scale != 1.0 else ""
+    if tensor.via is not None:
+        return f"differs from {source} cast to {tensor.via}{scaled}, then to {tensor.dtype}"
     return f"differs from {source} cast to {tensor.dtype}{scaled}"
 
 
@@ -366,13 +365,24 @@ def _first_difference(
     for expected in _expected_chunks(tensor, files):
         actual = os.pread(out_fd, len(expected), out_offset + done)
         if actual != expected:
-            common = min(len(actual), len(expected))
-            got, want = np.frombuffer(actual, np.uint8, common), np.frombuffer(expected, np.uint8, common)
-            unequal = np.flatnonzero(got != want)
-            return done + (int(unequal[0]) if len(unequal) else common)
+            return done + _first_unequal(actual, bytes(expected))
         done += len(expected)
         progress(len(expected))
     return None if done == tensor.nbytes else done
+
+
+def _first_unequal(a: bytes, b: bytes) -> int:
+    """The first index where ``a`` and ``b`` differ, by bisection: a few compares in C, no loop per byte."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:lo] == b[:lo] and a[lo:hi] != b[lo:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _expected_chunks(tensor: PlannedTensor, files: SourceFiles) -> Iterator[bytes | memoryview]:
@@ -386,8 +396,12 @@ def _expected_chunks(tensor: PlannedTensor, files: SourceFiles) -> Iterator[byte
         for start in range(0, tensor.nbytes, CHUNK_BYTES):
             yield os.pread(src_fd, min(CHUNK_BYTES, tensor.nbytes - start), tensor.source.data_start + start)
         return
-    converter = ChunkConverter(tensor.source.dtype, tensor.dtype, tensor.scale)
-    step = converter.chunk_src_bytes
+    converters = tensor_converters(tensor)
+    step = converters[0].chunk_src_bytes
     for start in range(0, tensor.source.nbytes, step):
-        raw = os.pread(src_fd, min(step, tensor.source.nbytes - start), tensor.source.data_start + start)
-        yield converter.convert(memoryview(raw))
+        chunk: bytes | memoryview = os.pread(
+            src_fd, min(step, tensor.source.nbytes - start), tensor.source.data_start + start
+        )
+        for converter in converters:
+            chunk = converter.convert(memoryview(chunk))
+        yield chunk
