@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -62,7 +63,12 @@ def write_checkpoint(
     done = {s.name for s in layout.shards if output.completed_shard(staging / s.name, s)}
     output.remove_strays(staging, done)
     todo = [s for s in layout.shards if s.name not in done]
-    output.check_room(staging, sum(_bytes_to_write(s, dense) for s in todo) + SMALL_FILES_ALLOWANCE)
+    try:
+        output.check_room(staging, sum(_bytes_to_write(s, dense) for s in todo) + SMALL_FILES_ALLOWANCE)
+    except OutputError:
+        if not done:  # nothing worth keeping for a resume: leave nothing behind
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     for shard in layout.shards:
         if shard.name in done:
             progress(shard.nbytes - len(shard.header))
