@@ -12,10 +12,11 @@ import ctypes
 import errno
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shardsurgeon.errors import CheckpointError, OutputError
 from shardsurgeon.layout import PlacedTensor, ShardLayout
@@ -64,7 +65,10 @@ class SourceFiles:
 
 
 class ShardWriter:
-    """Writes shards; remembers whether copy_file_range works so it is not retried per tensor."""
+    """Writes shards; owns the reused buffers, converters and the write-behind thread of casts.
+
+    Remembers whether copy_file_range works so it is not retried per tensor.
+    """
 
     def __init__(self, sources: SourceFiles, *, dense: bool = False, progress: Progress | None = None):
         self._sources = sources
@@ -72,7 +76,9 @@ class ShardWriter:
         self._progress = progress or (lambda nbytes: None)
         self._kernel_copy = True
         self._buffer = bytearray(CHUNK_BYTES)
-        self._converters: dict[tuple[str, str, float, str | None], list[ChunkConverter]] = {}
+        self._converters: dict[tuple[str, str, float, str | None, int], list[ChunkConverter]] = {}
+        self._io_thread: ThreadPoolExecutor | None = None
+        self._read_buffers = (bytearray(0), bytearray(0))
 
     def write(self, shard: ShardLayout, path: Path) -> ShardStats:
         """Write ``shard`` to ``path`` (created or truncated), fsynced; returns the byte counts."""
@@ -152,26 +158,78 @@ class ShardWriter:
             self._wrote(fd, offset + start, count)
 
     def _convert(self, placed: PlacedTensor, fd: int) -> None:
+        """Read, convert and write in chunks, with the I/O of neighbouring chunks overlapping.
+
+        While the main thread converts chunk k, the I/O thread writes chunk k-1 and reads chunk k+1.
+        Two lanes of buffers and converters alternate, so no buffer is filled while in use; numpy,
+        pread and pwrite all release the GIL, so the two cores share the work.
+        """
         tensor = placed.tensor
-        key = (tensor.source.dtype, tensor.dtype, tensor.scale, tensor.via)
-        if key not in self._converters:  # reused: their buffers and tables are built once per run
-            self._converters[key] = tensor_converters(tensor)
-        converters = self._converters[key]
+        lanes = [self._lane(tensor, lane) for lane in (0, 1)]
         src = self._sources.fd(tensor.source.path)
-        chunk = converters[0].chunk_src_bytes
-        buffer = bytearray(chunk)
-        dst_offset = placed.offset
-        for start in range(0, tensor.source.nbytes, chunk):
-            view = memoryview(buffer)[: min(chunk, tensor.source.nbytes - start)]
+        chunk = lanes[0][0].chunk_src_bytes
+        if len(self._read_buffers[0]) < chunk:
+            self._read_buffers = (bytearray(chunk), bytearray(chunk))
+        starts = range(0, tensor.source.nbytes, chunk)
+
+        def read(number: int) -> memoryview:
+            start = starts[number]
+            view = memoryview(self._read_buffers[number % 2])[: min(chunk, tensor.source.nbytes - start)]
             got = os.preadv(src, [view], tensor.source.data_start + start)
             if got != len(view):
                 raise _source_truncated(src, tensor.source.data_start + start + got)
-            out = view
-            for converter in converters:
-                out = converter.convert(out)
-            _pwrite_all(fd, out, dst_offset)
-            self._wrote(fd, dst_offset, len(out))
-            dst_offset += len(out)
+            return view
+
+        io = self._io()
+        dst_offset = placed.offset
+        in_flight: list[Future[Any]] = []
+        written: tuple[Future[Any], int, int] | None = None
+        try:
+            reading = io.submit(read, 0)
+            in_flight.append(reading)
+            for number in range(len(starts)):
+                out = reading.result()
+                if number + 1 < len(starts):
+                    reading = io.submit(read, number + 1)
+                    in_flight.append(reading)
+                for converter in lanes[number % 2]:
+                    out = converter.convert(out)
+                self._finish(written, fd)
+                written = (io.submit(_pwrite_all, fd, out, dst_offset), dst_offset, len(out))
+                in_flight.append(written[0])
+                dst_offset += len(out)
+                del in_flight[:-3]
+            self._finish(written, fd)
+        finally:
+            wait(in_flight)  # on an error or interrupt too: the buffers and the fd must outlive the I/O
+
+    def _lane(self, tensor: PlannedTensor, lane: int) -> list[ChunkConverter]:
+        key = (tensor.source.dtype, tensor.dtype, tensor.scale, tensor.via, lane)
+        if key not in self._converters:  # reused: their buffers and tables are built once per run
+            self._converters[key] = tensor_converters(tensor)
+        return self._converters[key]
+
+    def _finish(self, pending: tuple[Future[Any], int, int] | None, fd: int) -> None:
+        if pending is not None:
+            future, offset, nbytes = pending
+            future.result()
+            self._wrote(fd, offset, nbytes)
+
+    def _io(self) -> ThreadPoolExecutor:
+        if self._io_thread is None:
+            self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="shardsurgeon-write")
+        return self._io_thread
+
+    def close(self) -> None:
+        if self._io_thread is not None:
+            self._io_thread.shutdown()
+            self._io_thread = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:

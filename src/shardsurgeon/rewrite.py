@@ -73,8 +73,7 @@ def write_checkpoint(
         if shard.name in done:
             progress(shard.nbytes - len(shard.header))
     written = holes = 0
-    with SourceFiles() as sources:
-        writer = ShardWriter(sources, dense=dense, progress=progress)
+    with SourceFiles() as sources, ShardWriter(sources, dense=dense, progress=progress) as writer:
         for shard in todo:
             partial = staging / (shard.name + output.PARTIAL_SUFFIX)
             stats = writer.write(shard, partial)
