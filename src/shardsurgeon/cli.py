@@ -66,7 +66,8 @@ class _OneLineErrors(click.Group):
             sys.exit(130)
         except click.ClickException as e:
             ctx = getattr(e, "ctx", None)
-            hint = f" (see: shardsurgeon {ctx.info_name} --help)" if ctx is not None else ""
+            command = "shardsurgeon" if ctx is None or ctx.parent is None else f"shardsurgeon {ctx.info_name}"
+            hint = f" (see: {command} --help)"
             click.echo(f"shardsurgeon: error: {e.format_message()}{hint}", err=True)
             sys.exit(e.exit_code)
 
