@@ -70,6 +70,8 @@ class Recipe:
     name: str
     args: tuple[str, ...]
     dtype: str = "BF16"
+    merge_config: str | None = None
+    """A mergekit YAML to run with ``shardsurgeon merge`` instead of ``expand ARGS``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +119,20 @@ def recipes_for(shape: Shape, cast: bool) -> list[Recipe]:
     recipes = [Recipe("seed", seed)]
     if cast or shape.name == "wide":
         recipes.append(Recipe("seed+float16", (*seed, "--dtype", "float16"), "F16"))
+        recipes.append(Recipe("merge seed yaml+float16", (), "F16", seed_yaml(shape, "float16")))
     return recipes
+
+
+def seed_yaml(shape: Shape, dtype: str) -> str:
+    """The seed model's mergekit config for this shape; ``{model}`` is filled in with the source."""
+    last = shape.num_hidden_layers - 1
+    copy = (
+        f"  - sources:\n    - model: {{model}}\n      layer_range: [{last}, {last + 1}]\n"
+        "      parameters:\n        scale:\n          - filter: o_proj\n            value: 0.0\n"
+        "          - filter: down_proj\n            value: 0.0\n          - value: 1.0\n"
+    )
+    head = f"slices:\n  - sources:\n    - model: {{model}}\n      layer_range: [0, {last + 1}]\n"
+    return head + copy * COPIES + f"merge_method: passthrough\ndtype: {dtype}\n"
 
 
 def output_nbytes(shape: Shape) -> int:
@@ -195,6 +210,10 @@ def measure(ctx: Context, tool: str, recipe: Recipe, run: str) -> tuple[Measurem
     if tool == "shardsurgeon":
         remove(ctx.out)
         cmd = [ctx.exe, "expand", "--src", str(ctx.src), *recipe.args, "--out", str(ctx.out), "-q"]
+        if recipe.merge_config is not None:
+            config = ctx.out.parent / "merge.yml"
+            config.write_text(recipe.merge_config.format(model=ctx.src))
+            cmd = [ctx.exe, "merge", str(config), "--out", str(ctx.out), "-q"]
         target = ctx.out
     else:
         remove(ctx.copy)
