@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shardsurgeon.arch import find_layer_stack, patch_config, resolve_zero_filters
+from shardsurgeon.arch import SourceLayer, find_layer_stack, patch_config, resolve_zero_filters
 from shardsurgeon.checkpoint import Checkpoint, Shard, TensorRef
 from shardsurgeon.errors import PlanError, RecipeError
 from shardsurgeon.layout import parse_size, plan_layout
@@ -96,7 +96,7 @@ def test_patch_config_rebuilds_per_layer_lists_in_the_stack_section_only():
         "vision_config": {"num_hidden_layers": 3, "layer_types": ["v", "v", "v"]},
     }
     stack = find_layer_stack([f"model.language_model.layers.{i}.w" for i in range(3)], config)
-    patched = patch_config(config, stack, [0, 1, 1, 2, 2])
+    patched = patch_config(config, stack, [SourceLayer(config, stack, i) for i in [0, 1, 1, 2, 2]])
     assert patched["text_config"] == {
         "num_hidden_layers": 5,
         "layer_types": ["a", "b", "b", "c", "c"],
@@ -208,3 +208,25 @@ def test_recipe_json_round_trip():
     assert recipe_from_json(text, ["./local/path"]) == recipe
     with pytest.raises(RecipeError, match="recorded recipe is unreadable"):
         recipe_from_json("{")
+
+
+def test_per_layer_lists_of_a_merge_come_from_each_layers_own_model():
+    a_config = {"num_hidden_layers": 3, "layer_types": ["a0", "a1", "a2"], "eos_token_id": [1, 2, 3]}
+    b_config = {"num_hidden_layers": 5, "layer_types": ["b0", "b1", "b2", "b3", "b4"]}
+    a = fake_checkpoint(llama_names(3), a_config)
+    b = fake_checkpoint(llama_names(5), b_config)
+    layers = (*(LayerSource("a", i) for i in range(2)), *(LayerSource("b", i) for i in range(2, 5)))
+    recipe = Recipe(layers, LayerSource("a", None), LayerSource("b", None))
+    plan = make_plan(recipe, {"a": a, "b": b})
+    assert plan.config == {
+        "num_hidden_layers": 5,
+        "layer_types": ["a0", "a1", "b2", "b3", "b4"],
+        "eos_token_id": [1, 2, 3],
+    }
+
+
+def test_layer_index_lists_are_renumbered():
+    config = {"num_hidden_layers": 4, "mlp_only_layers": [1, 3]}
+    checkpoint = fake_checkpoint(llama_names(4), config)
+    plan = make_plan(expand_recipe("m", 4, [(1, 2), (3, 1)]), {"m": checkpoint})
+    assert plan.config["mlp_only_layers"] == [1, 2, 3, 5, 6]

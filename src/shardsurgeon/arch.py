@@ -32,6 +32,8 @@ COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 TEXT_SECTIONS = ("text_config", "language_config", "llm_config")
 NOT_PER_LAYER = frozenset({"architectures"})
 """Config lists that are never per-layer even when their length equals the layer count."""
+LAYER_INDEX_LISTS = frozenset({"mlp_only_layers", "moe_layers", "full_attention_layers", "sliding_window_layers"})
+"""Config lists of layer numbers: renumbered to the output layers that copy a listed layer."""
 
 _NUMBERED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 _HEAD_MARKERS = ("embed_tokens", "embed_in", "wte", "wpe", "word_embeddings", "embeddings")
@@ -146,28 +148,62 @@ def _count_key(config: Mapping[str, Any], section: tuple[str, ...], count_key: s
     )
 
 
-def patch_config(config: Mapping[str, Any], stack: LayerStack, source_layers: list[int]) -> dict[str, Any]:
-    """The config for an output stack whose layer i copies source layer ``source_layers[i]``.
+@dataclass(frozen=True, slots=True)
+class SourceLayer:
+    """Where an output layer comes from, for config patching: its model's config and stack."""
 
-    Sets the layer count and rebuilds every per-layer list of the stack's section (a list as long as
-    the old layer count, such as ``layer_types``) so each output layer keeps its source's entry.
-    Key order is kept. The input is not modified.
+    config: Mapping[str, Any]
+    stack: LayerStack
+    layer: int
+
+
+def section_of(config: Mapping[str, Any], stack: LayerStack) -> Mapping[str, Any]:
+    return _section(config, stack.config_section)
+
+
+def is_per_layer(key: str, value: Any, count: int) -> bool:
+    """A config list with one entry per layer, such as ``layer_types``.
+
+    Recognised by its length; token-id lists (``eos_token_id: [1, 2, 3]``) never are.
     """
+    return (
+        isinstance(value, list)
+        and len(value) == count
+        and key not in NOT_PER_LAYER
+        and not key.endswith(("token_id", "token_ids"))
+    )
+
+
+def patch_config(config: Mapping[str, Any], stack: LayerStack, sources: list[SourceLayer]) -> dict[str, Any]:
+    """The config for an output stack whose layer i is ``sources[i]``.
+
+    Sets the layer count, rebuilds every per-layer list of the stack's section so each output
+    layer takes its own source layer's entry (from its own model's config), and renumbers lists of
+    layer indices such as ``mlp_only_layers``. Key order is kept; the input is not modified.
+    """
+
+    def entry(key: str, source: SourceLayer) -> Any:
+        values = section_of(source.config, source.stack).get(key)
+        if not is_per_layer(key, values, source.stack.count):
+            raise PlanError(
+                f"config.json: {key} has one entry per layer in the first model but not in a model whose "
+                f"layer {source.layer} is used; models of one merge must share the per-layer config"
+            )
+        assert isinstance(values, list)
+        return values[source.layer]
 
     def rebuild(section: Mapping[str, Any], depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        at_stack = depth == len(stack.config_section)
         for key, value in section.items():
-            if depth < len(stack.config_section) and key == stack.config_section[depth]:
+            if not at_stack and key == stack.config_section[depth]:
                 out[key] = rebuild(value, depth + 1)
-            elif depth == len(stack.config_section) and key == stack.count_key:
-                out[key] = len(source_layers)
-            elif (
-                depth == len(stack.config_section)
-                and isinstance(value, list)
-                and len(value) == stack.count
-                and key not in NOT_PER_LAYER
-            ):
-                out[key] = [value[i] for i in source_layers]
+            elif at_stack and key == stack.count_key:
+                out[key] = len(sources)
+            elif at_stack and is_per_layer(key, value, stack.count):
+                out[key] = [entry(key, source) for source in sources]
+            elif at_stack and key in LAYER_INDEX_LISTS and isinstance(value, list):
+                out[key] = [i for i, source in enumerate(sources) if source.layer in value]
             else:
                 out[key] = value
         return out

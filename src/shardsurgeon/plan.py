@@ -15,7 +15,7 @@ from typing import Any, Literal
 import orjson
 
 from shardsurgeon import __version__
-from shardsurgeon.arch import LayerStack, find_layer_stack, outside_rank, patch_config
+from shardsurgeon.arch import LayerStack, SourceLayer, find_layer_stack, outside_rank, patch_config
 from shardsurgeon.checkpoint import Checkpoint, TensorRef
 from shardsurgeon.errors import PlanError, RecipeError
 from shardsurgeon.format import DTYPES, TORCH_DTYPE_NAMES, tensor_nbytes
@@ -98,7 +98,10 @@ def make_plan(
     for ref in _outside(checkpoints[recipe.tail.model], stacks[recipe.tail.model], before=False):
         tensors.append(_planned(ref.name, ref, recipe.tail, recipe, matched))
     _check_filters(recipe, matched, layers)
-    config = patch_config(checkpoints[donor].config, stack, [s.layer for s in recipe.layers if s.layer is not None])
+    sources = [
+        SourceLayer(checkpoints[s.model].config, stacks[s.model], s.layer) for s in recipe.layers if s.layer is not None
+    ]
+    config = patch_config(checkpoints[donor].config, stack, sources)
     if recipe.output_dtype is not None:
         config = _set_dtype(config, stack, TORCH_DTYPE_NAMES[recipe.output_dtype])
     fingerprint = _fingerprint(tensors, config, checkpoints)
