@@ -193,3 +193,38 @@ def test_folder_given_as_file(tmp_path):
     result = run_cli("expand", "--src", path, "--dup", "1x1", "--out", tmp_path / "o")
     assert result.exit_code == DATA
     assert "is a file, expected a checkpoint folder" in one_line_error(result.output)
+
+
+def test_output_that_cannot_be_renamed_into_place_is_refused(tmp_path, tiny, monkeypatch):
+    src, _ = tiny
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = run_cli("expand", "--src", src, "--dup", "1x1", "--out", ".")
+    assert result.exit_code == USAGE
+    assert "holds the current folder" in one_line_error(result.output)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    result = run_cli("expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "link")
+    assert result.exit_code == USAGE
+    assert "is a symbolic link; give the folder it points to" in one_line_error(result.output)
+    assert list(here.iterdir()) == [] and list((tmp_path / "target").iterdir()) == []
+
+
+def test_plan_json_is_never_written_into_the_source(tmp_path, tiny):
+    src, _ = tiny
+    before = folder_bytes(src)
+    result = run_cli("expand", "--src", src, "--dup", "1x1", "--plan-json", src / "config.json")
+    assert result.exit_code == USAGE
+    assert "--plan-json" in one_line_error(result.output) and "is inside the source" in result.output
+    assert folder_bytes(src) == before
+    result = run_cli("expand", "--src", src, "--dup", "1x1", "--plan-json", tmp_path / "missing" / "plan.json")
+    assert result.exit_code == DATA
+    assert "cannot write: No such file or directory" in one_line_error(result.output)
+
+
+def test_absurd_copy_counts_are_refused(tmp_path, tiny):
+    src, _ = tiny
+    result = run_cli("expand", "--src", src, "--dup", "0x999999999", "--out", tmp_path / "out")
+    assert result.exit_code == USAGE
+    assert "more than the 100000 supported" in one_line_error(result.output)

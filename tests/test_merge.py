@@ -297,3 +297,30 @@ def test_bad_slices(tmp_path, slices, message):
     result = run_cli("merge", config, "--out", tmp_path / "out")
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_config_that_is_not_text_or_has_infinite_scale(tmp_path):
+    write_tiny_checkpoint(tmp_path / "m", layers=2, shards=1)
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 8)
+    result = run_cli("merge", binary, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "is not a text file" in result.output
+    slices = "slices:\n  - sources:\n    - model: m\n      layer_range: [0, 2]\n"
+    config = write_config(tmp_path, slices + "merge_method: passthrough\nparameters: {scale: .inf}\n")
+    result = run_cli("merge", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "parameters.scale must be a number" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_card_yaml_of_expand_runs_as_the_same_merge(tmp_path):
+    """The model card's mergekit config, run by `merge`, gives the same tensors as the `expand`."""
+    write_tiny_checkpoint(tmp_path / "m", layers=3, shards=1)
+    args = ["expand", "--src", tmp_path / "m", "--dup", "2x2", "--zero", "norm,o_proj", "--out", tmp_path / "e", "-q"]
+    assert run_cli(*args).exit_code == 0
+    card = (tmp_path / "e" / "README.md").read_text()
+    yaml_text = card.split("```yaml\n")[1].split("```")[0].replace("acme/tiny-mistral", "m")
+    assert "dtype" not in yaml_text, "no cast asked, so no dtype (which would cast float32 tensors too)"
+    assert "{filter: model.norm.weight, value: 1.0}" in yaml_text, "the final norm keeps its values"
+    config = write_config(tmp_path, yaml_text)
+    assert run_cli("merge", config, "--out", tmp_path / "g", "-q").exit_code == 0
+    assert tensors_without_cards(tmp_path / "g") == tensors_without_cards(tmp_path / "e")

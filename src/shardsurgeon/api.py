@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shardsurgeon.arch import find_layer_stack, resolve_zero_filters
 from shardsurgeon.checkpoint import Checkpoint, open_checkpoint
-from shardsurgeon.errors import RecipeError
+from shardsurgeon.errors import DestinationError, OutputError, RecipeError
 from shardsurgeon.format import DTYPE_ALIASES, TORCH_DTYPE_NAMES
 from shardsurgeon.hfcache import resolve_model
 from shardsurgeon.hfdir import base_model_id, model_card
@@ -21,7 +21,7 @@ from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, La
 from shardsurgeon.mergekit import merge_recipe, parse_config, to_mergekit_yaml
 from shardsurgeon.plan import Plan, make_plan
 from shardsurgeon.recipe import Recipe, expand_recipe, recipe_to_json
-from shardsurgeon.report import describe_expansion, describe_merge
+from shardsurgeon.report import describe_expansion, describe_merge, plan_json
 from shardsurgeon.rewrite import Progress, RunResult, write_checkpoint
 
 
@@ -68,7 +68,6 @@ def plan_expand(
     recipe = expand_recipe(model, stack.count, dups, every, filters, cast_to)
     plan = make_plan(recipe, {model: checkpoint}, layer_prefix=layer_prefix, layers_key=layers_key)
     names = {model: base_model_id(checkpoint.folder, checkpoint.config)}
-    source_dtype = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
     return Job(
         {model: checkpoint},
         recipe,
@@ -76,7 +75,12 @@ def plan_expand(
         plan_layout(plan, max_shard_bytes, {RECIPE_METADATA_KEY: recipe_to_json(recipe, names)}),
         names,
         describe_expansion(plan, names[model]),
-        to_mergekit_yaml(recipe, names, TORCH_DTYPE_NAMES[cast_to] if cast_to else source_dtype),
+        to_mergekit_yaml(
+            recipe,
+            names,
+            TORCH_DTYPE_NAMES[cast_to] if cast_to else None,
+            [t.name for t in plan.tensors if stack.split(t.name) is None],
+        ),
     )
 
 
@@ -90,9 +94,11 @@ def plan_merge(
     """Plan a mergekit passthrough config; models resolve against the config's folder or the HF cache."""
     path = Path(config_path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise RecipeError(f"{path}: cannot read the config: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: is not a text file; expected a mergekit YAML config") from None
     spec = parse_config(text, str(path))
     checkpoints = {model: open_checkpoint(resolve_model(model, path.parent)) for model in spec.models}
     stacks = {
@@ -118,6 +124,20 @@ def _published_name(reference: str, checkpoint: Checkpoint) -> str:
     if is_id and not checkpoint.folder.is_relative_to(Path.cwd()):
         return reference.partition("@")[0]
     return base_model_id(checkpoint.folder, checkpoint.config)
+
+
+def write_plan_json(job: Job, path: str | Path) -> None:
+    """Save the plan as JSON at ``path``, which must not lie inside a source."""
+    target = Path(path).resolve()
+    for checkpoint in job.checkpoints.values():
+        if target.is_relative_to(checkpoint.folder.resolve()):
+            raise DestinationError(
+                f"--plan-json {path}: is inside the source {checkpoint.folder}; the source is never written to"
+            )
+    try:
+        target.write_bytes(plan_json(job.plan, job.layout))
+    except OSError as e:
+        raise OutputError(f"--plan-json {path}: cannot write: {e.strerror or e}") from None
 
 
 def run_job(

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from shardsurgeon import __version__
-from shardsurgeon.api import Job, plan_expand, plan_merge, run_job
+from shardsurgeon.api import Job, plan_expand, plan_merge, run_job, write_plan_json
 from shardsurgeon.checkpoint import open_checkpoint
 from shardsurgeon.errors import RecipeError, ShardSurgeonError
 from shardsurgeon.inspect import describe_checkpoint
@@ -182,6 +182,8 @@ def expand(
         dtype=dtype,
         max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
         dense=dense,
+        layer_prefix=layer_prefix,
+        layers_key=layers_key,
         out=out,
     )
     _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet)
@@ -198,7 +200,10 @@ def _plan_or_run(
     quiet: bool,
 ) -> None:
     if plan_json_path is not None:
-        _write_plan_json(job.plan, job.layout, plan_json_path)
+        if str(plan_json_path) == "-":
+            click.echo(plan_json(job.plan, job.layout).decode(), nl=False)
+        else:
+            write_plan_json(job, plan_json_path)
     if dry_run:
         click.echo(dry_run_text(job.plan, job.layout))
     if out is None or dry_run:
@@ -242,17 +247,11 @@ def merge(
         config=config,
         max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
         dense=dense,
+        layer_prefix=layer_prefix,
+        layers_key=layers_key,
         out=out,
     ).replace("--config ", "")
     _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet)
-
-
-def _write_plan_json(plan: Plan, layout: Layout, path: Path) -> None:
-    data = plan_json(plan, layout)
-    if str(path) == "-":
-        click.echo(data.decode(), nl=False)
-    else:
-        path.write_bytes(data)
 
 
 def _command_line(command: str, **options: Any) -> str:

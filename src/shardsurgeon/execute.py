@@ -30,6 +30,8 @@ Progress = Callable[[int], None]
 COPY_CALL_BYTES = 64 << 20
 """Largest single copy_file_range call: keeps progress smooth and Ctrl-C prompt."""
 CHUNK_BYTES = 4 << 20
+KEPT_CONVERTERS = 8
+"""Converter sets kept for reuse (two lanes each): about 1-4 MiB apiece."""
 _FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM})
 
 
@@ -102,8 +104,25 @@ class ShardWriter:
         except OSError as e:
             raise OutputError(_describe_write_error(path, e)) from None
         finally:
+            self._drain_io()
             os.close(fd)
         return ShardStats(written, holes)
+
+    def _drain_io(self) -> None:
+        """Wait until the I/O thread has nothing left for this shard, even through Ctrl-C.
+
+        Runs before the shard's fd is closed: a write still queued would otherwise land on a
+        closed descriptor, or on another file that reused its number.
+        """
+        if self._io_thread is None:
+            return
+        barrier = self._io_thread.submit(lambda: None)  # the thread runs jobs in order
+        while True:
+            try:
+                wait([barrier])
+                return
+            except KeyboardInterrupt:
+                continue
 
     def _wrote(self, fd: int, offset: int, nbytes: int) -> None:
         """Bytes are in the page cache: start their writeback now, so the final fsync finds little
@@ -204,8 +223,14 @@ class ShardWriter:
             wait(in_flight)  # on an error or interrupt too: the buffers and the fd must outlive the I/O
 
     def _lane(self, tensor: PlannedTensor, lane: int) -> list[ChunkConverter]:
+        """The converters of one lane, reused across tensors; only the few most recent are kept, so
+        memory does not grow with the number of distinct scales in a merge."""
         key = (tensor.source.dtype, tensor.dtype, tensor.scale, tensor.via, lane)
-        if key not in self._converters:  # reused: their buffers and tables are built once per run
+        if key in self._converters:
+            self._converters[key] = self._converters.pop(key)  # most recently used last
+        else:
+            if len(self._converters) >= KEPT_CONVERTERS:
+                del self._converters[next(iter(self._converters))]
             self._converters[key] = tensor_converters(tensor)
         return self._converters[key]
 

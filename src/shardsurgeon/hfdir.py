@@ -14,12 +14,19 @@ from shardsurgeon.layout import INDEX_FILE, Layout
 from shardsurgeon.output import fsync_file
 from shardsurgeon.plan import Plan
 
-NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
-NOT_COPIED_NAMES = frozenset({"config.json", "README.md", "model.safetensors.index.json"})
+NOT_COPIED_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".ot", ".tflite", ".onnx",
+    ".npz", ".pb", ".mlmodel", ".mlpackage", ".tar", ".zip",
+)  # fmt: skip
+"""Weights in any format: they describe the source's layers, not the output's."""
+NOT_COPIED_NAMES = frozenset(
+    {"config.json", "README.md", "model.safetensors.index.json", "params.json", "mergekit_config.yml"}
+)
+"""Rewritten here (config, index, card), or stale: Mistral's native ``params.json`` counts layers."""
 
 
 def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     fsync_file(path)
 
 
@@ -68,14 +75,14 @@ def model_card(plan: Plan, base_models: list[str], command: str, what: str, merg
     """The README.md of the output: front matter, what was done, how, and the mergekit config."""
     base = base_models[0] if len(base_models) == 1 else "".join(f"\n- {m}" for m in base_models)
     title = base_models[0] if len(base_models) == 1 else " + ".join(base_models)
+    extra_tags = "\n- block-expansion" if any(s.inserted for s in plan.recipe.layers) else ""
     return f"""---
 base_model: {base}
 library_name: transformers
 tags:
 - shardsurgeon
 - mergekit
-- merge
-- block-expansion
+- merge{extra_tags}
 ---
 
 # {title}, {plan.output_layers} layers

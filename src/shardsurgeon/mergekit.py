@@ -11,7 +11,8 @@ Writing merges consecutive layers into slices, as mergekit users write them. Pur
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +21,13 @@ from shardsurgeon.format import DTYPE_ALIASES
 from shardsurgeon.recipe import LayerSource, Recipe, ScaleRule
 
 
-def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None) -> str:
+def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None, outside: Sequence[str] = ()) -> str:
     """The mergekit passthrough YAML whose output equals this recipe's.
 
     ``names`` maps the recipe's model references to the names to print (Hugging Face ids);
-    ``dtype`` is as torch names it.
+    ``dtype`` is the cast as torch names it (None: no cast, so no ``dtype`` key, which would also
+    cast float32 norms). ``outside`` names the tensors outside the stack: mergekit applies the first
+    and last slices' scales to them, so entries that keep them as they are go first.
     """
     slices: list[dict[str, Any]] = []
     previous: LayerSource | None = None
@@ -44,12 +47,7 @@ def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None
                 "layer_range": [source.layer, source.layer + 1],
             }
             if source.scale:
-                rules = [
-                    {"filter": r.filter, "value": r.value} if r.filter else {"value": r.value} for r in source.scale
-                ]
-                if all(r.filter for r in source.scale):
-                    rules.append({"value": 1.0})
-                entry["parameters"] = {"scale": rules}
+                entry["parameters"] = {"scale": _scale_entries(source, recipe, outside)}
             slices.append({"sources": [entry]})
         previous = source
     config: dict[str, Any] = {"slices": slices, "merge_method": "passthrough"}
@@ -58,6 +56,18 @@ def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None
     import yaml  # loaded only when a config is read or written
 
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
+
+
+def _scale_entries(source: LayerSource, recipe: Recipe, outside: Sequence[str]) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    for name in outside:  # what the recipe does to these tensors, whatever this slice's rules say
+        donor = recipe.head if source is recipe.layers[0] else recipe.tail
+        if source in (recipe.layers[0], recipe.layers[-1]) and source.scale_for(name) != donor.scale_for(name):
+            entries.append({"filter": name, "value": donor.scale_for(name)[0]})
+    entries += [{"filter": r.filter, "value": r.value} if r.filter else {"value": r.value} for r in source.scale]
+    if all(r.filter for r in source.scale):
+        entries.append({"value": 1.0})
+    return entries
 
 
 TOP_KEYS = frozenset({"merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype"})
@@ -257,7 +267,8 @@ def _check_keys(mapping: dict[str, Any], known: frozenset[str] | set[str], where
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float (YAML's .inf and .nan are refused with the other non-numbers)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_int(value: Any) -> bool:

@@ -25,25 +25,41 @@ def staging_folder(out: Path) -> Path:
 
 
 def check_destination(out: Path, sources: Iterable[Path], force: bool) -> None:
-    """Refuse an output that is, holds or lies inside a source, or is non-empty without ``force``."""
+    """Refuse an output that is, holds or lies inside a source (or the Hugging Face cache entry it
+    comes from), that cannot be renamed into place, or that is non-empty without ``force``."""
     real_out = out.resolve()
     for source in sources:
-        real_source = source.resolve()
-        if real_out == real_source:
-            raise DestinationError(
-                f"--out {out}: is the source folder; the source is never written to, choose another output folder"
-            )
-        if real_out.is_relative_to(real_source):
-            raise DestinationError(
-                f"--out {out}: is inside the source {source}; the source is never written to, "
-                "choose an output folder outside it"
-            )
-        if real_source.is_relative_to(real_out):
-            raise DestinationError(f"--out {out}: contains the source {source}; choose another output folder")
+        for protected in _protected(source):
+            if real_out == protected:
+                raise DestinationError(
+                    f"--out {out}: is the source folder; the source is never written to, choose another output folder"
+                )
+            if real_out.is_relative_to(protected):
+                raise DestinationError(
+                    f"--out {out}: is inside the source {protected}; the source is never written to, "
+                    "choose an output folder outside it"
+                )
+            if protected.is_relative_to(real_out):
+                raise DestinationError(f"--out {out}: contains the source {source}; choose another output folder")
+    if out.is_symlink():
+        raise DestinationError(f"--out {out}: is a symbolic link; give the folder it points to, {real_out}")
     if out.exists() and not out.is_dir():
         raise DestinationError(f"--out {out}: exists and is a file; choose a folder name")
+    if out.is_dir() and os.path.ismount(out):
+        raise DestinationError(
+            f"--out {out}: is a mount point, which cannot be replaced by renaming; write to a folder inside it"
+        )
+    if Path.cwd().resolve().is_relative_to(real_out) and out.is_dir():
+        raise DestinationError(f"--out {out}: holds the current folder; run from elsewhere or choose another output")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DestinationError(f"--out {out}: folder exists and is not empty; pass --force to replace it")
+
+
+def _protected(source: Path) -> list[Path]:
+    """The source folder, and the Hugging Face cache entry (``models--org--name``) holding it."""
+    real = source.resolve()
+    entries = [parent for parent in real.parents if parent.name.startswith("models--")]
+    return [real, *entries[:1]]
 
 
 def open_staging(out: Path, resume_key: str) -> tuple[Path, bool]:
@@ -108,20 +124,20 @@ def _decimal(nbytes: int) -> str:
 
 def commit(staging: Path, out: Path) -> None:
     """Fsync the staging folder and move it to ``out``, replacing an empty or forced ``out``."""
-    (staging / RESUME_FILE).unlink(missing_ok=True)
-    _fsync_dir(staging)
     old = out.parent / f".{out.name}.shardsurgeon-old"
     try:
+        (staging / RESUME_FILE).unlink(missing_ok=True)
+        _fsync_dir(staging)
         if out.exists():
             if old.exists():
                 shutil.rmtree(old)
             os.rename(out, old)
         os.rename(staging, out)
         _fsync_dir(out.parent)
+        if old.exists():
+            shutil.rmtree(old)
     except OSError as e:
         raise OutputError(f"{out}: cannot move the finished output into place: {e.strerror or e}") from None
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def fsync_file(path: Path) -> None:

@@ -75,6 +75,9 @@ class Recipe:
         return tuple(seen)
 
 
+MAX_LAYERS = 100_000
+"""More output layers than any model has; beyond it a typo such as 0x999999999 is refused."""
+
 _DUP = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
 
 
@@ -130,6 +133,11 @@ def expand_recipe(
             copies_after[layer] += 1
     if not any(copies_after):
         raise RecipeError("expand: nothing to insert; give --dup LAYERxCOPIES or --every STEP")
+    if num_layers + sum(copies_after) > MAX_LAYERS:
+        raise RecipeError(
+            f"expand: {num_layers + sum(copies_after)} output layers is more than the {MAX_LAYERS} supported; "
+            "check the --dup counts"
+        )
     copy_rules = tuple(ScaleRule(0.0, f) for f in zero)
     layers = []
     for layer in range(num_layers):

@@ -55,6 +55,8 @@ def write_checkpoint(
 ) -> RunResult:
     """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run."""
     started = time.monotonic()
+    if out.name in ("", ".", ".."):  # no name to give the staging sibling: use the absolute path
+        out = Path(os.path.abspath(out))
     crash = _test_kill_switch()
     progress = _tee(progress or (lambda nbytes: None), crash)
     donor = checkpoints[plan.recipe.donor]
@@ -90,7 +92,7 @@ def _write_small_files(staging: Path, plan: Plan, layout: Layout, donor: Path, m
     """config.json, the index, the donor's other files and the model card, each fsynced."""
 
     def write_card() -> None:
-        (staging / "README.md").write_text(model_card)
+        (staging / "README.md").write_text(model_card, encoding="utf-8")
         output.fsync_file(staging / "README.md")
 
     steps: list[tuple[str, Callable[[], object]]] = [

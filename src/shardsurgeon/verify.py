@@ -287,7 +287,7 @@ def _compare_with_sources(
             f"differs from the config the recipe gives at {keys[0]!r}: found {json.dumps(config.get(keys[0]))}, "
             f"expected {json.dumps(plan.config.get(keys[0]))}",
         )
-    donor = Path(plan.recipe.head.model)
+    donor = Path(plan.recipe.donor)
     for source in other_files(donor):
         copy = root / source.name
         if not copy.is_file() or not filecmp.cmp(source, copy, shallow=False):
