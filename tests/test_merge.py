@@ -324,3 +324,23 @@ def test_card_yaml_of_expand_runs_as_the_same_merge(tmp_path):
     config = write_config(tmp_path, yaml_text)
     assert run_cli("merge", config, "--out", tmp_path / "g", "-q").exit_code == 0
     assert tensors_without_cards(tmp_path / "g") == tensors_without_cards(tmp_path / "e")
+
+
+def test_hub_ids_with_a_revision(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    entry = cache / "models--acme--tiny"
+    old = write_tiny_checkpoint(entry / "snapshots" / "aaa111", layers=2, shards=1)
+    new = write_tiny_checkpoint(entry / "snapshots" / "bbb222", layers=3, shards=1)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("bbb222")
+    (entry / "refs" / "v1").write_text("aaa111")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    for reference, data, layers in [("acme/tiny", new, 3), ("acme/tiny@v1", old, 2), ("acme/tiny@aaa", old, 2)]:
+        config = write_config(tmp_path, f"models:\n  - model: {reference}\nmerge_method: passthrough\n")
+        out = tmp_path / reference.replace("/", "_")
+        assert run_cli("merge", config, "--out", out, "-q").exit_code == 0
+        assert read_tensors(out)["lm_head.weight"][2] == data["lm_head.weight"]
+        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == layers
+    config = write_config(tmp_path, "models:\n  - model: acme/tiny@nope\nmerge_method: passthrough\n")
+    result = run_cli("merge", config, "--out", tmp_path / "x")
+    assert result.exit_code == 1 and "not in the Hugging Face cache" in result.output

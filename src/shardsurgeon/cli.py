@@ -278,7 +278,7 @@ def _summary(plan: Plan, result: RunResult) -> str:
     reused = f" ({result.shards_reused} kept from an interrupted run)" if result.shards_reused else ""
     shards = "1 shard" if result.shards == 1 else f"{result.shards} shards"
     return (
-        f"shardsurgeon: {plan.source_layers} -> {plan.output_layers} layers, {result.tensors} tensors, "
+        f"shardsurgeon: {plan.layers_in} -> {plan.output_layers} layers, {result.tensors} tensors, "
         f"{shards}{reused}, {format_bytes(result.written)} written, {format_bytes(result.holes)} left as holes, "
         f"{result.seconds:.1f} s -> {result.out}"
     )

@@ -170,7 +170,7 @@ class ChunkConverter:
         with np.errstate(all="ignore"):
             for start in range(0, count, block):
                 self._kernel(values[start : start + block], out[start : start + block])
-        return memoryview(self._out)[: count * self.dst_itemsize]
+        return memoryview(self._out.data)[: count * self.dst_itemsize]
 
     # -- kernel selection -------------------------------------------------------------------------
 

@@ -55,10 +55,19 @@ class Plan:
     tensors: tuple[PlannedTensor, ...]
     config: dict[str, Any]
     fingerprint: str
+    model_layers: dict[str, int]
+    """Layer count of each model of the recipe."""
 
     @property
     def source_layers(self) -> int:
         return self.stack.count
+
+    @property
+    def layers_in(self) -> str:
+        """The source layer counts in words: ``32``, or ``a: 24, b: 32`` for several models."""
+        if len(self.model_layers) == 1:
+            return str(self.source_layers)
+        return ", ".join(f"{model}: {count}" for model, count in self.model_layers.items())
 
     @property
     def output_layers(self) -> int:
@@ -105,7 +114,8 @@ def make_plan(
     if recipe.output_dtype is not None:
         config = _set_dtype(config, stack, TORCH_DTYPE_NAMES[recipe.output_dtype])
     fingerprint = _fingerprint(tensors, config, checkpoints)
-    return Plan(recipe, stack, tuple(tensors), config, fingerprint)
+    model_layers = {model: stacks[model].count for model in recipe.models}
+    return Plan(recipe, stack, tuple(tensors), config, fingerprint, model_layers)
 
 
 def _layer_tensors(checkpoint: Checkpoint, stack: LayerStack) -> list[list[tuple[str, TensorRef]]]:

@@ -99,7 +99,7 @@ def op_bytes(plan: Plan) -> dict[str, int]:
 def dry_run_text(plan: Plan, layout: Layout) -> str:
     totals = op_bytes(plan)
     lines = [
-        f"layers: {plan.source_layers} -> {plan.output_layers} (stack {plan.stack.prefix}.N, "
+        f"layers: {plan.layers_in} -> {plan.output_layers} (stack {plan.stack.prefix}.N, "
         f"config {'.'.join((*plan.stack.config_section, plan.stack.count_key))})",
         *describe_layers(plan),
         f"tensors: {len(plan.tensors)}: {format_bytes(totals['copy'])} copied, {format_bytes(totals['zeros'])} zeros "
