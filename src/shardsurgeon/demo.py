@@ -38,10 +38,11 @@ def save_checkpoint(
     """Write ``tensors`` as a Hugging Face checkpoint in ``shards`` files (index when more than one)."""
     folder.mkdir(parents=True, exist_ok=True)
     names = list(tensors)
-    groups = [names[i::shards] for i in range(shards)] if shards > 1 else [names]
+    size = -(-len(names) // shards)
+    groups = [names[i : i + size] for i in range(0, len(names), size)]  # consecutive, as real shards are
     weight_map = {}
     for number, group in enumerate(groups, start=1):
-        file_name = "model.safetensors" if shards == 1 else f"model-{number:05d}-of-{shards:05d}.safetensors"
+        file_name = "model.safetensors" if shards == 1 else f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         arrays = [np.ascontiguousarray(tensors[n]) for n in group]
         header = encode_header(
             [(n, dtype_name(a), a.shape, a.nbytes) for n, a in zip(group, arrays, strict=True)],

@@ -8,6 +8,7 @@ from shardsurgeon.arch import find_layer_stack, residual_outputs
 from shardsurgeon.checkpoint import Checkpoint
 from shardsurgeon.errors import PlanError
 from shardsurgeon.format import numel
+from shardsurgeon.report import format_bytes
 
 
 def describe_checkpoint(checkpoint: Checkpoint, layer_prefix: str | None = None, layers_key: str | None = None) -> str:
@@ -18,9 +19,9 @@ def describe_checkpoint(checkpoint: Checkpoint, layer_prefix: str | None = None,
     lines = [
         f"{checkpoint.folder}",
         f"  architecture: {', '.join(map(str, architectures))} (model_type {config.get('model_type', '?')})",
-        f"  tensors: {len(checkpoint.tensors)}, parameters: {params:,} ({params / 1e9:.2f} B), "
+        f"  tensors: {len(checkpoint.tensors)}, parameters: {params:,} ({_count(params)}), "
         f"dtypes: {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}",
-        f"  shards: {len(checkpoint.shards)}, {checkpoint.nbytes / 1e9:.3f} GB of tensor data",
+        f"  shards: {len(checkpoint.shards)}, {format_bytes(checkpoint.nbytes)} of tensor data",
     ]
     lines += [f"    {s.path.name}  {s.nbytes:,} bytes" for s in checkpoint.shards]
     try:
@@ -45,3 +46,10 @@ def describe_checkpoint(checkpoint: Checkpoint, layer_prefix: str | None = None,
     lines.append(f"  outside the stack: {len(outside)} tensors")
     lines += [f"    {t.name:<40} {t.dtype:<5} {list(t.shape)}" for t in outside]
     return "\n".join(lines)
+
+
+def _count(params: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if params >= size:
+            return f"{params / size:.2f}{unit}"
+    return str(params)
