@@ -13,12 +13,13 @@ from pathlib import Path
 
 from shardsurgeon.arch import find_layer_stack, resolve_zero_filters
 from shardsurgeon.checkpoint import Checkpoint, open_checkpoint
-from shardsurgeon.errors import DestinationError, OutputError, RecipeError
+from shardsurgeon.errors import OutputError, RecipeError
 from shardsurgeon.format import DTYPE_ALIASES, TORCH_DTYPE_NAMES
 from shardsurgeon.hfcache import resolve_model
 from shardsurgeon.hfdir import base_model_id, model_card
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, plan_layout
 from shardsurgeon.mergekit import merge_recipe, parse_config, to_mergekit_yaml
+from shardsurgeon.output import check_outside_sources
 from shardsurgeon.plan import Plan, make_plan
 from shardsurgeon.recipe import Recipe, expand_recipe, recipe_to_json
 from shardsurgeon.report import describe_expansion, describe_merge, plan_json
@@ -106,7 +107,7 @@ def plan_merge(
     }
     recipe = merge_recipe(spec, lambda model: stacks[model].count)
     plan = make_plan(recipe, checkpoints, layer_prefix=layer_prefix, layers_key=layers_key)
-    names = {model: _published_name(model, c) for model, c in checkpoints.items()}
+    names = {model: base_model_id(c.folder, c.config) for model, c in checkpoints.items()}
     return Job(
         checkpoints,
         recipe,
@@ -118,24 +119,11 @@ def plan_merge(
     )
 
 
-def _published_name(reference: str, checkpoint: Checkpoint) -> str:
-    """A Hugging Face id stays as written; a local folder is named as its cache entry or config says."""
-    is_id = reference.count("/") == 1 and not reference.startswith((".", "/", "~"))
-    if is_id and not checkpoint.folder.is_relative_to(Path.cwd()):
-        return reference.partition("@")[0]
-    return base_model_id(checkpoint.folder, checkpoint.config)
-
-
 def write_plan_json(job: Job, path: str | Path) -> None:
     """Save the plan as JSON at ``path``, which must not lie inside a source."""
-    target = Path(path).resolve()
-    for checkpoint in job.checkpoints.values():
-        if target.is_relative_to(checkpoint.folder.resolve()):
-            raise DestinationError(
-                f"--plan-json {path}: is inside the source {checkpoint.folder}; the source is never written to"
-            )
+    check_outside_sources(Path(path), [c.folder for c in job.checkpoints.values()], "--plan-json", "file")
     try:
-        target.write_bytes(plan_json(job.plan, job.layout))
+        Path(path).write_bytes(plan_json(job.plan, job.layout))
     except OSError as e:
         raise OutputError(f"--plan-json {path}: cannot write: {e.strerror or e}") from None
 

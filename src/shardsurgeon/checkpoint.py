@@ -17,6 +17,7 @@ from typing import Any
 
 from shardsurgeon.errors import CheckpointError
 from shardsurgeon.format import read_header
+from shardsurgeon.hfcache import snapshot
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -96,14 +97,9 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
 
 def resolve_cache_entry(path: Path) -> Path:
     """Map a Hugging Face cache entry ``models--org--name`` to the snapshot its ``main`` ref names."""
-    snapshots = path / "snapshots"
-    if not snapshots.is_dir() or (path / CONFIG_NAME).exists():
+    if (path / CONFIG_NAME).exists():
         return path
-    ref = path / "refs" / "main"
-    if ref.is_file():
-        return snapshots / ref.read_text().strip()
-    candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else path
+    return snapshot(path) or path
 
 
 def _shard_names(root: Path) -> dict[str, set[str] | None]:

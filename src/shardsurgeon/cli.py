@@ -21,10 +21,10 @@ from shardsurgeon.api import Job, plan_expand, plan_merge, run_job, write_plan_j
 from shardsurgeon.checkpoint import open_checkpoint
 from shardsurgeon.errors import RecipeError, ShardSurgeonError
 from shardsurgeon.inspect import describe_checkpoint
-from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout, parse_size
+from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout, format_bytes, parse_size
 from shardsurgeon.plan import Plan
 from shardsurgeon.recipe import parse_dup, parse_filters
-from shardsurgeon.report import dry_run_text, format_bytes, plan_json
+from shardsurgeon.report import dry_run_text, plan_json
 from shardsurgeon.rewrite import RunResult
 from shardsurgeon.verify import VerifyReport, compare_with_plan, shard_files, verify_checkpoint
 

@@ -199,28 +199,21 @@ class ShardWriter:
                 raise _source_truncated(src, tensor.source.data_start + start + got)
             return view
 
+        # On an error or interrupt, write() drains the I/O thread before the buffers or fd go away.
         io = self._io()
         dst_offset = placed.offset
-        in_flight: list[Future[Any]] = []
         written: tuple[Future[Any], int, int] | None = None
-        try:
-            reading = io.submit(read, 0)
-            in_flight.append(reading)
-            for number in range(len(starts)):
-                out = reading.result()
-                if number + 1 < len(starts):
-                    reading = io.submit(read, number + 1)
-                    in_flight.append(reading)
-                for converter in lanes[number % 2]:
-                    out = converter.convert(out)
-                self._finish(written, fd)
-                written = (io.submit(_pwrite_all, fd, out, dst_offset), dst_offset, len(out))
-                in_flight.append(written[0])
-                dst_offset += len(out)
-                del in_flight[:-3]
+        reading = io.submit(read, 0)
+        for number in range(len(starts)):
+            out = reading.result()
+            if number + 1 < len(starts):
+                reading = io.submit(read, number + 1)
+            for converter in lanes[number % 2]:
+                out = converter.convert(out)
             self._finish(written, fd)
-        finally:
-            wait(in_flight)  # on an error or interrupt too: the buffers and the fd must outlive the I/O
+            written = (io.submit(_pwrite_all, fd, out, dst_offset), dst_offset, len(out))
+            dst_offset += len(out)
+        self._finish(written, fd)
 
     def _lane(self, tensor: PlannedTensor, lane: int) -> list[ChunkConverter]:
         """The converters of one lane, reused across tensors; only the few most recent are kept, so

@@ -29,16 +29,18 @@ def resolve_model(reference: str, relative_to: Path) -> Path:
     if model_id.count("/") != 1 or model_id.startswith((".", "/", "~")):
         raise CheckpointError(f"model {reference!r}: no folder {local}; give a local path or a Hugging Face id")
     entry = hub_cache() / ("models--" + model_id.replace("/", "--"))
-    snapshot = _snapshot(entry, revision or "main")
-    if snapshot is None:
+    found = snapshot(entry, revision or "main")
+    if found is None:
         raise CheckpointError(
             f"model {reference!r}: not a folder ({local}) and not in the Hugging Face cache ({entry}); "
             "download it first (huggingface-cli download) or give a local path"
         )
-    return snapshot
+    return found
 
 
-def _snapshot(entry: Path, revision: str) -> Path | None:
+def snapshot(entry: Path, revision: str = "main") -> Path | None:
+    """The snapshot of cache entry ``entry`` that ``revision`` names (a ref or a hash prefix); for
+    ``main`` without a ref, the newest one. None when there is none."""
     snapshots = entry / "snapshots"
     if not snapshots.is_dir():
         return None

@@ -8,7 +8,7 @@ from shardsurgeon.arch import find_layer_stack, residual_outputs
 from shardsurgeon.checkpoint import Checkpoint
 from shardsurgeon.errors import PlanError
 from shardsurgeon.format import numel
-from shardsurgeon.report import format_bytes
+from shardsurgeon.layout import format_bytes
 
 
 def describe_checkpoint(checkpoint: Checkpoint, layer_prefix: str | None = None, layers_key: str | None = None) -> str:

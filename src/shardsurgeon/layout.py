@@ -81,6 +81,14 @@ def parse_size(text: str) -> int:
     return nbytes
 
 
+def format_bytes(nbytes: int) -> str:
+    """A size in the decimal unit that suits it, as disks are sold and --max-shard-size is read."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
+
+
 def plan_layout(
     plan: Plan, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: Mapping[str, str] | None = None
 ) -> Layout:

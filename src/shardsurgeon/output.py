@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from shardsurgeon.errors import DestinationError, OutputError
-from shardsurgeon.layout import ShardLayout
+from shardsurgeon.layout import ShardLayout, format_bytes
 
 RESUME_FILE = ".shardsurgeon-resume"
 PARTIAL_SUFFIX = ".partial"
@@ -27,20 +27,8 @@ def staging_folder(out: Path) -> Path:
 def check_destination(out: Path, sources: Iterable[Path], force: bool) -> None:
     """Refuse an output that is, holds or lies inside a source (or the Hugging Face cache entry it
     comes from), that cannot be renamed into place, or that is non-empty without ``force``."""
+    check_outside_sources(out, sources, "--out")
     real_out = out.resolve()
-    for source in sources:
-        for protected in _protected(source):
-            if real_out == protected:
-                raise DestinationError(
-                    f"--out {out}: is the source folder; the source is never written to, choose another output folder"
-                )
-            if real_out.is_relative_to(protected):
-                raise DestinationError(
-                    f"--out {out}: is inside the source {protected}; the source is never written to, "
-                    "choose an output folder outside it"
-                )
-            if protected.is_relative_to(real_out):
-                raise DestinationError(f"--out {out}: contains the source {source}; choose another output folder")
     if out.is_symlink():
         raise DestinationError(f"--out {out}: is a symbolic link; give the folder it points to, {real_out}")
     if out.exists() and not out.is_dir():
@@ -53,6 +41,26 @@ def check_destination(out: Path, sources: Iterable[Path], force: bool) -> None:
         raise DestinationError(f"--out {out}: holds the current folder; run from elsewhere or choose another output")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DestinationError(f"--out {out}: folder exists and is not empty; pass --force to replace it")
+
+
+def check_outside_sources(path: Path, sources: Iterable[Path], flag: str, what: str = "output folder") -> None:
+    """Refuse a ``path`` to write (an output folder, or some other ``what``) that is, holds or lies
+    inside a source or its Hugging Face cache entry."""
+    real = path.resolve()
+    article = "an" if what[0] in "aeiou" else "a"
+    for source in sources:
+        for protected in _protected(source):
+            if real == protected:
+                raise DestinationError(
+                    f"{flag} {path}: is the source folder; the source is never written to, choose another {what}"
+                )
+            if real.is_relative_to(protected):
+                raise DestinationError(
+                    f"{flag} {path}: is inside the source {protected}; the source is never written to, "
+                    f"choose {article} {what} outside it"
+                )
+            if protected.is_relative_to(real):
+                raise DestinationError(f"{flag} {path}: contains the source {source}; choose another {what}")
 
 
 def _protected(source: Path) -> list[Path]:
@@ -109,17 +117,9 @@ def check_room(staging: Path, needed: int) -> None:
     available = free_bytes(staging)
     if needed > available:
         raise OutputError(
-            f"{staging.parent.resolve()}: needs {_decimal(needed)} for the files still to write but only "
-            f"{_decimal(available)} is free; free some space or write elsewhere with --out"
+            f"{staging.parent.resolve()}: needs {format_bytes(needed)} for the files still to write but only "
+            f"{format_bytes(available)} is free; free some space or write elsewhere with --out"
         )
-
-
-def _decimal(nbytes: int) -> str:
-    """A size in the decimal unit that suits it, as disks are sold: 71.30 MB, 2.10 MB, 512 B."""
-    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 def commit(staging: Path, out: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from shardsurgeon import __version__
-from shardsurgeon.layout import Layout
+from shardsurgeon.layout import Layout, format_bytes
 from shardsurgeon.plan import Plan
 from shardsurgeon.recipe import LayerSource
 
@@ -109,14 +109,6 @@ def dry_run_text(plan: Plan, layout: Layout) -> str:
     lines += [f"  {s.name}  {len(s.tensors)} tensors  {format_bytes(s.nbytes)}" for s in layout.shards]
     lines.append("dry run: nothing written")
     return "\n".join(lines)
-
-
-def format_bytes(nbytes: int) -> str:
-    """Decimal units, as disk sizes and --max-shard-size are given."""
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 def plan_dict(plan: Plan, layout: Layout) -> dict[str, Any]:
