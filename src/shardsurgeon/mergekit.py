@@ -27,29 +27,29 @@ def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None
     ``names`` maps the recipe's model references to the names to print (Hugging Face ids);
     ``dtype`` is the cast as torch names it (None: no cast, so no ``dtype`` key, which would also
     cast float32 norms). ``outside`` names the tensors outside the stack: mergekit applies the first
-    and last slices' scales to them, so entries that keep them as they are go first.
+    and last slices' scales to them, so those slices get entries that keep them as the recipe says.
     """
-    slices: list[dict[str, Any]] = []
-    previous: LayerSource | None = None
+    runs: list[tuple[LayerSource, int]] = []  # first source of a slice, and its length
     for source in recipe.layers:
         assert source.layer is not None
-        if (
-            previous is not None
-            and previous.model == source.model
-            and previous.scale == source.scale
-            and previous.layer == source.layer - 1
-            and slices[-1]["sources"][0]["layer_range"][1] == source.layer
-        ):
-            slices[-1]["sources"][0]["layer_range"][1] = source.layer + 1
-        else:
-            entry: dict[str, Any] = {
-                "model": names.get(source.model, source.model),
-                "layer_range": [source.layer, source.layer + 1],
-            }
-            if source.scale:
-                entry["parameters"] = {"scale": _scale_entries(source, recipe, outside)}
-            slices.append({"sources": [entry]})
-        previous = source
+        if runs:
+            start, length = runs[-1]
+            if (start.model, start.scale, start.layer) == (source.model, source.scale, source.layer - length):
+                runs[-1] = (start, length + 1)
+                continue
+        runs.append((source, 1))
+    slices: list[dict[str, Any]] = []
+    for number, (start, length) in enumerate(runs):
+        assert start.layer is not None
+        entry: dict[str, Any] = {
+            "model": names.get(start.model, start.model),
+            "layer_range": [start.layer, start.layer + length],
+        }
+        donors = [d for d, at in ((recipe.head, 0), (recipe.tail, len(runs) - 1)) if at == number]
+        keep = {n: d.scale_for(n)[0] for d in donors for n in outside if start.scale_for(n) != d.scale_for(n)}
+        if start.scale or keep:
+            entry["parameters"] = {"scale": _scale_entries(start, keep)}
+        slices.append({"sources": [entry]})
     config: dict[str, Any] = {"slices": slices, "merge_method": "passthrough"}
     if dtype is not None:
         config["dtype"] = dtype
@@ -58,12 +58,9 @@ def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
 
 
-def _scale_entries(source: LayerSource, recipe: Recipe, outside: Sequence[str]) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = []
-    for name in outside:  # what the recipe does to these tensors, whatever this slice's rules say
-        donor = recipe.head if source is recipe.layers[0] else recipe.tail
-        if source in (recipe.layers[0], recipe.layers[-1]) and source.scale_for(name) != donor.scale_for(name):
-            entries.append({"filter": name, "value": donor.scale_for(name)[0]})
+def _scale_entries(source: LayerSource, keep: Mapping[str, float]) -> list[dict[str, Any]]:
+    """``keep`` first (tensor name -> value, for tensors outside the stack), then the source's rules."""
+    entries: list[dict[str, Any]] = [{"filter": name, "value": value} for name, value in keep.items()]
     entries += [{"filter": r.filter, "value": r.value} if r.filter else {"value": r.value} for r in source.scale]
     if all(r.filter for r in source.scale):
         entries.append({"value": 1.0})
