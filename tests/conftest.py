@@ -148,3 +148,9 @@ def tiny(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
         },
     )
     return src, data
+
+
+def pytest_report_header() -> str:
+    import shardsurgeon
+
+    return f"shardsurgeon {shardsurgeon.__version__} from {Path(shardsurgeon.__file__).parent}"
