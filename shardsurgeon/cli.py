@@ -19,7 +19,7 @@ import click
 from shardsurgeon import __version__
 from shardsurgeon.api import Job, plan_expand, plan_merge, run_job, write_plan_json
 from shardsurgeon.checkpoint import open_checkpoint
-from shardsurgeon.errors import RecipeError, ShardSurgeonError
+from shardsurgeon.errors import RecipeError, ShardSurgeonError, safe_text
 from shardsurgeon.inspect import describe_checkpoint
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout, format_bytes, parse_size
 from shardsurgeon.plan import Plan
@@ -29,6 +29,8 @@ from shardsurgeon.rewrite import RunResult
 from shardsurgeon.verify import VerifyReport, compare_with_plan, shard_files, verify_checkpoint
 
 F = TypeVar("F", bound=Callable[..., Any])
+MAX_MESSAGE_CHARS = 2000
+"""Whatever a message holds, it is printed on one line of at most this many characters."""
 
 
 class _ParsedParam(click.ParamType):
@@ -68,7 +70,7 @@ class _OneLineErrors(click.Group):
             ctx = getattr(e, "ctx", None)
             command = "shardsurgeon" if ctx is None or ctx.parent is None else f"shardsurgeon {ctx.info_name}"
             hint = f" (see: {command} --help)"
-            click.echo(f"shardsurgeon: error: {e.format_message()}{hint}", err=True)
+            click.echo(f"shardsurgeon: error: {safe_text(e.format_message(), MAX_MESSAGE_CHARS)}{hint}", err=True)
             sys.exit(e.exit_code)
 
 
@@ -117,7 +119,7 @@ def _reports_errors(command: F) -> F:
         except ShardSurgeonError as e:
             if kwargs.get("verbose"):
                 raise
-            click.echo(f"shardsurgeon: error: {e}", err=True)
+            click.echo(f"shardsurgeon: error: {safe_text(e, MAX_MESSAGE_CHARS)}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("shardsurgeon: interrupted; run the same command again to resume", err=True)
@@ -210,6 +212,8 @@ def _plan_or_run(
         return
     with _progress_bar(job.layout, quiet) as progress:
         result = run_job(job, out, command=command, force=force, dense=dense, progress=progress)
+    for note in result.notes:
+        click.echo(f"shardsurgeon: note: {note}", err=True)
     if not quiet:
         click.echo(_summary(job.plan, result), err=True)
 
@@ -297,15 +301,15 @@ def inspect(folder: Path, layer_prefix: str | None, layers_key: str | None, quie
 
 @cli.command()
 @click.option("--keep", type=click.Path(path_type=Path), help="Build in this folder and keep it.")
+@click.option("--force", is_flag=True, help="Replace the demo folders already in the --keep folder.")
 @_verbosity
 @_reports_errors
-def demo(keep: Path | None, quiet: bool, verbose: bool) -> None:
+def demo(keep: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
     """Build a small 32-layer Mistral-shaped checkpoint, expand it with the seed recipe, check it."""
-    from shardsurgeon.demo import make_demo_checkpoint  # numpy loads only for the demo
+    from shardsurgeon.demo import demo_folders, make_demo_checkpoint  # numpy loads only for the demo
 
     with tempfile.TemporaryDirectory(prefix="shardsurgeon-demo-") as scratch:
-        root = keep or Path(scratch)
-        src, out = root / "mistral-32", root / "mistral-44"
+        src, out = demo_folders(keep or Path(scratch), force)
         make_demo_checkpoint(src)
         checkpoint = open_checkpoint(src)
         click.echo(f"built a 32-layer Mistral-shaped bf16 checkpoint in {src} ({len(checkpoint.shards)} shards)")
@@ -321,7 +325,7 @@ def demo(keep: Path | None, quiet: bool, verbose: bool) -> None:
             str(out),
         ]
         click.echo("$ shardsurgeon " + shlex.join(args))
-        expand.main(args[1:] + ["--force"] + (["-q"] if quiet else []), standalone_mode=False)
+        expand.main(args[1:] + (["--force"] if force else []) + (["-q"] if quiet else []), standalone_mode=False)
         job = plan_expand(src, dups=[(31, 12)], zero=("o_proj", "down_proj"))
         mismatches = compare_with_plan(job.layout, out)
         for mismatch in mismatches:

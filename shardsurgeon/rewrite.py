@@ -6,6 +6,7 @@ This is the library's entry point for writing; it sequences :mod:`output`, :mod:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -15,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardsurgeon import hfdir, output
+from shardsurgeon import hfdir, identity, output
 from shardsurgeon.checkpoint import Checkpoint
 from shardsurgeon.errors import OutputError
 from shardsurgeon.execute import ShardWriter, SourceFiles
@@ -40,6 +41,8 @@ class RunResult:
     written: int
     holes: int
     seconds: float
+    notes: tuple[str, ...] = ()
+    """What was done beyond the run itself, such as recovering from an interrupted commit."""
 
 
 def write_checkpoint(
@@ -53,14 +56,35 @@ def write_checkpoint(
     dense: bool = False,
     progress: Progress | None = None,
 ) -> RunResult:
-    """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run."""
-    started = time.monotonic()
+    """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run.
+
+    The output is claimed for the whole run (checked, locked, recovered: see ``output.Destination``)
+    and published only if no source file changed meanwhile.
+    """
     if out.name in ("", ".", ".."):  # no name to give the staging sibling: use the absolute path
         out = Path(os.path.abspath(out))
+    shard_paths = [s.path for c in checkpoints.values() for s in c.shards]
+    folders = [c.folder for c in checkpoints.values()]
+    with output.Destination(out, folders, force, files=shard_paths) as destination:
+        result = _write(plan, layout, destination, checkpoints, model_card, dense, progress)
+    return dataclasses.replace(result, notes=destination.notes)
+
+
+def _write(
+    plan: Plan,
+    layout: Layout,
+    destination: output.Destination,
+    checkpoints: Mapping[str, Checkpoint],
+    model_card: str,
+    dense: bool,
+    progress: Progress | None,
+) -> RunResult:
+    started = time.monotonic()
+    out = destination.out
     crash = _test_kill_switch()
     progress = _tee(progress or (lambda nbytes: None), crash)
     donor = checkpoints[plan.recipe.donor]
-    output.check_destination(out, [c.folder for c in checkpoints.values()], force)
+    sources_seen = identity.record(s.path for c in checkpoints.values() for s in c.shards)
     staging, _ = output.open_staging(out, _resume_key(plan, layout, checkpoints))
     done = {s.name for s in layout.shards if output.completed_shard(staging / s.name, s)}
     output.remove_strays(staging, done)
@@ -83,8 +107,9 @@ def write_checkpoint(
             written += stats.written
             holes += stats.holes
     _write_small_files(staging, plan, layout, donor.folder, model_card)
+    identity.check_unchanged(sources_seen)
     crash(1)  # the final rename counts as one more byte, so a test can crash a run just before it
-    output.commit(staging, out)
+    destination.commit(staging)
     return RunResult(out, len(plan.tensors), len(layout.shards), len(done), written, holes, time.monotonic() - started)
 
 
