@@ -148,19 +148,23 @@ def check_outside_sources(
     real = path.resolve()
     shown = f"{flag} {safe_text(path)}"
     article = "an" if what[0] in "aeiou" else "a"
-    for protected in _protected(list(sources), files):
-        if real == protected.path:
-            if protected.is_folder_of_source:
-                raise DestinationError(
-                    f"{shown}: is the source folder; the source is never written to, choose another {what}"
-                )
-            raise DestinationError(f"{shown}: is {protected}; the source is never written to, choose another {what}")
-        if real.is_relative_to(protected.path):
+    protected = _protected(list(sources), files)
+    for item in protected:
+        if real == item.path and item.is_folder_of_source:
             raise DestinationError(
-                f"{shown}: is inside {protected}; the source is never written to, choose {article} {what} outside it"
+                f"{shown}: is the source folder; the source is never written to, choose another {what}"
             )
-        if protected.path.is_relative_to(real):
-            raise DestinationError(f"{shown}: contains {protected}; choose another {what}")
+        if real == item.path:
+            raise DestinationError(f"{shown}: is {item}; the source is never written to, choose another {what}")
+    holders = [item for item in protected if real.is_relative_to(item.path)]
+    if holders:
+        nearest = max(holders, key=lambda item: len(item.path.parts))
+        raise DestinationError(
+            f"{shown}: is inside {nearest}; the source is never written to, choose {article} {what} outside it"
+        )
+    for item in protected:
+        if item.path.is_relative_to(real):
+            raise DestinationError(f"{shown}: contains {item}; choose another {what}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +203,7 @@ def _protected(sources: list[Path], files: Iterable[Path]) -> list[_Protected]:
 def _top_level_files(folder: Path) -> list[Path]:
     """Files directly in a source folder (links followed), which is where a checkpoint's files are."""
     try:
-        return [entry for entry in folder.iterdir() if entry.is_file()]
+        return sorted(entry for entry in folder.iterdir() if entry.is_file())
     except OSError:
         return []
 
