@@ -193,8 +193,11 @@ def _protected(sources: list[Path], files: Iterable[Path]) -> list[_Protected]:
         entries = [parent for parent in real.parents if parent.name.startswith("models--")]
         for entry in entries[:1]:
             add(entry, f"the source {safe_text(entry)}")
+    folders = list(found)
     for file in [*files, *(entry for source in sources for entry in _top_level_files(source))]:
         real = file.resolve()
+        if any(real.is_relative_to(folder) for folder in folders):
+            continue  # protected with the folder it is in
         add(real, f"the source file {safe_text(real)}")
         add(real.parent, f"{safe_text(real.parent)}, which holds the source file {safe_text(real.name)}")
     return list(found.values())
