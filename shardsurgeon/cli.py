@@ -18,14 +18,17 @@ import click
 
 from shardsurgeon import __version__
 from shardsurgeon.api import Job, plan_expand, plan_merge, run_job, write_plan_json
+from shardsurgeon.arch import StackHint
 from shardsurgeon.checkpoint import open_checkpoint
-from shardsurgeon.errors import RecipeError, ShardSurgeonError
+from shardsurgeon.errors import DestinationError, RecipeError, ShardSurgeonError
+from shardsurgeon.format import CAST_TARGETS
 from shardsurgeon.inspect import describe_checkpoint
-from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout, format_bytes, parse_size
+from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout
 from shardsurgeon.plan import Plan
 from shardsurgeon.recipe import parse_dup, parse_filters
 from shardsurgeon.report import dry_run_text, plan_json
 from shardsurgeon.rewrite import RunResult
+from shardsurgeon.units import format_bytes, parse_size
 from shardsurgeon.verify import VerifyReport, compare_with_plan, shard_files, verify_checkpoint
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -47,10 +50,16 @@ class _ParsedParam(click.ParamType):
             raise click.UsageError(str(e), ctx) from None
 
 
-DUP = _ParsedParam("LAYERxCOPIES", parse_dup)
+DUP = _ParsedParam("LxN", parse_dup)
 FILTERS = _ParsedParam("NAME[,NAME...]", parse_filters)
 SIZE = _ParsedParam("SIZE", parse_size)
-DTYPE = click.Choice(["bfloat16", "float16", "float32"])
+DTYPE = click.Choice(CAST_TARGETS)
+USAGE_ERRORS = (RecipeError, DestinationError)
+"""Errors in what the user typed: exit status 2, as click gives usage errors; other errors give 1."""
+
+
+def exit_status(error: ShardSurgeonError) -> int:
+    return 2 if isinstance(error, USAGE_ERRORS) else 1
 
 
 class _OneLineErrors(click.Group):
@@ -118,7 +127,7 @@ def _reports_errors(command: F) -> F:
             if kwargs.get("verbose"):
                 raise
             click.echo(f"shardsurgeon: error: {e}", err=True)
-            sys.exit(e.exit_code)
+            sys.exit(exit_status(e))
         except KeyboardInterrupt:
             click.echo("shardsurgeon: interrupted; run the same command again to resume", err=True)
             sys.exit(130)
@@ -170,8 +179,7 @@ def expand(
         zero=zero or (),
         dtype=dtype,
         max_shard_bytes=max_shard_size,
-        layer_prefix=layer_prefix,
-        layers_key=layers_key,
+        stack_hint=StackHint(layer_prefix, layers_key),
     )
     command = _command_line(
         "expand",
@@ -241,7 +249,7 @@ def merge(
     """
     if out is None and not dry_run and plan_json is None:
         raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
-    job = plan_merge(config, max_shard_bytes=max_shard_size, layer_prefix=layer_prefix, layers_key=layers_key)
+    job = plan_merge(config, max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key))
     command = _command_line(
         "merge",
         config=config,
@@ -292,7 +300,7 @@ def _summary(plan: Plan, result: RunResult) -> str:
 @_reports_errors
 def inspect(folder: Path, layer_prefix: str | None, layers_key: str | None, quiet: bool, verbose: bool) -> None:
     """Show a checkpoint's layer stack, tensors per layer, dtypes, parameters and shards."""
-    click.echo(describe_checkpoint(open_checkpoint(folder), layer_prefix, layers_key))
+    click.echo(describe_checkpoint(open_checkpoint(folder), StackHint(layer_prefix, layers_key)))
 
 
 @cli.command()
@@ -368,7 +376,8 @@ def verify_command(
     """
     length = sum(p.stat().st_size for p in shard_files(folder) if p.is_file()) if sources and folder.is_dir() else 0
     with _verify_bar(length, quiet) as progress:
-        report = verify_checkpoint(folder, sources, layer_prefix=layer_prefix, layers_key=layers_key, progress=progress)
+        hint = StackHint(layer_prefix, layers_key)
+        report = verify_checkpoint(folder, sources, stack_hint=hint, progress=progress)
     for mismatch in report.mismatches:
         click.echo(str(mismatch))
     if not quiet:

@@ -1,14 +1,13 @@
 """The project's exceptions: one base class, one subclass per layer.
 
 Every message is one line that names the file, tensor or flag, says what was expected and what was
-found, and what to do. The CLI prints ``str(error)`` and exits; nothing matches on message text.
+found, and what to do. The CLI prints ``str(error)`` and chooses the exit status by the error's
+class; nothing matches on message text.
 """
 
 
 class ShardSurgeonError(Exception):
     """Base class of every error this library raises on purpose."""
-
-    exit_code = 1
 
 
 class FormatError(ShardSurgeonError):
@@ -22,8 +21,6 @@ class CheckpointError(ShardSurgeonError):
 class RecipeError(ShardSurgeonError):
     """A recipe (command-line flags or a mergekit config) is malformed or does not fit the model."""
 
-    exit_code = 2
-
 
 class PlanError(ShardSurgeonError):
     """The recipe and the checkpoint cannot be combined into a plan."""
@@ -35,8 +32,6 @@ class OutputError(ShardSurgeonError):
 
 class DestinationError(OutputError):
     """The output folder given is not acceptable: inside the source, a file, or not empty."""
-
-    exit_code = 2
 
 
 class VerifyError(ShardSurgeonError):

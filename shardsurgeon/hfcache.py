@@ -1,4 +1,5 @@
-"""Resolve a model reference to a local folder: a path, or a Hugging Face id in the local cache.
+"""Model references and Hugging Face ids: a reference to a local folder (a path, or an id in the
+local cache), and a folder back to the id a model card names it by.
 
 Never touches the network. A Hugging Face id ``org/name`` (optionally ``org/name@revision``) is
 looked up in ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``: the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from shardsurgeon.errors import CheckpointError
 
@@ -52,3 +54,14 @@ def snapshot(entry: Path, revision: str = "main") -> Path | None:
         return matches[0] if len(matches) == 1 else None
     candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
+
+
+def base_model_id(source: Path, config: dict[str, Any]) -> str:
+    """The Hugging Face id to name as ``base_model``: from the cache path, the config, or the folder."""
+    for part in source.resolve().parts:
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/", 1)
+    name = config.get("_name_or_path")
+    if isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/")):
+        return name
+    return source.resolve().name

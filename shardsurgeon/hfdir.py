@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from shardsurgeon.layout import INDEX_FILE, Layout
+from shardsurgeon.checkpoint import INDEX_FILE
+from shardsurgeon.layout import Layout
 from shardsurgeon.output import fsync_file
 from shardsurgeon.plan import Plan
 
@@ -58,17 +59,6 @@ def copy_other_files(source: Path, folder: Path) -> list[str]:
         fsync_file(folder / entry.name)
         copied.append(entry.name)
     return copied
-
-
-def base_model_id(source: Path, config: dict[str, Any]) -> str:
-    """The Hugging Face id to name as ``base_model``: from the cache path, the config, or the folder."""
-    for part in source.resolve().parts:
-        if part.startswith("models--"):
-            return part.removeprefix("models--").replace("--", "/", 1)
-    name = config.get("_name_or_path")
-    if isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/")):
-        return name
-    return source.resolve().name
 
 
 def model_card(plan: Plan, base_models: list[str], command: str, what: str, mergekit_yaml: str) -> str:

@@ -12,23 +12,28 @@ Writing merges consecutive layers into slices, as mergekit users write them. Pur
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from shardsurgeon.errors import RecipeError
-from shardsurgeon.format import DTYPE_ALIASES
+from shardsurgeon.format import CAST_TARGETS, cast_target, torch_name
 from shardsurgeon.recipe import LayerSource, Recipe, ScaleRule
+from shardsurgeon.source import Source
 
 
-def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None, outside: Sequence[str] = ()) -> str:
+def to_mergekit_yaml(recipe: Recipe, sources: Mapping[str, Source]) -> str:
     """The mergekit passthrough YAML whose output equals this recipe's.
 
-    ``names`` maps the recipe's model references to the names to print (Hugging Face ids);
-    ``dtype`` is the cast as torch names it (None: no cast, so no ``dtype`` key, which would also
-    cast float32 norms). ``outside`` names the tensors outside the stack: mergekit applies the first
-    and last slices' scales to them, so those slices get entries that keep them as the recipe says.
+    Models are printed by their published names (Hugging Face ids). Without a cast there is no
+    ``dtype`` key, which would also cast float32 norms. mergekit applies the first and last slices'
+    scales to the tensors outside the stack, so those slices get entries that keep them as the
+    recipe says.
     """
+    names = {model: source.published_name for model, source in sources.items()}
+    outside = [ref.name for ref in sources[recipe.head.model].before] + [
+        ref.name for ref in sources[recipe.tail.model].after
+    ]
     runs: list[tuple[LayerSource, int]] = []  # first source of a slice, and its length
     for source in recipe.layers:
         assert source.layer is not None
@@ -51,8 +56,10 @@ def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None
             entry["parameters"] = {"scale": _scale_entries(start, keep)}
         slices.append({"sources": [entry]})
     config: dict[str, Any] = {"slices": slices, "merge_method": "passthrough"}
-    if dtype is not None:
-        config["dtype"] = dtype
+    if recipe.dtype is not None:
+        config["dtype"] = torch_name(recipe.dtype)
+    if recipe.out_dtype is not None:
+        config["out_dtype"] = torch_name(recipe.out_dtype)
     import yaml  # loaded only when a config is read or written
 
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
@@ -69,7 +76,6 @@ def _scale_entries(source: LayerSource, keep: Mapping[str, float]) -> list[dict[
 
 TOP_KEYS = frozenset({"merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype"})
 TOP_KEYS_IGNORED = frozenset({"tokenizer_source", "name"})
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,9 +255,11 @@ def _model_ref(value: Any, where: str, at: str) -> str:
 def _dtype(value: Any, where: str, at: str) -> str | None:
     if value is None:
         return None
-    if value not in DTYPES:
-        raise RecipeError(f"{where}: {at} {value!r} is not supported; expected one of {', '.join(DTYPES)}")
-    return DTYPE_ALIASES[value]
+    dtype = cast_target(value) if value in CAST_TARGETS else None
+    if dtype is None:
+        shown = repr(value) if isinstance(value, str) else _found(value)
+        raise RecipeError(f"{where}: {at} {shown} is not supported; expected one of {', '.join(CAST_TARGETS)}")
+    return dtype
 
 
 def _check_keys(mapping: dict[str, Any], known: frozenset[str] | set[str], where: str, at: str) -> None:

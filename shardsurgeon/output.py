@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from shardsurgeon.errors import DestinationError, OutputError
-from shardsurgeon.layout import ShardLayout, format_bytes
+from shardsurgeon.layout import ShardLayout
+from shardsurgeon.units import format_bytes
 
 RESUME_FILE = ".shardsurgeon-resume"
 PARTIAL_SUFFIX = ".partial"

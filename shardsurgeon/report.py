@@ -7,9 +7,10 @@ from typing import Any
 import orjson
 
 from shardsurgeon import __version__
-from shardsurgeon.layout import Layout, format_bytes
-from shardsurgeon.plan import Plan
+from shardsurgeon.layout import Layout
+from shardsurgeon.plan import OP_KINDS, Convert, Plan
 from shardsurgeon.recipe import LayerSource
+from shardsurgeon.units import format_bytes
 
 
 def layer_runs(plan: Plan) -> list[tuple[int, int, LayerSource, int]]:
@@ -90,9 +91,10 @@ def _ranges(values: list[int]) -> str:
 
 
 def op_bytes(plan: Plan) -> dict[str, int]:
-    totals = {"copy": 0, "zeros": 0, "convert": 0}
+    """Output tensor bytes by op kind."""
+    totals = dict.fromkeys(OP_KINDS, 0)
     for tensor in plan.tensors:
-        totals[tensor.op] += tensor.nbytes
+        totals[tensor.op.kind] += tensor.nbytes
     return totals
 
 
@@ -100,7 +102,7 @@ def dry_run_text(plan: Plan, layout: Layout) -> str:
     totals = op_bytes(plan)
     lines = [
         f"layers: {plan.layers_in} -> {plan.output_layers} (stack {plan.stack.prefix}.N, "
-        f"config {'.'.join((*plan.stack.config_section, plan.stack.count_key))})",
+        f"config {plan.stack.count_path})",
         *describe_layers(plan),
         f"tensors: {len(plan.tensors)}: {format_bytes(totals['copy'])} copied, {format_bytes(totals['zeros'])} zeros "
         f"(holes, not written), {format_bytes(totals['convert'])} converted",
@@ -137,8 +139,8 @@ def plan_dict(plan: Plan, layout: Layout) -> dict[str, Any]:
                 "dtype": t.dtype,
                 "shape": list(t.shape),
                 "nbytes": t.nbytes,
-                "op": t.op,
-                "scale": t.scale,
+                "op": t.op.kind,
+                "scale": t.op.scale if isinstance(t.op, Convert) else 1.0,
                 "source": {
                     "model": t.model,
                     "name": t.source.name,

@@ -24,8 +24,8 @@ def one_line_error(output: str) -> str:
 BAD_ARGUMENTS = [
     (["--dup", "4x1"], USAGE, "--dup 4x1: layer 4 is out of range, the model has layers 0..3"),
     (["--dup", "3x0"], USAGE, "the number of copies must be at least 1, found 0"),
-    (["--dup", "3-1"], USAGE, "expected LAYERxCOPIES such as 31x12"),
-    (["--dup", "x"], USAGE, "expected LAYERxCOPIES"),
+    (["--dup", "3-1"], USAGE, "expected LxN (N copies of layer L) such as 31x12"),
+    (["--dup", "x"], USAGE, "expected LxN"),
     (["--every", "0"], USAGE, "--every"),
     (["--every", "5"], USAGE, "--every 5: expected a step between 1 and 4"),
     ([], USAGE, "nothing to insert"),

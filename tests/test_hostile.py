@@ -371,7 +371,7 @@ CASES = [
     Case(
         "malformed --dup",
         USAGE,
-        ("--dup '3-1'", "expected LAYERxCOPIES such as 31x12", "found '3-1'"),
+        ("--dup '3-1'", "expected LxN (N copies of layer L) such as 31x12", "found '3-1'"),
         args=("--dup", "3-1"),
     ),
     Case(
@@ -411,7 +411,7 @@ CASES = [
         ("--every 5", "expected a step between 1 and 4 (the layer count)"),
         args=("--every", "5"),
     ),
-    Case("nothing to insert", USAGE, ("expand: nothing to insert", "give --dup LAYERxCOPIES or --every STEP"), args=()),
+    Case("nothing to insert", USAGE, ("expand: nothing to insert", "give --dup LxN or --every STEP"), args=()),
     Case(
         "unknown --dtype",
         USAGE,
