@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardsurgeon.errors import PlanError
+from shardsurgeon.structure import OutputLayer, fit_structure
 
 KNOWN_PREFIXES = (
     "model.layers",
@@ -203,8 +204,9 @@ def patch_config(config: Mapping[str, Any], stack: LayerStack, sources: list[Sou
     """The config for an output stack whose layer i is ``sources[i]``.
 
     Sets the layer count, rebuilds every per-layer list of the stack's section so each output
-    layer takes its own source layer's entry (from its own model's config), and renumbers lists of
-    layer indices such as ``mlp_only_layers``. Key order is kept; the input is not modified.
+    layer takes its own source layer's entry (from its own model's config), renumbers lists of
+    layer indices such as ``mlp_only_layers``, and sets the keys that give layers their kind by a
+    rule (:mod:`structure`). Key order is kept; the input is not modified.
     """
 
     def entry(key: str, source: SourceLayer) -> Any:
@@ -231,6 +233,9 @@ def patch_config(config: Mapping[str, Any], stack: LayerStack, sources: list[Sou
                 out[key] = [i for i, source in enumerate(sources) if source.layer in value]
             else:
                 out[key] = value
+        if at_stack:  # keys such as first_k_dense_replace must keep every layer's kind
+            layers = [OutputLayer(section_of(s.config, s.stack), s.stack.count, s.layer) for s in sources]
+            out.update(fit_structure(out, layers))
         return out
 
     return rebuild(config, 0)
