@@ -25,6 +25,7 @@ from shardsurgeon.plan import Plan, make_plan
 from shardsurgeon.recipe import Recipe, expand_recipe, recipe_to_json
 from shardsurgeon.report import describe_expansion, describe_merge, plan_json
 from shardsurgeon.rewrite import RunResult, write_checkpoint
+from shardsurgeon.smallfile import MAX_RECIPE_BYTES, check_writable_target, read_small
 from shardsurgeon.source import Source, open_source
 from shardsurgeon.units import Progress
 
@@ -90,9 +91,7 @@ def plan_merge(
     """Plan a mergekit passthrough config; models resolve against the config's folder or the HF cache."""
     path = Path(config_path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read the config: {e.strerror or e}") from None
+        text = read_small(path, MAX_RECIPE_BYTES, RecipeError, "a mergekit YAML config").decode("utf-8")
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: is not a text file; expected a mergekit YAML config") from None
     spec = parse_config(text, str(path))
@@ -119,6 +118,7 @@ def _layout(recipe: Recipe, plan: Plan, sources: dict[str, Source], max_shard_by
 def write_plan_json(job: Job, path: str | Path) -> None:
     """Save the plan as JSON at ``path``, which must not lie inside a source."""
     check_outside_sources(Path(path), [s.folder for s in job.sources.values()], "--plan-json", "file")
+    check_writable_target(Path(path), OutputError, "--plan-json")
     try:
         Path(path).write_bytes(plan_json(job.plan, job.layout))
     except OSError as e:

@@ -18,6 +18,7 @@ from typing import Any
 from shardsurgeon.errors import CheckpointError
 from shardsurgeon.format import read_header
 from shardsurgeon.hfcache import snapshot
+from shardsurgeon.smallfile import MAX_JSON_BYTES, PARSE_ERRORS, read_small
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -162,7 +163,14 @@ def _read_config(root: Path) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> Any:
+    raw = read_small(path, MAX_JSON_BYTES, CheckpointError, "JSON")
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e}); the file is corrupt") from None
+        return json.loads(raw)
+    except RecursionError:
+        raise CheckpointError(f"{path}: cannot read JSON (nested too deeply); the file is corrupt") from None
+    except PARSE_ERRORS as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({_clip(str(e))}); the file is corrupt") from None
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

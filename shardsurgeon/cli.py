@@ -5,6 +5,7 @@ The only module that imports click. Progress is drawn on stderr when it is a ter
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import tempfile
@@ -88,7 +89,15 @@ def cli() -> None:
 
 
 def main() -> None:
-    cli(prog_name="shardsurgeon")
+    sys.stdout = _GuardedStdout(sys.stdout)  # type: ignore[assignment]
+    try:
+        cli(prog_name="shardsurgeon")
+    except _StdoutFailed as e:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)  # so that the interpreter's last flush does not fail once more
+        os.close(null)
+        click.echo(f"shardsurgeon: error: cannot write to standard output: {e}", err=True)
+        sys.exit(1)
 
 
 def _verbosity(command: F) -> F:
@@ -131,8 +140,42 @@ def _reports_errors(command: F) -> F:
         except KeyboardInterrupt:
             click.echo("shardsurgeon: interrupted; run the same command again to resume", err=True)
             sys.exit(130)
+        except (_StdoutFailed, click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:  # a bug: still one line, with the way to see more
+            if kwargs.get("verbose"):
+                raise
+            text = " ".join(str(e).split())[:200]
+            click.echo(f"shardsurgeon: internal error: {type(e).__name__}: {text}; rerun with -v for details", err=True)
+            sys.exit(1)
 
     return run  # type: ignore[return-value]
+
+
+class _StdoutFailed(Exception):
+    """Standard output refused our text (a full disk, a closed pipe)."""
+
+
+class _GuardedStdout:
+    """sys.stdout, with its write errors told apart from every other OSError."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except OSError as e:
+            raise _StdoutFailed(e.strerror or str(e)) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise _StdoutFailed(e.strerror or str(e)) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 @cli.command()

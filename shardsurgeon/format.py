@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -176,8 +177,17 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of the safetensors file at ``path``."""
     try:
-        with open(path, "rb") as f:
-            file_nbytes = os.fstat(f.fileno()).st_size
+        # non-blocking: a FIFO in place of a shard must be refused, not waited on
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        with open(os.open(path, flags), "rb") as f:
+            status = os.fstat(f.fileno())
+            if stat.S_ISDIR(status.st_mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(status.st_mode):
+                raise FormatError(
+                    f"{path}: is not a regular file (a FIFO, device or socket); expected a safetensors file"
+                )
+            file_nbytes = status.st_size
             if file_nbytes < HEADER_LENGTH_BYTES:
                 raise FormatError(
                     f"{path}: file is {file_nbytes} bytes, too short for a safetensors header "

@@ -24,7 +24,12 @@ def hub_cache() -> Path:
 
 def resolve_model(reference: str, relative_to: Path) -> Path:
     """The folder of ``reference``: a local path (relative ones against ``relative_to``) or a cached id."""
-    local = (relative_to / reference).expanduser()
+    try:
+        local = (relative_to / reference).expanduser()
+    except RuntimeError:  # ~user of a user that does not exist
+        raise CheckpointError(
+            f"model {reference!r}: no such user's home folder; give a local path or a Hugging Face id"
+        ) from None
     if local.exists():
         return local
     model_id, _, revision = reference.partition("@")
@@ -47,13 +52,26 @@ def snapshot(entry: Path, revision: str = "main") -> Path | None:
     if not snapshots.is_dir():
         return None
     ref = entry / "refs" / revision
-    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
-        return snapshots / ref.read_text().strip()
+    named = _read_ref(ref)
+    if named and (snapshots / named).is_dir():
+        return snapshots / named
+    present = [s for s in snapshots.iterdir() if s.is_dir()]  # a dangling link is no snapshot
     if revision != "main":
-        matches = [s for s in snapshots.iterdir() if s.name.startswith(revision)]
+        matches = [s for s in present if s.name.startswith(revision)]
         return matches[0] if len(matches) == 1 else None
-    candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
+    candidates = sorted(present, key=lambda p: (p.stat().st_mtime, p.name))
     return candidates[-1] if candidates else None
+
+
+def _read_ref(ref: Path) -> str | None:
+    """The commit hash a ref file names, or None when it is missing or is not a plain hash."""
+    try:
+        if not ref.is_file() or ref.stat().st_size > 1024:
+            return None
+        text = ref.read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text and "/" not in text and text not in (".", "..") else None
 
 
 def base_model_id(source: Path, config: dict[str, Any]) -> str:

@@ -109,19 +109,21 @@ def parse_config(text: str, where: str) -> MergeSpec:
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+        raise RecipeError(f"{where}: not valid YAML ({_clip(' '.join(str(e).split()), 200)})") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: not valid YAML (nested too deeply)") from None
     if not isinstance(config, dict):
         raise RecipeError(f"{where}: expected a mapping with slices and merge_method, found {type(config).__name__}")
     _check_keys(config, TOP_KEYS | TOP_KEYS_IGNORED, where, "")
     method = config.get("merge_method")
     if method != "passthrough":
         raise RecipeError(
-            f"{where}: merge_method {method!r} is not supported; shardsurgeon does passthrough merges only"
+            f"{where}: merge_method {_shown(method)} is not supported; shardsurgeon does passthrough merges only"
         )
     tokenizer_source = config.get("tokenizer_source")
     if tokenizer_source not in (None, "base"):
         raise RecipeError(
-            f"{where}: tokenizer_source {tokenizer_source!r} is not supported; only 'base' (the base model's "
+            f"{where}: tokenizer_source {_shown(tokenizer_source)} is not supported; only 'base' (the base model's "
             "tokenizer, copied as is)"
         )
     top = _scale(config.get("parameters"), where, "parameters")
@@ -265,7 +267,7 @@ def _dtype(value: Any, where: str, at: str) -> str | None:
 def _check_keys(mapping: dict[str, Any], known: frozenset[str] | set[str], where: str, at: str) -> None:
     for key in mapping:
         if key not in known:
-            place = f"{at}.{key}" if at else str(key)
+            place = _clip(f"{at}.{key}" if at else str(key), 80)
             raise RecipeError(
                 f"{where}: {place}: unknown or unsupported key; shardsurgeon accepts {', '.join(sorted(known))} here"
             )
@@ -281,7 +283,36 @@ def _is_int(value: Any) -> bool:
 
 
 def _found(value: Any) -> str:
+    """``value`` in YAML flow style for a message, cut to 60 characters; a structure of more than a
+    few hundred nodes (such as a billion-laughs of aliases) is described, never expanded."""
     import yaml
 
+    if not _fewer_nodes_than(value, 200):
+        return f"a {type(value).__name__} of {len(value)} entries, nested"
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-    return text if len(text) <= 60 else text[:57] + "..."
+    return _clip(text, 60)
+
+
+def _shown(value: Any) -> str:
+    """A scalar as Python writes it (quoted strings), anything else as :func:`_found` does."""
+    return _clip(repr(value), 60) if isinstance(value, str | int | float | None) else _found(value)
+
+
+def _fewer_nodes_than(value: Any, budget: int) -> bool:
+    stack = [value]
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return False
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str) and len(item) > 1000:
+            return False
+    return True
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -28,6 +28,7 @@ from shardsurgeon.hfdir import other_files
 from shardsurgeon.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout
 from shardsurgeon.plan import Convert, Copy, Plan, PlannedTensor, Zeros, make_plan
 from shardsurgeon.recipe import recipe_from_json, recorded_models
+from shardsurgeon.smallfile import MAX_JSON_BYTES, PARSE_ERRORS, read_small
 from shardsurgeon.source import open_source
 from shardsurgeon.units import Progress
 
@@ -236,10 +237,14 @@ def _read_config(root: Path, found: _Found) -> dict[str, Any] | None:
 
 def _read_json(path: Path, found: _Found) -> Any:
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        found.add(path.name, "", f"cannot read JSON ({e})")
-        return None
+        return json.loads(read_small(path, MAX_JSON_BYTES, VerifyError, "JSON"))
+    except VerifyError as e:
+        found.add("", "", str(e))
+    except RecursionError:
+        found.add(path.name, "", "cannot read JSON (nested too deeply)")
+    except PARSE_ERRORS as e:
+        found.add(path.name, "", f"cannot read JSON ({str(e)[:100]})")
+    return None
 
 
 def _recorded_plan(found: _Found, sources: list[Path], hint: StackHint, notes: list[str]) -> Plan | None:
