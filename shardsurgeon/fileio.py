@@ -116,6 +116,13 @@ def read_at(fd: int, view: bytearray | memoryview, offset: int) -> int:
     return done
 
 
+def read_bytes_at(fd: int, nbytes: int, offset: int) -> bytes:
+    """Up to ``nbytes`` from ``offset`` as a new bytes object (shorter only at the end of the file),
+    for callers that compare rather than stream; like ``os.pread``, which Windows lacks."""
+    buffer = bytearray(nbytes)
+    return bytes(memoryview(buffer)[: read_at(fd, buffer, offset)])
+
+
 def _read_once(fd: int, view: memoryview, offset: int) -> int:
     preadv = getattr(os, "preadv", None)
     if preadv is not None:
