@@ -16,9 +16,11 @@ file size     ``SetFileInformationByHandle`` on a file     ``os.ftruncate``
               marked sparse (Windows)
 ============  ==========================================  ==============================================
 
-Holes: a file extended by :func:`set_size` reads back as zeros on every platform. POSIX requires
-it of ``ftruncate``; NTFS returns zeros past a file's valid data length and in sparse ranges;
-FAT and exFAT fill the extension with zeros. So a tensor that is never written reads as zeros.
+Holes: a file extended by :func:`set_size` reads back as zeros on every platform, so a tensor
+that is never written reads as zeros. POSIX requires it of ``ftruncate`` (Linux, macOS: APFS keeps
+a hole, HFS+ writes the zeros). Windows documents an extension by end-of-file as "not defined",
+but no Windows filesystem returns old disk contents without the privileged ``SetFileValidData``:
+NTFS and exFAT read zeros past a file's valid data length, and sparse ranges read as zeros.
 
 Must not: know about tensors, safetensors or checkpoints; hold a buffer larger than a chunk; write
 to a file it was not asked to write. Errors are plain ``OSError`` (and :class:`SourceEnded`), which
@@ -439,8 +441,10 @@ def can_reflink(src_path: str | os.PathLike[str], dst_dir: str | os.PathLike[str
     Clones the first block of the source into a temporary file in ``dst_dir`` with the
     ``FICLONERANGE`` ioctl, which fails instead of copying: on another filesystem (EXDEV), on one
     without reflink (EOPNOTSUPP: ext4, tmpfs, overlayfs) and off Linux (no ioctl). It is the
-    operation ``copy_file_range`` tries first, so the answer holds for the copies that follow. The
-    source's data is only read; XFS does mark the source inode as having shared blocks.
+    operation ``copy_file_range`` tries first, so the answer holds for the copies that follow. No
+    st_dev comparison: btrfs subvolumes differ in st_dev and still share. The source's data is only
+    read (XFS does flag the source inode as having shared blocks); the temporary file is removed.
+    Raises ``OSError`` only when ``src_path`` cannot be read or ``dst_dir`` cannot hold a new file.
     """
     try:
         import fcntl
