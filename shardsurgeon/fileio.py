@@ -375,6 +375,19 @@ def durable_sync(fd: int) -> None:
     os.fsync(fd)
 
 
+def sync_file(path: str | os.PathLike[str]) -> None:
+    """:func:`durable_sync` of a file by its path (one written earlier, or by another tool).
+
+    Opened for writing on Windows, where ``FlushFileBuffers`` refuses a read-only handle (so
+    ``os.fsync`` of a read-only descriptor fails there); read-only elsewhere.
+    """
+    fd = os.open(path, (os.O_RDWR if sys.platform == "win32" else os.O_RDONLY) | _open_flags())
+    try:
+        durable_sync(fd)
+    finally:
+        os.close(fd)
+
+
 def sync_dir(path: str | os.PathLike[str]) -> None:
     """Make the creations and renames in the folder ``path`` durable, where the platform allows it.
 

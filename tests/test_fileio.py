@@ -96,7 +96,6 @@ def test_open_helpers_and_set_size_make_holes_of_zeros(tmp_path, platform_mode):
     try:
         fileio.set_size(fd, 3 * MiB)
         fileio.write_all_at(fd, b"x" * 10, MiB)
-        fileio.durable_sync(fd)
     finally:
         os.close(fd)
     fd = fileio.open_read(tmp_path / "f")
@@ -106,7 +105,6 @@ def test_open_helpers_and_set_size_make_holes_of_zeros(tmp_path, platform_mode):
         assert buffer == bytes(MiB) + b"x" * 10 + bytes(2 * MiB - 10)
     finally:
         os.close(fd)
-    fileio.sync_dir(tmp_path)
 
 
 def test_seek_path_is_safe_from_two_threads(tmp_path):
@@ -318,6 +316,12 @@ def test_durable_sync_is_fsync_elsewhere(tmp_path, monkeypatch, platform_mode):
     monkeypatch.setattr(os, "fsync", done.append)
     fileio.durable_sync(7)
     assert done == [7]
+
+
+def test_sync_file_and_folder(tmp_path, platform_mode):
+    fileio.sync_file(make_file(tmp_path / "f", b"data"))
+    fileio.sync_dir(tmp_path)
+    assert (tmp_path / "f").read_bytes() == b"data"
 
 
 # --- what the filesystem shares -------------------------------------------------------------------
