@@ -100,6 +100,7 @@ def loop_mount(kind: str, folder: Path) -> Iterator[Mounted]:
             _unmount(mount_point)
     finally:
         _detach(device)
+        image.unlink()  # sparse, but holds every block the tests wrote: not left for pytest's tmp retention
 
 
 def _unmount(mount_point: Path) -> None:
