@@ -101,7 +101,11 @@ def _writing_options(command: F) -> F:
     options = [
         click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist, or be empty)."),
         click.option(
-            "--max-shard-size", type=SIZE, default=str(DEFAULT_MAX_SHARD_BYTES), help="Largest shard, e.g. 5GB."
+            "--max-shard-size",
+            type=SIZE,
+            metavar="SIZE",
+            default=str(DEFAULT_MAX_SHARD_BYTES),
+            help="Largest shard, e.g. 5GB.",
         ),
         click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes."),
         click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
@@ -137,11 +141,16 @@ def _reports_errors(command: F) -> F:
 
 @cli.command()
 @click.option("--src", required=True, type=click.Path(path_type=Path), help="Source checkpoint folder.")
-@click.option("--dup", "dups", multiple=True, type=DUP, help="Insert N copies of layer L after L: LxN (repeatable).")
-@click.option("--every", type=click.IntRange(min=1), help="Insert a copy after every STEP-th layer (LLaMA Pro).")
+@click.option(
+    "--dup", "dups", multiple=True, type=DUP, metavar="LxN", help="Insert N copies of layer L after L (repeatable)."
+)
+@click.option(
+    "--every", type=click.IntRange(min=1), metavar="STEP", help="Insert a copy after every STEP-th layer (LLaMA Pro)."
+)
 @click.option(
     "--zero",
     type=FILTERS,
+    metavar="NAME[,NAME...]",
     help="Zero tensors of inserted copies whose name contains these; 'residual': the residual outputs.",
 )
 @click.option("--dtype", type=DTYPE, help="Cast floating-point tensors to this dtype.")
