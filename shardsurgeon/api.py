@@ -86,8 +86,10 @@ def plan_merge(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     stack_hint: StackHint = NO_HINT,
+    hub_cache: Path | None = None,
 ) -> Job:
-    """Plan a mergekit passthrough config; models resolve against the config's folder or the HF cache."""
+    """Plan a mergekit passthrough config; models resolve against the config's folder or the HF cache
+    (``hub_cache``, default: HF_HUB_CACHE or HF_HOME's)."""
     path = Path(config_path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -96,7 +98,9 @@ def plan_merge(
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: is not a text file; expected a mergekit YAML config") from None
     spec = parse_config(text, str(path))
-    sources = {model: open_source(resolve_model(model, path.parent), stack_hint, model) for model in spec.models}
+    sources = {
+        model: open_source(resolve_model(model, path.parent, hub_cache), stack_hint, model) for model in spec.models
+    }
     recipe = merge_recipe(spec, lambda model: sources[model].layer_count)
     plan = make_plan(recipe, sources)
     names = {model: source.published_name for model, source in sources.items()}

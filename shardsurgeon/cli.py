@@ -5,6 +5,7 @@ The only module that imports click. Progress is drawn on stderr when it is a ter
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from shardsurgeon import __version__
 from shardsurgeon.api import Job, plan_expand, plan_merge, run_job, write_plan_json
@@ -24,6 +26,7 @@ from shardsurgeon.errors import DestinationError, RecipeError, ShardSurgeonError
 from shardsurgeon.format import CAST_TARGETS
 from shardsurgeon.inspect import describe_checkpoint
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout
+from shardsurgeon.mergekit_options import MERGEKIT_FLAGS, MergekitFlag, parse_out_shard_size
 from shardsurgeon.plan import Plan
 from shardsurgeon.recipe import parse_dup, parse_filters
 from shardsurgeon.report import dry_run_text, plan_json
@@ -92,7 +95,7 @@ def main() -> None:
 
 
 def _verbosity(command: F) -> F:
-    command = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")(command)
+    command = click.option("-q", "--quiet", is_flag=True, help="No progress, notes or summary.")(command)
     return click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of errors.")(command)
 
 
@@ -231,12 +234,54 @@ def _plan_or_run(
         click.echo(_summary(job.plan, result), err=True)
 
 
+def _mergekit_flags(command: F) -> F:
+    """mergekit-yaml's flags, hidden: an error for each refused; the others reach the command as
+    ``no_effect``, to be noted once the job is planned (a config error stays the only line)."""
+
+    def param(flag: MergekitFlag) -> str:
+        return "mergekit_" + flag.flag.lstrip("-").replace("-", "_")
+
+    @wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        given = [flag for flag in MERGEKIT_FLAGS if kwargs.pop(param(flag)) not in (None, False)]
+        for flag in given:
+            if flag.refused:
+                raise click.UsageError(f"{flag.flag} is not supported: {flag.why}")
+        return command(*args, no_effect=given, **kwargs)
+
+    for flag in reversed(MERGEKIT_FLAGS):
+        if flag.value is None:
+            option = click.option(flag.flag, param(flag), is_flag=True, hidden=True)
+        else:
+            option = click.option(flag.flag, param(flag), metavar=flag.value, hidden=True)
+        run = option(run)
+    return run  # type: ignore[return-value]
+
+
 @cli.command()
 @click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out_argument", metavar="[OUT]", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--out-shard-size",
+    type=_ParsedParam("COUNT", parse_out_shard_size),
+    metavar="COUNT",
+    help="--max-shard-size as mergekit-yaml spells and reads it: K, M, B are thousand, million, billion, of bytes "
+    "(mergekit's help says parameters, its writer compares bytes), so 5B is 5,000,000,000 bytes; 0: one shard.",
+)
+@click.option(
+    "--transformers-cache",
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    help="Find Hugging Face ids in this cache folder instead of HF_HUB_CACHE (as mergekit downloads into it).",
+)
 @_writing_options
+@_mergekit_flags
 @_reports_errors
 def merge(
     config: Path,
+    out_argument: Path | None,
+    out_shard_size: int | None,
+    transformers_cache: Path | None,
     out: Path | None,
     max_shard_size: int,
     dense: bool,
@@ -247,18 +292,34 @@ def merge(
     layers_key: str | None,
     quiet: bool,
     verbose: bool,
+    no_effect: list[MergekitFlag],
 ) -> None:
     """Run a mergekit passthrough config (slices of one or more models), bit for bit.
 
     \b
+    shardsurgeon merge solar.yml ./solar-10.7b
     shardsurgeon merge solar.yml --out ./solar-10.7b
 
     Models are local folders (relative to the config's folder) or Hugging Face ids found in the
     local cache (HF_HUB_CACHE or HF_HOME); nothing is downloaded.
+
+    A mergekit-yaml command line runs as it is: its flags that only tune how mergekit computes
+    (--cuda, --lazy-unpickle, --allow-crimes, -j ...) are noted as having no effect, and those
+    that would change the output and are not supported here (--no-copy-tokenizer ...) are refused.
     """
+    out = _one_output(out_argument, out)
+    max_shard_size = _one_shard_size(out_shard_size, max_shard_size)
     if out is None and not dry_run and plan_json is None:
-        raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
-    job = plan_merge(config, max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key))
+        raise click.UsageError("give the output folder (OUT or --out) unless --dry-run or --plan-json is given")
+    job = plan_merge(
+        config,
+        max_shard_bytes=max_shard_size,
+        stack_hint=StackHint(layer_prefix, layers_key),
+        hub_cache=transformers_cache,
+    )
+    if not quiet:
+        for flag in no_effect:
+            click.echo(f"shardsurgeon: note: {flag.flag} has no effect here: {flag.why}", err=True)
     command = _command_line(
         "merge",
         config=config,
@@ -269,6 +330,27 @@ def merge(
         out=out,
     ).replace("--config ", "")
     _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet)
+
+
+def _one_output(argument: Path | None, option: Path | None) -> Path | None:
+    if argument is not None and option is not None and os.path.abspath(argument) != os.path.abspath(option):
+        raise click.UsageError(
+            f"the output folder is given twice, as OUT {argument} and as --out {option}; give it once"
+        )
+    return argument if argument is not None else option
+
+
+def _one_shard_size(out_shard_size: int | None, max_shard_size: int) -> int:
+    """``--out-shard-size`` (mergekit's) stands for ``--max-shard-size``; both may be given if they agree."""
+    if out_shard_size is None:
+        return max_shard_size
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("max_shard_size") is not ParameterSource.DEFAULT and max_shard_size != out_shard_size:
+        raise click.UsageError(
+            f"--out-shard-size is {out_shard_size} bytes but --max-shard-size is {max_shard_size} bytes; "
+            "give one of them"
+        )
+    return out_shard_size
 
 
 def _command_line(command: str, **options: Any) -> str:
