@@ -26,7 +26,7 @@ from shardsurgeon.recipe import Recipe, expand_recipe, recipe_to_json
 from shardsurgeon.report import describe_expansion, describe_merge, plan_json
 from shardsurgeon.rewrite import RunResult, write_checkpoint
 from shardsurgeon.source import Source, open_source
-from shardsurgeon.units import Progress
+from shardsurgeon.units import Progress, ShardStarted
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +137,12 @@ def run_job(
     force: bool = False,
     dense: bool = False,
     progress: Progress | None = None,
+    on_shard: ShardStarted | None = None,
 ) -> RunResult:
-    """Write ``job`` to ``out``; ``command`` is the command line recorded in the model card."""
+    """Write ``job`` to ``out``; ``command`` is the command line recorded in the model card.
+
+    ``progress`` and ``on_shard`` are :func:`write_checkpoint`'s.
+    """
     card = model_card(job.plan, job.base_models, command, job.description, job.mergekit_yaml)
     return write_checkpoint(
         job.plan,
@@ -149,4 +153,5 @@ def run_job(
         force=force,
         dense=dense,
         progress=progress,
+        on_shard=on_shard,
     )

@@ -1,18 +1,21 @@
 """The command line: parses arguments, calls the library, turns library errors into one-line messages.
 
-The only module that imports click. Progress is drawn on stderr when it is a terminal.
+The only module that imports click. Progress goes to stderr: a bar on a terminal, a line every few
+seconds anywhere else (a job's log).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import wraps
 from pathlib import Path
+from time import monotonic
 from typing import Any, TypeVar
 
 import click
@@ -28,10 +31,11 @@ from shardsurgeon.inspect import describe_checkpoint
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout
 from shardsurgeon.mergekit_options import MERGEKIT_FLAGS, MergekitFlag, parse_out_shard_size
 from shardsurgeon.plan import Plan
+from shardsurgeon.progress import LINE_INTERVAL_SECONDS, advance, begin_shard, figures, start_tally
 from shardsurgeon.recipe import parse_dup, parse_filters
 from shardsurgeon.report import dry_run_text, plan_json
 from shardsurgeon.rewrite import RunResult
-from shardsurgeon.units import format_bytes, parse_size
+from shardsurgeon.units import Progress, ShardStarted, format_bytes, parse_size
 from shardsurgeon.verify import VerifyReport, compare_with_plan, shard_files, verify_checkpoint
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -228,8 +232,8 @@ def _plan_or_run(
         click.echo(dry_run_text(job.plan, job.layout))
     if out is None or dry_run:
         return
-    with _progress_bar(job.layout, quiet) as progress:
-        result = run_job(job, out, command=command, force=force, dense=dense, progress=progress)
+    with _progress(job.layout, quiet) as (progress, on_shard):
+        result = run_job(job, out, command=command, force=force, dense=dense, progress=progress, on_shard=on_shard)
     if not quiet:
         click.echo(_summary(job.plan, result), err=True)
 
@@ -365,12 +369,50 @@ def _command_line(command: str, **options: Any) -> str:
 
 
 @contextmanager
-def _progress_bar(layout: Layout, quiet: bool) -> Iterator[Callable[[int], None] | None]:
-    if quiet or not sys.stderr.isatty():
-        yield None
+def _progress(
+    layout: Layout, quiet: bool, interval: float = LINE_INTERVAL_SECONDS
+) -> Iterator[tuple[Progress | None, ShardStarted | None]]:
+    """The library's two callbacks, drawing on stderr: a bar on a terminal; elsewhere (a job's log)
+    a line every ``interval`` seconds and at each shard's end once the run is that long; with
+    ``quiet``, nothing."""
+    if quiet:
+        yield None, None
         return
-    with click.progressbar(length=layout.total_size, label="writing", file=sys.stderr) as bar:
-        yield bar.update
+    shard_bytes = {s.name: s.nbytes - len(s.header) for s in layout.shards}
+    tally = start_tally(layout.total_size, monotonic())
+
+    def info(_: int | None) -> str:
+        return figures(tally.done, tally.total, tally.rate(monotonic()))
+
+    bar = None
+    if sys.stderr.isatty():
+        bar = click.progressbar(
+            length=layout.total_size,
+            label="writing",
+            file=sys.stderr,
+            width=0,
+            show_percent=False,
+            show_eta=False,
+            item_show_func=info,
+        )
+
+    def progress(nbytes: int) -> None:
+        nonlocal tally
+        # on a terminal the bar shows the figures, so no line is ever due there
+        tally, line = advance(tally, nbytes, monotonic(), interval if bar is None else math.inf)
+        if bar is not None:
+            bar.update(nbytes)
+        elif line is not None:
+            click.echo(line, err=True)
+
+    def on_shard(name: str, number: int, count: int) -> None:
+        nonlocal tally
+        tally = begin_shard(tally, name, shard_bytes[name], monotonic())
+        if bar is not None:
+            bar.label = f"shard {number} of {count}"
+
+    with bar if bar is not None else nullcontext():
+        yield progress, on_shard
 
 
 def _summary(plan: Plan, result: RunResult) -> str:
