@@ -248,3 +248,12 @@ def test_notes_wait_until_the_config_is_planned(tmp_path):
     result = invoke("merge", config, tmp_path / "out", "--cuda", "-j", "8")
     assert result.exit_code == USAGE
     assert "merge_method 'linear' is not supported" in one_line(result.output)
+
+
+def test_no_output_folder(config):
+    result = invoke("merge", config)
+    assert result.exit_code == USAGE
+    assert one_line(result.output) == (
+        "shardsurgeon: error: give the output folder (OUT or --out) unless --dry-run or --plan-json is given "
+        "(see: shardsurgeon merge --help)"
+    )
