@@ -22,8 +22,15 @@ def hub_cache() -> Path:
     return home / "hub"
 
 
-def resolve_model(reference: str, relative_to: Path) -> Path:
-    """The folder of ``reference``: a local path (relative ones against ``relative_to``) or a cached id."""
+def is_hub_id(reference: str) -> bool:
+    """Whether ``reference`` reads as ``org/name`` (``@revision`` aside) rather than as a folder path."""
+    model_id = reference.partition("@")[0]
+    return model_id.count("/") == 1 and not model_id.startswith((".", "/", "~"))
+
+
+def resolve_model(reference: str, relative_to: Path, cache: Path | None = None) -> Path:
+    """The folder of ``reference``: a local path (relative ones against ``relative_to``) or an id in
+    ``cache`` (default: :func:`hub_cache`)."""
     try:
         local = (relative_to / reference).expanduser()
     except RuntimeError:  # ~user of a user that does not exist
@@ -33,9 +40,9 @@ def resolve_model(reference: str, relative_to: Path) -> Path:
     if local.exists():
         return local
     model_id, _, revision = reference.partition("@")
-    if model_id.count("/") != 1 or model_id.startswith((".", "/", "~")):
+    if not is_hub_id(reference):
         raise CheckpointError(f"model {reference!r}: no folder {local}; give a local path or a Hugging Face id")
-    entry = hub_cache() / ("models--" + model_id.replace("/", "--"))
+    entry = (cache or hub_cache()) / ("models--" + model_id.replace("/", "--"))
     found = snapshot(entry, revision or "main")
     if found is None:
         raise CheckpointError(

@@ -20,7 +20,7 @@ from shardsurgeon.execute import ShardWriter, SourceFiles
 from shardsurgeon.layout import Layout, ShardLayout
 from shardsurgeon.plan import Plan, Zeros
 from shardsurgeon.source import Source
-from shardsurgeon.units import Progress
+from shardsurgeon.units import Progress, ShardStarted
 
 SMALL_FILES_ALLOWANCE = 64 << 20
 """Room kept free for the config, index, tokenizer and model card when checking disk space."""
@@ -49,8 +49,13 @@ def write_checkpoint(
     force: bool = False,
     dense: bool = False,
     progress: Progress | None = None,
+    on_shard: ShardStarted | None = None,
 ) -> RunResult:
-    """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run."""
+    """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run.
+
+    ``progress`` counts tensor bytes (those of shards kept from an interrupted run first);
+    ``on_shard`` is told each shard that is written, as it begins.
+    """
     started = time.monotonic()
     if out.name in ("", ".", ".."):  # no name to give the staging sibling: use the absolute path
         out = Path(os.path.abspath(out))
@@ -73,6 +78,8 @@ def write_checkpoint(
     written = holes = 0
     with SourceFiles() as files, ShardWriter(files, dense=dense, progress=progress) as writer:
         for shard in todo:
+            if on_shard is not None:
+                on_shard(shard.name, layout.shards.index(shard) + 1, len(layout.shards))
             partial = staging / (shard.name + output.PARTIAL_SUFFIX)
             stats = writer.write(shard, partial)
             partial.rename(staging / shard.name)

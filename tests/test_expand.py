@@ -258,7 +258,7 @@ def test_dry_run_and_plan_json_write_nothing(tmp_path, tiny):
     out = tmp_path / "out"
     result = run_cli("expand", "--src", src, "--dup", "3x2", "--zero", "o_proj", "--out", out, "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "layers: 4 -> 6" in result.output and "copy of layer 3" in result.output
+    assert "layers: 4 -> 6" in result.output and "4-5 <- 2 copies of layer 3 [o_proj zero]" in result.output
     assert "dry run: nothing written" in result.output
     assert not out.exists()
     result = run_cli("expand", "--src", src, "--dup", "3x2", "--zero", "o_proj", "--plan-json", "-")
