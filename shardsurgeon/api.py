@@ -1,8 +1,10 @@
 """The library's front door: plan a job from the user's terms, then run it.
 
-A :class:`Job` is everything decided before writing: the opened sources, the recipe, the plan, the
-layout, and the texts of the model card. ``plan_expand`` (and ``plan_merge`` for mergekit configs)
-build one; :func:`run_job` writes it. The CLI is a thin layer over these functions.
+A :class:`Job` is everything decided before writing: the resolved sources, the recipe, the plan,
+the layout, and the texts of the model card. ``plan_expand`` (and ``plan_merge`` for mergekit
+configs) build one; :func:`run_job` writes it. The user's words about the layer stack
+(``StackHint``) stop here: each model is resolved once into a :class:`Source`, which everything
+after consumes. The CLI is a thin layer over these functions.
 """
 
 from __future__ import annotations
@@ -11,37 +13,38 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardsurgeon.arch import find_layer_stack, resolve_zero_filters
-from shardsurgeon.checkpoint import Checkpoint, open_checkpoint
+from shardsurgeon.arch import NO_HINT, StackHint, resolve_zero_filters
 from shardsurgeon.errors import OutputError, RecipeError
-from shardsurgeon.format import DTYPE_ALIASES, TORCH_DTYPE_NAMES
+from shardsurgeon.format import cast_target
 from shardsurgeon.hfcache import resolve_model
-from shardsurgeon.hfdir import base_model_id, model_card
+from shardsurgeon.hfdir import model_card
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, plan_layout
 from shardsurgeon.mergekit import merge_recipe, parse_config, to_mergekit_yaml
 from shardsurgeon.output import check_outside_sources
 from shardsurgeon.plan import Plan, make_plan
 from shardsurgeon.recipe import Recipe, expand_recipe, recipe_to_json
 from shardsurgeon.report import describe_expansion, describe_merge, plan_json
-from shardsurgeon.rewrite import Progress, RunResult, write_checkpoint
+from shardsurgeon.rewrite import RunResult, write_checkpoint
+from shardsurgeon.smallfile import MAX_RECIPE_BYTES, check_writable_target, read_small
+from shardsurgeon.source import Source, open_source
+from shardsurgeon.units import Progress, ShardStarted
 
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """A planned rewrite. ``names`` maps each model reference to the name published in the card."""
+    """A planned rewrite of ``sources`` (by the model references of the recipe)."""
 
-    checkpoints: dict[str, Checkpoint]
+    sources: dict[str, Source]
     recipe: Recipe
     plan: Plan
     layout: Layout
-    names: dict[str, str]
     description: str
     mergekit_yaml: str
 
     @property
     def base_models(self) -> list[str]:
         """Published names of the models, the config donor first."""
-        return list(dict.fromkeys(self.names[m] for m in self.recipe.models))
+        return list(dict.fromkeys(self.sources[m].published_name for m in self.recipe.models))
 
 
 def plan_expand(
@@ -52,36 +55,30 @@ def plan_expand(
     zero: Sequence[str] = (),
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    layer_prefix: str | None = None,
-    layers_key: str | None = None,
+    stack_hint: StackHint = NO_HINT,
 ) -> Job:
     """Plan ``expand``: copies of layers inserted after their source, some tensors zeroed.
 
     ``zero`` may hold ``residual``, which names the architecture's residual-output projections;
     ``dtype`` is a torch name (``bfloat16``) or a safetensors one (``BF16``).
     """
-    checkpoint = open_checkpoint(src)
-    model = str(src)
-    stack = find_layer_stack(checkpoint.tensors, checkpoint.config, layer_prefix, layers_key)
-    layer_names = [split[1] for split in map(stack.split, checkpoint.tensors) if split is not None]
-    filters = resolve_zero_filters(zero, checkpoint.config, stack, layer_names)
-    cast_to = DTYPE_ALIASES.get(dtype, dtype) if dtype else None
-    recipe = expand_recipe(model, stack.count, dups, every, filters, cast_to)
-    plan = make_plan(recipe, {model: checkpoint}, layer_prefix=layer_prefix, layers_key=layers_key)
-    names = {model: base_model_id(checkpoint.folder, checkpoint.config)}
+    source = open_source(src, stack_hint)
+    filters = resolve_zero_filters(zero, source.config, source.stack, source.layer_rests())
+    cast_to = None
+    if dtype is not None:
+        cast_to = cast_target(dtype)
+        if cast_to is None:
+            raise RecipeError(f"--dtype {dtype!r}: expected bfloat16, float16 or float32")
+    recipe = expand_recipe(source.reference, source.layer_count, dups, every, filters, cast_to)
+    sources = {source.reference: source}
+    plan = make_plan(recipe, sources)
     return Job(
-        {model: checkpoint},
+        sources,
         recipe,
         plan,
-        plan_layout(plan, max_shard_bytes, {RECIPE_METADATA_KEY: recipe_to_json(recipe, names)}),
-        names,
-        describe_expansion(plan, names[model]),
-        to_mergekit_yaml(
-            recipe,
-            names,
-            TORCH_DTYPE_NAMES[cast_to] if cast_to else None,
-            [t.name for t in plan.tensors if stack.split(t.name) is None],
-        ),
+        _layout(recipe, plan, sources, max_shard_bytes),
+        describe_expansion(plan, source.published_name),
+        to_mergekit_yaml(recipe, sources),
     )
 
 
@@ -89,39 +86,43 @@ def plan_merge(
     config_path: str | Path,
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    layer_prefix: str | None = None,
-    layers_key: str | None = None,
+    stack_hint: StackHint = NO_HINT,
+    hub_cache: Path | None = None,
 ) -> Job:
-    """Plan a mergekit passthrough config; models resolve against the config's folder or the HF cache."""
+    """Plan a mergekit passthrough config; models resolve against the config's folder or the HF cache
+    (``hub_cache``, default: HF_HUB_CACHE or HF_HOME's)."""
     path = Path(config_path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read the config: {e.strerror or e}") from None
+        text = read_small(path, MAX_RECIPE_BYTES, RecipeError, "a mergekit YAML config").decode("utf-8")
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: is not a text file; expected a mergekit YAML config") from None
     spec = parse_config(text, str(path))
-    checkpoints = {model: open_checkpoint(resolve_model(model, path.parent)) for model in spec.models}
-    stacks = {
-        model: find_layer_stack(c.tensors, c.config, layer_prefix, layers_key) for model, c in checkpoints.items()
+    sources = {
+        model: open_source(resolve_model(model, path.parent, hub_cache), stack_hint, model) for model in spec.models
     }
-    recipe = merge_recipe(spec, lambda model: stacks[model].count)
-    plan = make_plan(recipe, checkpoints, layer_prefix=layer_prefix, layers_key=layers_key)
-    names = {model: base_model_id(c.folder, c.config) for model, c in checkpoints.items()}
+    recipe = merge_recipe(spec, lambda model: sources[model].layer_count)
+    plan = make_plan(recipe, sources)
+    names = {model: source.published_name for model, source in sources.items()}
     return Job(
-        checkpoints,
+        sources,
         recipe,
         plan,
-        plan_layout(plan, max_shard_bytes, {RECIPE_METADATA_KEY: recipe_to_json(recipe, names)}),
-        names,
+        _layout(recipe, plan, sources, max_shard_bytes),
         describe_merge(plan, names),
         text,
     )
 
 
+def _layout(recipe: Recipe, plan: Plan, sources: dict[str, Source], max_shard_bytes: int) -> Layout:
+    """The shards, each recording the recipe by published model names so ``verify`` can re-derive it."""
+    names = {model: source.published_name for model, source in sources.items()}
+    return plan_layout(plan, max_shard_bytes, {RECIPE_METADATA_KEY: recipe_to_json(recipe, names)})
+
+
 def write_plan_json(job: Job, path: str | Path) -> None:
     """Save the plan as JSON at ``path``, which must not lie inside a source."""
-    check_outside_sources(Path(path), [c.folder for c in job.checkpoints.values()], "--plan-json", "file")
+    check_outside_sources(Path(path), [s.folder for s in job.sources.values()], "--plan-json", "file")
+    check_writable_target(Path(path), OutputError, "--plan-json")
     try:
         Path(path).write_bytes(plan_json(job.plan, job.layout))
     except OSError as e:
@@ -136,16 +137,21 @@ def run_job(
     force: bool = False,
     dense: bool = False,
     progress: Progress | None = None,
+    on_shard: ShardStarted | None = None,
 ) -> RunResult:
-    """Write ``job`` to ``out``; ``command`` is the command line recorded in the model card."""
+    """Write ``job`` to ``out``; ``command`` is the command line recorded in the model card.
+
+    ``progress`` and ``on_shard`` are :func:`write_checkpoint`'s.
+    """
     card = model_card(job.plan, job.base_models, command, job.description, job.mergekit_yaml)
     return write_checkpoint(
         job.plan,
         job.layout,
         Path(out),
-        job.checkpoints,
+        job.sources,
         model_card=card,
         force=force,
         dense=dense,
         progress=progress,
+        on_shard=on_shard,
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardsurgeon.errors import PlanError
+from shardsurgeon.structure import OutputLayer, fit_structure
 
 KNOWN_PREFIXES = (
     "model.layers",
@@ -35,8 +36,23 @@ NOT_PER_LAYER = frozenset({"architectures"})
 LAYER_INDEX_LISTS = frozenset({"mlp_only_layers", "moe_layers", "full_attention_layers", "sliding_window_layers"})
 """Config lists of layer numbers: renumbered to the output layers that copy a listed layer."""
 
-_NUMBERED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")
+_INDEX = "0|[1-9][0-9]*"
+"""A layer number: ASCII decimal without leading zeros, so that no two spellings mean one layer."""
+_NUMBERED = re.compile(rf"^(?P<prefix>.+?)\.(?P<index>{_INDEX})\.(?P<rest>.+)$", re.DOTALL)
+_LAYER = re.compile(rf"^(?:{_INDEX})$")
 _HEAD_MARKERS = ("embed_tokens", "embed_in", "wte", "wpe", "word_embeddings", "embeddings")
+
+
+@dataclass(frozen=True, slots=True)
+class StackHint:
+    """What the user says about the layer stack when it cannot be detected (``--layer-prefix``,
+    ``--layers-key``); None leaves each to detection."""
+
+    prefix: str | None = None
+    count_key: str | None = None
+
+
+NO_HINT = StackHint()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,51 +70,60 @@ class LayerStack:
         if not name.startswith(head):
             return None
         index, dot, rest = name[len(head) :].partition(".")
-        if not dot or not index.isdigit():
+        if not dot or not rest or not _LAYER.match(index):
             return None
         return int(index), rest
 
     def name(self, layer: int, rest: str) -> str:
         return f"{self.prefix}.{layer}.{rest}"
 
+    @property
+    def count_path(self) -> str:
+        """Where config.json counts the layers, such as ``text_config.num_hidden_layers``."""
+        return ".".join((*self.config_section, self.count_key))
 
-def find_layer_stack(
-    names: Iterable[str],
-    config: Mapping[str, Any],
-    prefix: str | None = None,
-    count_key: str | None = None,
-) -> LayerStack:
-    """Detect the layer stack from tensor names and config, or use the ``prefix`` given."""
+
+def find_layer_stack(names: Iterable[str], config: Mapping[str, Any], hint: StackHint = NO_HINT) -> LayerStack:
+    """Detect the layer stack from tensor names and config, or use the prefix the ``hint`` gives."""
     layers_by_prefix: dict[str, set[int]] = {}
     for name in names:
         match = _NUMBERED.match(name)
         if match:
             layers_by_prefix.setdefault(match["prefix"], set()).add(int(match["index"]))
+    prefix = hint.prefix
     if prefix is None:
         prefix = _choose_prefix(layers_by_prefix)
     elif prefix not in layers_by_prefix:
-        raise PlanError(
-            f"--layer-prefix {prefix!r}: no tensor is named {prefix}.N.*; "
-            f"numbered prefixes found: {', '.join(sorted(layers_by_prefix)) or 'none'}"
-        )
-    indices = layers_by_prefix[prefix]
-    count = max(indices) + 1
-    missing = sorted(set(range(count)) - indices)
-    if missing:
-        raise PlanError(
-            f"layer stack {prefix}.N: layers 0..{count - 1} expected, but layer {missing[0]} has no "
-            "tensors; the checkpoint is incomplete"
-        )
+        found = ", ".join(sorted(layers_by_prefix)[:8]) or "none"
+        raise PlanError(f"--layer-prefix {prefix!r}: no tensor is named {prefix}.N.*; numbered prefixes found: {found}")
+    count = _contiguous_count(prefix, layers_by_prefix[prefix])
     section = _config_section(config, prefix)
-    key = _count_key(config, section, count_key)
+    key = _count_key(config, section, hint.count_key)
     declared = _section(config, section).get(key)
     if declared != count:
         where = ".".join((*section, key))
         raise PlanError(
-            f"config.json: {where} is {declared!r} but the tensors hold {count} layers under "
+            f"config.json: {where} is {_short(declared)} but the tensors hold {count} layers under "
             f"{prefix}.N; the config does not describe these weights"
         )
     return LayerStack(prefix, count, section, key)
+
+
+def _contiguous_count(prefix: str, indices: set[int]) -> int:
+    """The layer count, when layers 0..count-1 all have tensors; never builds a range of the count,
+    which a single name such as ``model.layers.30000000.x`` would make huge."""
+    for expected, index in enumerate(sorted(indices)):
+        if index != expected:
+            raise PlanError(
+                f"layer stack {prefix}.N: layers 0..{max(indices)} expected, but layer {expected} has no "
+                "tensors; the checkpoint is incomplete"
+            )
+    return len(indices)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _choose_prefix(layers_by_prefix: Mapping[str, set[int]]) -> str:
@@ -137,7 +162,8 @@ def _count_key(config: Mapping[str, Any], section: tuple[str, ...], count_key: s
     values = _section(config, section)
     if count_key is not None:
         if count_key not in values:
-            raise PlanError(f"--layers-key {count_key!r}: config.json has no such key in {section or 'top level'}")
+            where = ".".join(section) or "the top level"
+            raise PlanError(f"--layers-key {count_key!r}: config.json has no such key in {where}")
         return count_key
     for key in COUNT_KEYS:
         if key in values:
@@ -178,8 +204,9 @@ def patch_config(config: Mapping[str, Any], stack: LayerStack, sources: list[Sou
     """The config for an output stack whose layer i is ``sources[i]``.
 
     Sets the layer count, rebuilds every per-layer list of the stack's section so each output
-    layer takes its own source layer's entry (from its own model's config), and renumbers lists of
-    layer indices such as ``mlp_only_layers``. Key order is kept; the input is not modified.
+    layer takes its own source layer's entry (from its own model's config), renumbers lists of
+    layer indices such as ``mlp_only_layers``, and sets the keys that give layers their kind by a
+    rule (:mod:`structure`). Key order is kept; the input is not modified.
     """
 
     def entry(key: str, source: SourceLayer) -> Any:
@@ -206,6 +233,9 @@ def patch_config(config: Mapping[str, Any], stack: LayerStack, sources: list[Sou
                 out[key] = [i for i, source in enumerate(sources) if source.layer in value]
             else:
                 out[key] = value
+        if at_stack:  # keys such as first_k_dense_replace must keep every layer's kind
+            layers = [OutputLayer(section_of(s.config, s.stack), s.stack.count, s.layer) for s in sources]
+            out.update(fit_structure(out, layers))
         return out
 
     return rebuild(config, 0)

@@ -18,10 +18,11 @@ from typing import Any
 from shardsurgeon.errors import CheckpointError
 from shardsurgeon.format import read_header
 from shardsurgeon.hfcache import snapshot
+from shardsurgeon.smallfile import MAX_JSON_BYTES, PARSE_ERRORS, read_small
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +81,13 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
                 )
             if expected is not None and ref.name not in expected:
                 raise CheckpointError(
-                    f"{shard.path}: holds tensor {ref.name!r} that {INDEX_NAME} does not list; "
+                    f"{shard.path}: holds tensor {ref.name!r} that {INDEX_FILE} does not list; "
                     "the index and the shards disagree"
                 )
             tensors[ref.name] = ref
         for name in sorted((expected or set()) - {r.name for r in refs}):
             raise CheckpointError(
-                f"{root / INDEX_NAME}: maps tensor {name!r} to {shard_name}, which does not hold it; "
+                f"{root / INDEX_FILE}: maps tensor {name!r} to {shard_name}, which does not hold it; "
                 "the index and the shards disagree"
             )
     if not tensors:
@@ -97,14 +98,14 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
 
 def resolve_cache_entry(path: Path) -> Path:
     """Map a Hugging Face cache entry ``models--org--name`` to the snapshot its ``main`` ref names."""
-    if (path / CONFIG_NAME).exists():
+    if (path / CONFIG_FILE).exists():
         return path
     return snapshot(path) or path
 
 
 def _shard_names(root: Path) -> dict[str, set[str] | None]:
     """Shard file names in sorted order, each with the tensor names the index assigns to it."""
-    index_path = root / INDEX_NAME
+    index_path = root / INDEX_FILE
     if index_path.exists():
         index = _read_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -125,12 +126,12 @@ def _shard_names(root: Path) -> dict[str, set[str] | None]:
                 )
             by_shard.setdefault(shard, set()).add(name)
         return {shard: by_shard[shard] for shard in sorted(by_shard)}
-    if (root / SINGLE_NAME).exists():
-        return {SINGLE_NAME: None}
+    if (root / SINGLE_FILE).exists():
+        return {SINGLE_FILE: None}
     others = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".gguf"))
     found = f"found only {', '.join(others)}" if others else "found no weights at all"
     raise CheckpointError(
-        f"{root}: expected {INDEX_NAME} or {SINGLE_NAME}, {found}; pass a Hugging Face checkpoint "
+        f"{root}: expected {INDEX_FILE} or {SINGLE_FILE}, {found}; pass a Hugging Face checkpoint "
         "folder with safetensors weights"
     )
 
@@ -139,7 +140,7 @@ def _read_shard(root: Path, shard_name: str) -> tuple[Shard, list[TensorRef]]:
     path = root / shard_name
     if not path.exists():
         raise CheckpointError(
-            f"{path}: shard listed in {INDEX_NAME} is missing; download or copy the complete checkpoint"
+            f"{path}: shard listed in {INDEX_FILE} is missing; download or copy the complete checkpoint"
         )
     header = read_header(path)
     with open(path, "rb") as f:
@@ -150,7 +151,7 @@ def _read_shard(root: Path, shard_name: str) -> tuple[Shard, list[TensorRef]]:
 
 
 def _read_config(root: Path) -> dict[str, Any]:
-    path = root / CONFIG_NAME
+    path = root / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(
             f"{path}: missing; a Hugging Face checkpoint needs its config.json to describe the layers"
@@ -162,7 +163,14 @@ def _read_config(root: Path) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> Any:
+    raw = read_small(path, MAX_JSON_BYTES, CheckpointError, "JSON")
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e}); the file is corrupt") from None
+        return json.loads(raw)
+    except RecursionError:
+        raise CheckpointError(f"{path}: cannot read JSON (nested too deeply); the file is corrupt") from None
+    except PARSE_ERRORS as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({_clip(str(e))}); the file is corrupt") from None
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

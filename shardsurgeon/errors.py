@@ -1,8 +1,9 @@
 """The project's exceptions: one base class, one subclass per layer.
 
 Every message is one line that names the file, tensor or flag, says what was expected and what was
-found, and what to do. The CLI prints ``str(error)`` and exits; nothing matches on message text.
-Text from outside (names, paths) goes into a message through :func:`safe_text`.
+found, and what to do. The CLI prints ``str(error)`` and chooses the exit status by the error's
+class; nothing matches on message text. Text from outside (names, paths) goes into a message
+through :func:`safe_text`.
 """
 
 import os
@@ -10,8 +11,6 @@ import os
 
 class ShardSurgeonError(Exception):
     """Base class of every error this library raises on purpose."""
-
-    exit_code = 1
 
 
 class FormatError(ShardSurgeonError):
@@ -25,8 +24,6 @@ class CheckpointError(ShardSurgeonError):
 class RecipeError(ShardSurgeonError):
     """A recipe (command-line flags or a mergekit config) is malformed or does not fit the model."""
 
-    exit_code = 2
-
 
 class PlanError(ShardSurgeonError):
     """The recipe and the checkpoint cannot be combined into a plan."""
@@ -38,8 +35,6 @@ class OutputError(ShardSurgeonError):
 
 class DestinationError(OutputError):
     """The output folder given is not acceptable: inside the source, a file, or not empty."""
-
-    exit_code = 2
 
 
 class VerifyError(ShardSurgeonError):

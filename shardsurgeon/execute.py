@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from shardsurgeon.errors import CheckpointError, OutputError
 from shardsurgeon.layout import PlacedTensor, ShardLayout
-from shardsurgeon.plan import PlannedTensor
+from shardsurgeon.plan import Convert, Copy, PlannedTensor, Zeros
+from shardsurgeon.units import Progress
 
 if TYPE_CHECKING:
     from shardsurgeon.numerics import ChunkConverter
-
-Progress = Callable[[int], None]
 
 COPY_CALL_BYTES = 64 << 20
 """Largest single copy_file_range call: keeps progress smooth and Ctrl-C prompt."""
@@ -94,7 +93,7 @@ class ShardWriter:
             _pwrite_all(fd, shard.header, 0)
             written += len(shard.header)
             for placed in shard.tensors:
-                if placed.tensor.op == "zeros" and not self._dense:
+                if isinstance(placed.tensor.op, Zeros) and not self._dense:
                     holes += placed.tensor.nbytes
                     self._progress(placed.tensor.nbytes)
                     continue
@@ -132,18 +131,14 @@ class ShardWriter:
 
     def _write_tensor(self, placed: PlacedTensor, fd: int) -> None:
         tensor = placed.tensor
-        if tensor.op == "zeros":
-            self._write_zeros(fd, placed.offset, tensor.nbytes)
-        elif tensor.op == "copy":
-            self._copy(
-                self._sources.fd(tensor.source.path),
-                tensor.source.data_start,
-                fd,
-                placed.offset,
-                tensor.nbytes,
-            )
-        else:
-            self._convert(placed, fd)
+        match tensor.op:
+            case Zeros():
+                self._write_zeros(fd, placed.offset, tensor.nbytes)
+            case Copy():
+                src = self._sources.fd(tensor.source.path)
+                self._copy(src, tensor.source.data_start, fd, placed.offset, tensor.nbytes)
+            case Convert() as op:
+                self._convert(placed, op, fd)
 
     def _copy(self, src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> None:
         done = 0
@@ -176,7 +171,7 @@ class ShardWriter:
             _pwrite_all(fd, zeros[:count], offset + start)
             self._wrote(fd, offset + start, count)
 
-    def _convert(self, placed: PlacedTensor, fd: int) -> None:
+    def _convert(self, placed: PlacedTensor, op: Convert, fd: int) -> None:
         """Read, convert and write in chunks, with the I/O of neighbouring chunks overlapping.
 
         While the main thread converts chunk k, the I/O thread writes chunk k-1 and reads chunk k+1.
@@ -184,7 +179,7 @@ class ShardWriter:
         pread and pwrite all release the GIL, so the two cores share the work.
         """
         tensor = placed.tensor
-        lanes = [self._lane(tensor, lane) for lane in (0, 1)]
+        lanes = [self._lane(tensor, op, lane) for lane in (0, 1)]
         src = self._sources.fd(tensor.source.path)
         chunk = lanes[0][0].chunk_src_bytes
         if len(self._read_buffers[0]) < chunk:
@@ -215,16 +210,16 @@ class ShardWriter:
             dst_offset += len(out)
         self._finish(written, fd)
 
-    def _lane(self, tensor: PlannedTensor, lane: int) -> list[ChunkConverter]:
+    def _lane(self, tensor: PlannedTensor, op: Convert, lane: int) -> list[ChunkConverter]:
         """The converters of one lane, reused across tensors; only the few most recent are kept, so
         memory does not grow with the number of distinct scales in a merge."""
-        key = (tensor.source.dtype, tensor.dtype, tensor.scale, tensor.via, lane)
+        key = (tensor.source.dtype, tensor.dtype, op.scale, op.via, lane)
         if key in self._converters:
             self._converters[key] = self._converters.pop(key)  # most recently used last
         else:
             if len(self._converters) >= KEPT_CONVERTERS:
                 del self._converters[next(iter(self._converters))]
-            self._converters[key] = tensor_converters(tensor)
+            self._converters[key] = _converters(tensor.source.dtype, tensor.dtype, op)
         return self._converters[key]
 
     def _finish(self, pending: tuple[Future[Any], int, int] | None, fd: int) -> None:
@@ -274,16 +269,13 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
-def tensor_converters(tensor: PlannedTensor) -> list[ChunkConverter]:
-    """The cast-and-scale stages of a ``convert`` tensor: to its working dtype, then to its own."""
+def _converters(src_dtype: str, dst_dtype: str, op: Convert) -> list[ChunkConverter]:
+    """The cast-and-scale stages of a conversion: to its working dtype, then to the output's."""
     from shardsurgeon.numerics import ChunkConverter  # numpy loads only when a run converts
 
-    if tensor.via is None:
-        return [ChunkConverter(tensor.source.dtype, tensor.dtype, tensor.scale)]
-    return [
-        ChunkConverter(tensor.source.dtype, tensor.via, tensor.scale),
-        ChunkConverter(tensor.via, tensor.dtype, 1.0),
-    ]
+    if op.via is None:
+        return [ChunkConverter(src_dtype, dst_dtype, op.scale)]
+    return [ChunkConverter(src_dtype, op.via, op.scale), ChunkConverter(op.via, dst_dtype, 1.0)]
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

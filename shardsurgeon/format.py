@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,12 +31,26 @@ MAX_TENSOR_BYTES = 2**63 - 1
 
 @dataclass(frozen=True, slots=True)
 class DType:
-    """One safetensors dtype: its name in headers, its size in bits, and its numpy type if any."""
+    """One safetensors dtype: its name in headers, its size in bits, and its numpy type if any.
+
+    Float dtypes (``torch_name`` set) can be scaled and cast; ``cast_target`` marks the ones a
+    user may cast to (``--dtype``, mergekit's ``dtype``/``out_dtype``), by their torch names.
+    """
 
     name: str
     bits: int
     numpy_name: str | None
-    is_float: bool = False
+    torch_name: str | None = None
+    aliases: tuple[str, ...] = ()
+    cast_target: bool = False
+
+    @property
+    def is_float(self) -> bool:
+        return self.torch_name is not None
+
+    @property
+    def itemsize(self) -> int:
+        return self.bits // 8
 
     def nbytes(self, numel: int) -> int:
         return numel * self.bits // 8
@@ -64,12 +79,12 @@ DTYPES: dict[str, DType] = {
         DType("F8_E8M0", 8, "ml_dtypes.float8_e8m0fnu"),
         DType("I16", 16, "numpy.int16"),
         DType("U16", 16, "numpy.uint16"),
-        DType("F16", 16, "numpy.float16", is_float=True),
-        DType("BF16", 16, "ml_dtypes.bfloat16", is_float=True),
+        DType("BF16", 16, "ml_dtypes.bfloat16", "bfloat16", ("bf16",), cast_target=True),
+        DType("F16", 16, "numpy.float16", "float16", ("fp16", "half"), cast_target=True),
         DType("I32", 32, "numpy.int32"),
         DType("U32", 32, "numpy.uint32"),
-        DType("F32", 32, "numpy.float32", is_float=True),
-        DType("F64", 64, "numpy.float64", is_float=True),
+        DType("F32", 32, "numpy.float32", "float32", ("fp32", "float"), cast_target=True),
+        DType("F64", 64, "numpy.float64", "float64"),
         DType("I64", 64, "numpy.int64"),
         DType("U64", 64, "numpy.uint64"),
         DType("C64", 64, "numpy.complex64"),
@@ -78,22 +93,27 @@ DTYPES: dict[str, DType] = {
         DType("F6_E3M2", 6, None),
     )
 }
-"""Every dtype the reference reader knows. ``is_float`` marks the ones we can scale and cast."""
+"""Every dtype the reference reader knows; the float ones (BF16, F16, F32, F64) can be scaled."""
 
-DTYPE_ALIASES = {
-    "bfloat16": "BF16",
-    "bf16": "BF16",
-    "float16": "F16",
-    "fp16": "F16",
-    "half": "F16",
-    "float32": "F32",
-    "fp32": "F32",
-    "float": "F32",
-    "float64": "F64",
-}
-"""User-facing names (the ones torch, mergekit and config.json use) for the castable dtypes."""
+FLOAT_DTYPES = frozenset(name for name, d in DTYPES.items() if d.is_float)
+CAST_TARGETS = tuple(d.torch_name for d in DTYPES.values() if d.cast_target and d.torch_name)
+"""The torch names a user may cast to, as ``--dtype`` and mergekit configs spell them."""
 
-TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+def cast_target(name: str) -> str | None:
+    """The safetensors name of a cast target given by a user (``bfloat16``, ``bf16``, ``BF16``), or None."""
+    for dtype in DTYPES.values():
+        if dtype.cast_target and name in (dtype.name, dtype.torch_name, *dtype.aliases):
+            return dtype.name
+    return None
+
+
+def torch_name(dtype: str) -> str:
+    """The torch name of a float dtype, as config.json and mergekit configs spell it."""
+    name = DTYPES[dtype].torch_name
+    if name is None:
+        raise ValueError(f"{dtype} is not a float dtype")
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +177,17 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of the safetensors file at ``path``."""
     try:
-        with open(path, "rb") as f:
-            file_nbytes = os.fstat(f.fileno()).st_size
+        # non-blocking: a FIFO in place of a shard must be refused, not waited on
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        with open(os.open(path, flags), "rb") as f:
+            status = os.fstat(f.fileno())
+            if stat.S_ISDIR(status.st_mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(status.st_mode):
+                raise FormatError(
+                    f"{path}: is not a regular file (a FIFO, device or socket); expected a safetensors file"
+                )
+            file_nbytes = status.st_size
             if file_nbytes < HEADER_LENGTH_BYTES:
                 raise FormatError(
                     f"{path}: file is {file_nbytes} bytes, too short for a safetensors header "

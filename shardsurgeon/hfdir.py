@@ -11,8 +11,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from shardsurgeon.checkpoint import INDEX_FILE
 from shardsurgeon.errors import safe_text
-from shardsurgeon.layout import INDEX_FILE, Layout
+from shardsurgeon.layout import Layout
 from shardsurgeon.output import fsync_file
 from shardsurgeon.plan import Plan
 
@@ -25,7 +26,6 @@ NOT_COPIED_NAMES = frozenset(
     {"config.json", "README.md", "model.safetensors.index.json", "params.json", "mergekit_config.yml"}
 )
 """Rewritten here (config, index, card), or stale: Mistral's native ``params.json`` counts layers."""
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -61,20 +61,6 @@ def copy_other_files(source: Path, folder: Path) -> list[str]:
         fsync_file(folder / entry.name)
         copied.append(entry.name)
     return copied
-
-
-def base_model_id(source: Path, config: dict[str, Any]) -> str:
-    """The Hugging Face id to name as ``base_model``: from the cache path, the config, or the folder.
-
-    The config's ``_name_or_path`` counts only when it has the shape of a Hub id (``org/name``).
-    """
-    for part in source.resolve().parts:
-        if part.startswith("models--"):
-            return part.removeprefix("models--").replace("--", "/", 1)
-    name = config.get("_name_or_path")
-    if isinstance(name, str) and _HUB_ID.fullmatch(name):
-        return name
-    return source.resolve().name
 
 
 def model_card(plan: Plan, base_models: list[str], command: str, what: str, mergekit_yaml: str) -> str:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections import Counter
 
-from shardsurgeon.arch import find_layer_stack, residual_outputs
+from shardsurgeon.arch import NO_HINT, StackHint, residual_outputs
 from shardsurgeon.checkpoint import Checkpoint
 from shardsurgeon.errors import PlanError
 from shardsurgeon.format import numel
-from shardsurgeon.layout import format_bytes
+from shardsurgeon.source import resolve
+from shardsurgeon.units import format_bytes
 
 
-def describe_checkpoint(checkpoint: Checkpoint, layer_prefix: str | None = None, layers_key: str | None = None) -> str:
+def describe_checkpoint(checkpoint: Checkpoint, hint: StackHint = NO_HINT) -> str:
     config = checkpoint.config
     architectures = config.get("architectures") or [config.get("model_type", "unknown")]
+    if not isinstance(architectures, list):
+        architectures = [architectures]
     params = sum(numel(t.shape) for t in checkpoint.tensors.values())
     dtypes = Counter(t.dtype for t in checkpoint.tensors.values())
     lines = [
@@ -25,24 +28,24 @@ def describe_checkpoint(checkpoint: Checkpoint, layer_prefix: str | None = None,
     ]
     lines += [f"    {s.path.name}  {s.nbytes:,} bytes" for s in checkpoint.shards]
     try:
-        stack = find_layer_stack(checkpoint.tensors, config, layer_prefix, layers_key)
+        source = resolve(checkpoint, hint, str(checkpoint.folder))
     except PlanError as e:
         lines.append(f"  layer stack: not found: {e}")
         return "\n".join(lines)
-    key = ".".join((*stack.config_section, stack.count_key))
-    lines.append(f"  layer stack: {stack.prefix}.N, {stack.count} layers (config {key})")
-    layer0 = [(stack.split(n), t) for n, t in checkpoint.tensors.items()]
-    per_layer = [(split[1], t) for split, t in layer0 if split is not None and split[0] == 0]
-    layer_params = sum(numel(t.shape) for _, t in per_layer)
-    lines.append(f"  per layer: {len(per_layer)} tensors, {layer_params:,} parameters (layer 0):")
-    lines += [f"    {rest:<40} {t.dtype:<5} {list(t.shape)}" for rest, t in per_layer]
+    stack = source.stack
+    lines.append(f"  layer stack: {stack.prefix}.N, {stack.count} layers (config {stack.count_path})")
+    layer0 = source.layers[0]
+    layer_params = sum(numel(t.ref.shape) for t in layer0)
+    lines.append(f"  per layer: {len(layer0)} tensors, {layer_params:,} parameters (layer 0):")
+    lines += [f"    {t.rest:<40} {t.ref.dtype:<5} {list(t.ref.shape)}" for t in layer0]
+    rests = source.layer_rests()
     try:
-        residual = residual_outputs(config, stack, [rest for rest, _ in per_layer])
-        selected = [rest for rest, _ in per_layer if any(r in rest for r in residual)]
+        residual = residual_outputs(config, stack, rests)
+        selected = [rest for rest in rests if any(r in rest for r in residual)]
         lines.append(f"  --zero residual selects {', '.join(residual)}: {', '.join(selected)}")
     except PlanError as e:
         lines.append(f"  --zero residual: {e}")
-    outside = [t for n, t in checkpoint.tensors.items() if stack.split(n) is None]
+    outside = source.before + source.after
     lines.append(f"  outside the stack: {len(outside)} tensors")
     lines += [f"    {t.name:<40} {t.dtype:<5} {list(t.shape)}" for t in outside]
     return "\n".join(lines)

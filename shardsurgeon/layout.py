@@ -8,33 +8,18 @@ the data, so they cannot disagree. Pure.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shardsurgeon.errors import RecipeError
-from shardsurgeon.format import encode_header
+from shardsurgeon.checkpoint import SINGLE_FILE
+from shardsurgeon.errors import PlanError
+from shardsurgeon.format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, encode_header
 from shardsurgeon.plan import Plan, PlannedTensor
+from shardsurgeon.units import format_bytes
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 PLAN_METADATA_KEY = "shardsurgeon_plan"
 RECIPE_METADATA_KEY = "shardsurgeon_recipe"
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,25 +55,6 @@ class Layout:
         return sum(s.nbytes for s in self.shards)
 
 
-def parse_size(text: str) -> int:
-    """Parse ``5GB`` (decimal, 5 * 10**9), ``500MiB`` (binary) or a plain byte count."""
-    match = _SIZE.match(text)
-    if not match:
-        raise RecipeError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 2GiB or a byte count")
-    nbytes = int(float(match[1]) * _UNITS[(match[2] or "").upper()])
-    if nbytes <= 0:
-        raise RecipeError(f"--max-shard-size {text!r}: must be more than 0 bytes")
-    return nbytes
-
-
-def format_bytes(nbytes: int) -> str:
-    """A size in the decimal unit that suits it, as disks are sold and --max-shard-size is read."""
-    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes} B"
-
-
 def plan_layout(
     plan: Plan, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: Mapping[str, str] | None = None
 ) -> Layout:
@@ -109,6 +75,11 @@ def plan_layout(
     for number, group in enumerate(groups, start=1):
         name = SINGLE_FILE if len(groups) == 1 else f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in group], metadata)
+        if len(header) - HEADER_LENGTH_BYTES > MAX_HEADER_BYTES:
+            raise PlanError(
+                f"shard {name}: its header would be {format_bytes(len(header) - HEADER_LENGTH_BYTES)}, more than the "
+                f"{format_bytes(MAX_HEADER_BYTES)} safetensors readers accept; give a smaller --max-shard-size"
+            )
         offset = len(header)
         placed = []
         for tensor in group:

@@ -12,23 +12,29 @@ Writing merges consecutive layers into slices, as mergekit users write them. Pur
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from shardsurgeon.errors import RecipeError
-from shardsurgeon.format import DTYPE_ALIASES
+from shardsurgeon.format import CAST_TARGETS, cast_target, torch_name
+from shardsurgeon.hfcache import is_hub_id
 from shardsurgeon.recipe import LayerSource, Recipe, ScaleRule
+from shardsurgeon.source import Source
 
 
-def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None, outside: Sequence[str] = ()) -> str:
+def to_mergekit_yaml(recipe: Recipe, sources: Mapping[str, Source]) -> str:
     """The mergekit passthrough YAML whose output equals this recipe's.
 
-    ``names`` maps the recipe's model references to the names to print (Hugging Face ids);
-    ``dtype`` is the cast as torch names it (None: no cast, so no ``dtype`` key, which would also
-    cast float32 norms). ``outside`` names the tensors outside the stack: mergekit applies the first
-    and last slices' scales to them, so those slices get entries that keep them as the recipe says.
+    Models are printed by their published names (Hugging Face ids). Without a cast there is no
+    ``dtype`` key, which would also cast float32 norms. mergekit applies the first and last slices'
+    scales to the tensors outside the stack, so those slices get entries that keep them as the
+    recipe says.
     """
+    names = {model: source.published_name for model, source in sources.items()}
+    outside = [ref.name for ref in sources[recipe.head.model].before] + [
+        ref.name for ref in sources[recipe.tail.model].after
+    ]
     runs: list[tuple[LayerSource, int]] = []  # first source of a slice, and its length
     for source in recipe.layers:
         assert source.layer is not None
@@ -51,8 +57,10 @@ def to_mergekit_yaml(recipe: Recipe, names: Mapping[str, str], dtype: str | None
             entry["parameters"] = {"scale": _scale_entries(start, keep)}
         slices.append({"sources": [entry]})
     config: dict[str, Any] = {"slices": slices, "merge_method": "passthrough"}
-    if dtype is not None:
-        config["dtype"] = dtype
+    if recipe.dtype is not None:
+        config["dtype"] = torch_name(recipe.dtype)
+    if recipe.out_dtype is not None:
+        config["out_dtype"] = torch_name(recipe.out_dtype)
     import yaml  # loaded only when a config is read or written
 
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
@@ -69,7 +77,6 @@ def _scale_entries(source: LayerSource, keep: Mapping[str, float]) -> list[dict[
 
 TOP_KEYS = frozenset({"merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype"})
 TOP_KEYS_IGNORED = frozenset({"tokenizer_source", "name"})
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,19 +110,21 @@ def parse_config(text: str, where: str) -> MergeSpec:
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+        raise RecipeError(f"{where}: not valid YAML ({_clip(' '.join(str(e).split()), 200)})") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: not valid YAML (nested too deeply)") from None
     if not isinstance(config, dict):
         raise RecipeError(f"{where}: expected a mapping with slices and merge_method, found {type(config).__name__}")
     _check_keys(config, TOP_KEYS | TOP_KEYS_IGNORED, where, "")
     method = config.get("merge_method")
     if method != "passthrough":
         raise RecipeError(
-            f"{where}: merge_method {method!r} is not supported; shardsurgeon does passthrough merges only"
+            f"{where}: merge_method {_shown(method)} is not supported; shardsurgeon does passthrough merges only"
         )
     tokenizer_source = config.get("tokenizer_source")
     if tokenizer_source not in (None, "base"):
         raise RecipeError(
-            f"{where}: tokenizer_source {tokenizer_source!r} is not supported; only 'base' (the base model's "
+            f"{where}: tokenizer_source {_shown(tokenizer_source)} is not supported; only 'base' (the base model's "
             "tokenizer, copied as is)"
         )
     top = _scale(config.get("parameters"), where, "parameters")
@@ -173,6 +182,7 @@ def _slices(config: dict[str, Any], top: tuple[ScaleRule, ...], where: str) -> t
         at_source = f"{at}.sources[0]"
         if not isinstance(source, dict):
             raise RecipeError(f"{where}: {at_source} must be a mapping with model and layer_range")
+        _refuse_revision(source, where, at_source)
         _check_keys(source, {"model", "layer_range", "parameters"}, where, at_source)
         start, end = _layer_range(source.get("layer_range"), where, at_source)
         scale = (
@@ -194,6 +204,7 @@ def _models(config: dict[str, Any], top: tuple[ScaleRule, ...], where: str) -> t
     entry = models[0]
     if not isinstance(entry, dict):
         raise RecipeError(f"{where}: models[0] must be a mapping with model, found {_found(entry)}")
+    _refuse_revision(entry, where, "models[0]")
     _check_keys(entry, {"model", "parameters"}, where, "models[0]")
     scale = _scale(entry.get("parameters"), where, "models[0].parameters") + top
     return (SliceSpec(_model_ref(entry.get("model"), where, "models[0].model"), None, None, scale),)
@@ -249,15 +260,39 @@ def _model_ref(value: Any, where: str, at: str) -> str:
 def _dtype(value: Any, where: str, at: str) -> str | None:
     if value is None:
         return None
-    if value not in DTYPES:
-        raise RecipeError(f"{where}: {at} {value!r} is not supported; expected one of {', '.join(DTYPES)}")
-    return DTYPE_ALIASES[value]
+    dtype = cast_target(value) if value in CAST_TARGETS else None
+    if dtype is None:
+        shown = repr(value) if isinstance(value, str) else _found(value)
+        raise RecipeError(f"{where}: {at} {shown} is not supported; expected one of {', '.join(CAST_TARGETS)}")
+    return dtype
+
+
+def _refuse_revision(entry: dict[str, Any], where: str, at: str) -> None:
+    """A source's ``revision:`` key, which published configs hold and mergekit's pydantic model
+    drops without a word (it loads the default branch): say how to name a revision instead."""
+    if "revision" not in entry:
+        return
+    model, revision = entry.get("model"), entry["revision"]
+    place = f"{where}: {at}.revision: mergekit ignores this key"
+    if not isinstance(model, str) or not isinstance(revision, str | int) or isinstance(revision, bool):
+        raise RecipeError(f"{place}; name a revision in the model instead, as model: org/name@REVISION")
+    if not is_hub_id(model):
+        raise RecipeError(f"{place}, and {model} is a folder, which has no revisions; remove the revision key")
+    if "@" in model:
+        raise RecipeError(
+            f"{place}; the model {model} already names its revision ({model.partition('@')[2]}), so remove the "
+            "revision key"
+        )
+    raise RecipeError(
+        f"{place} and would load {model}'s default branch; to load revision {revision}, name it in the model: "
+        f"model: {model}@{revision}"
+    )
 
 
 def _check_keys(mapping: dict[str, Any], known: frozenset[str] | set[str], where: str, at: str) -> None:
     for key in mapping:
         if key not in known:
-            place = f"{at}.{key}" if at else str(key)
+            place = _clip(f"{at}.{key}" if at else str(key), 80)
             raise RecipeError(
                 f"{where}: {place}: unknown or unsupported key; shardsurgeon accepts {', '.join(sorted(known))} here"
             )
@@ -273,7 +308,36 @@ def _is_int(value: Any) -> bool:
 
 
 def _found(value: Any) -> str:
+    """``value`` in YAML flow style for a message, cut to 60 characters; a structure of more than a
+    few hundred nodes (such as a billion-laughs of aliases) is described, never expanded."""
     import yaml
 
+    if not _fewer_nodes_than(value, 200):
+        return f"a {type(value).__name__} of {len(value)} entries, nested"
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-    return text if len(text) <= 60 else text[:57] + "..."
+    return _clip(text, 60)
+
+
+def _shown(value: Any) -> str:
+    """A scalar as Python writes it (quoted strings), anything else as :func:`_found` does."""
+    return _clip(repr(value), 60) if isinstance(value, str | int | float | None) else _found(value)
+
+
+def _fewer_nodes_than(value: Any, budget: int) -> bool:
+    stack = [value]
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return False
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str) and len(item) > 1000:
+            return False
+    return True
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -36,8 +36,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import ml_dtypes
 import numpy as np
+
+from shardsurgeon.format import DTYPES, FLOAT_DTYPES
 
 CHUNK_ELEMENTS = 1 << 19
 """Elements per chunk handed to ``convert``: 512 Ki, so 1-4 MiB of source bytes per read."""
@@ -47,15 +48,10 @@ BLOCK_ELEMENTS = 1 << 15
 
 32 Ki and 64 Ki elements measure the same; 16 Ki pays more per-call overhead, 128 Ki spills."""
 
-_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
-FLOAT_DTYPES = frozenset(_ITEMSIZE)
-_NUMPY: dict[str, type[np.generic]] = {
-    "BF16": ml_dtypes.bfloat16,
-    "F16": np.float16,
-    "F32": np.float32,
-    "F64": np.float64,
-}
-_BITS: dict[str, type[np.generic]] = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32, "F64": np.uint64}
+_NUMPY: dict[str, np.dtype] = {name: DTYPES[name].numpy for name in FLOAT_DTYPES}
+_ITEMSIZE = {name: DTYPES[name].itemsize for name in FLOAT_DTYPES}
+_BITS: dict[str, np.dtype] = {name: np.dtype(f"<u{size}") for name, size in _ITEMSIZE.items()}
+"""Unsigned integers of each float dtype's width: the kernels work on bit patterns."""
 
 # The clip ufunc itself: np.clip adds ~5 us of Python checks per call, more than the work on a block.
 _clip: Callable[..., np.ndarray] = getattr(getattr(np, "_core", np).umath, "clip", np.clip)
@@ -193,7 +189,7 @@ class ChunkConverter:
 
     # -- kernels: (source bits of one block, output bits of the same block) -----------------------
 
-    def _scratch_for(self, name: str, dtype: type[np.generic], count: int) -> np.ndarray:
+    def _scratch_for(self, name: str, dtype: type[np.generic] | np.dtype, count: int) -> np.ndarray:
         """Block-sized scratch buffer ``name`` (made on first use: the warm-up in ``__init__``)."""
         buffer = self._scratch.get(name)
         if buffer is None:

@@ -20,7 +20,8 @@ from types import TracebackType
 
 from shardsurgeon import lock, publish
 from shardsurgeon.errors import DestinationError, OutputError, ShardSurgeonError, safe_text
-from shardsurgeon.layout import ShardLayout, format_bytes
+from shardsurgeon.layout import ShardLayout
+from shardsurgeon.units import format_bytes
 
 RESUME_FILE = ".shardsurgeon-resume"
 PARTIAL_SUFFIX = ".partial"

@@ -9,12 +9,14 @@ with :func:`expand_recipe`. No files, no tensors: layer counts come in as plain 
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from shardsurgeon.errors import RecipeError
+from shardsurgeon.format import cast_target
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +80,8 @@ class Recipe:
 MAX_LAYERS = 100_000
 """More output layers than any model has; beyond it a typo such as 0x999999999 is refused."""
 
-_DUP = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
+_DUP = re.compile(r"^\s*([0-9]{1,9})\s*[xX*]\s*([0-9]{1,9})\s*$")
+"""At most nine digits each: more is a typo (and Python refuses to parse 4,300 digits)."""
 
 
 def parse_dup(text: str) -> list[tuple[int, int]]:
@@ -88,8 +91,8 @@ def parse_dup(text: str) -> list[tuple[int, int]]:
         match = _DUP.match(part)
         if not match:
             raise RecipeError(
-                f"--dup {text!r}: expected LAYERxCOPIES such as 31x12 (comma-separated for several), "
-                f"found {part.strip()!r}"
+                f"--dup {_clip(text)}: expected LxN (N copies of layer L) such as 31x12, comma-separated for "
+                f"several, found {_clip(part.strip())}"
             )
         layer, copies = int(match[1]), int(match[2])
         if copies == 0:
@@ -102,7 +105,7 @@ def parse_filters(text: str, flag: str = "--zero") -> tuple[str, ...]:
     """Parse a comma-separated list of name substrings such as ``o_proj,down_proj``."""
     filters = tuple(f.strip() for f in text.split(","))
     if not all(filters):
-        raise RecipeError(f"{flag} {text!r}: expected comma-separated name parts such as o_proj,down_proj")
+        raise RecipeError(f"{flag} {_clip(text)}: expected comma-separated name parts such as o_proj,down_proj")
     return filters
 
 
@@ -132,7 +135,7 @@ def expand_recipe(
         for layer in range(every - 1, num_layers, every):
             copies_after[layer] += 1
     if not any(copies_after):
-        raise RecipeError("expand: nothing to insert; give --dup LAYERxCOPIES or --every STEP")
+        raise RecipeError("expand: nothing to insert; give --dup LxN or --every STEP")
     if num_layers + sum(copies_after) > MAX_LAYERS:
         raise RecipeError(
             f"expand: {num_layers + sum(copies_after)} output layers is more than the {MAX_LAYERS} supported; "
@@ -174,33 +177,76 @@ def recorded_models(text: str) -> list[str]:
     """The model names of a :func:`recipe_to_json` record, in the order ``recipe_from_json`` replaces."""
     try:
         models = json.loads(text)["models"]
-        if isinstance(models, list) and all(isinstance(m, str) for m in models):
+        if isinstance(models, list) and models and all(isinstance(m, str) for m in models):
             return models
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         pass
     raise RecipeError("recorded recipe is unreadable (no list of models); the output was not written by this version")
 
 
-def recipe_from_json(text: str, models: Sequence[str] | None = None) -> Recipe:
-    """Read back :func:`recipe_to_json`; ``models`` replaces the recorded model names, in order."""
+def recipe_from_json(text: str, models: Sequence[str], layer_count: Callable[[str], int]) -> Recipe:
+    """Read back :func:`recipe_to_json` with ``models`` in place of the recorded names, in order.
+
+    The record comes from a file anyone can edit, so every field is checked: layers in range for
+    ``layer_count(model)``, finite scales, known cast targets.
+    """
     try:
         record = json.loads(text)
-        names = list(models) if models is not None else record["models"]
+        if not isinstance(record, dict):
+            raise TypeError("not an object")
+        names = list(models)
 
-        def source(item: list[Any]) -> LayerSource:
-            model, layer, rules, inserted = item
-            return LayerSource(names[model], layer, tuple(ScaleRule(v, f) for v, f in rules), inserted)
+        def model(index: Any) -> str:
+            if not _is_index(index, len(names)):
+                raise ValueError(f"model index {index!r}")
+            return names[index]
+
+        def source(item: Any, in_stack: bool) -> LayerSource:
+            reference, layer, rules, inserted = item
+            name = model(reference)
+            if in_stack and not _is_index(layer, layer_count(name)):
+                raise ValueError(f"layer {layer!r} of {name}, which has {layer_count(name)} layers")
+            if not in_stack and layer is not None:
+                raise ValueError(f"layer {layer!r} outside the stack")
+            scale = tuple(_rule(rule) for rule in rules)
+            return LayerSource(name, layer, scale, bool(inserted))
 
         base = record.get("base")
         return Recipe(
-            tuple(source(s) for s in record["layers"]),
-            source(record["head"]),
-            source(record["tail"]),
-            record["dtype"],
-            record.get("out_dtype"),
-            None if base is None else names[base],
+            tuple(source(s, True) for s in record["layers"]),
+            source(record["head"], False),
+            source(record["tail"], False),
+            _recorded_dtype(record["dtype"]),
+            _recorded_dtype(record.get("out_dtype")),
+            None if base is None else model(base),
         )
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
         raise RecipeError(
-            f"recorded recipe is unreadable ({e!r}); the output was not written by this version"
+            f"recorded recipe is unreadable ({_clip(str(e))}); the output was not written by this version "
+            "or its metadata was edited"
         ) from None
+
+
+def _is_index(value: Any, length: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < length
+
+
+def _rule(item: Any) -> ScaleRule:
+    value, name_filter = item
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"scale {value!r}")
+    if name_filter is not None and not isinstance(name_filter, str):
+        raise ValueError(f"filter {name_filter!r}")
+    return ScaleRule(float(value), name_filter)
+
+
+def _recorded_dtype(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or cast_target(value) != value):
+        raise ValueError(f"dtype {value!r}")
+    return value
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """``text`` quoted for a one-line message: escaped, and cut to ``limit`` characters."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"

@@ -10,24 +10,21 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from shardsurgeon import hfdir, identity, output
-from shardsurgeon.checkpoint import Checkpoint
 from shardsurgeon.errors import OutputError
 from shardsurgeon.execute import ShardWriter, SourceFiles
 from shardsurgeon.layout import Layout, ShardLayout
-from shardsurgeon.plan import Plan
+from shardsurgeon.plan import Plan, Zeros
+from shardsurgeon.source import Source
+from shardsurgeon.units import Progress, ShardStarted
 
-Progress = Callable[[int], None]
 SMALL_FILES_ALLOWANCE = 64 << 20
 """Room kept free for the config, index, tokenizer and model card when checking disk space."""
-TEST_KILL_ENV = "SHARDSURGEON_TEST_KILL_AFTER"
-"""Test-only (tests/test_resume.py): the process kills itself once this many bytes are done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,24 +46,27 @@ def write_checkpoint(
     plan: Plan,
     layout: Layout,
     out: Path,
-    checkpoints: Mapping[str, Checkpoint],
+    sources: Mapping[str, Source],
     *,
     model_card: str,
     force: bool = False,
     dense: bool = False,
     progress: Progress | None = None,
+    on_shard: ShardStarted | None = None,
 ) -> RunResult:
     """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run.
 
-    The output is claimed for the whole run (checked, locked, recovered: see ``output.Destination``)
-    and published only if no source file changed meanwhile.
+    ``progress`` counts tensor bytes (those of shards kept from an interrupted run first);
+    ``on_shard`` is told each shard that is written, as it begins. The output is claimed for the
+    whole run (checked, locked, recovered: see ``output.Destination``) and published only if no
+    source file changed meanwhile.
     """
     if out.name in ("", ".", ".."):  # no name to give the staging sibling: use the absolute path
         out = Path(os.path.abspath(out))
-    shard_paths = [s.path for c in checkpoints.values() for s in c.shards]
-    folders = [c.folder for c in checkpoints.values()]
+    shard_paths = [shard.path for source in sources.values() for shard in source.checkpoint.shards]
+    folders = [source.folder for source in sources.values()]
     with output.Destination(out, folders, force, files=shard_paths) as destination:
-        result = _write(plan, layout, destination, checkpoints, model_card, dense, progress)
+        result = _write(plan, layout, destination, sources, model_card, dense, progress, on_shard)
     return dataclasses.replace(result, notes=destination.notes)
 
 
@@ -74,18 +74,18 @@ def _write(
     plan: Plan,
     layout: Layout,
     destination: output.Destination,
-    checkpoints: Mapping[str, Checkpoint],
+    sources: Mapping[str, Source],
     model_card: str,
     dense: bool,
     progress: Progress | None,
+    on_shard: ShardStarted | None,
 ) -> RunResult:
     started = time.monotonic()
     out = destination.out
-    crash = _test_kill_switch()
-    progress = _tee(progress or (lambda nbytes: None), crash)
-    donor = checkpoints[plan.recipe.donor]
-    sources_seen = identity.record(s.path for c in checkpoints.values() for s in c.shards)
-    staging, _ = output.open_staging(out, _resume_key(plan, layout, checkpoints))
+    progress = progress or (lambda nbytes: None)
+    donor = sources[plan.recipe.donor]
+    sources_seen = identity.record(shard.path for source in sources.values() for shard in source.checkpoint.shards)
+    staging, _ = output.open_staging(out, _resume_key(plan, layout, sources))
     done = {s.name for s in layout.shards if output.completed_shard(staging / s.name, s)}
     output.remove_strays(staging, done)
     todo = [s for s in layout.shards if s.name not in done]
@@ -99,8 +99,10 @@ def _write(
         if shard.name in done:
             progress(shard.nbytes - len(shard.header))
     written = holes = 0
-    with SourceFiles() as sources, ShardWriter(sources, dense=dense, progress=progress) as writer:
+    with SourceFiles() as files, ShardWriter(files, dense=dense, progress=progress) as writer:
         for shard in todo:
+            if on_shard is not None:
+                on_shard(shard.name, layout.shards.index(shard) + 1, len(layout.shards))
             partial = staging / (shard.name + output.PARTIAL_SUFFIX)
             stats = writer.write(shard, partial)
             partial.rename(staging / shard.name)
@@ -108,7 +110,6 @@ def _write(
             holes += stats.holes
     _write_small_files(staging, plan, layout, donor.folder, model_card)
     identity.check_unchanged(sources_seen)
-    crash(1)  # the final rename counts as one more byte, so a test can crash a run just before it
     destination.commit(staging)
     return RunResult(out, len(plan.tensors), len(layout.shards), len(done), written, holes, time.monotonic() - started)
 
@@ -137,10 +138,12 @@ def _write_small_files(staging: Path, plan: Plan, layout: Layout, donor: Path, m
 
 
 def _bytes_to_write(shard: ShardLayout, dense: bool) -> int:
-    return len(shard.header) + sum(p.tensor.nbytes for p in shard.tensors if dense or p.tensor.op != "zeros")
+    return len(shard.header) + sum(
+        p.tensor.nbytes for p in shard.tensors if dense or not isinstance(p.tensor.op, Zeros)
+    )
 
 
-def _resume_key(plan: Plan, layout: Layout, checkpoints: Mapping[str, Checkpoint]) -> str:
+def _resume_key(plan: Plan, layout: Layout, sources: Mapping[str, Source]) -> str:
     """Identifies a run: the plan, the shard names, and the exact source files.
 
     A source file is its path, size, mtime, and inode number and ctime, which no tool can set back:
@@ -149,8 +152,8 @@ def _resume_key(plan: Plan, layout: Layout, checkpoints: Mapping[str, Checkpoint
     digest = hashlib.sha256(plan.fingerprint.encode())
     for shard in layout.shards:
         digest.update(shard.name.encode())
-    for checkpoint in checkpoints.values():
-        for source in checkpoint.shards:
+    for model in sources.values():
+        for source in model.checkpoint.shards:
             stat = source.path.stat()
             identity = (
                 source.path.resolve(),
@@ -162,33 +165,3 @@ def _resume_key(plan: Plan, layout: Layout, checkpoints: Mapping[str, Checkpoint
             )
             digest.update(repr(identity).encode())
     return digest.hexdigest()
-
-
-def _tee(first: Progress, second: Progress) -> Progress:
-    def both(nbytes: int) -> None:
-        first(nbytes)
-        second(nbytes)
-
-    return both
-
-
-def _test_kill_switch() -> Progress:
-    """A test hook, and the only place that reads ``SHARDSURGEON_TEST_KILL_AFTER``.
-
-    Set to N, the process SIGKILLs itself once N bytes are done: tensor bytes as progress reports
-    them (kept shards included), plus one for the final rename. So crash tests can stop a real run
-    at a chosen point: inside a shard, between shards, or with everything written but not moved
-    into place. ``N:SIGINT`` sends SIGINT instead, as Ctrl-C would. Unset, it does nothing.
-    """
-    limit_text, _, signal_name = (os.environ.get(TEST_KILL_ENV) or "0").partition(":")
-    limit, sent = int(limit_text), signal.Signals[signal_name or "SIGKILL"]
-    done = 0
-
-    def count(nbytes: int) -> None:
-        nonlocal done, limit
-        done += nbytes
-        if limit and done >= limit:
-            limit = 0
-            os.kill(os.getpid(), sent)
-
-    return count

@@ -5,7 +5,8 @@ format's rules (which also pins each file's size), the index (every tensor exact
 ``total_size`` right, no stray or missing shard; or a lone ``model.safetensors``), and the config's
 layer count against the tensors. Given the sources, it re-derives the plan from the recipe recorded
 in the shards' metadata and compares each output tensor, found by name, with the source bytes,
-zeros, or the source recomputed through the same cast and scale, streaming in fixed-size chunks.
+zeros, or the source cast and scaled by the definition (DESIGN.md, plain numpy and ml_dtypes
+arithmetic in fixed-size chunks), never by the executor's converters, so a bug in those cannot pass.
 :func:`compare_with_plan` checks a folder against a layout in hand. Reads only; writes nothing.
 """
 
@@ -14,22 +15,25 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardsurgeon.arch import find_layer_stack
-from shardsurgeon.checkpoint import CONFIG_NAME, TensorRef, open_checkpoint
-from shardsurgeon.errors import FormatError, PlanError, RecipeError, VerifyError
-from shardsurgeon.execute import SourceFiles, tensor_converters
-from shardsurgeon.format import Header, read_header
+from shardsurgeon.arch import NO_HINT, StackHint, find_layer_stack
+from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TensorRef
+from shardsurgeon.errors import CheckpointError, FormatError, PlanError, RecipeError, VerifyError
+from shardsurgeon.format import DTYPES, Header, read_header
 from shardsurgeon.hfdir import other_files
-from shardsurgeon.layout import INDEX_FILE, PLAN_METADATA_KEY, RECIPE_METADATA_KEY, SINGLE_FILE, Layout
-from shardsurgeon.plan import Plan, PlannedTensor, make_plan
+from shardsurgeon.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout
+from shardsurgeon.plan import Convert, Copy, Plan, PlannedTensor, Zeros, make_plan
 from shardsurgeon.recipe import recipe_from_json, recorded_models
+from shardsurgeon.smallfile import MAX_JSON_BYTES, PARSE_ERRORS, read_small
+from shardsurgeon.source import open_source
+from shardsurgeon.units import Progress
 
 CHUNK_BYTES = 4 << 20
+CHUNK_ELEMENTS = 1 << 19
 _ZEROS = bytes(CHUNK_BYTES)
 
 
@@ -92,9 +96,8 @@ def verify_checkpoint(
     folder: str | os.PathLike[str],
     sources: Sequence[str | os.PathLike[str]] = (),
     *,
-    layer_prefix: str | None = None,
-    layers_key: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    stack_hint: StackHint = NO_HINT,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Check the checkpoint in ``folder``; with ``sources`` (the models of its recorded recipe, in
     order) also every tensor's bytes. ``progress`` gets the tensor bytes compared, chunk by chunk."""
@@ -109,13 +112,13 @@ def verify_checkpoint(
     layers = None
     if config is not None and found.locations and not found.unreadable:
         try:
-            layers = find_layer_stack(found.locations, config, layer_prefix, layers_key).count
+            layers = find_layer_stack(found.locations, config, stack_hint).count
         except PlanError as e:
             found.add("", "", str(e))
     notes: list[str] = []
     compared = 0
     if sources:
-        plan = _recorded_plan(found, [Path(s) for s in sources], layer_prefix, layers_key, notes)
+        plan = _recorded_plan(found, [Path(s) for s in sources], stack_hint, notes)
         if plan is not None:
             compared = _compare_with_sources(root, plan, config, found, progress or (lambda nbytes: None))
     tensors = [found.tensor(name) for name in found.locations]
@@ -222,27 +225,29 @@ def _read_index(path: Path, found: _Found) -> tuple[dict[str, str] | None, Any]:
 
 
 def _read_config(root: Path, found: _Found) -> dict[str, Any] | None:
-    if not (root / CONFIG_NAME).exists():
-        found.add(CONFIG_NAME, "", "missing; transformers needs it to load the checkpoint")
+    if not (root / CONFIG_FILE).exists():
+        found.add(CONFIG_FILE, "", "missing; transformers needs it to load the checkpoint")
         return None
-    config = _read_json(root / CONFIG_NAME, found)
+    config = _read_json(root / CONFIG_FILE, found)
     if config is not None and not isinstance(config, dict):
-        found.add(CONFIG_NAME, "", f"expected a JSON object, found {type(config).__name__}")
+        found.add(CONFIG_FILE, "", f"expected a JSON object, found {type(config).__name__}")
         return None
     return config
 
 
 def _read_json(path: Path, found: _Found) -> Any:
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        found.add(path.name, "", f"cannot read JSON ({e})")
-        return None
+        return json.loads(read_small(path, MAX_JSON_BYTES, VerifyError, "JSON"))
+    except VerifyError as e:
+        found.add("", "", str(e))
+    except RecursionError:
+        found.add(path.name, "", "cannot read JSON (nested too deeply)")
+    except PARSE_ERRORS as e:
+        found.add(path.name, "", f"cannot read JSON ({str(e)[:100]})")
+    return None
 
 
-def _recorded_plan(
-    found: _Found, sources: list[Path], layer_prefix: str | None, layers_key: str | None, notes: list[str]
-) -> Plan | None:
+def _recorded_plan(found: _Found, sources: list[Path], hint: StackHint, notes: list[str]) -> Plan | None:
     """The plan re-derived from the recipe recorded in the shards, with ``sources`` as its models."""
     recorded = {(h.metadata or {}).get(RECIPE_METADATA_KEY) for h in found.headers.values()}
     fingerprints = {(h.metadata or {}).get(PLAN_METADATA_KEY) for h in found.headers.values()}
@@ -260,9 +265,9 @@ def _recorded_plan(
             f"--src given {_count(len(sources), 'time')} but the output was made from "
             f"{_count(len(models), 'model')} ({', '.join(models)}); give one --src per model, in this order"
         )
-    recipe = recipe_from_json(text, [str(s) for s in sources])
-    checkpoints = {str(s): open_checkpoint(s) for s in sources}
-    plan = make_plan(recipe, checkpoints, layer_prefix=layer_prefix, layers_key=layers_key)
+    opened = {str(s): open_source(s, hint) for s in sources}
+    recipe = recipe_from_json(text, list(opened), lambda model: opened[model].layer_count)
+    plan = make_plan(recipe, opened)
     if plan.fingerprint != fingerprint:
         notes.append(
             f"the plan re-derived from --src has fingerprint {plan.fingerprint}, the output records "
@@ -277,12 +282,12 @@ def _count(number: int, noun: str) -> str:
 
 
 def _compare_with_sources(
-    root: Path, plan: Plan, config: dict[str, Any] | None, found: _Found, progress: Callable[[int], None]
+    root: Path, plan: Plan, config: dict[str, Any] | None, found: _Found, progress: Progress
 ) -> int:
     if config is not None and config != plan.config:
         keys = [k for k in dict.fromkeys([*plan.config, *config]) if plan.config.get(k) != config.get(k)]
         found.add(
-            CONFIG_NAME,
+            CONFIG_FILE,
             "",
             f"differs from the config the recipe gives at {keys[0]!r}: found {json.dumps(config.get(keys[0]))}, "
             f"expected {json.dumps(plan.config.get(keys[0]))}",
@@ -298,7 +303,7 @@ def _compare_with_sources(
             found.add(refs[0].path.name, name, "is not in the plan the recorded recipe gives")
     compared = 0
     index_map = found.index_map or {}
-    with SourceFiles() as files:
+    with _ReadOnlyFiles() as files:
         for tensor in plan.tensors:
             ref = found.tensor(tensor.name)
             if ref is None:
@@ -321,20 +326,22 @@ def _compare_with_sources(
 
 def _describe(tensor: PlannedTensor) -> str:
     source = f"{tensor.source.name} of {tensor.source.path}"
-    if tensor.op == "zeros":
-        return "holds other bytes than the zeros the recipe gives"
-    if tensor.op == "copy":
-        return f"differs from the source bytes ({source})"
-    scaled = f" scaled by {tensor.scale:g}" if tensor.scale != 1.0 else ""
-    if tensor.via is not None:
-        return f"differs from {source} cast to {tensor.via}{scaled}, then to {tensor.dtype}"
-    return f"differs from {source} cast to {tensor.dtype}{scaled}"
+    match tensor.op:
+        case Zeros():
+            return "holds other bytes than the zeros the recipe gives"
+        case Copy():
+            return f"differs from the source bytes ({source})"
+        case Convert(scale, via):
+            scaled = f" scaled by {scale:g}" if scale != 1.0 else ""
+            if via is not None:
+                return f"differs from {source} cast to {via}{scaled}, then to {tensor.dtype}"
+            return f"differs from {source} cast to {tensor.dtype}{scaled}"
 
 
 def compare_with_plan(layout: Layout, folder: Path) -> list[Mismatch]:
     """Every way the shards in ``folder`` differ from ``layout``; empty when they match exactly."""
     mismatches: list[Mismatch] = []
-    with SourceFiles() as files:
+    with _ReadOnlyFiles() as files:
         for shard in layout.shards:
             path = folder / shard.name
             if not path.is_file():
@@ -355,10 +362,10 @@ def compare_with_plan(layout: Layout, folder: Path) -> list[Mismatch]:
 
 def _first_difference(
     tensor: PlannedTensor,
-    files: SourceFiles,
+    files: _ReadOnlyFiles,
     out_fd: int,
     out_offset: int,
-    progress: Callable[[int], None] = lambda nbytes: None,
+    progress: Progress = lambda nbytes: None,
 ) -> int | None:
     """The first byte of the tensor at ``out_offset`` that differs from what ``tensor`` says, or None."""
     done = 0
@@ -385,23 +392,70 @@ def _first_unequal(a: bytes, b: bytes) -> int:
     return lo
 
 
-def _expected_chunks(tensor: PlannedTensor, files: SourceFiles) -> Iterator[bytes | memoryview]:
+def _expected_chunks(tensor: PlannedTensor, files: _ReadOnlyFiles) -> Iterator[bytes | memoryview]:
     """The bytes ``tensor`` must hold, in chunks of at most a few MiB."""
-    if tensor.op == "zeros":
-        for start in range(0, tensor.nbytes, CHUNK_BYTES):
-            yield memoryview(_ZEROS)[: min(CHUNK_BYTES, tensor.nbytes - start)]
-        return
-    src_fd = files.fd(tensor.source.path)
-    if tensor.op == "copy":
-        for start in range(0, tensor.nbytes, CHUNK_BYTES):
-            yield os.pread(src_fd, min(CHUNK_BYTES, tensor.nbytes - start), tensor.source.data_start + start)
-        return
-    converters = tensor_converters(tensor)
-    step = converters[0].chunk_src_bytes
-    for start in range(0, tensor.source.nbytes, step):
-        chunk: bytes | memoryview = os.pread(
-            src_fd, min(step, tensor.source.nbytes - start), tensor.source.data_start + start
-        )
-        for converter in converters:
-            chunk = converter.convert(memoryview(chunk))
-        yield chunk
+    match tensor.op:
+        case Zeros():
+            for start in range(0, tensor.nbytes, CHUNK_BYTES):
+                yield memoryview(_ZEROS)[: min(CHUNK_BYTES, tensor.nbytes - start)]
+        case Copy():
+            for start in range(0, tensor.nbytes, CHUNK_BYTES):
+                yield files.read(tensor.source, start, min(CHUNK_BYTES, tensor.nbytes - start))
+        case Convert() as op:
+            step = CHUNK_ELEMENTS * DTYPES[tensor.source.dtype].itemsize
+            for start in range(0, tensor.source.nbytes, step):
+                raw = files.read(tensor.source, start, min(step, tensor.source.nbytes - start))
+                yield by_definition(raw, tensor.source.dtype, op, tensor.dtype).tobytes()
+
+
+def by_definition(raw: bytes, src_dtype: str, op: Convert, dst_dtype: str) -> Any:
+    """``raw`` elements of ``src_dtype`` converted as DESIGN.md defines it, as a numpy array.
+
+    Cast to the working dtype (``op.via``, else the output dtype), rounding to nearest even; a
+    16-bit target is reached through float32, so float64 rounds twice, as torch does. Then the scale:
+    float64 arithmetic for F64, else ``float32(x) * float32(k)`` rounded back. Then the cast to the
+    output dtype. Plain numpy and ml_dtypes on one chunk: the specification, not the fast path.
+    """
+    import numpy as np
+
+    def cast(values: Any, dtype: str) -> Any:
+        target = DTYPES[dtype].numpy
+        if dtype in ("BF16", "F16") and values.dtype != target:
+            values = values.astype(np.float32)
+        return values.astype(target)
+
+    work = op.via or dst_dtype
+    with np.errstate(all="ignore"):
+        values = cast(np.frombuffer(raw, DTYPES[src_dtype].numpy), work)
+        if op.scale != 1.0 and work == "F64":
+            values = values * np.float64(op.scale)
+        elif op.scale != 1.0:
+            values = (values.astype(np.float32) * np.float32(op.scale)).astype(DTYPES[work].numpy)
+        return cast(values, dst_dtype) if op.via is not None else values
+
+
+class _ReadOnlyFiles:
+    """The files verify reads, each opened once, read-only, and closed on exit."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            try:
+                self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open: {e.strerror}") from None
+        return self._fds[path]
+
+    def read(self, ref: TensorRef, start: int, nbytes: int) -> bytes:
+        """``nbytes`` of the tensor ``ref`` from its byte ``start``; short only past the file's end."""
+        return os.pread(self.fd(ref.path), nbytes, ref.data_start + start)
+
+    def __enter__(self) -> _ReadOnlyFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -3,8 +3,6 @@ no traceback, nothing created, the source untouched. Plus interruption and resum
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from conftest import folder_bytes, run_cli, write_tiny_checkpoint
 
@@ -21,21 +19,10 @@ def one_line_error(output: str) -> str:
     return lines[0]
 
 
-BAD_ARGUMENTS = [
-    (["--dup", "4x1"], USAGE, "--dup 4x1: layer 4 is out of range, the model has layers 0..3"),
-    (["--dup", "3x0"], USAGE, "the number of copies must be at least 1, found 0"),
-    (["--dup", "3-1"], USAGE, "expected LAYERxCOPIES such as 31x12"),
-    (["--dup", "x"], USAGE, "expected LAYERxCOPIES"),
-    (["--every", "0"], USAGE, "--every"),
-    (["--every", "5"], USAGE, "--every 5: expected a step between 1 and 4"),
-    ([], USAGE, "nothing to insert"),
-    (["--dup", "3x1", "--zero", "o_prj"], USAGE, "--zero 'o_prj' matches no tensor"),
+BAD_ARGUMENTS = [  # the rest of the argument errors are in test_hostile's corpus, with their whole message
+    (["--dup", "x"], USAGE, "--dup 'x': expected LxN (N copies of layer L) such as 31x12"),
     (["--dup", "3x1", "--zero", "o_proj,,x"], USAGE, "--zero 'o_proj,,x': expected comma-separated"),
-    (["--dup", "3x1", "--max-shard-size", "5XB"], USAGE, "--max-shard-size '5XB': expected a size"),
-    (["--dup", "3x1", "--max-shard-size", "0"], USAGE, "must be more than 0 bytes"),
-    (["--dup", "3x1", "--dtype", "int8"], USAGE, "'int8' is not one of"),
-    (["--dup", "3x1", "--layer-prefix", "model.blocks"], DATA, "--layer-prefix 'model.blocks': no tensor"),
-    (["--dup", "3x1", "--layers-key", "n_layers"], DATA, "--layers-key 'n_layers'"),
+    (["--dup", "3x1", "--layers-key", "n_layers"], DATA, "--layers-key 'n_layers': config.json has no such key"),
 ]
 
 
@@ -78,45 +65,10 @@ def test_existing_output_needs_force(tmp_path, tiny):
 def test_empty_output_folder_is_used(tmp_path, tiny):
     src, _ = tiny
     (tmp_path / "out").mkdir()
-    assert run_cli("expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "out", "-q").exit_code == 0
-
-
-@pytest.mark.parametrize(
-    ("damage", "message"),
-    [
-        (lambda src: (src / "model-00002-of-00002.safetensors").unlink(), "is missing"),
-        (lambda src: (src / "config.json").unlink(), "config.json: missing"),
-        (lambda src: (src / "config.json").write_text("{"), "config.json: cannot read JSON"),
-        (lambda src: (src / "model.safetensors.index.json").write_text("[]"), "expected an object with"),
-        (
-            lambda src: (src / "model-00001-of-00002.safetensors").write_bytes(b"\xff" * 16),
-            "model-00001-of-00002.safetensors: header length field says",
-        ),
-        (
-            lambda src: (src / "config.json").write_text(json.dumps({"num_hidden_layers": 5})),
-            "config.json: num_hidden_layers is 5 but the tensors hold 4 layers",
-        ),
-    ],
-    ids=["missing-shard", "no-config", "broken-config", "broken-index", "corrupt-header", "layer-count"],
-)
-def test_broken_source(tmp_path, tiny, damage, message):
-    src, _ = tiny
-    damage(src)
-    result = run_cli("expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "out")
-    assert result.exit_code == DATA, result.output
-    assert message in one_line_error(result.output)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
-
-
-def test_missing_source(tmp_path):
-    result = run_cli("expand", "--src", tmp_path / "nope", "--dup", "1x1", "--out", tmp_path / "out")
-    assert result.exit_code == DATA
-    assert "nope: no such folder" in one_line_error(result.output)
-
-
-def test_verbose_shows_the_traceback(tmp_path):
-    with pytest.raises(Exception, match="no such folder"):
-        run_cli("expand", "--src", tmp_path / "nope", "--dup", "1x1", "--out", tmp_path / "out", "-v")
+    result = run_cli("expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0 and result.output == ""
+    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_interrupted_run_leaves_no_output_and_resumes(tmp_path, monkeypatch):
@@ -185,14 +137,6 @@ def test_out_is_required_to_write(tiny):
     result = run_cli("expand", "--src", src, "--dup", "1x1")
     assert result.exit_code == USAGE
     assert "--out is required" in result.output
-
-
-def test_folder_given_as_file(tmp_path):
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(b"")
-    result = run_cli("expand", "--src", path, "--dup", "1x1", "--out", tmp_path / "o")
-    assert result.exit_code == DATA
-    assert "is a file, expected a checkpoint folder" in one_line_error(result.output)
 
 
 def test_output_that_cannot_be_renamed_into_place_is_refused(tmp_path, tiny, monkeypatch):

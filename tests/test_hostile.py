@@ -371,7 +371,7 @@ CASES = [
     Case(
         "malformed --dup",
         USAGE,
-        ("--dup '3-1'", "expected LAYERxCOPIES such as 31x12", "found '3-1'"),
+        ("--dup '3-1'", "expected LxN (N copies of layer L) such as 31x12", "found '3-1'"),
         args=("--dup", "3-1"),
     ),
     Case(
@@ -411,7 +411,7 @@ CASES = [
         ("--every 5", "expected a step between 1 and 4 (the layer count)"),
         args=("--every", "5"),
     ),
-    Case("nothing to insert", USAGE, ("expand: nothing to insert", "give --dup LAYERxCOPIES or --every STEP"), args=()),
+    Case("nothing to insert", USAGE, ("expand: nothing to insert", "give --dup LxN or --every STEP"), args=()),
     Case(
         "unknown --dtype",
         USAGE,
@@ -485,12 +485,6 @@ def test_hostile_input(tmp_path, case):
     assert len(message.replace(str(tmp_path), "<tmp>")) <= MAX_MESSAGE_CHARS, message
     assert snapshot(src) == before, "the source is byte-identical"
     assert snapshot(tmp_path) == beside, "nothing created beside the output, nothing changed"
-
-
-def test_the_corpus_covers_every_rule():
-    assert len(CASES) >= 30
-    assert len({case.id for case in CASES}) == len(CASES)
-    assert {USAGE, DATA} == {case.code for case in CASES}
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in ("unknown dtype", "missing shard")], ids=str)

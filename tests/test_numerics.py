@@ -21,7 +21,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from shardsurgeon.numerics import CHUNK_ELEMENTS, FLOAT_DTYPES, ChunkConverter, reference
+from shardsurgeon.format import FLOAT_DTYPES
+from shardsurgeon.numerics import CHUNK_ELEMENTS, ChunkConverter
+from shardsurgeon.plan import Convert
+from shardsurgeon.verify import by_definition
 
 DTYPES = ("BF16", "F16", "F32", "F64")
 SCALES = (1.0, 0.7, 1e-3, -2.5, 3.0)
@@ -168,18 +171,21 @@ def torch():
     return pytest.importorskip("torch")
 
 
+def torch_result(torch, raw: np.ndarray, src: str, dst: str, k: float) -> np.ndarray:
+    """``x.to(dst) * k`` on CPU, as bits: what mergekit computes."""
+    dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+    bits = {"BF16": torch.int16, "F16": torch.int16, "F32": torch.int32, "F64": torch.int64}
+    x = torch.from_numpy(raw.view({2: np.int16, 4: np.int32, 8: np.int64}[raw.itemsize]).copy())
+    y = x.view(dtypes[src]).to(dtypes[dst])
+    return (y * k if k != 1.0 else y).view(bits[dst]).numpy().view(BITS[dst])
+
+
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_matches_torch(torch, case: tuple[str, str, float]) -> None:
     """``x.to(dst) * k`` is what mergekit computes; we must give the same bits."""
     src, dst, k = case
-    torch_dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-    torch_bits = {"BF16": torch.int16, "F16": torch.int16, "F32": torch.int32, "F64": torch.int64}
     raw = inputs(src)
-    x = torch.from_numpy(raw.view({2: np.int16, 4: np.int32, 8: np.int64}[raw.itemsize]).copy())
-    y = x.view(torch_dtype[src]).to(torch_dtype[dst])
-    if k != 1.0:
-        y = y * k
-    want = y.view(torch_bits[dst]).numpy().view(BITS[dst])
+    want = torch_result(torch, raw, src, dst, k)
     got = convert_all(raw, src, dst, k)
     assert_same_bits(got, want, dst, nan_sign=source_nan_sign(raw, src, dst) if dst == "BF16" else None)
 
@@ -211,13 +217,14 @@ def test_matches_ml_dtypes(case: tuple[str, str, float]) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_reference_is_the_same_definition(case: tuple[str, str, float]) -> None:
-    """numerics.reference (the slow path and the source of the lookup tables) agrees too."""
+def test_the_verifiers_definition_matches_torch(torch, case: tuple[str, str, float]) -> None:
+    """``verify --src`` recomputes conversions with its own plain arithmetic, not with ChunkConverter;
+    that definition must give torch's bits too, or verify would flag correct outputs."""
     src, dst, k = case
     raw = inputs(src)
-    want = ml_dtypes_expected(raw, src, dst, k)
-    got = np.ascontiguousarray(reference(raw, src, dst, k)).view(BITS[dst])
-    assert_same_bits(got, want, dst, nan_sign=source_nan_sign(raw, src, dst))
+    want = torch_result(torch, raw, src, dst, k)
+    got = np.ascontiguousarray(by_definition(raw.tobytes(), src, Convert(k), dst)).view(BITS[dst])
+    assert_same_bits(got, want, dst, nan_sign=source_nan_sign(raw, src, dst) if dst == "BF16" else None)
 
 
 HAND_WORKED = [

@@ -2,7 +2,7 @@
 
 The expected output of a recipe is derived here from the meaning of the flags (DESIGN.md), not from
 the plan: which source layer each output layer copies, which tensors of the inserted copies are
-zero, and each tensor cast with torch. The output is read back with the independent reader of
+zero, and each tensor cast with ml_dtypes. The output is read back with the independent reader of
 ``conftest`` and compared byte for byte.
 """
 
@@ -13,8 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
-import torch
 from _scratch import scratch_folder
 from conftest import data_order, read_tensors, run_cli, write_tiny_checkpoint
 from hypothesis import HealthCheck, example, given, settings
@@ -126,8 +126,8 @@ def jobs(draw) -> Job:
 def cast(blob: bytes, dtype: str) -> bytes:
     if dtype == "BF16":
         return blob
-    values = torch.frombuffer(bytearray(blob), dtype=torch.bfloat16)
-    return values.to({"F16": torch.float16, "F32": torch.float32}[dtype]).numpy().tobytes()
+    values = np.frombuffer(blob, ml_dtypes.bfloat16).astype(np.float32)  # bf16 -> f32 is exact
+    return values.astype({"F16": np.float16, "F32": np.float32}[dtype]).tobytes()
 
 
 def expected_output(job: Job, data: dict[str, bytes], source_order: list[str]) -> dict[str, tuple[str, bytes]]:

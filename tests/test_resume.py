@@ -1,8 +1,8 @@
 """Crash safety: a real ``python -m shardsurgeon expand`` killed with SIGKILL at chosen points.
 
-The run kills itself through the test hook ``SHARDSURGEON_TEST_KILL_AFTER`` (read once, in
-``rewrite._test_kill_switch``): once N bytes of tensor data are done, or N = total + 1 for the point
-just before the final rename. After each kill the output name does not exist (or still holds the
+The run kills itself through the wrapper ``_killable.py``, which hooks the progress callback from
+outside the library: once N bytes of tensor data are done, or N = total + 1 for the point just
+before the final rename. After each kill the output name does not exist (or still holds the
 old folder), and running the same command again resumes, keeps exactly the shards completed before
 the kill, and gives files byte-identical to an uninterrupted run. Leftovers of another recipe or of
 another source are never reused.
@@ -28,13 +28,13 @@ from _scratch import scratch_folder
 from conftest import folder_bytes, read_tensors, write_tiny_checkpoint
 
 from shardsurgeon.output import PARTIAL_SUFFIX, RESUME_FILE
-from shardsurgeon.rewrite import TEST_KILL_ENV
 
 RECIPE = ["--dup", "5x2", "--zero", "o_proj,down_proj", "--max-shard-size", "100KB"]
 OTHER_RECIPE = ["--dup", "2x1,4x1", "--zero", "mlp", "--max-shard-size", "100KB"]
 STAGING = ".out.shardsurgeon-partial"
 LOCK = ".out.shardsurgeon-lock"
 """Left by a killed run (a lock no process holds any more); the next run takes it and removes it."""
+KILLABLE = Path(__file__).with_name("_killable.py")
 
 
 def make_source(folder: Path) -> None:
@@ -44,11 +44,9 @@ def make_source(folder: Path) -> None:
 
 def expand(cwd: Path, src: Path, recipe: list[str], *extra: str, kill_after: int | str | None = None):
     cwd.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != TEST_KILL_ENV}
-    if kill_after is not None:
-        env[TEST_KILL_ENV] = str(kill_after)
-    command = [sys.executable, "-m", "shardsurgeon", "expand", "--src", str(src), *recipe, "--out", "out", *extra]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    runner = ["-m", "shardsurgeon"] if kill_after is None else [str(KILLABLE), str(kill_after)]
+    command = [sys.executable, *runner, "expand", "--src", str(src), *recipe, "--out", "out", *extra]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 @dataclass(frozen=True)

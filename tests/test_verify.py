@@ -356,3 +356,26 @@ def test_merge_computed_in_one_dtype_and_written_in_another(tmp_path):
         f"model.safetensors: tensor {name!r}: differs from {name} of {src / 'model.safetensors'} cast to F16 "
         f"scaled by 0.3, then to F32 at byte {len(read_tensors(out)[name][2]) - 1} of the tensor"
     ]
+
+
+def test_a_converter_bug_does_not_pass_verification(tmp_path, tiny, monkeypatch):
+    """verify recomputes casts by the definition, not with the executor's converters: a wrong
+    rounding in ChunkConverter (here, the last bit of every converted value flipped) is caught."""
+    from shardsurgeon import numerics
+
+    src, _ = tiny
+    real = numerics.ChunkConverter.convert
+
+    def off_by_one_bit(self, chunk):
+        out = real(self, chunk)
+        out.cast("B")[0::2] = bytes(b ^ 1 for b in out.cast("B")[0::2])
+        return out
+
+    monkeypatch.setattr(numerics.ChunkConverter, "convert", off_by_one_bit)
+    out = expand(src, tmp_path / "out", "--dup", "3x1", "--dtype", "float16")
+    monkeypatch.undo()
+    code, lines = verify(out, src)
+    assert code == 1
+    found = problems(lines)
+    assert found and all("differs from" in line and "cast to F16 at byte 0 of the tensor" in line for line in found)
+    assert len(found) == len(read_tensors(out))

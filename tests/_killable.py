@@ -1,0 +1,54 @@
+"""Run the shardsurgeon CLI and stop it by a signal to itself at a chosen point of its work.
+
+    python tests/_killable.py N[:SIGNAL] expand --src ... --out ...
+
+Once N bytes of tensor data are done (as the progress callback counts them, kept shards included),
+or at N = total + 1 just before the finished output is moved into place, the process sends itself
+SIGKILL (or the signal named, such as SIGINT for a Ctrl-C). The library has no hook for this: the
+wrapper passes its own progress callback to the writer and wraps the commit, from outside.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from shardsurgeon import api, output
+from shardsurgeon.cli import main
+
+
+def install(limit: int, sent: signal.Signals) -> None:
+    done = 0
+
+    def count(nbytes: int) -> None:
+        nonlocal done, limit
+        done += nbytes
+        if limit and done >= limit:
+            limit = 0
+            os.kill(os.getpid(), sent)
+
+    write_checkpoint, commit = api.write_checkpoint, output.Destination.commit
+
+    def counted_write(*args: Any, progress: Any = None, **kwargs: Any) -> Any:
+        def both(nbytes: int) -> None:
+            if progress is not None:
+                progress(nbytes)
+            count(nbytes)
+
+        return write_checkpoint(*args, progress=both, **kwargs)
+
+    def counted_commit(*args: Any, **kwargs: Any) -> Any:
+        count(1)  # the final rename counts as one more byte
+        return commit(*args, **kwargs)
+
+    api.write_checkpoint = counted_write  # type: ignore[assignment]
+    output.Destination.commit = counted_commit  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    limit_text, _, signal_name = sys.argv.pop(1).partition(":")
+    install(int(limit_text), signal.Signals[signal_name or "SIGKILL"])
+    sys.argv[0] = "shardsurgeon"
+    main()
