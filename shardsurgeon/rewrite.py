@@ -155,7 +155,7 @@ def _resume_key(plan: Plan, layout: Layout, sources: Mapping[str, Source]) -> st
     for model in sources.values():
         for source in model.checkpoint.shards:
             stat = source.path.stat()
-            identity = (
+            seen = (  # not named identity: that is the module
                 source.path.resolve(),
                 stat.st_size,
                 stat.st_mtime_ns,
@@ -163,5 +163,5 @@ def _resume_key(plan: Plan, layout: Layout, sources: Mapping[str, Source]) -> st
                 stat.st_ino,
                 stat.st_ctime_ns,
             )
-            digest.update(repr(identity).encode())
+            digest.update(repr(seen).encode())
     return digest.hexdigest()
