@@ -84,7 +84,12 @@ def _write(
     out = destination.out
     progress = progress or (lambda nbytes: None)
     donor = sources[plan.recipe.donor]
-    sources_seen = identity.record(shard.path for source in sources.values() for shard in source.checkpoint.shards)
+    # as the plan saw them: a source that changed between planning and writing is caught too
+    sources_seen = [
+        shard.identity or identity.record([shard.path])[0]
+        for source in sources.values()
+        for shard in source.checkpoint.shards
+    ]
     staging, _ = output.open_staging(out, _resume_key(plan, layout, sources))
     done = {s.name for s in layout.shards if output.completed_shard(staging / s.name, s)}
     output.remove_strays(staging, done)
