@@ -14,18 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardsurgeon.arch import NO_HINT, StackHint, resolve_zero_filters
-from shardsurgeon.errors import OutputError, RecipeError
+from shardsurgeon.errors import RecipeError
 from shardsurgeon.format import cast_target
 from shardsurgeon.hfcache import resolve_model
 from shardsurgeon.hfdir import model_card
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, plan_layout
 from shardsurgeon.mergekit import merge_recipe, parse_config, to_mergekit_yaml
-from shardsurgeon.output import check_outside_sources
 from shardsurgeon.plan import Plan, make_plan
 from shardsurgeon.recipe import Recipe, expand_recipe, recipe_to_json
-from shardsurgeon.report import describe_expansion, describe_merge, plan_json
+from shardsurgeon.report import describe_expansion, describe_merge
 from shardsurgeon.rewrite import RunResult, write_checkpoint
-from shardsurgeon.smallfile import MAX_RECIPE_BYTES, check_writable_target, read_small
+from shardsurgeon.runners import Runner
+from shardsurgeon.smallfile import MAX_RECIPE_BYTES, read_small
 from shardsurgeon.source import Source, open_source
 from shardsurgeon.units import Progress, ShardStarted
 
@@ -40,6 +40,8 @@ class Job:
     layout: Layout
     description: str
     mergekit_yaml: str
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    stack_hint: StackHint = NO_HINT
 
     @property
     def base_models(self) -> list[str]:
@@ -76,9 +78,11 @@ def plan_expand(
         sources,
         recipe,
         plan,
-        _layout(recipe, plan, sources, max_shard_bytes),
+        job_layout(recipe, plan, sources, max_shard_bytes),
         describe_expansion(plan, source.published_name),
         to_mergekit_yaml(recipe, sources),
+        max_shard_bytes,
+        stack_hint,
     )
 
 
@@ -107,26 +111,18 @@ def plan_merge(
         sources,
         recipe,
         plan,
-        _layout(recipe, plan, sources, max_shard_bytes),
+        job_layout(recipe, plan, sources, max_shard_bytes),
         describe_merge(plan, names),
         text,
+        max_shard_bytes,
+        stack_hint,
     )
 
 
-def _layout(recipe: Recipe, plan: Plan, sources: dict[str, Source], max_shard_bytes: int) -> Layout:
+def job_layout(recipe: Recipe, plan: Plan, sources: dict[str, Source], max_shard_bytes: int) -> Layout:
     """The shards, each recording the recipe by published model names so ``verify`` can re-derive it."""
     names = {model: source.published_name for model, source in sources.items()}
     return plan_layout(plan, max_shard_bytes, {RECIPE_METADATA_KEY: recipe_to_json(recipe, names)})
-
-
-def write_plan_json(job: Job, path: str | Path) -> None:
-    """Save the plan as JSON at ``path``, which must not lie inside a source."""
-    check_outside_sources(Path(path), [s.folder for s in job.sources.values()], "--plan-json", "file")
-    check_writable_target(Path(path), OutputError, "--plan-json")
-    try:
-        Path(path).write_bytes(plan_json(job.plan, job.layout))
-    except OSError as e:
-        raise OutputError(f"--plan-json {path}: cannot write: {e.strerror or e}") from None
 
 
 def run_job(
@@ -138,20 +134,26 @@ def run_job(
     dense: bool = False,
     progress: Progress | None = None,
     on_shard: ShardStarted | None = None,
+    runner: Runner | None = None,
 ) -> RunResult:
     """Write ``job`` to ``out``; ``command`` is the command line recorded in the model card.
 
-    ``progress`` and ``on_shard`` are :func:`write_checkpoint`'s.
+    ``progress``, ``on_shard`` and ``runner`` (who writes the shards) are :func:`write_checkpoint`'s.
     """
-    card = model_card(job.plan, job.base_models, command, job.description, job.mergekit_yaml)
     return write_checkpoint(
         job.plan,
         job.layout,
         Path(out),
         job.sources,
-        model_card=card,
+        model_card=card_of(job, command),
         force=force,
         dense=dense,
         progress=progress,
         on_shard=on_shard,
+        runner=runner,
     )
+
+
+def card_of(job: Job, command: str) -> str:
+    """The model card of ``job``'s output, recording ``command``."""
+    return model_card(job.plan, job.base_models, command, job.description, job.mergekit_yaml)

@@ -22,7 +22,7 @@ import click
 from click.core import ParameterSource
 
 from shardsurgeon import __version__
-from shardsurgeon.api import Job, plan_expand, plan_merge, run_job, write_plan_json
+from shardsurgeon.api import Job, card_of, plan_expand, plan_merge, run_job
 from shardsurgeon.arch import StackHint
 from shardsurgeon.checkpoint import open_checkpoint
 from shardsurgeon.errors import DestinationError, RecipeError, ShardSurgeonError, safe_text
@@ -31,10 +31,12 @@ from shardsurgeon.inspect import describe_checkpoint
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout
 from shardsurgeon.mergekit_options import MERGEKIT_FLAGS, MergekitFlag, parse_out_shard_size
 from shardsurgeon.plan import Plan
+from shardsurgeon.planfile import PlannedJob, load_plan_file, plan_file_bytes, plan_key, write_plan_file
 from shardsurgeon.progress import LINE_INTERVAL_SECONDS, advance, begin_shard, figures, start_tally
 from shardsurgeon.recipe import parse_dup, parse_filters
-from shardsurgeon.report import dry_run_text, plan_json
-from shardsurgeon.rewrite import RunResult
+from shardsurgeon.report import dry_run_text
+from shardsurgeon.rewrite import RunResult, finalize_checkpoint, write_some_shards
+from shardsurgeon.runners import Processes, Runner, select_shards
 from shardsurgeon.units import Progress, ShardStarted, format_bytes, parse_size
 from shardsurgeon.verify import VerifyReport, compare_with_plan, shard_files, verify_checkpoint
 
@@ -132,11 +134,51 @@ def _writing_options(command: F) -> F:
         click.option("--plan-json", type=click.Path(path_type=Path), help="Write the plan as JSON here ('-': stdout)."),
         click.option("--layer-prefix", help="Layer stack prefix, e.g. model.layers, when it cannot be detected."),
         click.option("--layers-key", help="config.json key that counts the layers, when it cannot be detected."),
+        *_runner_options(),
     ]
     command = _verbosity(command)
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _runner_options() -> list[Callable[[F], F]]:
+    """Who writes the shards: ``--jobs N`` processes here, or tasks on a Ray cluster."""
+    return [
+        click.option(
+            "--jobs",
+            type=click.IntRange(1, 256),
+            default=1,
+            metavar="N",
+            help="Write shards with N processes (helps casts, which use a core each; see README).",
+        ),
+        click.option(
+            "--ray",
+            "ray_address",
+            is_flag=False,
+            flag_value="auto",
+            default=None,
+            metavar="[ADDRESS]",
+            help="Write shards as tasks on a Ray cluster (pip install 'shardsurgeon[ray]'); sources and output "
+            "must be on a filesystem every node sees.",
+        ),
+    ]
+
+
+def _runner_options_of(command: F) -> F:
+    for option in reversed(_runner_options()):
+        command = option(command)
+    return command
+
+
+def _runner(jobs: int, ray_address: str | None) -> Runner | None:
+    if ray_address is not None and jobs > 1:
+        raise click.UsageError("--jobs and --ray: give one of them (Ray decides how many tasks run at once)")
+    if ray_address is not None:
+        from shardsurgeon.raytasks import RayTasks
+
+        return RayTasks(ray_address)
+    return Processes(jobs) if jobs > 1 else None
 
 
 def _reports_errors(command: F) -> F:
@@ -223,6 +265,8 @@ def expand(
     plan_json: Path | None,
     layer_prefix: str | None,
     layers_key: str | None,
+    jobs: int,
+    ray_address: str | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
@@ -254,9 +298,9 @@ def expand(
         dense=dense,
         layer_prefix=layer_prefix,
         layers_key=layers_key,
-        out=out,
     )
-    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet)
+    runner = _runner(jobs, ray_address)
+    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner)
 
 
 def _plan_or_run(
@@ -268,22 +312,33 @@ def _plan_or_run(
     force: bool,
     dense: bool,
     quiet: bool,
+    runner: Runner | None,
 ) -> None:
+    """``command`` is the command line without ``--out``: the plan file records it so, and a run
+    adds the output it writes to."""
     if plan_json_path is not None:
         if str(plan_json_path) == "-":
-            click.echo(plan_json(job.plan, job.layout).decode(), nl=False)
+            click.echo(plan_file_bytes(job, command).decode(), nl=False)
         else:
-            write_plan_json(job, plan_json_path)
+            write_plan_file(job, plan_json_path, command)
     if dry_run:
         click.echo(dry_run_text(job.plan, job.layout))
     if out is None or dry_run:
         return
+    planned = PlannedJob(job, command)
     with _progress(job.layout, quiet) as (progress, on_shard):
-        result = run_job(job, out, command=command, force=force, dense=dense, progress=progress, on_shard=on_shard)
+        result = run_job(
+            job, out, command=planned.command_to(out), force=force, dense=dense, progress=progress,
+            on_shard=on_shard, runner=runner,
+        )  # fmt: skip
+    _report(job.plan, result, quiet)
+
+
+def _report(plan: Plan, result: RunResult, quiet: bool) -> None:
     if not quiet:
         for note in result.notes:
             click.echo(f"shardsurgeon: note: {note}", err=True)
-        click.echo(_summary(job.plan, result), err=True)
+        click.echo(_summary(plan, result), err=True)
 
 
 def _mergekit_flags(command: F) -> F:
@@ -342,6 +397,8 @@ def merge(
     plan_json: Path | None,
     layer_prefix: str | None,
     layers_key: str | None,
+    jobs: int,
+    ray_address: str | None,
     quiet: bool,
     verbose: bool,
     no_effect: list[MergekitFlag],
@@ -379,9 +436,85 @@ def merge(
         dense=dense,
         layer_prefix=layer_prefix,
         layers_key=layers_key,
-        out=out,
     ).replace("--config ", "")
-    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet)
+    runner = _runner(jobs, ray_address)
+    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner)
+
+
+@cli.command()
+@click.argument("plan_file", metavar="PLAN", type=click.Path(path_type=Path))
+@click.argument("out_argument", metavar="[OUT]", required=False, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (shared by every writer of the plan).")
+@click.option(
+    "--shards",
+    metavar="SPEC",
+    help="Write only these shards, for a later --finalize: K/N (the K-th of N groups of about equal bytes) or "
+    "numbers and ranges from 1 such as 1,3,5-7.",
+)
+@click.option("--finalize", is_flag=True, help="Check every shard is written, then publish the output.")
+@click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder (when publishing).")
+@_runner_options_of
+@_verbosity
+@_reports_errors
+def apply(
+    plan_file: Path,
+    out_argument: Path | None,
+    out: Path | None,
+    shards: str | None,
+    finalize: bool,
+    dense: bool,
+    force: bool,
+    jobs: int,
+    ray_address: str | None,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Write the output of a plan file (expand|merge ... --plan-json PLAN), whole or in parts.
+
+    The parts can run anywhere the sources and the output folder are seen at the same paths: a
+    Slurm array, a Kubernetes Indexed Job, GNU parallel. Sources that changed since the plan was
+    made are refused; the output is the same bytes whoever wrote which shard.
+
+    \b
+    shardsurgeon apply plan.json ./out                    # the whole job, as the run itself would
+    shardsurgeon apply plan.json ./out --shards 3/8       # one writer of eight
+    shardsurgeon apply plan.json ./out --finalize         # once all eight are done
+    """
+    out = _one_output(out_argument, out)
+    if out is None:
+        raise click.UsageError("give the output folder (OUT or --out)")
+    if shards is not None and finalize:
+        raise click.UsageError("--shards and --finalize: a writer writes, and the finalize step runs once after all")
+    planned = load_plan_file(plan_file)
+    job, key = planned.job, plan_key(planned.job)
+    if finalize:
+        card = card_of(job, planned.command_to(out))
+        result = finalize_checkpoint(job.plan, job.layout, out, job.sources, plan_key=key, model_card=card, force=force)
+        _report(job.plan, result, quiet)
+        return
+    if shards is None:
+        with _progress(job.layout, quiet) as (progress, on_shard):
+            result = run_job(
+                job, out, command=planned.command_to(out), force=force, dense=dense, progress=progress,
+                on_shard=on_shard, runner=_runner(jobs, ray_address),
+            )  # fmt: skip
+        _report(job.plan, result, quiet)
+        return
+    chosen = [shard.name for shard in select_shards(shards, job.layout.shards)]
+    with _progress(job.layout, quiet) as (progress, on_shard):
+        result = write_some_shards(
+            job.layout, out, job.sources, chosen, plan_key=key, dense=dense, progress=progress, on_shard=on_shard
+        )
+    if not quiet:
+        kept = f" ({result.shards_reused} already there)" if result.shards_reused else ""
+        click.echo(
+            f"shardsurgeon apply: {result.shards} of {len(job.layout.shards)} shards written{kept}, "
+            f"{format_bytes(result.written)} written, {format_bytes(result.holes)} left as holes, "
+            f"{result.seconds:.1f} s; publish with: shardsurgeon apply {shlex.quote(str(plan_file))} "
+            f"{shlex.quote(str(out))} --finalize",
+            err=True,
+        )
 
 
 def _one_output(argument: Path | None, option: Path | None) -> Path | None:

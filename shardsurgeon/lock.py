@@ -1,4 +1,9 @@
-"""An exclusive, non-blocking lock held by one process through a lock file, naming its holder.
+"""A non-blocking lock held through a lock file: exclusive, naming its holder, or shared.
+
+Shared locks let the writers of one distributed job (``apply --shards``) work side by side while
+keeping out any exclusive holder (a run, a finalize), and the other way round. A shared holder
+never removes the file nor writes its name in it; where the filesystem cannot lock, a shared lock
+is only best effort (no lock) and says so through :attr:`Lock.held`.
 
 Locks with ``flock`` where the filesystem supports it (the kernel drops the lock when its process
 dies, however it dies), with ``msvcrt.locking`` on Windows, and else by creating the file with
@@ -43,11 +48,12 @@ class Holder:
 class Lock:
     """A held lock; a context manager that releases it (and removes its file) on exit."""
 
-    def __init__(self, path: Path, fd: int | None):
+    def __init__(self, path: Path, fd: int | None, *, shared: bool = False, held: bool = True):
         self.path = path
+        self.held = held
         self._fd = fd
         """The locked descriptor (``flock``, ``msvcrt``); None when the lock is the file's existence."""
-        self._identity = _identity(path)
+        self._identity = None if shared else _identity(path)
 
     def release(self) -> None:
         """Remove the lock file if it is still ours, then unlock: a process that opened the file just
@@ -66,7 +72,7 @@ class Lock:
         self.release()
 
 
-def acquire(path: Path, what: str) -> Lock:
+def acquire(path: Path, what: str, *, shared: bool = False) -> Lock:
     """Take the lock of ``path`` or raise OutputError naming ``what`` is locked and by whom."""
     for _ in range(_ATTEMPTS):
         try:
@@ -74,8 +80,10 @@ def acquire(path: Path, what: str) -> Lock:
         except OSError as e:
             raise OutputError(f"{what}: cannot create the lock file {safe_text(path)}: {e.strerror or e}") from None
         try:
-            if not _lock_fd(fd):
+            if not _lock_fd(fd, shared):
                 os.close(fd)
+                if shared:
+                    return Lock(path, None, shared=True, held=False)
                 return _acquire_by_creation(path, what)
         except BlockingIOError:
             holder = _read_holder(fd)
@@ -85,15 +93,20 @@ def acquire(path: Path, what: str) -> Lock:
             os.close(fd)
             raise OutputError(f"{what}: cannot lock {safe_text(path)}: {e.strerror or e}") from None
         if _identity_fd(fd) == _identity(path):  # else the holder removed it while we waited: retry
+            if shared:
+                return Lock(path, fd, shared=True)
             _write_holder(fd)
             return Lock(path, fd)
         os.close(fd)
     raise OutputError(f"{what}: cannot lock {safe_text(path)}: it keeps being replaced; run again")
 
 
-def _lock_fd(fd: int) -> bool:
-    """Lock ``fd`` without waiting; False when this filesystem cannot lock files at all."""
+def _lock_fd(fd: int, shared: bool = False) -> bool:
+    """Lock ``fd`` without waiting; False when this filesystem cannot lock files at all (or, on
+    Windows, for a shared lock, which ``msvcrt`` cannot take)."""
     if sys.platform == "win32":
+        if shared:
+            return False
         import msvcrt
 
         try:  # a byte past the holder record, which other processes can then still read
@@ -105,7 +118,7 @@ def _lock_fd(fd: int) -> bool:
     import fcntl
 
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in _NO_LOCKING:
             return False
@@ -138,7 +151,7 @@ def _acquire_by_creation(path: Path, what: str) -> Lock:
 
 
 def _busy(what: str, holder: Holder | None, path: Path, *, stale_hint: bool) -> str:
-    who = str(holder) if holder is not None else f"holder unknown, lock file {safe_text(path)}"
+    who = str(holder) if holder is not None else f"or its apply --shards writers; lock file {safe_text(path)}"
     advice = "wait for it to finish, or stop it and run the same command again to resume"
     if stale_hint:
         advice += f"; if no such run exists, delete {safe_text(path)}"

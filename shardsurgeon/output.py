@@ -116,6 +116,86 @@ class Destination:
         return type(error)(f"{error} (first, {'; '.join(self.notes)})")
 
 
+class Workers:
+    """The output claimed by one of the writers of a distributed job (``apply --shards``); a context
+    manager giving the staging folder of ``plan_key``.
+
+    Writers share the output's lock with one another, which keeps out a run or a finalize (they
+    take it alone). The staging folder is created for ``plan_key`` if there is none, and refused if
+    it belongs to another plan or run: a writer never removes what it did not write. Nothing is
+    published here.
+    """
+
+    def __init__(self, out: Path, sources: Iterable[Path], *, files: Iterable[Path] = (), plan_key: str):
+        self.out = out
+        self._sources = list(sources)
+        self._files = list(files)
+        self._key = plan_key
+        self._created: list[Path] = []
+        self._lock: lock.Lock | None = None
+
+    def __enter__(self) -> Path:
+        check_outside_sources(self.out, self._sources, "--out", files=self._files)
+        self._created = _make_parents(self.out)
+        try:
+            self._lock = lock.acquire(lock_file(self.out), f"--out {safe_text(self.out)}", shared=True)
+            if publish.sibling(self.out, "commit").exists():
+                raise OutputError(
+                    f"--out {safe_text(self.out)}: a commit was interrupted here; run apply PLAN --finalize "
+                    "(or the run that made it) to recover it first"
+                )
+            return _claim_staging(self.out, self._key)
+        except BaseException:
+            self._release(failed=True)
+            raise
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self._release(failed=value is not None)
+
+    def _release(self, *, failed: bool) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if failed:
+            for folder in reversed(self._created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        self._created = []
+
+
+def _claim_staging(out: Path, key: str) -> Path:
+    """The staging folder of ``out`` for ``key``: made if missing, refused if another key's."""
+    staging = staging_folder(out)
+    marker = staging / RESUME_FILE
+    try:
+        staging.mkdir(exist_ok=True)
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(key)
+    except OSError as e:
+        raise OutputError(f"{safe_text(staging)}: cannot prepare the output: {e.strerror or e}") from None
+    if not staging_matches(out, key):
+        raise OutputError(
+            f"--out {safe_text(out)}: {safe_text(staging.name)} holds the shards of another plan or run; finalize "
+            "or finish that one, or remove the folder, then write this plan's shards"
+        )
+    return staging
+
+
+def staging_matches(out: Path, key: str) -> bool:
+    """Whether ``out``'s staging folder holds the work of ``key`` (a plan, or a run's resume key)."""
+    try:
+        return (staging_folder(out) / RESUME_FILE).read_text() == key
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def check_destination(out: Path, sources: Iterable[Path], force: bool, *, files: Iterable[Path] = ()) -> None:
     """Refuse an output that is, holds or lies inside a source or a folder its files live in (see
     :func:`check_outside_sources`), that cannot be renamed into place, or that is non-empty without

@@ -11,15 +11,15 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from shardsurgeon import hfdir, identity, output
-from shardsurgeon.errors import OutputError
-from shardsurgeon.execute import ShardWriter, SourceFiles
+from shardsurgeon.errors import OutputError, safe_text
 from shardsurgeon.layout import Layout, ShardLayout
 from shardsurgeon.plan import Plan, Zeros
+from shardsurgeon.runners import InProcess, Runner, worker_tag, write_shards
 from shardsurgeon.source import Source
 from shardsurgeon.units import Progress, ShardStarted
 
@@ -53,21 +53,115 @@ def write_checkpoint(
     dense: bool = False,
     progress: Progress | None = None,
     on_shard: ShardStarted | None = None,
+    runner: Runner | None = None,
 ) -> RunResult:
     """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run.
 
     ``progress`` counts tensor bytes (those of shards kept from an interrupted run first);
-    ``on_shard`` is told each shard that is written, as it begins. The output is claimed for the
-    whole run (checked, locked, recovered: see ``output.Destination``) and published only if no
-    source file changed meanwhile.
+    ``on_shard`` is told each shard that is written, as it begins; ``runner`` writes the shards
+    (default: this process). The output is claimed for the whole run (checked, locked, recovered:
+    see ``output.Destination``) and published only if no source file changed meanwhile.
     """
-    if out.name in ("", ".", ".."):  # no name to give the staging sibling: use the absolute path
-        out = Path(os.path.abspath(out))
-    shard_paths = [shard.path for source in sources.values() for shard in source.checkpoint.shards]
-    folders = [source.folder for source in sources.values()]
-    with output.Destination(out, folders, force, files=shard_paths) as destination:
-        result = _write(plan, layout, destination, sources, model_card, dense, progress, on_shard)
+    out = _named(out)
+    with output.Destination(out, _folders(sources), force, files=_shard_paths(sources)) as destination:
+        result = _write(plan, layout, destination, sources, model_card, dense, progress, on_shard, runner)
     return dataclasses.replace(result, notes=destination.notes)
+
+
+def write_some_shards(
+    layout: Layout,
+    out: Path,
+    sources: Mapping[str, Source],
+    names: Sequence[str],
+    *,
+    plan_key: str,
+    dense: bool = False,
+    progress: Progress | None = None,
+    on_shard: ShardStarted | None = None,
+) -> RunResult:
+    """Write the shards ``names`` of ``layout`` into ``out``'s staging folder, for a later
+    :func:`finalize_checkpoint`; shards already complete there are kept.
+
+    One of many writers of a distributed job, on this machine or another sharing the folder: it
+    takes the output's lock shared with the others (a run or a finalize, which lock it alone, is
+    refused meanwhile), and its staging folder is the one of ``plan_key``, the same on every
+    machine. Nothing is published.
+    """
+    out = _named(out)
+    started = time.monotonic()
+    progress = progress or (lambda nbytes: None)
+    with output.Workers(out, _folders(sources), files=_shard_paths(sources), plan_key=plan_key) as staging:
+        wanted = [shard for shard in layout.shards if shard.name in set(names)]
+        done = [s for s in wanted if output.completed_shard(staging / s.name, s)]
+        todo = [s for s in wanted if s not in done]
+        output.check_room(staging, sum(_bytes_to_write(s, dense) for s in todo))
+        for shard in done:
+            progress(shard.nbytes - len(shard.header))
+        begins = _announcer(layout, on_shard)
+        written = write_shards(todo, staging, dense, progress, begins, worker_tag())
+    return RunResult(
+        out, sum(len(s.tensors) for s in wanted), len(wanted), len(done), written.written, written.holes,
+        time.monotonic() - started,
+    )  # fmt: skip
+
+
+def finalize_checkpoint(
+    plan: Plan,
+    layout: Layout,
+    out: Path,
+    sources: Mapping[str, Source],
+    *,
+    plan_key: str,
+    model_card: str,
+    force: bool = False,
+) -> RunResult:
+    """Publish what :func:`write_some_shards` wrote under ``plan_key``: every shard must be there,
+    complete; then the small files are written and the folder is moved into place as a run would."""
+    out = _named(out)
+    started = time.monotonic()
+    with output.Destination(out, _folders(sources), force, files=_shard_paths(sources)) as destination:
+        staging = output.staging_folder(out)
+        if not output.staging_matches(out, plan_key):
+            raise OutputError(
+                f"--out {safe_text(out)}: no shards of this plan are waiting in {safe_text(staging.name)}; "
+                "write them first with apply PLAN --shards ..."
+            )
+        missing = [s.name for s in layout.shards if not output.completed_shard(staging / s.name, s)]
+        if missing:
+            raise OutputError(
+                f"--out {safe_text(out)}: {len(missing)} of {len(layout.shards)} shards are missing or incomplete "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); write them with apply PLAN "
+                "--shards, then finalize again"
+            )
+        output.remove_strays(staging, {s.name for s in layout.shards})
+        _publish(plan, layout, destination, staging, sources, model_card)
+    return RunResult(
+        out, len(plan.tensors), len(layout.shards), len(layout.shards), 0, 0, time.monotonic() - started,
+        destination.notes,
+    )  # fmt: skip
+
+
+def _named(out: Path) -> Path:
+    """``out`` with a name to give its siblings (``.`` and ``..`` become absolute paths)."""
+    return Path(os.path.abspath(out)) if out.name in ("", ".", "..") else out
+
+
+def _folders(sources: Mapping[str, Source]) -> list[Path]:
+    return [source.folder for source in sources.values()]
+
+
+def _shard_paths(sources: Mapping[str, Source]) -> list[Path]:
+    return [shard.path for source in sources.values() for shard in source.checkpoint.shards]
+
+
+def _announcer(layout: Layout, on_shard: ShardStarted | None) -> Callable[[ShardLayout], None]:
+    numbers = {shard.name: number for number, shard in enumerate(layout.shards, start=1)}
+
+    def begins(shard: ShardLayout) -> None:
+        if on_shard is not None:
+            on_shard(shard.name, numbers[shard.name], len(layout.shards))
+
+    return begins
 
 
 def _write(
@@ -79,17 +173,11 @@ def _write(
     dense: bool,
     progress: Progress | None,
     on_shard: ShardStarted | None,
+    runner: Runner | None,
 ) -> RunResult:
     started = time.monotonic()
     out = destination.out
     progress = progress or (lambda nbytes: None)
-    donor = sources[plan.recipe.donor]
-    # as the plan saw them: a source that changed between planning and writing is caught too
-    sources_seen = [
-        shard.identity or identity.record([shard.path])[0]
-        for source in sources.values()
-        for shard in source.checkpoint.shards
-    ]
     staging, _ = output.open_staging(out, _resume_key(plan, layout, sources))
     done = {s.name for s in layout.shards if output.completed_shard(staging / s.name, s)}
     output.remove_strays(staging, done)
@@ -103,20 +191,31 @@ def _write(
     for shard in layout.shards:
         if shard.name in done:
             progress(shard.nbytes - len(shard.header))
-    written = holes = 0
-    with SourceFiles() as files, ShardWriter(files, dense=dense, progress=progress) as writer:
-        for shard in todo:
-            if on_shard is not None:
-                on_shard(shard.name, layout.shards.index(shard) + 1, len(layout.shards))
-            partial = staging / (shard.name + output.PARTIAL_SUFFIX)
-            stats = writer.write(shard, partial)
-            partial.rename(staging / shard.name)
-            written += stats.written
-            holes += stats.holes
-    _write_small_files(staging, plan, layout, donor.folder, model_card)
-    identity.check_unchanged(sources_seen)
+    written = (runner or InProcess()).run(todo, staging, dense, progress, _announcer(layout, on_shard))
+    _publish(plan, layout, destination, staging, sources, model_card)
+    return RunResult(
+        out, len(plan.tensors), len(layout.shards), len(done), written.written, written.holes,
+        time.monotonic() - started,
+    )  # fmt: skip
+
+
+def _publish(
+    plan: Plan,
+    layout: Layout,
+    destination: output.Destination,
+    staging: Path,
+    sources: Mapping[str, Source],
+    model_card: str,
+) -> None:
+    """The small files, a last check that no source changed since it was read, and the commit."""
+    _write_small_files(staging, plan, layout, sources[plan.recipe.donor].folder, model_card)
+    # as the plan saw them: a source that changed between planning and writing is caught too
+    identity.check_unchanged(
+        shard.identity or identity.record([shard.path])[0]
+        for source in sources.values()
+        for shard in source.checkpoint.shards
+    )
     destination.commit(staging)
-    return RunResult(out, len(plan.tensors), len(layout.shards), len(done), written, holes, time.monotonic() - started)
 
 
 def _write_small_files(staging: Path, plan: Plan, layout: Layout, donor: Path, model_card: str) -> None:
