@@ -1,0 +1,502 @@
+"""Red-team findings against the fixed code of issue 12 (DESIGN.md's promises, issue 12's classes).
+
+Each test asserts the promised behaviour and is marked ``xfail(strict=True)`` with the cause found:
+it fails today, and a fix makes it pass, which strict mode reports, so the mark is removed with the
+fix. Letters follow the report's order: A corrupt output or a modified source, B unbounded memory or
+time, C tracebacks and internal errors, D unclear messages. Each test builds its own tiny
+checkpoint; the file runs in about 16 s (the B tests stop children at 200 MB or after 4-12 s).
+Helpers (the child process with its hooks, the one-line checks) come from ``test_hostile_classes``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import folder_bytes, read_tensors, run_cli, write_tiny_checkpoint
+from test_hostile_classes import (
+    DATA,
+    HANG_SECONDS,
+    LOCK,
+    MEMORY_LIMIT_MB,
+    RECIPE,
+    STAGING,
+    USAGE,
+    Child,
+    child,
+    edit_recorded_recipe,
+    expand_here,
+    front_matter,
+    one_line,
+    reference,
+    refused,
+    rename_tensor,
+    tree,
+    valid_or_refused,
+)
+
+import shardsurgeon
+from shardsurgeon.demo import mistral_config
+
+ROOT = str(Path(shardsurgeon.__file__).parents[1])
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+
+
+def xfail(reason: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    folder = tmp_path / "src"
+    write_tiny_checkpoint(folder, layers=4, shards=2, extra_files={"tokenizer_config.json": '{"bos_token": "<s>"}'})
+    return folder
+
+
+def peak_rss_mb(cwd: Path, *args: str | Path, timeout: float = 30) -> tuple[int, float, str]:
+    """Run ``shardsurgeon *args`` in a child without limits; its exit status, peak RSS (MB), stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shardsurgeon", *map(os.fsdecode, args)],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            process.kill()
+            pid, status, usage = os.wait4(process.pid, 0)
+            break
+        time.sleep(0.02)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    err = process.stderr.read() if process.stderr else ""
+    return process.returncode, usage.ru_maxrss / 1024, err
+
+
+def with_closed(fds: str, cwd: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``shardsurgeon *args`` with standard output (``>&-``) or error (``2>&-``) closed, as cron and
+    daemons start programs; the other stream is captured."""
+    command = [sys.executable, "-m", "shardsurgeon", *map(os.fsdecode, args)]
+    return subprocess.run(
+        ["bash", "-c", f'exec "$@" {fds}', "bash", *command],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+# == A. corrupt output or source modified ===========================================================
+
+
+@xfail("output.Destination protects the sources but not --out's own hidden siblings: open_staging "
+       "rmtree()s a staging folder that is the source")  # fmt: skip
+def test_a1_a_source_that_is_the_outputs_staging_folder_is_not_deleted(tmp_path, src):
+    """A run whose commit was refused leaves "the finished output waiting in .out.shardsurgeon-partial";
+    using that folder as the source of a run to ``out`` deletes it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    waiting = run / STAGING
+    shutil.copytree(src, waiting)
+    (waiting / ".shardsurgeon-resume").write_text("the key of the run that left it")
+    before = tree(waiting)
+    result = expand_here(run, waiting, recipe=("--dup", "1x1"))
+    if result.exit_code != 0:
+        refused(result.exit_code, result.output, (USAGE, DATA), re.escape(STAGING))
+    assert tree(waiting) == before, "the source folder was deleted"
+
+
+@pytest.mark.parametrize("out_exists", [True, False], ids=["out exists, --force", "out missing"])
+@xfail("publish.recover removes or renames .NAME.shardsurgeon-old (no journal) before checking that it "
+       "is not a source")  # fmt: skip
+def test_a2_a_source_that_is_the_outputs_old_folder_is_not_deleted_or_moved(tmp_path, src, out_exists):
+    """An earlier version hid the replaced output in ``.out.shardsurgeon-old``; a user who rebuilds
+    ``out`` from it loses it (deleted with --force, or renamed to ``out`` and then refused)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    old = run / ".out.shardsurgeon-old"
+    shutil.copytree(src, old)
+    if out_exists:
+        (run / "out").mkdir()
+        (run / "out" / "mine.txt").write_text("mine")
+    before = tree(old)
+    result = expand_here(run, old, *(["--force"] if out_exists else []), recipe=("--dup", "1x1"))
+    assert tree(old) == before, "the source folder was deleted or moved"
+    assert "internal error" not in result.output, result.output
+
+
+@xfail("the staging folder is used by path for every write: replaced by a link mid-run, the run writes "
+       "its shards, config.json and index into the link's target (here the source)")  # fmt: skip
+def test_a3_staging_replaced_by_a_link_to_the_source_during_the_run(tmp_path, src):
+    before = tree(src)
+    run = tmp_path / "run"
+    first = Child.start(run, "expand", "--src", src, *RECIPE, "--out", "out", pause=True)
+    first.wait_until_paused()
+    (run / STAGING).rename(run / "moved")
+    (run / STAGING).symlink_to(src)
+    first.go()
+    code, _, err = first.finish()
+    assert tree(src) == before, "the source's config.json and index were overwritten, shards added to it"
+    assert code != 0 and "Traceback" not in err, err
+    assert not (run / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["an existing source file", "a new file in the source folder", "a FIFO"])
+@xfail("lock.acquire opens the lock path with O_CREAT and no O_NOFOLLOW, then ftruncate()s and writes "
+       "whatever it reaches; a FIFO or device fails with an internal error")  # fmt: skip
+def test_a4_a_lock_path_that_is_a_link_or_fifo_is_never_written_through(tmp_path, src, target):
+    run = tmp_path / "run"
+    run.mkdir()
+    if target == "a FIFO":
+        os.mkfifo(run / LOCK)
+    else:
+        name = "config.json" if target == "an existing source file" else "planted.json"
+        (run / LOCK).symlink_to(src / name)
+    before = tree(src)
+    result = expand_here(run, src, recipe=("--dup", "1x1"))
+    assert tree(src) == before, "a source file was overwritten or created through the lock path"
+    if result.exit_code != 0:
+        refused(result.exit_code, result.output, DATA, re.escape(LOCK))
+
+
+def kinds_llama4(config: dict[str, Any], n: int) -> list[str]:
+    return ["moe" if i in config["moe_layers"] else "dense" for i in range(n)]
+
+
+def kinds_mllama(config: dict[str, Any], n: int) -> list[str]:
+    return ["cross" if i in config["cross_attention_layers"] else "self" for i in range(n)]
+
+
+def kinds_jamba(config: dict[str, Any], n: int) -> list[str]:
+    """transformers' JambaConfig.layers_block_type and layers_num_experts."""
+    return [
+        ("attention" if i % config["attn_layer_period"] == config["attn_layer_offset"] else "mamba")
+        + ("/moe" if i % config["expert_layer_period"] == config["expert_layer_offset"] else "/dense")
+        for i in range(n)
+    ]
+
+
+def kinds_gemma3(config: dict[str, Any], n: int) -> list[str]:
+    """transformers' Gemma3TextConfig: layer_types, else ``(i + 1) % sliding_window_pattern`` (a float
+    such as 2.0 is accepted by transformers 5.24 and computed with)."""
+    if "layer_types" in config:
+        return list(config["layer_types"])
+    return ["sliding" if (i + 1) % config["sliding_window_pattern"] else "full" for i in range(n)]
+
+
+STRUCTURES = {
+    "Llama 4 moe_layers listing every layer (interleave step 1, as transformers saves it)": (
+        {"model_type": "llama4_text", "interleave_moe_layer_step": 1, "moe_layers": [0, 1, 2, 3]},
+        kinds_llama4,
+        "moe_layers",
+    ),
+    "Mllama cross_attention_layers": (
+        {"model_type": "mllama_text_model", "cross_attention_layers": [1]},
+        kinds_mllama,
+        "cross_attention_layers",
+    ),
+    "Jamba attn/expert layer period and offset": (
+        {"model_type": "jamba", "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+         "expert_layer_offset": 1, "num_experts": 4},
+        kinds_jamba,
+        "attn_layer|expert_layer",
+    ),
+    "Gemma 3 sliding_window_pattern 2.0": (
+        {"model_type": "gemma3_text", "sliding_window": 512, "sliding_window_pattern": 2.0},
+        kinds_gemma3,
+        "sliding_window_pattern",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(STRUCTURES))
+@xfail("arch.patch_config treats any list as long as the stack as per-layer (so an index list of every "
+       "layer is copied, not renumbered); structure.py knows neither Mllama's nor Jamba's keys, and its "
+       "_int() reads a float period as the default: the config contradicts the tensors, exit 0")  # fmt: skip
+def test_a5_each_output_layer_keeps_its_source_layer_kind(tmp_path, case):
+    extra, kinds, key = STRUCTURES[case]
+    config = mistral_config(4, 8, 12, 2, 2, 16) | extra
+    write_tiny_checkpoint(tmp_path / "src", layers=4, shards=1, config=config)
+    result = run_cli("expand", "--src", tmp_path / "src", "--dup", "0x1", "--out", tmp_path / "out")
+    if result.exit_code != 0:
+        refused(result.exit_code, result.output, (USAGE, DATA), key)
+        return
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    source = kinds(config, 4)
+    assert kinds(written, 5) == [source[s] for s in (0, 0, 1, 2, 3)], written
+
+
+@xfail("arch._LAYER ends in $, which also matches before a trailing newline, and int() ignores it: "
+       "'model.layers.3\\n.x' silently becomes layer 3's (then layer 4's) 'x'")  # fmt: skip
+def test_a6_a_layer_number_with_a_trailing_newline_is_not_part_of_the_stack(tmp_path, src):
+    odd = "model.layers.3\n.self_attn.o_proj.weight"
+    rename_tensor(src, "model.layers.3.self_attn.o_proj.weight", odd)
+    result = run_cli("expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "out")
+    valid_or_refused(result, tmp_path / "out", {odd}, r"model\.layers\.3\\n")
+    if result.exit_code == 0:
+        assert "model.layers.4.self_attn.o_proj.weight" not in read_tensors(tmp_path / "out")
+
+
+@xfail("output.completed_shard keeps a shard of an interrupted run by its size and header only: "
+       "a damaged data byte is published, exit 0, and verify without --src calls it OK")  # fmt: skip
+def test_a7_resume_does_not_publish_a_damaged_kept_shard(tmp_path, src):
+    expected = reference(tmp_path, src)
+    run = tmp_path / "run"
+    code, _, err = child(run, "expand", "--src", src, *RECIPE, "--out", "out", kill_after_shards=2)
+    assert code == -signal.SIGKILL, err
+    kept = sorted((run / STAGING).glob("*.safetensors"))[0]
+    blob = bytearray(kept.read_bytes())
+    blob[-1] ^= 0x01  # last data byte: size and header unchanged
+    kept.write_bytes(bytes(blob))
+    result = expand_here(run, src)
+    assert result.exit_code == 0, result.output
+    assert folder_bytes(run / "out") == expected, "the damaged shard was published"
+
+
+# == B. unbounded memory or time ===================================================================
+
+
+@xfail("mergekit.merge_recipe has no cap on output layers (expand has MAX_LAYERS): 150 KB of aliased "
+       "slices plans 120,000 layers; under 200 MB a MemoryError traceback, unlimited about 1 GB")  # fmt: skip
+def test_b1_a_merge_of_more_layers_than_supported_is_refused_before_planning(tmp_path, src):
+    text = "slices:\n- &s {sources: [{model: src, layer_range: [0, 4]}]}\n" + "- *s\n" * 30_000
+    (tmp_path / "many.yml").write_text(text + "merge_method: passthrough\n")
+    code, _, err = child(tmp_path, "merge", "many.yml", "--out", "out", timeout=HANG_SECONDS * 3,
+                         limit_mb=MEMORY_LIMIT_MB)  # fmt: skip
+    refused(code, err, (USAGE, DATA), r"many\.yml|120000|layers")
+
+
+@xfail("recipe.recipe_from_json accepts any number of recorded layers: a 3 MB shard makes verify --src "
+       "plan 200,000 layers (1.5 GB and 36 s for 300,000), an internal MemoryError under 200 MB")  # fmt: skip
+def test_b2_verify_of_an_output_recording_a_huge_recipe_is_bounded(tmp_path, src):
+    assert run_cli("expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "out").exit_code == 0
+    edit_recorded_recipe(tmp_path / "out", lambda r: r.__setitem__("layers", [[0, 1, [], False]] * 200_000))
+    code, out, err = child(tmp_path, "verify", "out", "--src", src, timeout=HANG_SECONDS * 3,
+                           limit_mb=MEMORY_LIMIT_MB)  # fmt: skip
+    assert code == DATA and "Traceback" not in err and "internal error" not in err, err[-2000:]
+    assert re.match(r"cannot check against --src: recorded recipe", out), out[:2000]
+
+
+@xfail("verify._check_index counts each missing shard's tensors with a scan of the whole index: "
+       "quadratic, 6 s for a 620 KB index, hours for tens of MB")  # fmt: skip
+def test_b3_verify_of_an_index_naming_many_missing_shards_is_fast(tmp_path, src):
+    out = tmp_path / "out"
+    assert run_cli("expand", "--src", src, "--dup", "1x1", "--max-shard-size", "3KB", "--out", out).exit_code == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"] |= {f"x{n}": f"m{n}.safetensors" for n in range(30_000)}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, err = child(tmp_path, "verify", "out", "-q", timeout=HANG_SECONDS)
+    assert code == DATA, err[-500:]
+
+
+@xfail("smallfile.MAX_RECIPE_BYTES (4 MB) bounds the bytes, not the nodes: 240 KB of '{}' costs ~105 MB "
+       "and 2.6 s in PyYAML, 3.9 MB costs 1.35 GB and 37 s")  # fmt: skip
+def test_b4_a_mergekit_config_of_many_small_nodes_costs_little_memory(tmp_path):
+    (tmp_path / "flood.yml").write_text("merge_method: passthrough\nslices: [" + ",".join(["{}"] * 80_000) + "]\n")
+    code, peak, err = peak_rss_mb(tmp_path, "merge", "flood.yml", "--out", "out")
+    assert code == USAGE and "Traceback" not in err, err[-500:]
+    assert peak < 80, f"{peak:.0f} MB for a 240 KB config"
+
+
+@xfail("checkpoint._read_config allows 256 MB (MAX_JSON_BYTES, sized for indexes) for config.json, "
+       "about 40x that in Python objects: 3 MB costs ~128 MB, 18 MB ~620 MB; under a 250 MB address "
+       "limit orjson then segfaults in plan._fingerprint")  # fmt: skip
+def test_b5_a_config_json_of_many_small_values_costs_little_memory(tmp_path, src):
+    config = json.loads((src / "config.json").read_text())
+    text = json.dumps(config)[:-1] + ', "junk": [' + ",".join(["{}"] * 1_000_000) + "]}"
+    (src / "config.json").write_text(text)
+    code, peak, err = peak_rss_mb(tmp_path, "expand", "--src", src, "--dup", "1x1", "--out", "out", "-q")
+    assert peak < 80, f"{peak:.0f} MB for a 3 MB config.json (exit {code}, {err[-300:]})"
+
+
+# == C. tracebacks and internal errors ==============================================================
+
+
+def surrogate_named(src: Path) -> None:
+    """Rename ``model.norm.weight`` to a name holding a lone surrogate escape, which the reference
+    reader refuses ("lone leading surrogate") and json.loads accepts."""
+    path = src / "model-00002-of-00002.safetensors"
+    blob = path.read_bytes()
+    length = int.from_bytes(blob[:8], "little")
+    header = blob[8 : 8 + length].replace(b'"model.norm.weight"', b'"model.norm\\ud800.weight"')
+    assert header != blob[8 : 8 + length]
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + length :])
+    index = (src / "model.safetensors.index.json").read_text()
+    (src / "model.safetensors.index.json").write_text(
+        index.replace('"model.norm.weight"', '"model.norm\\ud800.weight"')
+    )
+
+
+@pytest.mark.parametrize("command", ["expand", "inspect", "plan-json"])
+@xfail("format.decode_header accepts a lone surrogate in a name (the reference reader refuses it); "
+       "orjson, the header encoder or stdout then fail: 'internal error: TypeError/UnicodeEncodeError'")  # fmt: skip
+def test_c1_a_name_with_a_lone_surrogate_is_refused_naming_the_shard(tmp_path, src, command):
+    surrogate_named(src)
+    args = {
+        "expand": ["expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "out"],
+        "inspect": ["inspect", src],
+        "plan-json": ["expand", "--src", src, "--dup", "1x1", "--plan-json", tmp_path / "plan.json"],
+    }[command]
+    result = run_cli(*args)
+    refused(result.exit_code, result.output, DATA, r"model-00002-of-00002\.safetensors")
+
+
+@pytest.mark.parametrize("command", ["expand", "inspect", "verify", "merge layer_range"])
+@xfail("int() of more than 4,300 digits raises ValueError: arch.find_layer_stack on a tensor name, "
+       "PyYAML on a layer_range; both end in 'internal error: ValueError: Exceeds the limit'")  # fmt: skip
+def test_c2_a_number_of_5000_digits_gets_one_clear_line(tmp_path, src, command):
+    huge = "9" * 5000
+    if command == "merge layer_range":
+        (tmp_path / "m.yml").write_text(
+            f"slices:\n- sources:\n  - model: src\n    layer_range: [0, {huge}]\nmerge_method: passthrough\n"
+        )
+        args: list[Any] = ["merge", tmp_path / "m.yml", "--out", tmp_path / "out"]
+    else:
+        rename_tensor(src, "model.norm.weight", f"model.layers.{huge}.x")
+        args = {
+            "expand": ["expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "out"],
+            "inspect": ["inspect", src],
+            "verify": ["verify", src],
+        }[command]
+    result = run_cli(*args)
+    if command == "verify" and result.exit_code == DATA and "internal error" not in result.output:
+        return  # a finding line is what verify owes
+    line = refused(result.exit_code, result.output, (USAGE, DATA), r"layer|layer_range|m\.yml")
+    assert "internal error" not in line
+
+
+@pytest.mark.parametrize("where", ["--src", "--out", "merge model"])
+@xfail("pathlib's exists()/is_symlink() raise ENAMETOOLONG for a name over 255 bytes: "
+       "'internal error: OSError: [Errno 36] File name too long'")  # fmt: skip
+def test_c3_a_path_component_over_255_bytes_gets_one_clear_line(tmp_path, src, where):
+    long = "n" * 300
+    if where == "--src":
+        args: list[Any] = ["expand", "--src", tmp_path / long, "--dup", "1x1", "--out", tmp_path / "out"]
+    elif where == "--out":
+        args = ["expand", "--src", src, "--dup", "1x1", "--out", tmp_path / long]
+    else:
+        (tmp_path / "m.yml").write_text(
+            f"slices:\n- sources:\n  - model: {long}\n    layer_range: [0, 4]\nmerge_method: passthrough\n"
+        )
+        args = ["merge", tmp_path / "m.yml", "--out", tmp_path / "out"]
+    result = run_cli(*args)
+    line = refused(result.exit_code, result.output, (USAGE, DATA), r"(?i)too long|nnnn")
+    assert "internal error" not in line
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plan-json"])
+@xfail("Path.resolve() raises RuntimeError('Symlink loop') in output.check_outside_sources")
+def test_c4_a_symlink_loop_as_the_output_gets_one_clear_line(tmp_path, src, flag):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    result = run_cli("expand", "--src", src, "--dup", "1x1", flag, tmp_path / "loop")
+    line = refused(result.exit_code, result.output, (USAGE, DATA), r"loop")
+    assert "internal error" not in line
+
+
+@xfail("lock._write_holder's os.write is outside acquire's error handling: on a full disk the lock "
+       "file is created (0 bytes, left behind), its descriptor leaks, and the run ends in 'internal error: "
+       "OSError: [Errno 28]'")  # fmt: skip
+def test_c5_an_already_full_disk_gets_one_clear_line(tmp_path, src):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        with open(disk / "filler", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        # in a child: the failing run leaks the lock file's descriptor, which would keep the mount busy
+        code, _, err = child(tmp_path, "expand", "--src", src, "--dup", "1x1", "--out", disk / "out")
+        line = refused(code, err, DATA, r"(?i)no space left on device")
+        assert "internal error" not in line
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"], "nothing left behind"
+    finally:
+        if subprocess.run(["umount", str(disk)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@xfail("rewrite._resume_key stat()s every source shard unguarded: a shard removed between planning and "
+       "writing raises FileNotFoundError out of the library (an internal error in the CLI)")  # fmt: skip
+def test_c6_a_source_removed_between_planning_and_writing_is_a_checkpoint_error(tmp_path, src):
+    from shardsurgeon.api import plan_expand, run_job
+    from shardsurgeon.errors import CheckpointError
+
+    job = plan_expand(src, dups=[(3, 1)])
+    (src / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors"):
+        run_job(job, tmp_path / "out", command="test")
+    assert not (tmp_path / "out").exists()
+
+
+@xfail("cli._progress calls sys.stderr.isatty(), and sys.stderr is None when fd 2 is closed: the run "
+       "stops before writing anything, exit 1, silently")  # fmt: skip
+def test_c7_a_run_with_standard_error_closed_still_writes_its_output(tmp_path, src):
+    done = with_closed("2>&-", tmp_path, "expand", "--src", src, "--dup", "1x1", "--out", "out")
+    assert done.returncode == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("command", ["expand", "inspect"])
+@xfail("cli._GuardedStdout wraps sys.stdout even when it is None (fd 1 closed): writes and the final "
+       "flush raise AttributeError, 'Exception ignored ... Traceback' and exit 120, even after expand "
+       "published its output")  # fmt: skip
+def test_c8_standard_output_closed(tmp_path, src, command):
+    if command == "expand":
+        done = with_closed(">&-", tmp_path, "expand", "--src", src, "--dup", "1x1", "--out", "out")
+        assert (tmp_path / "out" / "model.safetensors").is_file()
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    else:
+        done = with_closed(">&-", tmp_path, "inspect", src)
+        line = one_line(done.stderr)
+        assert re.fullmatch(r"shardsurgeon: error: cannot write to standard output: .*", line), line
+        assert done.returncode == 1
+
+
+# == D. unclear messages and small lies =============================================================
+
+
+@xfail("hfdir.model_card dumps names with allow_unicode, and YAML reads U+0085 (NEL) as a line break: "
+       "base_model 'a\\x85b' reads back as 'a b'")  # fmt: skip
+def test_d1_model_card_front_matter_keeps_a_folder_name_with_nel(tmp_path):
+    src = tmp_path / "a\x85b"
+    write_tiny_checkpoint(src, layers=4, shards=1)
+    config = json.loads((src / "config.json").read_text())
+    del config["_name_or_path"]
+    (src / "config.json").write_text(json.dumps(config))
+    assert run_cli("expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "out").exit_code == 0
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert front_matter(card)["base_model"] == "a\x85b"
+
+
+@xfail("checkpoint._shard_names tests the weights with exists(), which is False for a symlink loop: "
+       "'expected ... or model.safetensors, found only model.safetensors'")  # fmt: skip
+def test_d2_a_shard_that_is_a_symlink_loop_is_named_as_such(tmp_path):
+    src = tmp_path / "src"
+    write_tiny_checkpoint(src, layers=4, shards=1)
+    (src / "model.safetensors").unlink()
+    (src / "model.safetensors").symlink_to("model.safetensors")
+    result = run_cli("expand", "--src", src, "--dup", "1x1", "--out", tmp_path / "out")
+    line = refused(result.exit_code, result.output, DATA, r"model\.safetensors")
+    assert re.search(r"(?i)loop|symbolic link|cannot read", line), line
