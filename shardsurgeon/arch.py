@@ -33,13 +33,16 @@ COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 TEXT_SECTIONS = ("text_config", "language_config", "llm_config")
 NOT_PER_LAYER = frozenset({"architectures"})
 """Config lists that are never per-layer even when their length equals the layer count."""
-LAYER_INDEX_LISTS = frozenset({"mlp_only_layers", "moe_layers", "full_attention_layers", "sliding_window_layers"})
+LAYER_INDEX_LISTS = frozenset(
+    {"mlp_only_layers", "moe_layers", "full_attention_layers", "sliding_window_layers", "cross_attention_layers"}
+)
 """Config lists of layer numbers: renumbered to the output layers that copy a listed layer."""
 
-_INDEX = "0|[1-9][0-9]*"
-"""A layer number: ASCII decimal without leading zeros, so that no two spellings mean one layer."""
+_INDEX = "0|[1-9][0-9]{0,8}"
+"""A layer number: ASCII decimal without leading zeros, so that no two spellings mean one layer, and
+under a billion (a longer number is no layer, and Python would refuse to read 4,300 digits)."""
 _NUMBERED = re.compile(rf"^(?P<prefix>.+?)\.(?P<index>{_INDEX})\.(?P<rest>.+)$", re.DOTALL)
-_LAYER = re.compile(rf"^(?:{_INDEX})$")
+_LAYER = re.compile(rf"(?:{_INDEX})")  # used with fullmatch: "$" would also match before a newline
 _HEAD_MARKERS = ("embed_tokens", "embed_in", "wte", "wpe", "word_embeddings", "embeddings")
 
 
@@ -70,7 +73,7 @@ class LayerStack:
         if not name.startswith(head):
             return None
         index, dot, rest = name[len(head) :].partition(".")
-        if not dot or not rest or not _LAYER.match(index):
+        if not dot or not rest or not _LAYER.fullmatch(index):
             return None
         return int(index), rest
 
@@ -196,6 +199,7 @@ def is_per_layer(key: str, value: Any, count: int) -> bool:
         isinstance(value, list)
         and len(value) == count
         and key not in NOT_PER_LAYER
+        and key not in LAYER_INDEX_LISTS
         and not key.endswith(("token_id", "token_ids"))
     )
 
@@ -227,10 +231,11 @@ def patch_config(config: Mapping[str, Any], stack: LayerStack, sources: list[Sou
                 out[key] = rebuild(value, depth + 1)
             elif at_stack and key == stack.count_key:
                 out[key] = len(sources)
+            elif at_stack and key in LAYER_INDEX_LISTS and isinstance(value, list):
+                # before the per-layer test: a list of every layer's index is as long as the stack
+                out[key] = [i for i, source in enumerate(sources) if source.layer in value]
             elif at_stack and is_per_layer(key, value, stack.count):
                 out[key] = [entry(key, source) for source in sources]
-            elif at_stack and key in LAYER_INDEX_LISTS and isinstance(value, list):
-                out[key] = [i for i, source in enumerate(sources) if source.layer in value]
             else:
                 out[key] = value
         if at_stack:  # keys such as first_k_dense_replace must keep every layer's kind

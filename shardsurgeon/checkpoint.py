@@ -8,6 +8,7 @@ never writes anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from shardsurgeon.errors import CheckpointError
-from shardsurgeon.format import read_header
+from shardsurgeon.format import MAX_TENSORS, read_header
 from shardsurgeon.hfcache import snapshot
 from shardsurgeon.identity import FileIdentity, check_unchanged, record
-from shardsurgeon.smallfile import MAX_JSON_BYTES, PARSE_ERRORS, read_small
+from shardsurgeon.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -88,6 +89,8 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
                     "the index and the shards disagree"
                 )
             tensors[ref.name] = ref
+        if len(tensors) > MAX_TENSORS:
+            raise CheckpointError(f"{root}: the shards hold more than the {MAX_TENSORS} tensors supported")
         for name in sorted((expected or set()) - {r.name for r in refs}):
             raise CheckpointError(
                 f"{root / INDEX_FILE}: maps tensor {name!r} to {shard_name}, which does not hold it; "
@@ -110,7 +113,7 @@ def _shard_names(root: Path) -> dict[str, set[str] | None]:
     """Shard file names in sorted order, each with the tensor names the index assigns to it."""
     index_path = root / INDEX_FILE
     if index_path.exists():
-        index = _read_json(index_path)
+        index = _read_json(index_path, MAX_JSON_BYTES)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -129,7 +132,7 @@ def _shard_names(root: Path) -> dict[str, set[str] | None]:
                 )
             by_shard.setdefault(shard, set()).add(name)
         return {shard: by_shard[shard] for shard in sorted(by_shard)}
-    if (root / SINGLE_FILE).exists():
+    if os.path.lexists(root / SINGLE_FILE):  # a broken link too: reading it then says what is wrong
         return {SINGLE_FILE: None}
     others = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".gguf"))
     found = f"found only {', '.join(others)}" if others else "found no weights at all"
@@ -141,10 +144,14 @@ def _shard_names(root: Path) -> dict[str, set[str] | None]:
 
 def _read_shard(root: Path, shard_name: str) -> tuple[Shard, list[TensorRef]]:
     path = root / shard_name
-    if not path.exists():
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{path}: is a loop of symbolic links, expected a safetensors file") from None
         raise CheckpointError(
             f"{path}: shard listed in {INDEX_FILE} is missing; download or copy the complete checkpoint"
-        )
+        ) from None
     (seen,) = record([path])
     header = read_header(path)
     with open(path, "rb") as f:
@@ -161,14 +168,14 @@ def _read_config(root: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: missing; a Hugging Face checkpoint needs its config.json to describe the layers"
         )
-    config = _read_json(path)
+    config = _read_json(path, MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}")
     return config
 
 
-def _read_json(path: Path) -> Any:
-    raw = read_small(path, MAX_JSON_BYTES, CheckpointError, "JSON")
+def _read_json(path: Path, limit: int) -> Any:
+    raw = read_small(path, limit, CheckpointError, "JSON")
     try:
         return json.loads(raw)
     except RecursionError:

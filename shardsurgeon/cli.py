@@ -101,6 +101,8 @@ def cli() -> None:
 
 
 def main() -> None:
+    if sys.stderr is None:  # started with 2>&-: nowhere to say anything, but the work is still done
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
     sys.stdout = _GuardedStdout(sys.stdout)  # type: ignore[assignment]
     try:
         cli(prog_name="shardsurgeon")
@@ -198,6 +200,12 @@ def _reports_errors(command: F) -> F:
             sys.exit(130)
         except (_StdoutFailed, click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except OSError as e:  # not wrapped by the library (a name too long, a folder gone): still one line
+            if kwargs.get("verbose"):
+                raise
+            where = f"{safe_text(os.fsdecode(e.filename))}: " if e.filename is not None else ""
+            click.echo(f"shardsurgeon: error: {where}{e.strerror or e}", err=True)
+            sys.exit(1)
         except Exception as e:  # a bug: still one line, with the way to see more
             if kwargs.get("verbose"):
                 raise
@@ -217,20 +225,30 @@ class _GuardedStdout:
 
     def __init__(self, stream: Any):
         self._stream = stream
+        """None when the process was started with standard output closed (>&-)."""
 
     def write(self, text: str) -> int:
+        if self._stream is None:
+            raise _StdoutFailed("it is closed")
         try:
             return int(self._stream.write(text))
         except OSError as e:
             raise _StdoutFailed(e.strerror or str(e)) from None
 
     def flush(self) -> None:
+        if self._stream is None:
+            return
         try:
             self._stream.flush()
         except OSError as e:
             raise _StdoutFailed(e.strerror or str(e)) from None
 
+    def isatty(self) -> bool:
+        return self._stream is not None and bool(self._stream.isatty())
+
     def __getattr__(self, name: str) -> Any:
+        if self._stream is None:
+            raise _StdoutFailed("it is closed")
         return getattr(self._stream, name)
 
 

@@ -27,6 +27,9 @@ MAX_HEADER_BYTES = 100_000_000
 
 HEADER_LENGTH_BYTES = 8
 MAX_TENSOR_BYTES = 2**63 - 1
+MAX_TENSORS = 500_000
+"""Tensors in one checkpoint (DeepSeek-V3 has 92k): each costs about a kilobyte while planned, so
+this bounds what a header can make the planner hold, whatever its names."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +228,8 @@ def decode_header(raw: bytes, file_nbytes: int, where: str) -> Header:
         raise FormatError(f"{where}: header is not valid UTF-8 JSON ({e}); the file is corrupt") from None
     if not isinstance(parsed, dict):
         raise FormatError(f"{where}: header must be a JSON object, found {type(parsed).__name__}; the file is corrupt")
+    if len(parsed) > MAX_TENSORS:
+        raise FormatError(f"{where}: header lists {len(parsed)} tensors, more than the {MAX_TENSORS} supported")
     metadata = _decode_metadata(parsed.pop("__metadata__", None), where)
     entries = sorted(
         (_decode_entry(name, value, where) for name, value in parsed.items()),
@@ -279,6 +284,10 @@ def _decode_entry(name: str, value: Any, where: str) -> HeaderEntry:
     def fail(what: str) -> FormatError:
         return FormatError(f"{where}: tensor {name!r}: {what}; the file is corrupt")
 
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise fail("the name is not valid Unicode (it holds a lone surrogate escape)") from None
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
         found = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise fail(f"expected an object with dtype, shape and data_offsets, found {found}")

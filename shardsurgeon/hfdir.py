@@ -80,7 +80,7 @@ def model_card(plan: Plan, base_models: list[str], command: str, what: str, merg
     title = safe_text(" + ".join(names), limit=None)
     command, mergekit_yaml = _utf8(command), _utf8(mergekit_yaml.rstrip())
     return f"""---
-{yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=1 << 20)}---
+{yaml.safe_dump(front, sort_keys=False, allow_unicode=False, width=1 << 20)}---
 
 # {title}, {plan.output_layers} layers
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 from shardsurgeon.arch import NO_HINT, StackHint, residual_outputs
 from shardsurgeon.checkpoint import Checkpoint
-from shardsurgeon.errors import PlanError
+from shardsurgeon.errors import PlanError, safe_text
 from shardsurgeon.format import numel
 from shardsurgeon.source import resolve
 from shardsurgeon.units import format_bytes
@@ -20,13 +20,13 @@ def describe_checkpoint(checkpoint: Checkpoint, hint: StackHint = NO_HINT) -> st
     params = sum(numel(t.shape) for t in checkpoint.tensors.values())
     dtypes = Counter(t.dtype for t in checkpoint.tensors.values())
     lines = [
-        f"{checkpoint.folder}",
+        f"{safe_text(checkpoint.folder)}",
         f"  architecture: {', '.join(map(str, architectures))} (model_type {config.get('model_type', '?')})",
         f"  tensors: {len(checkpoint.tensors)}, parameters: {params:,} ({_count(params)}), "
         f"dtypes: {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}",
         f"  shards: {len(checkpoint.shards)}, {format_bytes(checkpoint.nbytes)} of tensor data",
     ]
-    lines += [f"    {s.path.name}  {s.nbytes:,} bytes" for s in checkpoint.shards]
+    lines += [f"    {safe_text(s.path.name)}  {s.nbytes:,} bytes" for s in checkpoint.shards]
     try:
         source = resolve(checkpoint, hint, str(checkpoint.folder))
     except PlanError as e:
@@ -37,7 +37,7 @@ def describe_checkpoint(checkpoint: Checkpoint, hint: StackHint = NO_HINT) -> st
     layer0 = source.layers[0]
     layer_params = sum(numel(t.ref.shape) for t in layer0)
     lines.append(f"  per layer: {len(layer0)} tensors, {layer_params:,} parameters (layer 0):")
-    lines += [f"    {t.rest:<40} {t.ref.dtype:<5} {list(t.ref.shape)}" for t in layer0]
+    lines += [f"    {safe_text(t.rest):<40} {t.ref.dtype:<5} {list(t.ref.shape)}" for t in layer0]
     rests = source.layer_rests()
     try:
         residual = residual_outputs(config, stack, rests)
@@ -47,7 +47,7 @@ def describe_checkpoint(checkpoint: Checkpoint, hint: StackHint = NO_HINT) -> st
         lines.append(f"  --zero residual: {e}")
     outside = source.before + source.after
     lines.append(f"  outside the stack: {len(outside)} tensors")
-    lines += [f"    {t.name:<40} {t.dtype:<5} {list(t.shape)}" for t in outside]
+    lines += [f"    {safe_text(t.name):<40} {t.dtype:<5} {list(t.shape)}" for t in outside]
     return "\n".join(lines)
 
 

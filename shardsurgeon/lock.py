@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -75,10 +76,7 @@ class Lock:
 def acquire(path: Path, what: str, *, shared: bool = False) -> Lock:
     """Take the lock of ``path`` or raise OutputError naming ``what`` is locked and by whom."""
     for _ in range(_ATTEMPTS):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as e:
-            raise OutputError(f"{what}: cannot create the lock file {safe_text(path)}: {e.strerror or e}") from None
+        fd = _open_lock_file(path, what)
         try:
             if not _lock_fd(fd, shared):
                 os.close(fd)
@@ -95,10 +93,34 @@ def acquire(path: Path, what: str, *, shared: bool = False) -> Lock:
         if _identity_fd(fd) == _identity(path):  # else the holder removed it while we waited: retry
             if shared:
                 return Lock(path, fd, shared=True)
-            _write_holder(fd)
+            try:
+                _write_holder(fd)
+            except OSError as e:
+                if _identity_fd(fd) == _identity(path):
+                    path.unlink(missing_ok=True)  # the empty file this run made: nothing is left behind
+                os.close(fd)
+                raise OutputError(f"{what}: cannot write the lock file {safe_text(path)}: {e.strerror or e}") from None
             return Lock(path, fd)
         os.close(fd)
     raise OutputError(f"{what}: cannot lock {safe_text(path)}: it keeps being replaced; run again")
+
+
+def _open_lock_file(path: Path, what: str) -> int:
+    """The lock file, opened without following a link and only if it is a regular file: whatever
+    stands at its name, a run never writes through it."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputError(
+                f"{what}: the lock file {safe_text(path)} is a symbolic link; remove it and run again"
+            ) from None
+        raise OutputError(f"{what}: cannot create the lock file {safe_text(path)}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputError(f"{what}: the lock file {safe_text(path)} is not a regular file; remove it and run again")
+    return fd
 
 
 def _lock_fd(fd: int, shared: bool = False) -> bool:

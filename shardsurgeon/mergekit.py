@@ -19,7 +19,7 @@ from typing import Any
 from shardsurgeon.errors import RecipeError
 from shardsurgeon.format import CAST_TARGETS, cast_target, torch_name
 from shardsurgeon.hfcache import is_hub_id
-from shardsurgeon.recipe import LayerSource, Recipe, ScaleRule
+from shardsurgeon.recipe import MAX_LAYERS, LayerSource, Recipe, ScaleRule
 from shardsurgeon.source import Source
 
 
@@ -113,6 +113,8 @@ def parse_config(text: str, where: str) -> MergeSpec:
         raise RecipeError(f"{where}: not valid YAML ({_clip(' '.join(str(e).split()), 200)})") from None
     except RecursionError:
         raise RecipeError(f"{where}: not valid YAML (nested too deeply)") from None
+    except (ValueError, MemoryError) as e:  # a number of thousands of digits; a flood of nodes
+        raise RecipeError(f"{where}: cannot read the YAML ({type(e).__name__}: {_clip(str(e), 80)})") from None
     if not isinstance(config, dict):
         raise RecipeError(f"{where}: expected a mapping with slices and merge_method, found {type(config).__name__}")
     _check_keys(config, TOP_KEYS | TOP_KEYS_IGNORED, where, "")
@@ -142,6 +144,8 @@ def parse_config(text: str, where: str) -> MergeSpec:
 def merge_recipe(spec: MergeSpec, layer_count: Callable[[str], int]) -> Recipe:
     """The recipe of a parsed config; ``layer_count(model)`` gives each model's number of layers."""
     layers: list[LayerSource] = []
+    if len(spec.slices) > MAX_LAYERS:
+        raise RecipeError(f"{len(spec.slices)} slices is more than the {MAX_LAYERS} layers supported")
     for number, piece in enumerate(spec.slices):
         count = layer_count(piece.model)
         start, end = (0, count) if piece.start is None else (piece.start, piece.end)
@@ -150,6 +154,10 @@ def merge_recipe(spec: MergeSpec, layer_count: Callable[[str], int]) -> Recipe:
             raise RecipeError(
                 f"slices[{number}]: layer_range [{start}, {end}] of {piece.model} is out of range; the model "
                 f"has layers 0..{count - 1}, so a range is [a, b] with 0 <= a < b <= {count}"
+            )
+        if len(layers) + end - start > MAX_LAYERS:
+            raise RecipeError(
+                f"slices[{number}]: the slices so far give more than the {MAX_LAYERS} output layers supported"
             )
         layers += [LayerSource(piece.model, layer, piece.scale) for layer in range(start, end)]
     first, last = spec.slices[0], spec.slices[-1]
@@ -298,9 +306,18 @@ def _check_keys(mapping: dict[str, Any], known: frozenset[str] | set[str], where
             )
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _is_number(value: Any) -> bool:
-    """A finite int or float (YAML's .inf and .nan are refused with the other non-numbers)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float that float32 can hold (scales multiply in float32; YAML's .inf, .nan and
+    1e39 are refused with the other non-numbers rather than turning tensors into infinities)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) <= FLOAT32_MAX
+    )
 
 
 def _is_int(value: Any) -> bool:

@@ -226,10 +226,19 @@ def check_outside_sources(
     inside something a source is made of: the source folder, its Hugging Face cache entry, and every
     real file its top-level files (and ``files``) resolve to, with the folder holding it. So shards
     that are links into another folder (git-annex, DVC, a cache) are protected where they live."""
-    real = path.resolve()
+    real = _resolved(path, flag)
     shown = f"{flag} {safe_text(path)}"
     article = "an" if what[0] in "aeiou" else "a"
     protected = _protected(list(sources), files)
+    if flag == "--out":  # the run also writes, replaces or locks these names beside the output
+        for kind in ("partial", "old", "lock", "commit"):
+            sibling = _resolved(publish.sibling(path, kind), flag)
+            for item in protected:
+                if item.path == sibling or item.path.is_relative_to(sibling):
+                    raise DestinationError(
+                        f"{shown}: {item} is {safe_text(sibling.name)}, which this output uses for its work and "
+                        "may remove; move the source, or choose another output name"
+                    )
     for item in protected:
         if real == item.path and item.is_folder_of_source:
             raise DestinationError(
@@ -269,19 +278,30 @@ def _protected(sources: list[Path], files: Iterable[Path]) -> list[_Protected]:
         found.setdefault(path, _Protected(path, name, is_folder_of_source))
 
     for source in sources:
-        real = source.resolve()
+        real = _resolved(source, "--src")
         add(real, f"the source {safe_text(source if real == source else real)}", is_folder_of_source=True)
         entries = [parent for parent in real.parents if parent.name.startswith("models--")]
         for entry in entries[:1]:
             add(entry, f"the source {safe_text(entry)}")
     folders = list(found)
     for file in [*files, *(entry for source in sources for entry in _top_level_files(source))]:
-        real = file.resolve()
+        try:
+            real = file.resolve()
+        except (RuntimeError, OSError):
+            continue  # a loop of links holds no bytes to protect
         if any(real.is_relative_to(folder) for folder in folders):
             continue  # protected with the folder it is in
         add(real, f"the source file {safe_text(real)}")
         add(real.parent, f"{safe_text(real.parent)}, which holds the source file {safe_text(real.name)}")
     return list(found.values())
+
+
+def _resolved(path: Path, flag: str) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # a loop of links, a name too long
+        problem = "is a loop of symbolic links" if isinstance(e, RuntimeError) else (e.strerror or str(e))
+        raise DestinationError(f"{flag} {safe_text(path)}: {problem}; give another path") from None
 
 
 def _top_level_files(folder: Path) -> list[Path]:

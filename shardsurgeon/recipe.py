@@ -77,8 +77,9 @@ class Recipe:
         return tuple(seen)
 
 
-MAX_LAYERS = 100_000
-"""More output layers than any model has; beyond it a typo such as 0x999999999 is refused."""
+MAX_LAYERS = 10_000
+"""Fifty times the deepest published merge; beyond it a typo such as 0x999999999, or a config of
+aliased slices, is refused before anything the size of the layer count is built."""
 
 _DUP = re.compile(r"^\s*([0-9]{1,9})\s*[xX*]\s*([0-9]{1,9})\s*$")
 """At most nine digits each: more is a typo (and Python refuses to parse 4,300 digits)."""
@@ -211,6 +212,8 @@ def recipe_from_json(text: str, models: Sequence[str], layer_count: Callable[[st
             scale = tuple(_rule(rule) for rule in rules)
             return LayerSource(name, layer, scale, bool(inserted))
 
+        if not isinstance(record["layers"], list) or len(record["layers"]) > MAX_LAYERS:
+            raise ValueError(f"more than {MAX_LAYERS} layers, or no list of them")
         base = record.get("base")
         return Recipe(
             tuple(source(s, True) for s in record["layers"]),

@@ -258,14 +258,7 @@ def _resume_key(plan: Plan, layout: Layout, sources: Mapping[str, Source]) -> st
         digest.update(shard.name.encode())
     for model in sources.values():
         for source in model.checkpoint.shards:
-            stat = source.path.stat()
-            seen = (  # not named identity: that is the module
-                source.path.resolve(),
-                stat.st_size,
-                stat.st_mtime_ns,
-                stat.st_dev,
-                stat.st_ino,
-                stat.st_ctime_ns,
-            )
-            digest.update(repr(seen).encode())
+            seen = source.identity or identity.record([source.path])[0]  # as the plan saw it
+            described = (seen.path.resolve(), seen.nbytes, seen.mtime_ns, seen.device, seen.inode, seen.ctime_ns)
+            digest.update(repr(described).encode())
     return digest.hexdigest()

@@ -16,10 +16,13 @@ from pathlib import Path
 from shardsurgeon.errors import ShardSurgeonError
 from shardsurgeon.units import format_bytes
 
-MAX_JSON_BYTES = 256 << 20
-"""An index of a million tensors is about 100 MB; configs are kilobytes."""
-MAX_RECIPE_BYTES = 4 << 20
-"""mergekit configs are kilobytes; the largest published ones are a few hundred lines."""
+MAX_JSON_BYTES = 64 << 20
+"""An index: DeepSeek-V3's 92k tensors take 9 MB. JSON costs about 40 times its size in memory."""
+MAX_CONFIG_BYTES = 1 << 20
+"""config.json and other small JSON: kilobytes in every published model."""
+MAX_RECIPE_BYTES = 64 << 10
+"""mergekit configs are kilobytes; the largest published ones are a few hundred lines. YAML costs
+hundreds of bytes of memory per node, so this bounds a config to tens of megabytes."""
 
 PARSE_ERRORS = (ValueError, RecursionError, MemoryError)
 """What a JSON or YAML parser raises on malformed or absurdly nested text (YAMLError aside)."""

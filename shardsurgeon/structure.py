@@ -3,7 +3,8 @@
 Some architectures say which layers are MoE, sliding-window or without RoPE through a count or a
 period (DeepSeek's ``first_k_dense_replace``/``moe_layer_freq``, Qwen-MoE's ``decoder_sparse_step``,
 Gemma 3 and Cohere 2's ``sliding_window_pattern``, Gemma 2's even/odd rule, Llama 4's
-``interleave_moe_layer_step`` and ``no_rope_layer_interval``, Qwen 2's ``max_window_layers``).
+``interleave_moe_layer_step`` and ``no_rope_layer_interval``, Qwen 2's ``max_window_layers``,
+Jamba's attention and expert periods and offsets).
 Re-arranging layers moves them, so each output layer must keep the kind of the source layer it
 copies. Each :class:`Rule` reads the kinds a config gives its layers and finds the key values that
 give the output's kinds; when no value can, the recipe is refused in one line rather than written
@@ -35,8 +36,11 @@ class Rule:
 
 
 def _int(section: Section, key: str, default: int) -> int:
+    """The key as the model's code uses it: ints, bools and whole floats (``2.0``) count as ints."""
     value = section.get(key, default)
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**31:
+        return int(value)
+    return int(value) if isinstance(value, int) else default
 
 
 def _search(
@@ -135,7 +139,33 @@ MAX_WINDOW = Rule(
     lambda s, kinds: _search(kinds, range(len(kinds) + 1), _window_kind, "max_window_layers"),
 )
 
-RULES = (DEEPSEEK, QWEN_MOE, SLIDING_PATTERN, GEMMA2, LLAMA4_MOE, LLAMA4_NO_ROPE, MAX_WINDOW)
+
+# Jamba: attention (else Mamba) where i % attn_layer_period == attn_layer_offset; experts likewise.
+def _periodic(period_key: str, offset_key: str, on: str, off: str) -> Rule:
+    def kind(period: int, offset: int, i: int) -> str:
+        return on if period > 0 and i % period == offset else off
+
+    def fit(section: Section, kinds: list[str]) -> dict[str, Any] | None:
+        for period in range(1, len(kinds) + 2):
+            for offset in range(period):
+                if all(kind(period, offset, i) == k for i, k in enumerate(kinds)):
+                    return {period_key: period, offset_key: offset}
+        return None
+
+    return Rule(
+        (period_key, offset_key),
+        lambda s: period_key in s and offset_key in s,
+        lambda s, n: [kind(_int(s, period_key, 1), _int(s, offset_key, 0), i) for i in range(n)],
+        fit,
+    )
+
+
+JAMBA_ATTENTION = _periodic("attn_layer_period", "attn_layer_offset", "attention", "mamba")
+JAMBA_EXPERTS = _periodic("expert_layer_period", "expert_layer_offset", "moe", "dense")
+
+RULES = (
+    DEEPSEEK, QWEN_MOE, SLIDING_PATTERN, GEMMA2, LLAMA4_MOE, LLAMA4_NO_ROPE, MAX_WINDOW, JAMBA_ATTENTION, JAMBA_EXPERTS,
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from shardsurgeon.hfdir import other_files
 from shardsurgeon.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout
 from shardsurgeon.plan import Convert, Copy, Plan, PlannedTensor, Zeros, make_plan
 from shardsurgeon.recipe import recipe_from_json, recorded_models
-from shardsurgeon.smallfile import MAX_JSON_BYTES, PARSE_ERRORS, read_small
+from shardsurgeon.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
 from shardsurgeon.source import open_source
 from shardsurgeon.units import Progress
 
@@ -187,9 +188,9 @@ def _check_index(root: Path, shard_names: set[str], found: _Found) -> set[str]:
         return set()
     found.index_map = weight_map
     listed = set(weight_map.values())
+    mapped = Counter(weight_map.values())
     for shard in sorted(listed - shard_names):
-        count = sum(1 for s in weight_map.values() if s == shard)
-        found.add(shard, "", f"missing: {INDEX_FILE} maps {count} tensors to it")
+        found.add(shard, "", f"missing: {INDEX_FILE} maps {mapped[shard]} tensors to it")
         found.unreadable.add(shard)
     for shard in sorted(shard_names - listed):
         found.add(shard, "", f"stray shard: {INDEX_FILE} maps no tensor to it; remove it or restore the index")
@@ -213,7 +214,7 @@ def _check_index(root: Path, shard_names: set[str], found: _Found) -> set[str]:
 
 
 def _read_index(path: Path, found: _Found) -> tuple[dict[str, str] | None, Any]:
-    index = _read_json(path, found)
+    index = _read_json(path, found, MAX_JSON_BYTES)
     if index is None:
         return None, None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -228,16 +229,16 @@ def _read_config(root: Path, found: _Found) -> dict[str, Any] | None:
     if not (root / CONFIG_FILE).exists():
         found.add(CONFIG_FILE, "", "missing; transformers needs it to load the checkpoint")
         return None
-    config = _read_json(root / CONFIG_FILE, found)
+    config = _read_json(root / CONFIG_FILE, found, MAX_CONFIG_BYTES)
     if config is not None and not isinstance(config, dict):
         found.add(CONFIG_FILE, "", f"expected a JSON object, found {type(config).__name__}")
         return None
     return config
 
 
-def _read_json(path: Path, found: _Found) -> Any:
+def _read_json(path: Path, found: _Found, limit: int) -> Any:
     try:
-        return json.loads(read_small(path, MAX_JSON_BYTES, VerifyError, "JSON"))
+        return json.loads(read_small(path, limit, VerifyError, "JSON"))
     except VerifyError as e:
         found.add("", "", str(e))
     except RecursionError:

@@ -171,4 +171,4 @@ def test_absurd_copy_counts_are_refused(tmp_path, tiny):
     src, _ = tiny
     result = run_cli("expand", "--src", src, "--dup", "0x999999999", "--out", tmp_path / "out")
     assert result.exit_code == USAGE
-    assert "more than the 100000 supported" in one_line_error(result.output)
+    assert "more than the 10000 supported" in one_line_error(result.output)

@@ -227,7 +227,7 @@ def test_recipe_json_round_trip():
         (lambda r: r["layers"][4].__setitem__(2, [[float("nan"), None]]), "scale nan"),
         (lambda r: r.__setitem__("dtype", "F99"), "dtype 'F99'"),
         (lambda r: r["head"].__setitem__(0, 7), "model index 7"),
-        (lambda r: r.__setitem__("layers", 5), "int"),
+        (lambda r: r.__setitem__("layers", 5), "no list of them"),
     ],
 )
 def test_an_edited_recorded_recipe_is_refused_in_one_line(edit, problem):
