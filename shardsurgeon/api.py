@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shardsurgeon.arch import NO_HINT, StackHint, resolve_zero_filters
 from shardsurgeon.errors import OutputError, RecipeError
+from shardsurgeon.execute import Reflink
 from shardsurgeon.format import cast_target
 from shardsurgeon.hfcache import resolve_model
 from shardsurgeon.hfdir import model_card
@@ -132,9 +133,14 @@ def run_job(
     command: str,
     force: bool = False,
     dense: bool = False,
+    reflink: Reflink = "auto",
     progress: Progress | None = None,
 ) -> RunResult:
-    """Write ``job`` to ``out``; ``command`` is the command line recorded in the model card."""
+    """Write ``job`` to ``out``; ``command`` is the command line recorded in the model card.
+
+    ``reflink`` says whether copies share blocks with the source where the filesystem can (``auto``),
+    must (``always``: refused up front otherwise) or never do; the output bytes are the same.
+    """
     card = model_card(job.plan, job.base_models, command, job.description, job.mergekit_yaml)
     return write_checkpoint(
         job.plan,
@@ -144,5 +150,6 @@ def run_job(
         model_card=card,
         force=force,
         dense=dense,
+        reflink=reflink,
         progress=progress,
     )

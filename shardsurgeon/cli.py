@@ -22,6 +22,7 @@ from shardsurgeon.api import Job, plan_expand, plan_merge, run_job, write_plan_j
 from shardsurgeon.arch import StackHint
 from shardsurgeon.checkpoint import open_checkpoint
 from shardsurgeon.errors import DestinationError, RecipeError, ShardSurgeonError
+from shardsurgeon.execute import REFLINK_MODES, Reflink
 from shardsurgeon.format import CAST_TARGETS
 from shardsurgeon.inspect import describe_checkpoint
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout
@@ -113,6 +114,13 @@ def _writing_options(command: F) -> F:
             "--max-shard-size", type=SIZE, default=str(DEFAULT_MAX_SHARD_BYTES), help="Largest shard, e.g. 5GB."
         ),
         click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes."),
+        click.option(
+            "--reflink",
+            type=click.Choice(REFLINK_MODES),
+            default="auto",
+            show_default=True,
+            help="Share copied blocks with the source (XFS, btrfs): where possible, always (else refuse), or never.",
+        ),
         click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
         click.option("--dry-run", is_flag=True, help="Print the plan in words and write nothing."),
         click.option("--plan-json", type=click.Path(path_type=Path), help="Write the plan as JSON here ('-': stdout)."),
@@ -199,6 +207,7 @@ def expand(
     dtype: str | None,
     max_shard_size: int,
     dense: bool,
+    reflink: Reflink,
     force: bool,
     dry_run: bool,
     plan_json: Path | None,
@@ -237,7 +246,7 @@ def expand(
         layers_key=layers_key,
         out=out,
     )
-    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet)
+    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, reflink=reflink)
 
 
 def _plan_or_run(
@@ -249,6 +258,8 @@ def _plan_or_run(
     force: bool,
     dense: bool,
     quiet: bool,
+    *,
+    reflink: Reflink,
 ) -> None:
     if plan_json_path is not None:
         if str(plan_json_path) == "-":
@@ -260,7 +271,7 @@ def _plan_or_run(
     if out is None or dry_run:
         return
     with _progress_bar(job.layout, quiet) as progress:
-        result = run_job(job, out, command=command, force=force, dense=dense, progress=progress)
+        result = run_job(job, out, command=command, force=force, dense=dense, reflink=reflink, progress=progress)
     if not quiet:
         click.echo(_summary(job.plan, result), err=True)
 
@@ -274,6 +285,7 @@ def merge(
     out: Path | None,
     max_shard_size: int,
     dense: bool,
+    reflink: Reflink,
     force: bool,
     dry_run: bool,
     plan_json: Path | None,
@@ -302,7 +314,7 @@ def merge(
         layers_key=layers_key,
         out=out,
     ).replace("--config ", "")
-    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet)
+    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, reflink=reflink)
 
 
 def _command_line(command: str, **options: Any) -> str:
@@ -330,8 +342,22 @@ def _summary(plan: Plan, result: RunResult) -> str:
     shards = "1 shard" if result.shards == 1 else f"{result.shards} shards"
     return (
         f"shardsurgeon: {plan.layers_in} -> {plan.output_layers} layers, {result.tensors} tensors, "
-        f"{shards}{reused}, {format_bytes(result.written)} written, {format_bytes(result.holes)} left as holes, "
-        f"{result.seconds:.1f} s -> {result.out}"
+        f"{shards}{reused}, {format_bytes(result.written)} written ({_bytes_by_kind(result)}), "
+        f"{format_bytes(result.holes)} left as holes, {result.seconds:.1f} s -> {result.out}"
+    )
+
+
+def _bytes_by_kind(result: RunResult) -> str:
+    """Shared as the filesystem reports it; where it cannot tell, what the kernel could have cloned."""
+    stats = result.stats
+    shared, kind = (
+        (stats.copies.aligned_kernel_bytes, "clone-eligible")
+        if stats.shared is None
+        else (stats.shared, "shared with the source")
+    )
+    return (
+        f"{format_bytes(shared)} {kind}, {format_bytes(max(0, stats.copied - shared))} copied, "
+        f"{format_bytes(stats.converted)} converted"
     )
 
 

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from shardsurgeon import fileio
 from shardsurgeon.errors import DestinationError, OutputError
 from shardsurgeon.layout import ShardLayout
 from shardsurgeon.units import format_bytes
@@ -110,8 +111,7 @@ def remove_strays(staging: Path, keep: set[str]) -> None:
 
 
 def free_bytes(folder: Path) -> int:
-    stat = os.statvfs(folder)
-    return stat.f_bavail * stat.f_frsize
+    return shutil.disk_usage(folder).free
 
 
 def check_room(staging: Path, needed: int) -> None:
@@ -142,16 +142,8 @@ def commit(staging: Path, out: Path) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fileio.sync_file(path)
 
 
 def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fileio.sync_dir(folder)

@@ -11,12 +11,12 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardsurgeon import hfdir, output
 from shardsurgeon.errors import OutputError
-from shardsurgeon.execute import ShardWriter, SourceFiles
+from shardsurgeon.execute import Reflink, ShardStats, ShardWriter, SourceFiles, check_reflink
 from shardsurgeon.layout import Layout, ShardLayout
 from shardsurgeon.plan import Plan, Zeros
 from shardsurgeon.source import Source
@@ -37,6 +37,8 @@ class RunResult:
     written: int
     holes: int
     seconds: float
+    stats: ShardStats = field(default_factory=ShardStats)
+    """What writing the shards of this run did: bytes copied, converted, shared with the source."""
 
 
 def write_checkpoint(
@@ -48,6 +50,7 @@ def write_checkpoint(
     model_card: str,
     force: bool = False,
     dense: bool = False,
+    reflink: Reflink = "auto",
     progress: Progress | None = None,
 ) -> RunResult:
     """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run."""
@@ -57,6 +60,7 @@ def write_checkpoint(
     progress = progress or (lambda nbytes: None)
     donor = sources[plan.recipe.donor]
     output.check_destination(out, [s.folder for s in sources.values()], force)
+    check_reflink(layout, out, reflink)
     staging, _ = output.open_staging(out, _resume_key(plan, layout, sources))
     done = {s.name for s in layout.shards if output.completed_shard(staging / s.name, s)}
     output.remove_strays(staging, done)
@@ -70,17 +74,16 @@ def write_checkpoint(
     for shard in layout.shards:
         if shard.name in done:
             progress(shard.nbytes - len(shard.header))
-    written = holes = 0
-    with SourceFiles() as files, ShardWriter(files, dense=dense, progress=progress) as writer:
+    stats = ShardStats()
+    with SourceFiles() as files, ShardWriter(files, dense=dense, reflink=reflink, progress=progress) as writer:
         for shard in todo:
             partial = staging / (shard.name + output.PARTIAL_SUFFIX)
-            stats = writer.write(shard, partial)
+            stats += writer.write(shard, partial)
             partial.rename(staging / shard.name)
-            written += stats.written
-            holes += stats.holes
     _write_small_files(staging, plan, layout, donor.folder, model_card)
     output.commit(staging, out)
-    return RunResult(out, len(plan.tensors), len(layout.shards), len(done), written, holes, time.monotonic() - started)
+    seconds = time.monotonic() - started
+    return RunResult(out, len(plan.tensors), len(layout.shards), len(done), stats.written, stats.holes, seconds, stats)
 
 
 def _write_small_files(staging: Path, plan: Plan, layout: Layout, donor: Path, model_card: str) -> None:
