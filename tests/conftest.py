@@ -20,6 +20,9 @@ from click.testing import CliRunner, Result
 from shardsurgeon.cli import cli
 from shardsurgeon.demo import mistral_config
 
+pytest_plugins = ["_platforms"]
+"""SHARDSURGEON_EMULATE=macos|windows runs any test as on that platform (see _platforms.py)."""
+
 LAYER_PARTS = {
     "input_layernorm.weight": lambda h, i, kv: (h,),
     "self_attn.q_proj.weight": lambda h, i, kv: (h, h),

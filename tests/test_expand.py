@@ -14,7 +14,6 @@ import pytest
 from conftest import data_order, folder_bytes, read_tensors, run_cli, write_tiny_checkpoint
 from safetensors import safe_open
 
-
 PARTS = [
     "input_layernorm.weight",
     "self_attn.q_proj.weight",
@@ -170,6 +169,24 @@ def test_two_runs_give_byte_identical_folders(tmp_path, tiny):
     a, b = folder_bytes(tmp_path / "a"), folder_bytes(tmp_path / "b")
     a["README.md"] = a["README.md"].replace(b"/a\n", b"/b\n")
     assert a == b
+
+
+@pytest.mark.parametrize("extra", [["--zero", "o_proj"], ["--dtype", "float16", "--dense"]], ids=["copy", "cast"])
+def test_the_same_bytes_on_every_platform_path(tmp_path, tiny, monkeypatch, extra):
+    """As on macOS (no copy_file_range) and as on Windows (no pread/pwrite either), the portable
+    paths write exactly the bytes of the Linux path."""
+    from _platforms import MODES, emulated  # a plugin of conftest: imported once, asserts rewritten
+
+    src, _ = tiny
+    outputs = {}
+    for mode in MODES:
+        (tmp_path / mode).mkdir()
+        monkeypatch.chdir(tmp_path / mode)  # the same --out text, so the same model card
+        with emulated(mode):
+            result = run_cli("expand", "--src", src, "--dup", "3x2", *extra, "--max-shard-size", "2KB", "--out", "out")
+        assert result.exit_code == 0, result.output
+        outputs[mode] = folder_bytes(tmp_path / mode / "out")
+    assert outputs["macos"] == outputs["linux"] and outputs["windows"] == outputs["linux"]
 
 
 def test_source_is_never_modified(tmp_path, tiny):
