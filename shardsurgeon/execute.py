@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +26,8 @@ from shardsurgeon.plan import Convert, Copy, PlannedTensor, Zeros
 from shardsurgeon.units import Progress
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from shardsurgeon.numerics import ChunkConverter
 
 CHUNK_BYTES = 4 << 20
@@ -165,6 +166,8 @@ class ShardWriter:
         """
         if self._io_thread is None:
             return
+        from concurrent.futures import wait
+
         barrier = self._io_thread.submit(lambda: None)  # the thread runs jobs in order
         while True:
             try:
@@ -271,7 +274,10 @@ class ShardWriter:
             self._wrote(fd, offset, nbytes)
 
     def _io(self) -> ThreadPoolExecutor:
+        """The write-behind thread, started by the first conversion (copies never need it)."""
         if self._io_thread is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="shardsurgeon-write")
         return self._io_thread
 
