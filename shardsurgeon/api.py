@@ -28,7 +28,7 @@ from shardsurgeon.report import describe_expansion, describe_merge, plan_json
 from shardsurgeon.rewrite import RunResult, write_checkpoint
 from shardsurgeon.smallfile import MAX_RECIPE_BYTES, check_writable_target, read_small
 from shardsurgeon.source import Source, open_source
-from shardsurgeon.units import Progress
+from shardsurgeon.units import Progress, ShardStarted
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +88,19 @@ def plan_merge(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     stack_hint: StackHint = NO_HINT,
+    hub_cache: Path | None = None,
 ) -> Job:
-    """Plan a mergekit passthrough config; models resolve against the config's folder or the HF cache."""
+    """Plan a mergekit passthrough config; models resolve against the config's folder or the HF cache
+    (``hub_cache``, default: HF_HUB_CACHE or HF_HOME's)."""
     path = Path(config_path)
     try:
         text = read_small(path, MAX_RECIPE_BYTES, RecipeError, "a mergekit YAML config").decode("utf-8")
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: is not a text file; expected a mergekit YAML config") from None
     spec = parse_config(text, str(path))
-    sources = {model: open_source(resolve_model(model, path.parent), stack_hint, model) for model in spec.models}
+    sources = {
+        model: open_source(resolve_model(model, path.parent, hub_cache), stack_hint, model) for model in spec.models
+    }
     recipe = merge_recipe(spec, lambda model: sources[model].layer_count)
     plan = make_plan(recipe, sources)
     names = {model: source.published_name for model, source in sources.items()}
@@ -135,11 +139,13 @@ def run_job(
     dense: bool = False,
     reflink: Reflink = "auto",
     progress: Progress | None = None,
+    on_shard: ShardStarted | None = None,
 ) -> RunResult:
     """Write ``job`` to ``out``; ``command`` is the command line recorded in the model card.
 
-    ``reflink`` says whether copies share blocks with the source where the filesystem can (``auto``),
-    must (``always``: refused up front otherwise) or never do; the output bytes are the same.
+    ``progress`` and ``on_shard`` are :func:`write_checkpoint`'s. ``reflink`` says whether copies
+    share blocks with the source where the filesystem can (``auto``), must (``always``: refused up
+    front otherwise) or never do; the output bytes are the same.
     """
     card = model_card(job.plan, job.base_models, command, job.description, job.mergekit_yaml)
     return write_checkpoint(
@@ -152,4 +158,5 @@ def run_job(
         dense=dense,
         reflink=reflink,
         progress=progress,
+        on_shard=on_shard,
     )

@@ -18,6 +18,7 @@ from typing import Any
 from shardsurgeon.errors import CheckpointError
 from shardsurgeon.format import read_header
 from shardsurgeon.hfcache import snapshot
+from shardsurgeon.identity import FileIdentity, check_unchanged, record
 from shardsurgeon.smallfile import MAX_JSON_BYTES, PARSE_ERRORS, read_small
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,11 +40,13 @@ class TensorRef:
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    """One source shard file: its size and a digest of its header, which pins its layout."""
+    """One source shard file: its size, a digest of its header, which pins its layout, and the file's
+    identity when its header was read, which a run checks again before it publishes."""
 
     path: Path
     nbytes: int
     header_sha256: str
+    identity: FileIdentity | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +145,13 @@ def _read_shard(root: Path, shard_name: str) -> tuple[Shard, list[TensorRef]]:
         raise CheckpointError(
             f"{path}: shard listed in {INDEX_FILE} is missing; download or copy the complete checkpoint"
         )
+    (seen,) = record([path])
     header = read_header(path)
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read(header.data_start)).hexdigest()
+    check_unchanged([seen])  # the header and the digest describe the file that ``seen`` names
     refs = [TensorRef(e.name, path, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
-    shard = Shard(path, header.data_start + header.data_nbytes, digest)
+    shard = Shard(path, header.data_start + header.data_nbytes, digest, seen)
     return shard, refs
 
 

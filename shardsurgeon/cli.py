@@ -1,36 +1,42 @@
 """The command line: parses arguments, calls the library, turns library errors into one-line messages.
 
-The only module that imports click. Progress is drawn on stderr when it is a terminal.
+The only module that imports click. Progress goes to stderr: a bar on a terminal, a line every few
+seconds anywhere else (a job's log).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import wraps
 from pathlib import Path
+from time import monotonic
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from shardsurgeon import __version__
 from shardsurgeon.api import Job, plan_expand, plan_merge, run_job, write_plan_json
 from shardsurgeon.arch import StackHint
 from shardsurgeon.checkpoint import open_checkpoint
-from shardsurgeon.errors import DestinationError, RecipeError, ShardSurgeonError
+from shardsurgeon.errors import DestinationError, RecipeError, ShardSurgeonError, safe_text
 from shardsurgeon.execute import REFLINK_MODES, Reflink
 from shardsurgeon.format import CAST_TARGETS
 from shardsurgeon.inspect import describe_checkpoint
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout
+from shardsurgeon.mergekit_options import MERGEKIT_FLAGS, MergekitFlag, parse_out_shard_size
 from shardsurgeon.plan import Plan
+from shardsurgeon.progress import LINE_INTERVAL_SECONDS, advance, begin_shard, figures, start_tally
 from shardsurgeon.recipe import parse_dup, parse_filters
 from shardsurgeon.report import dry_run_text, plan_json
 from shardsurgeon.rewrite import RunResult
-from shardsurgeon.units import format_bytes, parse_size
+from shardsurgeon.units import Progress, ShardStarted, format_bytes, parse_size
 from shardsurgeon.verify import VerifyReport, compare_with_plan, shard_files, verify_checkpoint
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -60,6 +66,10 @@ USAGE_ERRORS = (RecipeError, DestinationError)
 """Errors in what the user typed: exit status 2, as click gives usage errors; other errors give 1."""
 
 
+MAX_MESSAGE_CHARS = 2000
+"""Whatever a message holds, it is printed on one line of at most this many characters."""
+
+
 def exit_status(error: ShardSurgeonError) -> int:
     return 2 if isinstance(error, USAGE_ERRORS) else 1
 
@@ -79,7 +89,7 @@ class _OneLineErrors(click.Group):
             ctx = getattr(e, "ctx", None)
             command = "shardsurgeon" if ctx is None or ctx.parent is None else f"shardsurgeon {ctx.info_name}"
             hint = f" (see: {command} --help)"
-            click.echo(f"shardsurgeon: error: {e.format_message()}{hint}", err=True)
+            click.echo(f"shardsurgeon: error: {safe_text(e.format_message(), MAX_MESSAGE_CHARS)}{hint}", err=True)
             sys.exit(e.exit_code)
 
 
@@ -102,7 +112,7 @@ def main() -> None:
 
 
 def _verbosity(command: F) -> F:
-    command = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")(command)
+    command = click.option("-q", "--quiet", is_flag=True, help="No progress, notes or summary.")(command)
     return click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of errors.")(command)
 
 
@@ -111,7 +121,11 @@ def _writing_options(command: F) -> F:
     options = [
         click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist, or be empty)."),
         click.option(
-            "--max-shard-size", type=SIZE, default=str(DEFAULT_MAX_SHARD_BYTES), help="Largest shard, e.g. 5GB."
+            "--max-shard-size",
+            type=SIZE,
+            metavar="SIZE",
+            default=str(DEFAULT_MAX_SHARD_BYTES),
+            help="Largest shard, e.g. 5GB.",
         ),
         click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes."),
         click.option(
@@ -143,7 +157,7 @@ def _reports_errors(command: F) -> F:
         except ShardSurgeonError as e:
             if kwargs.get("verbose"):
                 raise
-            click.echo(f"shardsurgeon: error: {e}", err=True)
+            click.echo(f"shardsurgeon: error: {safe_text(e, MAX_MESSAGE_CHARS)}", err=True)
             sys.exit(exit_status(e))
         except KeyboardInterrupt:
             click.echo("shardsurgeon: interrupted; run the same command again to resume", err=True)
@@ -188,11 +202,16 @@ class _GuardedStdout:
 
 @cli.command()
 @click.option("--src", required=True, type=click.Path(path_type=Path), help="Source checkpoint folder.")
-@click.option("--dup", "dups", multiple=True, type=DUP, help="Insert N copies of layer L after L: LxN (repeatable).")
-@click.option("--every", type=click.IntRange(min=1), help="Insert a copy after every STEP-th layer (LLaMA Pro).")
+@click.option(
+    "--dup", "dups", multiple=True, type=DUP, metavar="LxN", help="Insert N copies of layer L after L (repeatable)."
+)
+@click.option(
+    "--every", type=click.IntRange(min=1), metavar="STEP", help="Insert a copy after every STEP-th layer (LLaMA Pro)."
+)
 @click.option(
     "--zero",
     type=FILTERS,
+    metavar="NAME[,NAME...]",
     help="Zero tensors of inserted copies whose name contains these; 'residual': the residual outputs.",
 )
 @click.option("--dtype", type=DTYPE, help="Cast floating-point tensors to this dtype.")
@@ -270,18 +289,64 @@ def _plan_or_run(
         click.echo(dry_run_text(job.plan, job.layout))
     if out is None or dry_run:
         return
-    with _progress_bar(job.layout, quiet) as progress:
-        result = run_job(job, out, command=command, force=force, dense=dense, reflink=reflink, progress=progress)
+    with _progress(job.layout, quiet) as (progress, on_shard):
+        result = run_job(
+            job, out, command=command, force=force, dense=dense, reflink=reflink, progress=progress, on_shard=on_shard
+        )
     if not quiet:
+        for note in result.notes:
+            click.echo(f"shardsurgeon: note: {note}", err=True)
         click.echo(_summary(job.plan, result), err=True)
+
+
+def _mergekit_flags(command: F) -> F:
+    """mergekit-yaml's flags, hidden: an error for each refused; the others reach the command as
+    ``no_effect``, to be noted once the job is planned (a config error stays the only line)."""
+
+    def param(flag: MergekitFlag) -> str:
+        return "mergekit_" + flag.flag.lstrip("-").replace("-", "_")
+
+    @wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        given = [flag for flag in MERGEKIT_FLAGS if kwargs.pop(param(flag)) not in (None, False)]
+        for flag in given:
+            if flag.refused:
+                raise click.UsageError(f"{flag.flag} is not supported: {flag.why}")
+        return command(*args, no_effect=given, **kwargs)
+
+    for flag in reversed(MERGEKIT_FLAGS):
+        if flag.value is None:
+            option = click.option(flag.flag, param(flag), is_flag=True, hidden=True)
+        else:
+            option = click.option(flag.flag, param(flag), metavar=flag.value, hidden=True)
+        run = option(run)
+    return run  # type: ignore[return-value]
 
 
 @cli.command()
 @click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out_argument", metavar="[OUT]", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--out-shard-size",
+    type=_ParsedParam("COUNT", parse_out_shard_size),
+    metavar="COUNT",
+    help="--max-shard-size as mergekit-yaml spells and reads it: K, M, B are thousand, million, billion, of bytes "
+    "(mergekit's help says parameters, its writer compares bytes), so 5B is 5,000,000,000 bytes; 0: one shard.",
+)
+@click.option(
+    "--transformers-cache",
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    help="Find Hugging Face ids in this cache folder instead of HF_HUB_CACHE (as mergekit downloads into it).",
+)
 @_writing_options
+@_mergekit_flags
 @_reports_errors
 def merge(
     config: Path,
+    out_argument: Path | None,
+    out_shard_size: int | None,
+    transformers_cache: Path | None,
     out: Path | None,
     max_shard_size: int,
     dense: bool,
@@ -293,18 +358,34 @@ def merge(
     layers_key: str | None,
     quiet: bool,
     verbose: bool,
+    no_effect: list[MergekitFlag],
 ) -> None:
     """Run a mergekit passthrough config (slices of one or more models), bit for bit.
 
     \b
+    shardsurgeon merge solar.yml ./solar-10.7b
     shardsurgeon merge solar.yml --out ./solar-10.7b
 
     Models are local folders (relative to the config's folder) or Hugging Face ids found in the
     local cache (HF_HUB_CACHE or HF_HOME); nothing is downloaded.
+
+    A mergekit-yaml command line runs as it is: its flags that only tune how mergekit computes
+    (--cuda, --lazy-unpickle, --allow-crimes, -j ...) are noted as having no effect, and those
+    that would change the output and are not supported here (--no-copy-tokenizer ...) are refused.
     """
+    out = _one_output(out_argument, out)
+    max_shard_size = _one_shard_size(out_shard_size, max_shard_size)
     if out is None and not dry_run and plan_json is None:
-        raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
-    job = plan_merge(config, max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key))
+        raise click.UsageError("give the output folder (OUT or --out) unless --dry-run or --plan-json is given")
+    job = plan_merge(
+        config,
+        max_shard_bytes=max_shard_size,
+        stack_hint=StackHint(layer_prefix, layers_key),
+        hub_cache=transformers_cache,
+    )
+    if not quiet:
+        for flag in no_effect:
+            click.echo(f"shardsurgeon: note: {flag.flag} has no effect here: {flag.why}", err=True)
     command = _command_line(
         "merge",
         config=config,
@@ -315,6 +396,27 @@ def merge(
         out=out,
     ).replace("--config ", "")
     _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, reflink=reflink)
+
+
+def _one_output(argument: Path | None, option: Path | None) -> Path | None:
+    if argument is not None and option is not None and os.path.abspath(argument) != os.path.abspath(option):
+        raise click.UsageError(
+            f"the output folder is given twice, as OUT {argument} and as --out {option}; give it once"
+        )
+    return argument if argument is not None else option
+
+
+def _one_shard_size(out_shard_size: int | None, max_shard_size: int) -> int:
+    """``--out-shard-size`` (mergekit's) stands for ``--max-shard-size``; both may be given if they agree."""
+    if out_shard_size is None:
+        return max_shard_size
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("max_shard_size") is not ParameterSource.DEFAULT and max_shard_size != out_shard_size:
+        raise click.UsageError(
+            f"--out-shard-size is {out_shard_size} bytes but --max-shard-size is {max_shard_size} bytes; "
+            "give one of them"
+        )
+    return out_shard_size
 
 
 def _command_line(command: str, **options: Any) -> str:
@@ -329,12 +431,50 @@ def _command_line(command: str, **options: Any) -> str:
 
 
 @contextmanager
-def _progress_bar(layout: Layout, quiet: bool) -> Iterator[Callable[[int], None] | None]:
-    if quiet or not sys.stderr.isatty():
-        yield None
+def _progress(
+    layout: Layout, quiet: bool, interval: float = LINE_INTERVAL_SECONDS
+) -> Iterator[tuple[Progress | None, ShardStarted | None]]:
+    """The library's two callbacks, drawing on stderr: a bar on a terminal; elsewhere (a job's log)
+    a line every ``interval`` seconds and at each shard's end once the run is that long; with
+    ``quiet``, nothing."""
+    if quiet:
+        yield None, None
         return
-    with click.progressbar(length=layout.total_size, label="writing", file=sys.stderr) as bar:
-        yield bar.update
+    shard_bytes = {s.name: s.nbytes - len(s.header) for s in layout.shards}
+    tally = start_tally(layout.total_size, monotonic())
+
+    def info(_: int | None) -> str:
+        return figures(tally.done, tally.total, tally.rate(monotonic()))
+
+    bar = None
+    if sys.stderr.isatty():
+        bar = click.progressbar(
+            length=layout.total_size,
+            label="writing",
+            file=sys.stderr,
+            width=0,
+            show_percent=False,
+            show_eta=False,
+            item_show_func=info,
+        )
+
+    def progress(nbytes: int) -> None:
+        nonlocal tally
+        # on a terminal the bar shows the figures, so no line is ever due there
+        tally, line = advance(tally, nbytes, monotonic(), interval if bar is None else math.inf)
+        if bar is not None:
+            bar.update(nbytes)
+        elif line is not None:
+            click.echo(line, err=True)
+
+    def on_shard(name: str, number: int, count: int) -> None:
+        nonlocal tally
+        tally = begin_shard(tally, name, shard_bytes[name], monotonic())
+        if bar is not None:
+            bar.label = f"shard {number} of {count}"
+
+    with bar if bar is not None else nullcontext():
+        yield progress, on_shard
 
 
 def _summary(plan: Plan, result: RunResult) -> str:
@@ -374,15 +514,15 @@ def inspect(folder: Path, layer_prefix: str | None, layers_key: str | None, quie
 
 @cli.command()
 @click.option("--keep", type=click.Path(path_type=Path), help="Build in this folder and keep it.")
+@click.option("--force", is_flag=True, help="Replace the demo folders already in the --keep folder.")
 @_verbosity
 @_reports_errors
-def demo(keep: Path | None, quiet: bool, verbose: bool) -> None:
+def demo(keep: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
     """Build a small 32-layer Mistral-shaped checkpoint, expand it with the seed recipe, check it."""
-    from shardsurgeon.demo import make_demo_checkpoint  # numpy loads only for the demo
+    from shardsurgeon.demo import demo_folders, make_demo_checkpoint  # numpy loads only for the demo
 
     with tempfile.TemporaryDirectory(prefix="shardsurgeon-demo-") as scratch:
-        root = keep or Path(scratch)
-        src, out = root / "mistral-32", root / "mistral-44"
+        src, out = demo_folders(keep or Path(scratch), force)
         make_demo_checkpoint(src)
         checkpoint = open_checkpoint(src)
         click.echo(f"built a 32-layer Mistral-shaped bf16 checkpoint in {src} ({len(checkpoint.shards)} shards)")
@@ -398,7 +538,7 @@ def demo(keep: Path | None, quiet: bool, verbose: bool) -> None:
             str(out),
         ]
         click.echo("$ shardsurgeon " + shlex.join(args))
-        expand.main(args[1:] + ["--force"] + (["-q"] if quiet else []), standalone_mode=False)
+        expand.main(args[1:] + (["--force"] if force else []) + (["-q"] if quiet else []), standalone_mode=False)
         job = plan_expand(src, dups=[(31, 12)], zero=("o_proj", "down_proj"))
         mismatches = compare_with_plan(job.layout, out)
         for mismatch in mismatches:

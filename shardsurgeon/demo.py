@@ -8,6 +8,8 @@ this module is not on the streaming path.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,9 +18,43 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from shardsurgeon.errors import DestinationError, OutputError, safe_text
 from shardsurgeon.format import DTYPES, encode_header
 
 DEMO_SHAPE = {"layers": 32, "hidden": 64, "intermediate": 160, "heads": 4, "kv_heads": 2, "vocab": 256}
+DEMO_SOURCE, DEMO_OUTPUT = "mistral-32", "mistral-44"
+"""The folders ``demo`` builds in its folder: the source checkpoint and the expanded one."""
+
+
+def demo_folders(root: Path, force: bool) -> tuple[Path, Path]:
+    """The demo's source and output folders in ``root`` (``--keep``), checked before anything is built.
+
+    Refuses a ``root`` that is a file, and demo folders already there unless ``force`` (never a
+    link or a file by those names). With ``force`` an earlier demo source is removed here; the
+    output is replaced by the run itself, which does so crash-safely.
+    """
+    shown = f"--keep {safe_text(root)}"
+    existing = next((p for p in (root.absolute(), *root.absolute().parents) if os.path.lexists(p)), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == root.absolute() else f"is inside {safe_text(existing)}, a file"
+        raise DestinationError(f"{shown}: {where}; give a folder to build the demo checkpoints in")
+    src, out = root / DEMO_SOURCE, root / DEMO_OUTPUT
+    for path in (src, out):
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise DestinationError(
+                f"{shown}: {safe_text(path)} exists and is not a folder; remove it or choose another folder for --keep"
+            )
+        if path.exists() and not force:
+            raise DestinationError(
+                f"{shown}: {safe_text(path)} already exists; pass --force to replace it, or choose another folder "
+                "for --keep"
+            )
+    if src.exists():
+        try:
+            shutil.rmtree(src)
+        except OSError as e:
+            raise OutputError(f"{safe_text(src)}: cannot remove the earlier demo source: {e.strerror or e}") from None
+    return src, out
 
 
 def dtype_name(array: np.ndarray) -> str:
@@ -113,14 +149,17 @@ def _values(name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 def make_demo_checkpoint(folder: Path) -> Path:
     """Build the demo source: 32 Mistral layers in 3 shards, with a tokenizer config."""
-    save_checkpoint(
-        folder,
-        mistral_tensors(**DEMO_SHAPE),
-        mistral_config(**DEMO_SHAPE),
-        shards=3,
-        extra_files={
-            "tokenizer_config.json": json.dumps({"model_max_length": 4096, "bos_token": "<s>"}),
-            "generation_config.json": json.dumps({"bos_token_id": 1, "eos_token_id": 2}),
-        },
-    )
+    try:
+        save_checkpoint(
+            folder,
+            mistral_tensors(**DEMO_SHAPE),
+            mistral_config(**DEMO_SHAPE),
+            shards=3,
+            extra_files={
+                "tokenizer_config.json": json.dumps({"model_max_length": 4096, "bos_token": "<s>"}),
+                "generation_config.json": json.dumps({"bos_token_id": 1, "eos_token_id": 2}),
+            },
+        )
+    except OSError as e:
+        raise OutputError(f"{safe_text(folder)}: cannot build the demo checkpoint: {e.strerror or e}") from None
     return folder

@@ -9,10 +9,14 @@ snapshot that ``refs/main`` (or the revision's ref) names, or the newest snapsho
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from shardsurgeon.errors import CheckpointError
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+"""A Hub id as a model card may name it: ``org/name``, letters, digits, ``-``, ``_`` and ``.``."""
 
 
 def hub_cache() -> Path:
@@ -22,8 +26,15 @@ def hub_cache() -> Path:
     return home / "hub"
 
 
-def resolve_model(reference: str, relative_to: Path) -> Path:
-    """The folder of ``reference``: a local path (relative ones against ``relative_to``) or a cached id."""
+def is_hub_id(reference: str) -> bool:
+    """Whether ``reference`` reads as ``org/name`` (``@revision`` aside) rather than as a folder path."""
+    model_id = reference.partition("@")[0]
+    return model_id.count("/") == 1 and not model_id.startswith((".", "/", "~"))
+
+
+def resolve_model(reference: str, relative_to: Path, cache: Path | None = None) -> Path:
+    """The folder of ``reference``: a local path (relative ones against ``relative_to``) or an id in
+    ``cache`` (default: :func:`hub_cache`)."""
     try:
         local = (relative_to / reference).expanduser()
     except RuntimeError:  # ~user of a user that does not exist
@@ -33,9 +44,9 @@ def resolve_model(reference: str, relative_to: Path) -> Path:
     if local.exists():
         return local
     model_id, _, revision = reference.partition("@")
-    if model_id.count("/") != 1 or model_id.startswith((".", "/", "~")):
+    if not is_hub_id(reference):
         raise CheckpointError(f"model {reference!r}: no folder {local}; give a local path or a Hugging Face id")
-    entry = hub_cache() / ("models--" + model_id.replace("/", "--"))
+    entry = (cache or hub_cache()) / ("models--" + model_id.replace("/", "--"))
     found = snapshot(entry, revision or "main")
     if found is None:
         raise CheckpointError(
@@ -75,11 +86,14 @@ def _read_ref(ref: Path) -> str | None:
 
 
 def base_model_id(source: Path, config: dict[str, Any]) -> str:
-    """The Hugging Face id to name as ``base_model``: from the cache path, the config, or the folder."""
+    """The Hugging Face id to name as ``base_model``: from the cache path, the config, or the folder.
+
+    The config's ``_name_or_path`` counts only when it has the shape of a Hub id (``org/name``).
+    """
     for part in source.resolve().parts:
         if part.startswith("models--"):
             return part.removeprefix("models--").replace("--", "/", 1)
     name = config.get("_name_or_path")
-    if isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/")):
+    if isinstance(name, str) and _HUB_ID.fullmatch(name):
         return name
     return source.resolve().name

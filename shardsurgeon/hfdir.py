@@ -6,11 +6,13 @@ Writes into the staging folder only; never touches tensor bytes and never writes
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from shardsurgeon.checkpoint import INDEX_FILE
+from shardsurgeon.errors import safe_text
 from shardsurgeon.layout import Layout
 from shardsurgeon.output import fsync_file
 from shardsurgeon.plan import Plan
@@ -62,32 +64,48 @@ def copy_other_files(source: Path, folder: Path) -> list[str]:
 
 
 def model_card(plan: Plan, base_models: list[str], command: str, what: str, mergekit_yaml: str) -> str:
-    """The README.md of the output: front matter, what was done, how, and the mergekit config."""
-    base = base_models[0] if len(base_models) == 1 else "".join(f"\n- {m}" for m in base_models)
-    title = base_models[0] if len(base_models) == 1 else " + ".join(base_models)
-    extra_tags = "\n- block-expansion" if any(s.inserted for s in plan.recipe.layers) else ""
+    """The README.md of the output: front matter, what was done, how, and the mergekit config.
+
+    Valid UTF-8 and valid YAML whatever the names hold: the front matter is dumped by the YAML
+    library, the title and description are kept on their line, and bytes of a name that are not
+    UTF-8 are written as ``\\xNN``.
+    """
+    import yaml  # loaded only when a card is written
+
+    names = [_utf8(name) for name in base_models]
+    tags = ["shardsurgeon", "mergekit", "merge"] + (
+        ["block-expansion"] if any(s.inserted for s in plan.recipe.layers) else []
+    )
+    front = {"base_model": names[0] if len(names) == 1 else names, "library_name": "transformers", "tags": tags}
+    title = safe_text(" + ".join(names), limit=None)
+    command, mergekit_yaml = _utf8(command), _utf8(mergekit_yaml.rstrip())
     return f"""---
-base_model: {base}
-library_name: transformers
-tags:
-- shardsurgeon
-- mergekit
-- merge{extra_tags}
----
+{yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=1 << 20)}---
 
 # {title}, {plan.output_layers} layers
 
-{what}
+{safe_text(what, limit=None)}
 
 Made with [shardsurgeon](https://pypi.org/project/shardsurgeon/) by:
 
-```sh
+{_fence(command)}sh
 {command}
-```
+{_fence(command)}
 
 The same checkpoint as a mergekit passthrough config:
 
-```yaml
-{mergekit_yaml.rstrip()}
-```
+{_fence(mergekit_yaml)}yaml
+{mergekit_yaml}
+{_fence(mergekit_yaml)}
 """
+
+
+def _utf8(text: str) -> str:
+    """``text`` with lone surrogates (bytes of a name that is not UTF-8) written as escapes."""
+    return "".join(safe_text(char) if "\ud800" <= char <= "\udfff" else char for char in text)
+
+
+def _fence(text: str) -> str:
+    """A Markdown code fence longer than any run of backticks in ``text``, so ``text`` cannot close it."""
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    return "`" * max(3, longest + 1)

@@ -9,6 +9,7 @@ tensors inside a file, and where shards split:
 1. Output tensors are grouped by the source file they come from, groups in the order the plan
    first names them (the embeddings' file first); each group is cut greedily at
    ``max_shard_bytes``, like huggingface_hub (a tensor larger than the limit gets a shard of its own).
+   Neighbouring parts share a shard only where they fit in one and lose no shareable byte by it.
 2. Inside a group tensors go in source order, one copy instance after the other: the first
    instances reproduce the source file's data as it is, then the second ones (the first inserted
    copies) follow, and so on. Copies that lie one after the other in both files are one range.
@@ -174,15 +175,46 @@ def plan_layout(
     """
     metadata = {"format": "pt", PLAN_METADATA_KEY: plan.fingerprint, **(metadata or {})}
     parts = [part for group in _by_source_file(plan.tensors) for part in _cut(group, max_shard_bytes)]
-    shards = []
-    for number, part in enumerate(parts, start=1):
-        name = SINGLE_FILE if len(parts) == 1 else f"model-{number:05d}-of-{len(parts):05d}.safetensors"
-        candidates = [_placed(name, part, metadata)]
-        filled = _fill_breaks(part)
-        if filled != part:
-            candidates.append(_placed(name, filled, metadata))
-        shards.append(max(candidates, key=lambda shard: shard.shareable_bytes))  # first of equals: source order
-    return Layout(tuple(shards))
+    shards = _packed(parts, max_shard_bytes, metadata)
+    named = []
+    for number, shard in enumerate(shards, start=1):
+        name = SINGLE_FILE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        if len(shard.header) - HEADER_LENGTH_BYTES > MAX_HEADER_BYTES:
+            raise PlanError(
+                f"shard {name}: its header would be {format_bytes(len(shard.header) - HEADER_LENGTH_BYTES)}, more "
+                f"than the {format_bytes(MAX_HEADER_BYTES)} safetensors readers accept; give a smaller --max-shard-size"
+            )
+        named.append(ShardLayout(name, shard.header, shard.tensors))
+    return Layout(tuple(named))
+
+
+def _packed(parts: list[list[_Item]], max_shard_bytes: int, metadata: Mapping[str, str]) -> list[ShardLayout]:
+    """Each part arranged as a shard; neighbouring parts share one where they fit in it together and
+    lose no shareable byte by it (tensors too small to share, a source file small enough), so small
+    sources do not give one small output file per source file. Names come later."""
+    shards: list[ShardLayout] = []
+    current: list[_Item] = []
+    for part in parts:
+        alone = _arranged(part, metadata)
+        joined = current + part
+        if current and sum(i.nbytes for i in joined) <= max_shard_bytes:
+            together = _arranged(joined, metadata)
+            if together.shareable_bytes >= shards[-1].shareable_bytes + alone.shareable_bytes:
+                shards[-1], current = together, joined
+                continue
+        shards.append(alone)
+        current = part
+    return shards
+
+
+def _arranged(items: list[_Item], metadata: Mapping[str, str]) -> ShardLayout:
+    """``items`` as one shard (not yet named), in source order or with fillers, whichever shares more
+    (the source order on a tie)."""
+    candidates = [_placed(items, metadata)]
+    filled = _fill_breaks(items)
+    if filled != items:
+        candidates.append(_placed(filled, metadata))
+    return max(candidates, key=lambda shard: shard.shareable_bytes)
 
 
 def _by_source_file(tensors: Sequence[PlannedTensor]) -> list[list[_Item]]:
@@ -210,24 +242,19 @@ def _cut(items: list[_Item], max_shard_bytes: int) -> list[list[_Item]]:
     return parts
 
 
-def _placed(name: str, items: list[_Item], metadata: Mapping[str, str]) -> ShardLayout:
+def _placed(items: list[_Item], metadata: Mapping[str, str]) -> ShardLayout:
     """The shard holding ``items`` in this order, its header padded to the phase that shares most."""
     entries = [(i.tensor.name, i.tensor.dtype, i.tensor.shape, i.nbytes) for i in items]
     minimal = len(encode_header(entries, metadata))
     phase = _best_phase(items)
     padding = 0 if phase is None else (phase - minimal) % BLOCK_BYTES
     header = encode_header(entries, metadata, data_start=minimal + padding)
-    if len(header) - HEADER_LENGTH_BYTES > MAX_HEADER_BYTES:
-        raise PlanError(
-            f"shard {name}: its header would be {format_bytes(len(header) - HEADER_LENGTH_BYTES)}, more than the "
-            f"{format_bytes(MAX_HEADER_BYTES)} safetensors readers accept; give a smaller --max-shard-size"
-        )
     offset = len(header)
     placed = []
     for item in items:
         placed.append(PlacedTensor(item.tensor, offset))
         offset += item.nbytes
-    return ShardLayout(name, header, tuple(placed))
+    return ShardLayout("", header, tuple(placed))
 
 
 def _best_phase(items: list[_Item]) -> int | None:

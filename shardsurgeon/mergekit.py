@@ -18,6 +18,7 @@ from typing import Any
 
 from shardsurgeon.errors import RecipeError
 from shardsurgeon.format import CAST_TARGETS, cast_target, torch_name
+from shardsurgeon.hfcache import is_hub_id
 from shardsurgeon.recipe import LayerSource, Recipe, ScaleRule
 from shardsurgeon.source import Source
 
@@ -181,6 +182,7 @@ def _slices(config: dict[str, Any], top: tuple[ScaleRule, ...], where: str) -> t
         at_source = f"{at}.sources[0]"
         if not isinstance(source, dict):
             raise RecipeError(f"{where}: {at_source} must be a mapping with model and layer_range")
+        _refuse_revision(source, where, at_source)
         _check_keys(source, {"model", "layer_range", "parameters"}, where, at_source)
         start, end = _layer_range(source.get("layer_range"), where, at_source)
         scale = (
@@ -202,6 +204,7 @@ def _models(config: dict[str, Any], top: tuple[ScaleRule, ...], where: str) -> t
     entry = models[0]
     if not isinstance(entry, dict):
         raise RecipeError(f"{where}: models[0] must be a mapping with model, found {_found(entry)}")
+    _refuse_revision(entry, where, "models[0]")
     _check_keys(entry, {"model", "parameters"}, where, "models[0]")
     scale = _scale(entry.get("parameters"), where, "models[0].parameters") + top
     return (SliceSpec(_model_ref(entry.get("model"), where, "models[0].model"), None, None, scale),)
@@ -262,6 +265,28 @@ def _dtype(value: Any, where: str, at: str) -> str | None:
         shown = repr(value) if isinstance(value, str) else _found(value)
         raise RecipeError(f"{where}: {at} {shown} is not supported; expected one of {', '.join(CAST_TARGETS)}")
     return dtype
+
+
+def _refuse_revision(entry: dict[str, Any], where: str, at: str) -> None:
+    """A source's ``revision:`` key, which published configs hold and mergekit's pydantic model
+    drops without a word (it loads the default branch): say how to name a revision instead."""
+    if "revision" not in entry:
+        return
+    model, revision = entry.get("model"), entry["revision"]
+    place = f"{where}: {at}.revision: mergekit ignores this key"
+    if not isinstance(model, str) or not isinstance(revision, str | int) or isinstance(revision, bool):
+        raise RecipeError(f"{place}; name a revision in the model instead, as model: org/name@REVISION")
+    if not is_hub_id(model):
+        raise RecipeError(f"{place}, and {model} is a folder, which has no revisions; remove the revision key")
+    if "@" in model:
+        raise RecipeError(
+            f"{place}; the model {model} already names its revision ({model.partition('@')[2]}), so remove the "
+            "revision key"
+        )
+    raise RecipeError(
+        f"{place} and would load {model}'s default branch; to load revision {revision}, name it in the model: "
+        f"model: {model}@{revision}"
+    )
 
 
 def _check_keys(mapping: dict[str, Any], known: frozenset[str] | set[str], where: str, at: str) -> None:

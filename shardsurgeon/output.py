@@ -1,9 +1,12 @@
-"""The output folder's life: safety checks, the staging folder, resume, and the atomic commit.
+"""The output folder's life: safety checks, the claim on it, the staging folder, and resume.
 
-Everything is written under a hidden sibling ``.NAME.shardsurgeon-partial`` and renamed to NAME
-only when complete and fsynced, so NAME never holds a partial result. A staging folder left by an
-interrupted run is reused when its resume key (plan fingerprint and source file identities)
-matches; its completed shards are then checked against the layout before they are kept.
+Everything is written under a hidden sibling ``.NAME.shardsurgeon-partial`` and moved to NAME only
+when complete and fsynced (see :mod:`publish`), so NAME never holds a partial result. A run claims
+its output with a :class:`Destination`: checked, locked against other runs, recovered from an
+interrupted commit, and published only if NAME still holds what it held at the start (or
+``force``). A staging folder left by an interrupted run is reused when its resume key (plan
+fingerprint and source file identities) matches; its completed shards are then checked against the
+layout before they are kept.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
-from shardsurgeon import fileio
-from shardsurgeon.errors import DestinationError, OutputError
+from shardsurgeon import fileio, lock, publish
+from shardsurgeon.errors import DestinationError, OutputError, ShardSurgeonError, safe_text
 from shardsurgeon.layout import ShardLayout
 from shardsurgeon.units import format_bytes
 
@@ -23,53 +28,217 @@ PARTIAL_SUFFIX = ".partial"
 
 
 def staging_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}.shardsurgeon-partial"
+    return publish.sibling(out, "partial")
 
 
-def check_destination(out: Path, sources: Iterable[Path], force: bool) -> None:
-    """Refuse an output that is, holds or lies inside a source (or the Hugging Face cache entry it
-    comes from), that cannot be renamed into place, or that is non-empty without ``force``."""
-    check_outside_sources(out, sources, "--out")
+def lock_file(out: Path) -> Path:
+    """The lock file of ``out``: beside it and the staging folder, never inside a folder that moves."""
+    return publish.sibling(out, "lock")
+
+
+class Destination:
+    """An output folder claimed for one run; a context manager.
+
+    Entering checks the destination, creates its missing parents, takes the output's lock (another
+    run is refused, naming it), recovers from a commit a killed run left half done (saying so in
+    :attr:`notes`), checks again under the lock and records what ``out`` holds. :meth:`commit`
+    publishes only if ``out`` still holds that, or with ``force``. Exiting releases the lock and,
+    after a failure, removes the parents it created if they are empty.
+    """
+
+    def __init__(self, out: Path, sources: Iterable[Path], force: bool, *, files: Iterable[Path] = ()):
+        self.out = out
+        self.notes: tuple[str, ...] = ()
+        self._sources = list(sources)
+        self._files = list(files)
+        self._force = force
+        self._created: list[Path] = []
+        self._lock: lock.Lock | None = None
+        self._at_start: publish.Identity | None = None
+
+    def __enter__(self) -> Destination:
+        self._check()
+        self._created = _make_parents(self.out)
+        try:
+            self._lock = lock.acquire(lock_file(self.out), f"--out {safe_text(self.out)}")
+            self.notes = tuple(publish.recover(self.out, RESUME_FILE))
+            self._check()
+            self._at_start = publish.folder_identity(self.out)
+        except BaseException as e:
+            self._release(failed=True)
+            if (noted := self._noted(e)) is e:
+                raise
+            raise noted from None
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self._release(failed=value is not None)
+        if value is not None and (noted := self._noted(value)) is not value:
+            raise noted from None
+
+    def commit(self, staging: Path) -> None:
+        """Publish the finished ``staging`` folder as ``out``, unless ``out`` changed without ``force``."""
+        now = publish.folder_identity(self.out)
+        if now is not None and now != self._at_start and not self._force:
+            change = "a folder appeared there" if self._at_start is None else "the folder there was replaced"
+            raise OutputError(self._changed(change, staging))
+        if now is not None and not self._force and _non_empty(self.out):
+            raise OutputError(self._changed("the empty folder there was filled", staging))
+        self._check()
+        publish.commit(staging, self.out, RESUME_FILE)
+
+    def _changed(self, change: str, staging: Path) -> str:
+        return (
+            f"--out {safe_text(self.out)}: {change} during the run; it is left as it is, and the finished output "
+            f"waits in {safe_text(staging.name)}: move that folder away and run the same command again to publish "
+            "it, or pass --force to replace it"
+        )
+
+    def _check(self) -> None:
+        check_destination(self.out, self._sources, self._force, files=self._files)
+
+    def _release(self, *, failed: bool) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if failed:
+            for folder in reversed(self._created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # not empty: it holds what this run leaves for a resume
+        self._created = []
+
+    def _noted(self, error: BaseException) -> BaseException:
+        """A library error with the recovery notes added, so that they are not lost with the run."""
+        if not self.notes or not isinstance(error, ShardSurgeonError):
+            return error
+        return type(error)(f"{error} (first, {'; '.join(self.notes)})")
+
+
+def check_destination(out: Path, sources: Iterable[Path], force: bool, *, files: Iterable[Path] = ()) -> None:
+    """Refuse an output that is, holds or lies inside a source or a folder its files live in (see
+    :func:`check_outside_sources`), that cannot be renamed into place, or that is non-empty without
+    ``force``."""
+    check_outside_sources(out, sources, "--out", files=files)
+    shown = safe_text(out)
     real_out = out.resolve()
     if out.is_symlink():
-        raise DestinationError(f"--out {out}: is a symbolic link; give the folder it points to, {real_out}")
+        raise DestinationError(
+            f"--out {shown}: is a symbolic link; give the folder it points to, {safe_text(real_out)}"
+        )
     if out.exists() and not out.is_dir():
-        raise DestinationError(f"--out {out}: exists and is a file; choose a folder name")
+        raise DestinationError(f"--out {shown}: exists and is a file; choose a folder name")
     if out.is_dir() and os.path.ismount(out):
         raise DestinationError(
-            f"--out {out}: is a mount point, which cannot be replaced by renaming; write to a folder inside it"
+            f"--out {shown}: is a mount point, which cannot be replaced by renaming; write to a folder inside it"
         )
     if Path.cwd().resolve().is_relative_to(real_out) and out.is_dir():
-        raise DestinationError(f"--out {out}: holds the current folder; run from elsewhere or choose another output")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise DestinationError(f"--out {out}: folder exists and is not empty; pass --force to replace it")
+        raise DestinationError(f"--out {shown}: holds the current folder; run from elsewhere or choose another output")
+    if out.is_dir() and _non_empty(out) and not force:
+        raise DestinationError(f"--out {shown}: folder exists and is not empty; pass --force to replace it")
 
 
-def check_outside_sources(path: Path, sources: Iterable[Path], flag: str, what: str = "output folder") -> None:
+def check_outside_sources(
+    path: Path, sources: Iterable[Path], flag: str, what: str = "output folder", *, files: Iterable[Path] = ()
+) -> None:
     """Refuse a ``path`` to write (an output folder, or some other ``what``) that is, holds or lies
-    inside a source or its Hugging Face cache entry."""
+    inside something a source is made of: the source folder, its Hugging Face cache entry, and every
+    real file its top-level files (and ``files``) resolve to, with the folder holding it. So shards
+    that are links into another folder (git-annex, DVC, a cache) are protected where they live."""
     real = path.resolve()
+    shown = f"{flag} {safe_text(path)}"
     article = "an" if what[0] in "aeiou" else "a"
+    protected = _protected(list(sources), files)
+    for item in protected:
+        if real == item.path and item.is_folder_of_source:
+            raise DestinationError(
+                f"{shown}: is the source folder; the source is never written to, choose another {what}"
+            )
+        if real == item.path:
+            raise DestinationError(f"{shown}: is {item}; the source is never written to, choose another {what}")
+    holders = [item for item in protected if real.is_relative_to(item.path)]
+    if holders:
+        nearest = max(holders, key=lambda item: len(item.path.parts))
+        raise DestinationError(
+            f"{shown}: is inside {nearest}; the source is never written to, choose {article} {what} outside it"
+        )
+    for item in protected:
+        if item.path.is_relative_to(real):
+            raise DestinationError(f"{shown}: contains {item}; choose another {what}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Protected:
+    """A real path a source is made of, and how a message names it."""
+
+    path: Path
+    name: str
+    is_folder_of_source: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _protected(sources: list[Path], files: Iterable[Path]) -> list[_Protected]:
+    """The source folders, the Hugging Face cache entries (``models--org--name``) holding them, and
+    the real file behind each source file, with its folder, where that is somewhere else."""
+    found: dict[Path, _Protected] = {}
+
+    def add(path: Path, name: str, is_folder_of_source: bool = False) -> None:
+        found.setdefault(path, _Protected(path, name, is_folder_of_source))
+
     for source in sources:
-        for protected in _protected(source):
-            if real == protected:
-                raise DestinationError(
-                    f"{flag} {path}: is the source folder; the source is never written to, choose another {what}"
-                )
-            if real.is_relative_to(protected):
-                raise DestinationError(
-                    f"{flag} {path}: is inside the source {protected}; the source is never written to, "
-                    f"choose {article} {what} outside it"
-                )
-            if protected.is_relative_to(real):
-                raise DestinationError(f"{flag} {path}: contains the source {source}; choose another {what}")
+        real = source.resolve()
+        add(real, f"the source {safe_text(source if real == source else real)}", is_folder_of_source=True)
+        entries = [parent for parent in real.parents if parent.name.startswith("models--")]
+        for entry in entries[:1]:
+            add(entry, f"the source {safe_text(entry)}")
+    folders = list(found)
+    for file in [*files, *(entry for source in sources for entry in _top_level_files(source))]:
+        real = file.resolve()
+        if any(real.is_relative_to(folder) for folder in folders):
+            continue  # protected with the folder it is in
+        add(real, f"the source file {safe_text(real)}")
+        add(real.parent, f"{safe_text(real.parent)}, which holds the source file {safe_text(real.name)}")
+    return list(found.values())
 
 
-def _protected(source: Path) -> list[Path]:
-    """The source folder, and the Hugging Face cache entry (``models--org--name``) holding it."""
-    real = source.resolve()
-    entries = [parent for parent in real.parents if parent.name.startswith("models--")]
-    return [real, *entries[:1]]
+def _top_level_files(folder: Path) -> list[Path]:
+    """Files directly in a source folder (links followed), which is where a checkpoint's files are."""
+    try:
+        return sorted(entry for entry in folder.iterdir() if entry.is_file())
+    except OSError:
+        return []
+
+
+def _non_empty(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create the missing parents of ``out``, outermost first; returns those created."""
+    missing = []
+    parent = out.absolute().parent
+    while not parent.is_dir() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    created: list[Path] = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except OSError as e:
+            for made in reversed(created):
+                made.rmdir()
+            raise OutputError(
+                f"--out {safe_text(out)}: cannot create the folder {safe_text(folder)}: {e.strerror or e}"
+            ) from None
+        created.append(folder)
+    return created
 
 
 def open_staging(out: Path, resume_key: str) -> tuple[Path, bool]:
@@ -85,7 +254,7 @@ def open_staging(out: Path, resume_key: str) -> tuple[Path, bool]:
         if not resumed:
             marker.write_text(resume_key)
     except OSError as e:
-        raise OutputError(f"{staging}: cannot prepare the output: {e.strerror or e}") from None
+        raise OutputError(f"{safe_text(staging)}: cannot prepare the output: {e.strerror or e}") from None
     return staging, resumed
 
 
@@ -118,32 +287,10 @@ def check_room(staging: Path, needed: int) -> None:
     available = free_bytes(staging)
     if needed > available:
         raise OutputError(
-            f"{staging.parent.resolve()}: needs {format_bytes(needed)} for the files still to write but only "
-            f"{format_bytes(available)} is free; free some space or write elsewhere with --out"
+            f"{safe_text(staging.parent.resolve())}: needs {format_bytes(needed)} for the files still to write but "
+            f"only {format_bytes(available)} is free; free some space or write elsewhere with --out"
         )
-
-
-def commit(staging: Path, out: Path) -> None:
-    """Fsync the staging folder and move it to ``out``, replacing an empty or forced ``out``."""
-    old = out.parent / f".{out.name}.shardsurgeon-old"
-    try:
-        (staging / RESUME_FILE).unlink(missing_ok=True)
-        _fsync_dir(staging)
-        if out.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(out, old)
-        os.rename(staging, out)
-        _fsync_dir(out.parent)
-        if old.exists():
-            shutil.rmtree(old)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot move the finished output into place: {e.strerror or e}") from None
 
 
 def fsync_file(path: Path) -> None:
     fileio.sync_file(path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fileio.sync_dir(folder)

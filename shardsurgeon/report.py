@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -9,7 +11,7 @@ import orjson
 from shardsurgeon import __version__
 from shardsurgeon.layout import Layout
 from shardsurgeon.plan import OP_KINDS, Convert, Plan
-from shardsurgeon.recipe import LayerSource
+from shardsurgeon.recipe import LayerSource, ScaleRule
 from shardsurgeon.units import format_bytes
 
 
@@ -33,17 +35,85 @@ def layer_runs(plan: Plan) -> list[tuple[int, int, LayerSource, int]]:
     return runs
 
 
-def describe_layers(plan: Plan, model_name: str | None = None) -> list[str]:
-    lines = []
-    for first, last, source, length in layer_runs(plan):
+@dataclass(frozen=True, slots=True)
+class LayerGroup:
+    """Output layers ``first`` .. ``first + count - 1``, all from one model with one set of scale rules:
+    source layers ``source.layer``, ``source.layer + step``, ... (``step`` 1: a run of layers, 0: copies)."""
+
+    first: int
+    source: LayerSource
+    count: int = 1
+    step: int = 1
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+
+def layer_groups(layers: Sequence[LayerSource]) -> list[LayerGroup]:
+    """Output layers grouped for reading: runs of consecutive source layers, and runs of copies of one.
+
+    Greedy from the first layer: a group's second layer decides whether it is a run (the next
+    source layer) or copies (the same one).
+    """
+    groups: list[LayerGroup] = []
+    for position, source in enumerate(layers):
         assert source.layer is not None
-        outs = f"{first}" if first == last else f"{first}-{last}"
-        ins = f"{source.layer}" if length == 1 else f"{source.layer}-{source.layer + length - 1}"
-        label = "copy of layer" if source.inserted else "layer" if length == 1 else "layers"
-        model = f" of {model_name or source.model}" if len(plan.recipe.models) > 1 or model_name else ""
-        rules = ", ".join(f"{r.filter or 'all'} {'zero' if r.value == 0 else f'x{r.value:g}'}" for r in source.scale)
-        lines.append(f"output {outs:>7} <- {label} {ins}{model}" + (f"  [{rules}]" if rules else ""))
+        if groups and _continues(groups[-1], source):
+            group = groups[-1]
+            assert group.source.layer is not None
+            step = source.layer - group.source.layer if group.count == 1 else group.step
+            groups[-1] = replace(group, count=group.count + 1, step=step)
+        else:
+            groups.append(LayerGroup(position, source))
+    return groups
+
+
+def _continues(group: LayerGroup, source: LayerSource) -> bool:
+    start = group.source
+    if (start.model, start.scale, start.inserted) != (source.model, source.scale, source.inserted):
+        return False
+    assert start.layer is not None and source.layer is not None
+    offset = source.layer - start.layer
+    return offset in (0, 1) if group.count == 1 else offset == group.count * group.step
+
+
+def describe_layers(plan: Plan) -> list[str]:
+    """One line per group of output layers: ``output 32-43 <- 12 copies of layer 31 [o_proj, down_proj zero]``."""
+    several_models = len(plan.recipe.models) > 1
+    lines = []
+    for group in layer_groups(plan.recipe.layers):
+        layer = group.source.layer
+        assert layer is not None
+        outputs = f"{group.first}" if group.count == 1 else f"{group.first}-{group.last}"
+        if group.count == 1:
+            what = f"copy of layer {layer}" if group.source.inserted else f"layer {layer}"
+        elif group.step == 0:
+            what = f"{group.count} copies of layer {layer}"
+        else:
+            what = f"{'copies of ' if group.source.inserted else ''}layers {layer}-{layer + group.count - 1}"
+        model = f" of {group.source.model}" if several_models else ""
+        rules = describe_scale(group.source.scale)
+        lines.append(f"output {outputs:>7} <- {what}{model}" + (f" [{rules}]" if rules else ""))
     return lines
+
+
+def describe_scale(rules: Sequence[ScaleRule]) -> str:
+    """Scale rules in words, in order, neighbours with one value sharing it: ``o_proj, down_proj zero; all x0.5``.
+
+    Trailing rules of 1 are left out: a tensor they match is unchanged, as is one no rule matches.
+    """
+    kept = list(rules)
+    while kept and kept[-1].value == 1:
+        kept.pop()
+    parts: list[tuple[list[str], float]] = []
+    for rule in kept:
+        name = rule.filter or "all"
+        if parts and parts[-1][1] == rule.value:
+            parts[-1][0].append(name)
+        else:
+            parts.append(([name], rule.value))
+    return "; ".join(f"{', '.join(names)} {'zero' if value == 0 else f'x{value:g}'}" for names, value in parts)
 
 
 def describe_expansion(plan: Plan, base_model: str) -> str:

@@ -6,6 +6,7 @@ This is the library's entry point for writing; it sequences :mod:`output`, :mod:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -14,13 +15,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardsurgeon import hfdir, output
+from shardsurgeon import hfdir, identity, output
 from shardsurgeon.errors import OutputError
 from shardsurgeon.execute import Reflink, ShardStats, ShardWriter, SourceFiles, check_reflink
 from shardsurgeon.layout import Layout, ShardLayout
 from shardsurgeon.plan import Plan, Zeros
 from shardsurgeon.source import Source
-from shardsurgeon.units import Progress
+from shardsurgeon.units import Progress, ShardStarted
 
 SMALL_FILES_ALLOWANCE = 64 << 20
 """Room kept free for the config, index, tokenizer and model card when checking disk space."""
@@ -37,6 +38,8 @@ class RunResult:
     written: int
     holes: int
     seconds: float
+    notes: tuple[str, ...] = ()
+    """What was done beyond the run itself, such as recovering from an interrupted commit."""
     stats: ShardStats = field(default_factory=ShardStats)
     """What writing the shards of this run did: bytes copied, converted, shared with the source."""
 
@@ -52,15 +55,46 @@ def write_checkpoint(
     dense: bool = False,
     reflink: Reflink = "auto",
     progress: Progress | None = None,
+    on_shard: ShardStarted | None = None,
 ) -> RunResult:
-    """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run."""
-    started = time.monotonic()
+    """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run.
+
+    ``progress`` counts tensor bytes (those of shards kept from an interrupted run first);
+    ``on_shard`` is told each shard that is written, as it begins. The output is claimed for the
+    whole run (checked, locked, recovered: see ``output.Destination``) and published only if no
+    source file changed meanwhile.
+    """
     if out.name in ("", ".", ".."):  # no name to give the staging sibling: use the absolute path
         out = Path(os.path.abspath(out))
+    shard_paths = [shard.path for source in sources.values() for shard in source.checkpoint.shards]
+    folders = [source.folder for source in sources.values()]
+    with output.Destination(out, folders, force, files=shard_paths) as destination:
+        result = _write(plan, layout, destination, sources, model_card, dense, progress, on_shard, reflink)
+    return dataclasses.replace(result, notes=destination.notes)
+
+
+def _write(
+    plan: Plan,
+    layout: Layout,
+    destination: output.Destination,
+    sources: Mapping[str, Source],
+    model_card: str,
+    dense: bool,
+    progress: Progress | None,
+    on_shard: ShardStarted | None,
+    reflink: Reflink,
+) -> RunResult:
+    started = time.monotonic()
+    out = destination.out
     progress = progress or (lambda nbytes: None)
     donor = sources[plan.recipe.donor]
-    output.check_destination(out, [s.folder for s in sources.values()], force)
     check_reflink(layout, out, reflink)
+    # as the plan saw them: a source that changed between planning and writing is caught too
+    sources_seen = [
+        shard.identity or identity.record([shard.path])[0]
+        for source in sources.values()
+        for shard in source.checkpoint.shards
+    ]
     staging, _ = output.open_staging(out, _resume_key(plan, layout, sources))
     done = {s.name for s in layout.shards if output.completed_shard(staging / s.name, s)}
     output.remove_strays(staging, done)
@@ -77,13 +111,18 @@ def write_checkpoint(
     stats = ShardStats()
     with SourceFiles() as files, ShardWriter(files, dense=dense, reflink=reflink, progress=progress) as writer:
         for shard in todo:
+            if on_shard is not None:
+                on_shard(shard.name, layout.shards.index(shard) + 1, len(layout.shards))
             partial = staging / (shard.name + output.PARTIAL_SUFFIX)
             stats += writer.write(shard, partial)
             partial.rename(staging / shard.name)
     _write_small_files(staging, plan, layout, donor.folder, model_card)
-    output.commit(staging, out)
+    identity.check_unchanged(sources_seen)
+    destination.commit(staging)
     seconds = time.monotonic() - started
-    return RunResult(out, len(plan.tensors), len(layout.shards), len(done), stats.written, stats.holes, seconds, stats)
+    return RunResult(
+        out, len(plan.tensors), len(layout.shards), len(done), stats.written, stats.holes, seconds, stats=stats
+    )
 
 
 def _write_small_files(staging: Path, plan: Plan, layout: Layout, donor: Path, model_card: str) -> None:
@@ -127,7 +166,7 @@ def _resume_key(plan: Plan, layout: Layout, sources: Mapping[str, Source]) -> st
     for model in sources.values():
         for source in model.checkpoint.shards:
             stat = source.path.stat()
-            identity = (
+            seen = (  # not named identity: that is the module
                 source.path.resolve(),
                 stat.st_size,
                 stat.st_mtime_ns,
@@ -135,5 +174,5 @@ def _resume_key(plan: Plan, layout: Layout, sources: Mapping[str, Source]) -> st
                 stat.st_ino,
                 stat.st_ctime_ns,
             )
-            digest.update(repr(identity).encode())
+            digest.update(repr(seen).encode())
     return digest.hexdigest()

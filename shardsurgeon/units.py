@@ -1,4 +1,4 @@
-"""Sizes in bytes as users write and read them, and the progress callback every long step takes.
+"""Sizes in bytes as users write and read them, and the progress callbacks every long step takes.
 
 ``parse_size`` reads ``--max-shard-size``; ``format_bytes`` prints sizes in messages, dry runs and
 summaries. Decimal units are decimal (``5GB`` is 5,000,000,000 bytes), as huggingface_hub reads them.
@@ -14,6 +14,9 @@ from shardsurgeon.errors import RecipeError
 
 Progress = Callable[[int], None]
 """Called with a count of bytes each time that many more are done."""
+
+ShardStarted = Callable[[str, int, int], None]
+"""Called as writing a shard begins, with its file name, its number from 1, and the number of shards."""
 
 MAX_SIZE_DIGITS = 30
 """A size longer than this is a typo, not a plan: refused before any arithmetic on it."""

@@ -260,14 +260,22 @@ def _recorded_plan(found: _Found, sources: list[Path], hint: StackHint, notes: l
     if text is None:
         found.add("", "", f"cannot check against --src: the shards record no recipe ({RECIPE_METADATA_KEY})")
         return None
-    models = recorded_models(text)
+    try:
+        models = recorded_models(text)
+    except RecipeError as e:  # the output's own metadata is bad: a finding, not a usage error
+        found.add("", "", f"cannot check against --src: {e}")
+        return None
     if len(models) != len(sources):
         raise RecipeError(
             f"--src given {_count(len(sources), 'time')} but the output was made from "
             f"{_count(len(models), 'model')} ({', '.join(models)}); give one --src per model, in this order"
         )
     opened = {str(s): open_source(s, hint) for s in sources}
-    recipe = recipe_from_json(text, list(opened), lambda model: opened[model].layer_count)
+    try:
+        recipe = recipe_from_json(text, list(opened), lambda model: opened[model].layer_count)
+    except RecipeError as e:
+        found.add("", "", f"cannot check against --src: {e}")
+        return None
     plan = make_plan(recipe, opened)
     if plan.fingerprint != fingerprint:
         notes.append(

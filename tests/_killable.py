@@ -29,7 +29,7 @@ def install(limit: int, sent: signal.Signals) -> None:
             limit = 0
             os.kill(os.getpid(), sent)
 
-    write_checkpoint, commit = api.write_checkpoint, output.commit
+    write_checkpoint, commit = api.write_checkpoint, output.Destination.commit
 
     def counted_write(*args: Any, progress: Any = None, **kwargs: Any) -> Any:
         def both(nbytes: int) -> None:
@@ -44,7 +44,7 @@ def install(limit: int, sent: signal.Signals) -> None:
         return commit(*args, **kwargs)
 
     api.write_checkpoint = counted_write  # type: ignore[assignment]
-    output.commit = counted_commit  # type: ignore[assignment]
+    output.Destination.commit = counted_commit  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def test_read_only_destination(tmp_path, mount_tmpfs, source, monkeypatch):
     assert result.exit_code == 1
     message = one_line(result.output)
     assert message == (
-        "shardsurgeon: error: .out.shardsurgeon-partial: cannot prepare the output: Read-only file system"
+        "shardsurgeon: error: --out out: cannot create the lock file .out.shardsurgeon-lock: Read-only file system"
     )
     assert list(readonly.iterdir()) == []
     assert folder_bytes(source) == before

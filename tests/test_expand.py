@@ -116,20 +116,15 @@ def test_output_folder_files(tmp_path, tiny):
     out = tmp_path / "out"
     assert run_cli("expand", "--src", src, "--dup", "3x2", "--zero", "o_proj", "--out", out, "-q").exit_code == 0
     names = sorted(p.name for p in out.iterdir())
-    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]  # one per source file
-    index = "model.safetensors.index.json"
-    assert names == ["README.md", "config.json", "generation_config.json", *shards, index, "tokenizer_config.json"]
+    assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]
     assert (out / "tokenizer_config.json").read_text() == '{"bos_token": "<s>"}'
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: acme/tiny-mistral\nlibrary_name: transformers\n")
     assert "shardsurgeon expand --src" in card and "--dup 3x2 --zero o_proj" in card
     assert "merge_method: passthrough" in card and "layer_range: [3, 4]" in card
-    keys = 0
-    for shard in shards:
-        with safe_open(out / shard, "pt") as f:
-            assert f.metadata()["format"] == "pt"
-            keys += len(list(f.keys()))
-    assert keys == 3 + 6 * 9
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.metadata()["format"] == "pt"
+        assert len(list(f.keys())) == 3 + 6 * 9
 
 
 def test_a_single_source_file_gives_a_single_output_file(tmp_path):
@@ -301,7 +296,7 @@ def test_dry_run_and_plan_json_write_nothing(tmp_path, tiny):
     out = tmp_path / "out"
     result = run_cli("expand", "--src", src, "--dup", "3x2", "--zero", "o_proj", "--out", out, "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "layers: 4 -> 6" in result.output and "copy of layer 3" in result.output
+    assert "layers: 4 -> 6" in result.output and "4-5 <- 2 copies of layer 3 [o_proj zero]" in result.output
     assert "dry run: nothing written" in result.output
     assert not out.exists()
     result = run_cli("expand", "--src", src, "--dup", "3x2", "--zero", "o_proj", "--plan-json", "-")

@@ -237,3 +237,15 @@ def test_nothing_copied_means_no_padding():
     assert layout.copied_bytes == layout.shareable_bytes == 0
     for shard in layout.shards:
         assert len(shard.header) - len(shard.header.rstrip(b" ")) < 8
+
+
+def test_source_files_share_an_output_shard_only_where_no_shareable_byte_is_lost():
+    """Under one limit: source files too small to hold a whole block pack into one output file;
+    2048-wide ones keep a shard per source file: the second file's data could not stay in phase."""
+    tiny = fake_source(llama_like(4, 8, 12, 4, 16), {"num_hidden_layers": 4}, shard_bytes=600)
+    assert len(tiny.checkpoint.shards) > 2
+    assert [s.name for s in seed_layout(tiny).shards] == ["model.safetensors"]
+    wide = fake_source(llama_like(4, 2048, 512, 128, 64), {"num_hidden_layers": 4}, shard_bytes=60_000_000)
+    layout = seed_layout(wide)
+    assert len(wide.checkpoint.shards) == len(layout.shards) == 2
+    assert layout.shareable_bytes >= 0.999 * layout.copied_bytes

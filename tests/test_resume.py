@@ -32,6 +32,8 @@ from shardsurgeon.output import PARTIAL_SUFFIX, RESUME_FILE
 RECIPE = ["--dup", "5x2", "--zero", "o_proj,down_proj", "--max-shard-size", "100KB"]
 OTHER_RECIPE = ["--dup", "2x1,4x1", "--zero", "mlp", "--max-shard-size", "100KB"]
 STAGING = ".out.shardsurgeon-partial"
+LOCK = ".out.shardsurgeon-lock"
+"""Left by a killed run (a lock no process holds any more); the next run takes it and removes it."""
 KILLABLE = Path(__file__).with_name("_killable.py")
 
 
@@ -138,7 +140,7 @@ def test_killed_run_leaves_no_output_and_resumes_byte_identical(scratch, source,
         shards_done = count - 1 if point == "last tensor of the last shard" else count
     run = scratch / "run"
     killed(run, src, RECIPE, kill_after)
-    assert sorted(p.name for p in run.iterdir()) == [STAGING], "the output name does not exist"
+    assert sorted(p.name for p in run.iterdir()) == [LOCK, STAGING], "the output name does not exist"
     complete = [name for name, _ in reference.shards[:shards_done]]
     if shards_done < count:
         in_progress = [reference.shards[shards_done][0] + PARTIAL_SUFFIX]
@@ -182,7 +184,7 @@ def test_killed_run_with_force_keeps_the_old_output(scratch, source):
     old = folder_bytes(run / "out")
     for point in (reference.before(2) + 1, reference.total + 1):
         killed(run, src, RECIPE, point, "--force")
-        assert sorted(p.name for p in run.iterdir()) == [STAGING, "out"]
+        assert sorted(p.name for p in run.iterdir()) == [LOCK, STAGING, "out"]
         assert folder_bytes(run / "out") == old, "the old output is untouched until the final rename"
     summary = resumed(run, src, RECIPE, "--force")
     assert kept(summary) == len(reference.shards)
