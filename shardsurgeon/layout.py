@@ -294,8 +294,9 @@ def _fill_breaks(part: list[_Item]) -> list[_Item]:
 def _fillers_for(need: int, pool: dict[int, deque[_Item]], hopeless: set[int]) -> tuple[int, ...]:
     """Sizes modulo the block of the fewest fillers (at most MAX_FILLERS) that add up to ``need``.
 
-    The first combination in sorted order wins. A need found impossible is not searched again: the
-    pool only shrinks.
+    The first combination in sorted order wins. A need found impossible is not searched again in
+    this shard (the pool only shrinks; the bound on sizes searched may then miss a late chance,
+    which costs sharing, never correctness).
     """
     if need == 0 or need in hopeless:
         return ()
