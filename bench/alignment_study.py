@@ -380,8 +380,8 @@ def phase_layout(tensors: Sequence[Out], max_shard_bytes: int = MAX_SHARD_BYTES)
        sizes bring the phase back; unused fillers go last. Keep whichever shares more (a tie keeps
        the mirror, which keeps the source's order).
 
-    Deterministic: every choice is by sort keys of the plan. Pure; no file is read. In layout.py
-    the block size would be a parameter (fileio.block_size of the output folder).
+    Deterministic: every choice is by sort keys of the plan. Pure; no file is read. Now
+    shardsurgeon.layout, with a fixed 4096-byte block so outputs never depend on the destination.
     """
     shards = []
     for group in by_source_file(list(tensors)):

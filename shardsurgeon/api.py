@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shardsurgeon.arch import NO_HINT, StackHint, resolve_zero_filters
 from shardsurgeon.errors import RecipeError
+from shardsurgeon.execute import Reflink
 from shardsurgeon.format import cast_target
 from shardsurgeon.hfcache import resolve_model
 from shardsurgeon.hfdir import model_card
@@ -132,6 +133,7 @@ def run_job(
     command: str,
     force: bool = False,
     dense: bool = False,
+    reflink: Reflink = "auto",
     progress: Progress | None = None,
     on_shard: ShardStarted | None = None,
     runner: Runner | None = None,
@@ -139,6 +141,9 @@ def run_job(
     """Write ``job`` to ``out``; ``command`` is the command line recorded in the model card.
 
     ``progress``, ``on_shard`` and ``runner`` (who writes the shards) are :func:`write_checkpoint`'s.
+    ``reflink`` says whether copies share blocks with the source where the filesystem can
+    (``auto``), must (``always``: refused up front otherwise) or never do; the output bytes are the
+    same.
     """
     return write_checkpoint(
         job.plan,
@@ -148,6 +153,7 @@ def run_job(
         model_card=card_of(job, command),
         force=force,
         dense=dense,
+        reflink=reflink,
         progress=progress,
         on_shard=on_shard,
         runner=runner,

@@ -26,6 +26,7 @@ from shardsurgeon.api import Job, card_of, plan_expand, plan_merge, run_job
 from shardsurgeon.arch import StackHint
 from shardsurgeon.checkpoint import open_checkpoint
 from shardsurgeon.errors import DestinationError, RecipeError, ShardSurgeonError, safe_text
+from shardsurgeon.execute import REFLINK_MODES, Reflink
 from shardsurgeon.format import CAST_TARGETS
 from shardsurgeon.inspect import describe_checkpoint
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, Layout
@@ -119,6 +120,15 @@ def _verbosity(command: F) -> F:
     return click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of errors.")(command)
 
 
+REFLINK_OPTION = click.option(
+    "--reflink",
+    type=click.Choice(REFLINK_MODES),
+    default="auto",
+    show_default=True,
+    help="Share copied blocks with the source (XFS, btrfs): where possible, always (else refuse), or never.",
+)
+
+
 def _writing_options(command: F) -> F:
     """The options that ``expand`` and ``merge`` share: output, layout, planning and verbosity."""
     options = [
@@ -131,6 +141,7 @@ def _writing_options(command: F) -> F:
             help="Largest shard, e.g. 5GB.",
         ),
         click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes."),
+        REFLINK_OPTION,
         click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
         click.option("--dry-run", is_flag=True, help="Print the plan in words and write nothing."),
         click.option("--plan-json", type=click.Path(path_type=Path), help="Write the plan as JSON here ('-': stdout)."),
@@ -278,6 +289,7 @@ def expand(
     dtype: str | None,
     max_shard_size: int,
     dense: bool,
+    reflink: Reflink,
     force: bool,
     dry_run: bool,
     plan_json: Path | None,
@@ -318,7 +330,7 @@ def expand(
         layers_key=layers_key,
     )
     runner = _runner(jobs, ray_address)
-    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner)
+    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner, reflink)
 
 
 def _plan_or_run(
@@ -331,6 +343,7 @@ def _plan_or_run(
     dense: bool,
     quiet: bool,
     runner: Runner | None,
+    reflink: Reflink,
 ) -> None:
     """``command`` is the command line without ``--out``: the plan file records it so, and a run
     adds the output it writes to."""
@@ -346,8 +359,8 @@ def _plan_or_run(
     planned = PlannedJob(job, command)
     with _progress(job.layout, quiet) as (progress, on_shard):
         result = run_job(
-            job, out, command=planned.command_to(out), force=force, dense=dense, progress=progress,
-            on_shard=on_shard, runner=runner,
+            job, out, command=planned.command_to(out), force=force, dense=dense, reflink=reflink,
+            progress=progress, on_shard=on_shard, runner=runner,
         )  # fmt: skip
     _report(job.plan, result, quiet)
 
@@ -410,6 +423,7 @@ def merge(
     out: Path | None,
     max_shard_size: int,
     dense: bool,
+    reflink: Reflink,
     force: bool,
     dry_run: bool,
     plan_json: Path | None,
@@ -456,7 +470,7 @@ def merge(
         layers_key=layers_key,
     ).replace("--config ", "")
     runner = _runner(jobs, ray_address)
-    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner)
+    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner, reflink)
 
 
 @cli.command()
@@ -472,6 +486,7 @@ def merge(
 @click.option("--finalize", is_flag=True, help="Check every shard is written, then publish the output.")
 @click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder (when publishing).")
+@REFLINK_OPTION
 @_runner_options_of
 @_verbosity
 @_reports_errors
@@ -483,6 +498,7 @@ def apply(
     finalize: bool,
     dense: bool,
     force: bool,
+    reflink: Reflink,
     jobs: int,
     ray_address: str | None,
     quiet: bool,
@@ -514,16 +530,17 @@ def apply(
     if shards is None:
         with _progress(job.layout, quiet) as (progress, on_shard):
             result = run_job(
-                job, out, command=planned.command_to(out), force=force, dense=dense, progress=progress,
-                on_shard=on_shard, runner=_runner(jobs, ray_address),
+                job, out, command=planned.command_to(out), force=force, dense=dense, reflink=reflink,
+                progress=progress, on_shard=on_shard, runner=_runner(jobs, ray_address),
             )  # fmt: skip
         _report(job.plan, result, quiet)
         return
     chosen = [shard.name for shard in select_shards(shards, job.layout.shards)]
     with _progress(job.layout, quiet) as (progress, on_shard):
         result = write_some_shards(
-            job.layout, out, job.sources, chosen, plan_key=key, dense=dense, progress=progress, on_shard=on_shard
-        )
+            job.layout, out, job.sources, chosen, plan_key=key, dense=dense, reflink=reflink, progress=progress,
+            on_shard=on_shard,
+        )  # fmt: skip
     if not quiet:
         kept = f" ({result.shards_reused} already there)" if result.shards_reused else ""
         click.echo(
@@ -619,8 +636,22 @@ def _summary(plan: Plan, result: RunResult) -> str:
     shards = "1 shard" if result.shards == 1 else f"{result.shards} shards"
     return (
         f"shardsurgeon: {plan.layers_in} -> {plan.output_layers} layers, {result.tensors} tensors, "
-        f"{shards}{reused}, {format_bytes(result.written)} written, {format_bytes(result.holes)} left as holes, "
-        f"{result.seconds:.1f} s -> {result.out}"
+        f"{shards}{reused}, {format_bytes(result.written)} written ({_bytes_by_kind(result)}), "
+        f"{format_bytes(result.holes)} left as holes, {result.seconds:.1f} s -> {result.out}"
+    )
+
+
+def _bytes_by_kind(result: RunResult) -> str:
+    """Shared as the filesystem reports it; where it cannot tell, what the kernel could have cloned."""
+    stats = result.stats
+    shared, kind = (
+        (stats.copies.aligned_kernel_bytes, "clone-eligible")
+        if stats.shared is None
+        else (stats.shared, "shared with the source")
+    )
+    return (
+        f"{format_bytes(shared)} {kind}, {format_bytes(max(0, stats.copied - shared))} copied, "
+        f"{format_bytes(stats.converted)} converted"
     )
 
 

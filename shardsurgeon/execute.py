@@ -1,45 +1,69 @@
 """Write one shard of a Layout: the only module that writes tensor bytes.
 
 The file is sized to its final length first, so a zero tensor is a hole that is never written
-(``dense`` writes real zeros). Copies go through ``os.copy_file_range`` and stay in the kernel,
-with a chunked ``pread``/``pwrite`` fallback where the kernel or filesystem refuses. Casts and
-scales stream through fixed-size reused buffers. No buffer ever has the size of a tensor.
+(``dense`` writes real zeros). Copies are ranges of the layout (tensors that lie one after the other
+in both files are one range) handed to :class:`fileio.RangeCopier`: in the kernel where it can
+(``copy_file_range``, which shares blocks on XFS and btrfs), through one reused buffer elsewhere
+or with ``reflink="never"``. Casts and scales stream through fixed-size reused buffers. No buffer
+ever has the size of a tensor. Every system call goes through :mod:`fileio`, so the same bytes come
+out on Linux, macOS and Windows.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from shardsurgeon.errors import CheckpointError, OutputError
-from shardsurgeon.layout import PlacedTensor, ShardLayout
+from shardsurgeon import fileio
+from shardsurgeon.errors import CheckpointError, DestinationError, OutputError
+from shardsurgeon.fileio import CopiedPiece, CopyCounts
+from shardsurgeon.layout import CopyRun, Layout, PlacedTensor, ShardLayout
 from shardsurgeon.plan import Convert, Copy, PlannedTensor, Zeros
 from shardsurgeon.units import Progress
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from shardsurgeon.numerics import ChunkConverter
 
-COPY_CALL_BYTES = 64 << 20
-"""Largest single copy_file_range call: keeps progress smooth and Ctrl-C prompt."""
 CHUNK_BYTES = 4 << 20
 KEPT_CONVERTERS = 8
 """Converter sets kept for reuse (two lanes each): about 1-4 MiB apiece."""
-_FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM})
+
+Reflink = Literal["auto", "always", "never"]
+REFLINK_MODES: tuple[Reflink, ...] = ("auto", "always", "never")
+"""As GNU cp's ``--reflink``: share blocks with the source where the filesystem can (auto); refuse
+to run unless it can (always); copy every byte (never)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ShardStats:
-    """What writing one shard did, in bytes."""
+    """What writing shards did, in bytes. ``written`` counts every byte put in a file (headers, copies
+    and conversions; zeros too with ``dense``); ``copied`` and ``converted`` the tensor bytes by op."""
 
-    written: int
-    holes: int
+    written: int = 0
+    holes: int = 0
+    copied: int = 0
+    converted: int = 0
+    copies: CopyCounts = field(default_factory=CopyCounts)
+    """How the copies went: in the kernel (block-aligned or not) or through user space."""
+    shared: int | None = 0
+    """Bytes of the shards in extents shared with another file, as the filesystem reports them
+    (FIEMAP); None where the platform cannot tell."""
+
+    def __add__(self, other: ShardStats) -> ShardStats:
+        return ShardStats(
+            self.written + other.written,
+            self.holes + other.holes,
+            self.copied + other.copied,
+            self.converted + other.converted,
+            self.copies + other.copies,
+            None if self.shared is None or other.shared is None else self.shared + other.shared,
+        )
 
 
 class SourceFiles:
@@ -51,7 +75,7 @@ class SourceFiles:
     def fd(self, path: Path) -> int:
         if path not in self._fds:
             try:
-                self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                self._fds[path] = fileio.open_read(path)
             except OSError as e:
                 raise CheckpointError(f"{path}: cannot open source shard: {e.strerror}") from None
         return self._fds[path]
@@ -65,47 +89,74 @@ class SourceFiles:
         self._fds.clear()
 
 
+def check_reflink(layout: Layout, out: Path, reflink: Reflink) -> None:
+    """With ``reflink="always"``, refuse before anything is written unless files written beside
+    ``out`` can share blocks with every source file the layout copies from (one probe clone each)."""
+    if reflink != "always":
+        return
+    folder = out.parent.absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent  # the output's parents are made later: probe where they will be
+    paths = dict.fromkeys(s.path for shard in layout.shards for s in shard.segments() if isinstance(s, CopyRun))
+    for path in paths:
+        try:
+            shares = fileio.can_reflink(path, folder)
+        except OSError as e:
+            raise DestinationError(
+                f"--reflink always: cannot test whether {folder} can share blocks with {path}: {e.strerror or e}; "
+                "make the folder writable, or pass --reflink auto"
+            ) from None
+        if not shares:
+            raise DestinationError(
+                f"--reflink always: files in {folder} cannot share blocks with the source file {path} (another "
+                "filesystem, or one without reflink such as ext4, tmpfs or overlayfs); write the output on the "
+                "source's XFS or btrfs filesystem, or pass --reflink auto to copy what cannot be shared"
+            )
+
+
 class ShardWriter:
-    """Writes shards; owns the reused buffers, converters and the write-behind thread of casts.
+    """Writes shards; owns the range copier, the reused buffers, converters and the write-behind
+    thread of casts."""
 
-    Remembers whether copy_file_range works so it is not retried per tensor.
-    """
-
-    def __init__(self, sources: SourceFiles, *, dense: bool = False, progress: Progress | None = None):
+    def __init__(
+        self,
+        sources: SourceFiles,
+        *,
+        dense: bool = False,
+        reflink: Reflink = "auto",
+        progress: Progress | None = None,
+    ):
         self._sources = sources
         self._dense = dense
         self._progress = progress or (lambda nbytes: None)
-        self._kernel_copy = True
-        self._buffer = bytearray(CHUNK_BYTES)
+        self._copier = fileio.RangeCopier(use_kernel=reflink != "never", chunk_bytes=CHUNK_BYTES)
         self._converters: dict[tuple[str, str, float, str | None, int], list[ChunkConverter]] = {}
         self._io_thread: ThreadPoolExecutor | None = None
         self._read_buffers = (bytearray(0), bytearray(0))
 
     def write(self, shard: ShardLayout, path: Path) -> ShardStats:
-        """Write ``shard`` to ``path`` (created or truncated), fsynced; returns the byte counts."""
+        """Write ``shard`` to ``path`` (created or truncated), durably synced; returns what it did."""
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = fileio.open_new(path)
         except OSError as e:
             raise OutputError(f"{path}: cannot create shard: {e.strerror}") from None
-        written = holes = 0
+        stats = ShardStats(written=len(shard.header))
         try:
-            os.ftruncate(fd, shard.nbytes)
-            _pwrite_all(fd, shard.header, 0)
-            written += len(shard.header)
-            for placed in shard.tensors:
-                if isinstance(placed.tensor.op, Zeros) and not self._dense:
-                    holes += placed.tensor.nbytes
-                    self._progress(placed.tensor.nbytes)
-                    continue
-                self._write_tensor(placed, fd)
-                written += placed.tensor.nbytes
-            os.fsync(fd)
+            fileio.set_size(fd, shard.nbytes)
+            fileio.write_all_at(fd, shard.header, 0)
+            for segment in shard.segments():
+                match segment:
+                    case CopyRun() as run:
+                        stats += self._copy(run, fd)
+                    case PlacedTensor() as placed:
+                        stats += self._write_tensor(placed, fd)
+            fileio.durable_sync(fd)
         except OSError as e:
             raise OutputError(_describe_write_error(path, e)) from None
         finally:
             self._drain_io()
             os.close(fd)
-        return ShardStats(written, holes)
+        return replace(stats, shared=_shared_bytes(path))
 
     def _drain_io(self) -> None:
         """Wait until the I/O thread has nothing left for this shard, even through Ctrl-C.
@@ -115,6 +166,8 @@ class ShardWriter:
         """
         if self._io_thread is None:
             return
+        from concurrent.futures import wait
+
         barrier = self._io_thread.submit(lambda: None)  # the thread runs jobs in order
         while True:
             try:
@@ -124,51 +177,43 @@ class ShardWriter:
                 continue
 
     def _wrote(self, fd: int, offset: int, nbytes: int) -> None:
-        """Bytes are in the page cache: start their writeback now, so the final fsync finds little
+        """Bytes are in the page cache: start their writeback now, so the final sync finds little
         left to do, and report progress."""
-        start_writeback(fd, offset, nbytes)
+        fileio.start_writeback(fd, offset, nbytes)
         self._progress(nbytes)
 
-    def _write_tensor(self, placed: PlacedTensor, fd: int) -> None:
+    def _write_tensor(self, placed: PlacedTensor, fd: int) -> ShardStats:
         tensor = placed.tensor
         match tensor.op:
+            case Zeros() if not self._dense:
+                self._progress(tensor.nbytes)
+                return ShardStats(holes=tensor.nbytes)
             case Zeros():
                 self._write_zeros(fd, placed.offset, tensor.nbytes)
+                return ShardStats(written=tensor.nbytes)
             case Copy():
-                src = self._sources.fd(tensor.source.path)
-                self._copy(src, tensor.source.data_start, fd, placed.offset, tensor.nbytes)
+                run = CopyRun(tensor.source.path, tensor.source.data_start, placed.offset, tensor.nbytes)
+                return self._copy(run, fd)
             case Convert() as op:
                 self._convert(placed, op, fd)
+                return ShardStats(written=tensor.nbytes, converted=tensor.nbytes)
 
-    def _copy(self, src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> None:
-        done = 0
-        while done < nbytes and self._kernel_copy:
-            want = min(nbytes - done, COPY_CALL_BYTES)
-            try:
-                got = os.copy_file_range(src, dst, want, src_offset + done, dst_offset + done)
-            except OSError as e:
-                if e.errno not in _FALLBACK_ERRNOS:
-                    raise
-                self._kernel_copy = False
-                break
-            if got == 0:
-                raise _source_truncated(src, src_offset + done)
-            self._wrote(dst, dst_offset + done, got)
-            done += got
-        while done < nbytes:
-            view = memoryview(self._buffer)[: min(nbytes - done, CHUNK_BYTES)]
-            got = os.preadv(src, [view], src_offset + done)
-            if got == 0:
-                raise _source_truncated(src, src_offset + done)
-            _pwrite_all(dst, view[:got], dst_offset + done)
-            self._wrote(dst, dst_offset + done, got)
-            done += got
+    def _copy(self, run: CopyRun, fd: int) -> ShardStats:
+        def landed(piece: CopiedPiece) -> None:
+            self._wrote(fd, piece.dst_offset, piece.nbytes)
+
+        src = self._sources.fd(run.path)
+        try:
+            counts = self._copier.copy_range(src, run.src_offset, fd, run.offset, run.nbytes, landed)
+        except fileio.SourceEnded as e:
+            raise _source_truncated(run.path, e.offset) from None
+        return ShardStats(written=run.nbytes, copied=run.nbytes, copies=counts)
 
     def _write_zeros(self, fd: int, offset: int, nbytes: int) -> None:
         zeros = memoryview(bytes(min(nbytes, CHUNK_BYTES)))
         for start in range(0, nbytes, CHUNK_BYTES):
             count = min(CHUNK_BYTES, nbytes - start)
-            _pwrite_all(fd, zeros[:count], offset + start)
+            fileio.write_all_at(fd, zeros[:count], offset + start)
             self._wrote(fd, offset + start, count)
 
     def _convert(self, placed: PlacedTensor, op: Convert, fd: int) -> None:
@@ -189,9 +234,9 @@ class ShardWriter:
         def read(number: int) -> memoryview:
             start = starts[number]
             view = memoryview(self._read_buffers[number % 2])[: min(chunk, tensor.source.nbytes - start)]
-            got = os.preadv(src, [view], tensor.source.data_start + start)
+            got = fileio.read_at(src, view, tensor.source.data_start + start)
             if got != len(view):
-                raise _source_truncated(src, tensor.source.data_start + start + got)
+                raise _source_truncated(tensor.source.path, tensor.source.data_start + start + got)
             return view
 
         # On an error or interrupt, write() drains the I/O thread before the buffers or fd go away.
@@ -206,7 +251,7 @@ class ShardWriter:
             for converter in lanes[number % 2]:
                 out = converter.convert(out)
             self._finish(written, fd)
-            written = (io.submit(_pwrite_all, fd, out, dst_offset), dst_offset, len(out))
+            written = (io.submit(fileio.write_all_at, fd, out, dst_offset), dst_offset, len(out))
             dst_offset += len(out)
         self._finish(written, fd)
 
@@ -229,7 +274,10 @@ class ShardWriter:
             self._wrote(fd, offset, nbytes)
 
     def _io(self) -> ThreadPoolExecutor:
+        """The write-behind thread, started by the first conversion (copies never need it)."""
         if self._io_thread is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="shardsurgeon-write")
         return self._io_thread
 
@@ -245,30 +293,6 @@ class ShardWriter:
         self.close()
 
 
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing these bytes to disk without waiting (Linux; else nothing).
-
-    Writeback then overlaps the copying instead of all happening in the final fsync, and dirty
-    pages stay few. Failures are ignored: this is a hint; fsync still guarantees durability.
-    """
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
-
-
 def _converters(src_dtype: str, dst_dtype: str, op: Convert) -> list[ChunkConverter]:
     """The cast-and-scale stages of a conversion: to its working dtype, then to the output's."""
     from shardsurgeon.numerics import ChunkConverter  # numpy loads only when a run converts
@@ -278,19 +302,19 @@ def _converters(src_dtype: str, dst_dtype: str, op: Convert) -> list[ChunkConver
     return [ChunkConverter(src_dtype, op.via, op.scale), ChunkConverter(op.via, dst_dtype, 1.0)]
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def _source_truncated(fd: int, offset: int) -> CheckpointError:
-    path = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else f"fd {fd}"
+def _source_truncated(path: Path, offset: int) -> CheckpointError:
     return CheckpointError(
         f"{path}: ends at byte {offset}, before the data its header promises; the source changed or "
         "was truncated while running"
     )
+
+
+def _shared_bytes(path: Path) -> int | None:
+    """What the filesystem says of the finished shard at ``path``; a measurement, never an error."""
+    try:
+        return fileio.shared_bytes(path)
+    except OSError:
+        return None
 
 
 def _describe_write_error(path: Path, error: OSError) -> str:

@@ -159,11 +159,18 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return bits // 8
 
 
-def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: Mapping[str, str] | None) -> bytes:
+def encode_header(
+    entries: list[tuple[str, str, tuple[int, ...], int]],
+    metadata: Mapping[str, str] | None,
+    *,
+    data_start: int | None = None,
+) -> bytes:
     """Encode a header for tensors given as ``(name, dtype, shape, nbytes)`` in data order.
 
     Returns the 8-byte length followed by compact JSON padded with spaces so that the data starts
-    at a multiple of 8, exactly as the reference writer lays it out.
+    at a multiple of 8, exactly as the reference writer lays it out; or, given ``data_start`` (a
+    multiple of 8, at least that), with as many more spaces as make the data start there. Readers
+    skip trailing spaces as JSON whitespace, so the extra padding is free placement.
     """
     header: dict[str, Any] = {}
     if metadata is not None:
@@ -173,7 +180,11 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
+    minimal = HEADER_LENGTH_BYTES + len(text) + (-len(text) % 8)
+    wanted = minimal if data_start is None else data_start
+    if wanted < minimal or wanted % 8:
+        raise ValueError(f"data start {wanted}: must be a multiple of 8 and at least {minimal}")
+    text += b" " * (wanted - HEADER_LENGTH_BYTES - len(text))
     return struct.pack("<Q", len(text)) + text
 
 

@@ -76,10 +76,14 @@ class Lock:
 def acquire(path: Path, what: str, *, shared: bool = False) -> Lock:
     """Take the lock of ``path`` or raise OutputError naming ``what`` is locked and by whom."""
     for _ in range(_ATTEMPTS):
+        existed = os.path.lexists(path)
         fd = _open_lock_file(path, what)
         try:
             if not _lock_fd(fd, shared):
+                created = not existed and _identity_fd(fd) == _identity(path)
                 os.close(fd)
+                if created:  # the empty file just made would otherwise read as a lock of unknown holder
+                    path.unlink(missing_ok=True)
                 if shared:
                     return Lock(path, None, shared=True, held=False)
                 return _acquire_by_creation(path, what)
@@ -137,8 +141,10 @@ def _lock_fd(fd: int, shared: bool = False) -> bool:
         except OSError as e:
             raise BlockingIOError(e.errno, e.strerror) from None
         return True
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # no flock here: the lock is the file's existence (see _acquire_by_creation)
+        return False
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as e:

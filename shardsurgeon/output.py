@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from shardsurgeon import lock, publish
+from shardsurgeon import fileio, lock, publish
 from shardsurgeon.errors import DestinationError, OutputError, ShardSurgeonError, safe_text
 from shardsurgeon.layout import ShardLayout
 from shardsurgeon.units import format_bytes
@@ -380,8 +380,7 @@ def remove_strays(staging: Path, keep: set[str]) -> None:
 
 
 def free_bytes(folder: Path) -> int:
-    stat = os.statvfs(folder)
-    return stat.f_bavail * stat.f_frsize
+    return shutil.disk_usage(folder).free
 
 
 def check_room(staging: Path, needed: int) -> None:
@@ -394,8 +393,4 @@ def check_room(staging: Path, needed: int) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fileio.sync_file(path)

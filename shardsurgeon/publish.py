@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from shardsurgeon import fileio
 from shardsurgeon.errors import OutputError, safe_text
 
 NAME_MAX_BYTES = 255
@@ -161,7 +162,7 @@ def _write_journal(journal: Path, staging: Path, key: str) -> None:
         view = memoryview(record)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        fileio.durable_sync(fd)
     finally:
         os.close(fd)
     fsync_dir(journal.parent)
@@ -190,13 +191,7 @@ def _read_small(path: Path) -> str:
 
 def fsync_dir(folder: Path) -> None:
     """Make a folder's entries durable (POSIX; Windows cannot open folders and needs no such call)."""
-    if sys.platform == "win32":
-        return
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fileio.sync_dir(folder)
 
 
 _AT_FDCWD = -100

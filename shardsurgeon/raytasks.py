@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from shardsurgeon.errors import OutputError, RecipeError, ShardSurgeonError
+from shardsurgeon.execute import Reflink, ShardStats
 from shardsurgeon.layout import ShardLayout
-from shardsurgeon.runners import ShardBegins, Written, write_shards
+from shardsurgeon.runners import ShardBegins, write_shards
 from shardsurgeon.units import Progress
 
 TASK_RETRIES = 3
@@ -31,8 +32,14 @@ class RayTasks:
     address: str = "auto"
 
     def run(
-        self, shards: Sequence[ShardLayout], staging: Path, dense: bool, progress: Progress, begins: ShardBegins
-    ) -> Written:
+        self,
+        shards: Sequence[ShardLayout],
+        staging: Path,
+        dense: bool,
+        reflink: Reflink,
+        progress: Progress,
+        begins: ShardBegins,
+    ) -> ShardStats:
         ray = _import_ray()
         started_here = not ray.is_initialized()
         if started_here:
@@ -43,10 +50,10 @@ class RayTasks:
         try:
             task = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=True)(_write_one)
             here = os.getcwd()  # relative source and output paths mean the same on every node
-            pending = {task.remote(shard, staging, dense, here): shard for shard in shards}
+            pending = {task.remote(shard, staging, dense, reflink, here): shard for shard in shards}
             for shard in shards:
                 begins(shard)
-            total = Written()
+            total = ShardStats()
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 shard = pending.pop(done[0])
@@ -58,12 +65,12 @@ class RayTasks:
                 ray.shutdown()
 
 
-def _write_one(shard: ShardLayout, staging: Path, dense: bool, cwd: str) -> Written:
+def _write_one(shard: ShardLayout, staging: Path, dense: bool, reflink: Reflink, cwd: str) -> ShardStats:
     os.chdir(cwd)
-    return write_shards([shard], staging, dense, lambda nbytes: None, lambda shard: None)
+    return write_shards([shard], staging, dense, reflink, lambda nbytes: None, lambda shard: None)
 
 
-def _result(ray: Any, ref: Any) -> Written:
+def _result(ray: Any, ref: Any) -> ShardStats:
     """The task's result; its own error (one line) when it failed every try."""
     try:
         return ray.get(ref)  # type: ignore[no-any-return]

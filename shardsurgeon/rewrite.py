@@ -12,11 +12,12 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardsurgeon import hfdir, identity, output
 from shardsurgeon.errors import OutputError, safe_text
+from shardsurgeon.execute import Reflink, ShardStats, check_reflink
 from shardsurgeon.layout import Layout, ShardLayout
 from shardsurgeon.plan import Plan, Zeros
 from shardsurgeon.runners import InProcess, Runner, worker_tag, write_shards
@@ -40,6 +41,8 @@ class RunResult:
     seconds: float
     notes: tuple[str, ...] = ()
     """What was done beyond the run itself, such as recovering from an interrupted commit."""
+    stats: ShardStats = field(default_factory=ShardStats)
+    """What writing the shards of this run did: bytes copied, converted, shared with the source."""
 
 
 def write_checkpoint(
@@ -51,6 +54,7 @@ def write_checkpoint(
     model_card: str,
     force: bool = False,
     dense: bool = False,
+    reflink: Reflink = "auto",
     progress: Progress | None = None,
     on_shard: ShardStarted | None = None,
     runner: Runner | None = None,
@@ -64,7 +68,7 @@ def write_checkpoint(
     """
     out = _named(out)
     with output.Destination(out, _folders(sources), force, files=_shard_paths(sources)) as destination:
-        result = _write(plan, layout, destination, sources, model_card, dense, progress, on_shard, runner)
+        result = _write(plan, layout, destination, sources, model_card, dense, reflink, progress, on_shard, runner)
     return dataclasses.replace(result, notes=destination.notes)
 
 
@@ -76,6 +80,7 @@ def write_some_shards(
     *,
     plan_key: str,
     dense: bool = False,
+    reflink: Reflink = "auto",
     progress: Progress | None = None,
     on_shard: ShardStarted | None = None,
 ) -> RunResult:
@@ -91,6 +96,7 @@ def write_some_shards(
     started = time.monotonic()
     progress = progress or (lambda nbytes: None)
     with output.Workers(out, _folders(sources), files=_shard_paths(sources), plan_key=plan_key) as staging:
+        check_reflink(layout, out, reflink)
         wanted = [shard for shard in layout.shards if shard.name in set(names)]
         done = [s for s in wanted if output.completed_shard(staging / s.name, s)]
         todo = [s for s in wanted if s not in done]
@@ -98,10 +104,10 @@ def write_some_shards(
         for shard in done:
             progress(shard.nbytes - len(shard.header))
         begins = _announcer(layout, on_shard)
-        written = write_shards(todo, staging, dense, progress, begins, worker_tag())
+        stats = write_shards(todo, staging, dense, reflink, progress, begins, worker_tag())
     return RunResult(
-        out, sum(len(s.tensors) for s in wanted), len(wanted), len(done), written.written, written.holes,
-        time.monotonic() - started,
+        out, sum(len(s.tensors) for s in wanted), len(wanted), len(done), stats.written, stats.holes,
+        time.monotonic() - started, stats=stats,
     )  # fmt: skip
 
 
@@ -171,6 +177,7 @@ def _write(
     sources: Mapping[str, Source],
     model_card: str,
     dense: bool,
+    reflink: Reflink,
     progress: Progress | None,
     on_shard: ShardStarted | None,
     runner: Runner | None,
@@ -178,6 +185,7 @@ def _write(
     started = time.monotonic()
     out = destination.out
     progress = progress or (lambda nbytes: None)
+    check_reflink(layout, out, reflink)
     staging, _ = output.open_staging(out, _resume_key(plan, layout, sources))
     done = {s.name for s in layout.shards if output.completed_shard(staging / s.name, s)}
     output.remove_strays(staging, done)
@@ -191,11 +199,11 @@ def _write(
     for shard in layout.shards:
         if shard.name in done:
             progress(shard.nbytes - len(shard.header))
-    written = (runner or InProcess()).run(todo, staging, dense, progress, _announcer(layout, on_shard))
+    stats = (runner or InProcess()).run(todo, staging, dense, reflink, progress, _announcer(layout, on_shard))
     _publish(plan, layout, destination, staging, sources, model_card)
     return RunResult(
-        out, len(plan.tensors), len(layout.shards), len(done), written.written, written.holes,
-        time.monotonic() - started,
+        out, len(plan.tensors), len(layout.shards), len(done), stats.written, stats.holes,
+        time.monotonic() - started, stats=stats,
     )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shardsurgeon.errors import RecipeError
-from shardsurgeon.execute import ShardWriter, SourceFiles
+from shardsurgeon.execute import Reflink, ShardStats, ShardWriter, SourceFiles
 from shardsurgeon.layout import ShardLayout
 from shardsurgeon.output import PARTIAL_SUFFIX
 from shardsurgeon.units import Progress
@@ -29,40 +29,35 @@ from shardsurgeon.units import Progress
 ShardBegins = Callable[[ShardLayout], None]
 
 
-@dataclass(frozen=True, slots=True)
-class Written:
-    """Bytes a runner wrote (headers included) and left as holes."""
-
-    written: int = 0
-    holes: int = 0
-
-    def __add__(self, other: Written) -> Written:
-        return Written(self.written + other.written, self.holes + other.holes)
-
-
 class Runner(Protocol):
     def run(
-        self, shards: Sequence[ShardLayout], staging: Path, dense: bool, progress: Progress, begins: ShardBegins
-    ) -> Written: ...
+        self,
+        shards: Sequence[ShardLayout],
+        staging: Path,
+        dense: bool,
+        reflink: Reflink,
+        progress: Progress,
+        begins: ShardBegins,
+    ) -> ShardStats: ...
 
 
 def write_shards(
     shards: Sequence[ShardLayout],
     staging: Path,
     dense: bool,
+    reflink: Reflink,
     progress: Progress,
     begins: ShardBegins,
     partial_tag: str = "",
-) -> Written:
+) -> ShardStats:
     """Write ``shards`` one after the other in this process (the work of every runner)."""
-    total = Written()
-    with SourceFiles() as files, ShardWriter(files, dense=dense, progress=progress) as writer:
+    total = ShardStats()
+    with SourceFiles() as files, ShardWriter(files, dense=dense, reflink=reflink, progress=progress) as writer:
         for shard in shards:
             begins(shard)
             partial = staging / f"{shard.name}{partial_tag}{PARTIAL_SUFFIX}"
-            stats = writer.write(shard, partial)
+            total += writer.write(shard, partial)
             partial.rename(staging / shard.name)
-            total += Written(stats.written, stats.holes)
     return total
 
 
@@ -77,9 +72,15 @@ class InProcess:
     """One writer, here."""
 
     def run(
-        self, shards: Sequence[ShardLayout], staging: Path, dense: bool, progress: Progress, begins: ShardBegins
-    ) -> Written:
-        return write_shards(shards, staging, dense, progress, begins)
+        self,
+        shards: Sequence[ShardLayout],
+        staging: Path,
+        dense: bool,
+        reflink: Reflink,
+        progress: Progress,
+        begins: ShardBegins,
+    ) -> ShardStats:
+        return write_shards(shards, staging, dense, reflink, progress, begins)
 
 
 def balanced_groups(shards: Sequence[ShardLayout], count: int) -> list[list[ShardLayout]]:
@@ -103,22 +104,28 @@ class Processes:
     jobs: int
 
     def run(
-        self, shards: Sequence[ShardLayout], staging: Path, dense: bool, progress: Progress, begins: ShardBegins
-    ) -> Written:
+        self,
+        shards: Sequence[ShardLayout],
+        staging: Path,
+        dense: bool,
+        reflink: Reflink,
+        progress: Progress,
+        begins: ShardBegins,
+    ) -> ShardStats:
         groups = balanced_groups(shards, self.jobs)
         if len(groups) <= 1:
-            return write_shards(shards, staging, dense, progress, begins)
+            return write_shards(shards, staging, dense, reflink, progress, begins)
         context = multiprocessing.get_context("spawn")  # no fork of a process that has threads
         events: Any = context.Queue()
         by_name = {shard.name: shard for shard in shards}
         relay = threading.Thread(target=_relay, args=(events, progress, begins, by_name), daemon=True)
         relay.start()
-        total = Written()
+        total = ShardStats()
         try:
             with ProcessPoolExecutor(
                 len(groups), mp_context=context, initializer=_child_init, initargs=(events,)
             ) as pool:
-                futures = [pool.submit(_child_write, group, staging, dense) for group in groups]
+                futures = [pool.submit(_child_write, group, staging, dense, reflink) for group in groups]
                 for future in as_completed(futures):
                     total += future.result()
         finally:
@@ -135,7 +142,7 @@ def _child_init(events: Any) -> None:
     _events = events
 
 
-def _child_write(shards: Sequence[ShardLayout], staging: Path, dense: bool) -> Written:
+def _child_write(shards: Sequence[ShardLayout], staging: Path, dense: bool, reflink: Reflink) -> ShardStats:
     pending = 0
 
     def progress(nbytes: int) -> None:
@@ -149,7 +156,7 @@ def _child_write(shards: Sequence[ShardLayout], staging: Path, dense: bool) -> W
         _events.put(("shard", shard.name))
 
     try:
-        return write_shards(shards, staging, dense, progress, begins)
+        return write_shards(shards, staging, dense, reflink, progress, begins)
     finally:
         if pending:
             _events.put(("bytes", pending))

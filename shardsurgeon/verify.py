@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shardsurgeon import fileio
 from shardsurgeon.arch import NO_HINT, StackHint, find_layer_stack
 from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TensorRef
 from shardsurgeon.errors import CheckpointError, FormatError, PlanError, RecipeError, VerifyError
@@ -379,7 +380,7 @@ def _first_difference(
     """The first byte of the tensor at ``out_offset`` that differs from what ``tensor`` says, or None."""
     done = 0
     for expected in _expected_chunks(tensor, files):
-        actual = os.pread(out_fd, len(expected), out_offset + done)
+        actual = fileio.read_bytes_at(out_fd, len(expected), out_offset + done)
         if actual != expected:
             return done + _first_unequal(actual, bytes(expected))
         done += len(expected)
@@ -452,14 +453,14 @@ class _ReadOnlyFiles:
     def fd(self, path: Path) -> int:
         if path not in self._fds:
             try:
-                self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                self._fds[path] = fileio.open_read(path)
             except OSError as e:
                 raise CheckpointError(f"{path}: cannot open: {e.strerror}") from None
         return self._fds[path]
 
     def read(self, ref: TensorRef, start: int, nbytes: int) -> bytes:
         """``nbytes`` of the tensor ``ref`` from its byte ``start``; short only past the file's end."""
-        return os.pread(self.fd(ref.path), nbytes, ref.data_start + start)
+        return fileio.read_bytes_at(self.fd(ref.path), nbytes, ref.data_start + start)
 
     def __enter__(self) -> _ReadOnlyFiles:
         return self

@@ -14,6 +14,7 @@ loop devices or mounts. Any other failure fails the test.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -116,6 +117,22 @@ def _detach(device: str) -> None:
         if _run(["losetup", "--detach", device]).returncode == 0:
             return
         time.sleep(0.5)
+
+
+def syncfs(folder: Path) -> None:
+    """Commit the filesystem holding ``folder``, so statvfs counts what was written (btrfs counts lazily)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ctypes.CDLL(None, use_errno=True).syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def used_bytes(folder: Path) -> int:
+    """Bytes in use on the filesystem holding ``folder``, after a syncfs."""
+    syncfs(folder)
+    info = os.statvfs(folder)
+    return (info.f_blocks - info.f_bfree) * info.f_frsize
 
 
 @pytest.fixture(scope="session", params=sorted(MKFS))

@@ -92,8 +92,12 @@ def platform_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.fixture(autouse=True)
-def emulated_platform(monkeypatch: pytest.MonkeyPatch) -> str:
-    """The platform named by ``SHARDSURGEON_EMULATE`` (default ``linux``), for every test."""
-    mode = os.environ.get(EMULATE_ENV, "linux")
-    hide(mode, monkeypatch)
-    return mode
+def emulated_platform() -> Iterator[str]:
+    """The platform named by ``SHARDSURGEON_EMULATE`` (default ``linux``), for every test.
+
+    With a MonkeyPatch of its own, not the ``monkeypatch`` fixture: an autouse fixture is set up
+    first and torn down last, and so would be the shared ``monkeypatch``, whose ``chdir`` would
+    then be undone only after the test's other fixtures (a mount it chdir'ed into) are gone.
+    """
+    with emulated(os.environ.get(EMULATE_ENV, "linux")) as mode:
+        yield mode

@@ -20,6 +20,10 @@ from click.testing import CliRunner, Result
 from shardsurgeon.cli import cli
 from shardsurgeon.demo import mistral_config
 
+pytest_plugins = ["_platforms", "_mounts"]
+"""SHARDSURGEON_EMULATE=macos|windows runs any test as on that platform (_platforms.py); the XFS and
+btrfs loop mounts (_mounts.py) are made only for the tests that ask for them."""
+
 LAYER_PARTS = {
     "input_layernorm.weight": lambda h, i, kv: (h,),
     "self_attn.q_proj.weight": lambda h, i, kv: (h, h),
@@ -63,8 +67,24 @@ def write_tiny_checkpoint(
     """A bf16 Mistral-shaped checkpoint in ``shards`` files, written byte by byte here (not by the
     code under test). Tensors are spread over shards in an order unlike the output's. Returns each
     tensor's bytes by name."""
-    folder.mkdir(parents=True, exist_ok=True)
+    hidden, intermediate, _kv, vocab = (
+        shape.get(k, d) for k, d in (("hidden", 8), ("intermediate", 12), ("kv", 4), ("vocab", 16))
+    )
+    base = mistral_config(layers, hidden, intermediate, hidden // 4, 2, vocab) | {"_name_or_path": "acme/tiny-mistral"}
     specs = tiny_specs(layers, **shape)
+    return write_checkpoint(folder, specs, shards, config if config is not None else base, extra_files)
+
+
+def write_checkpoint(
+    folder: Path,
+    specs: list[tuple[str, tuple[int, ...]]],
+    shards: int,
+    config: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
+) -> dict[str, bytes]:
+    """bf16 tensors ``(name, shape)`` dealt round-robin into ``shards`` files, each file's data in
+    name order after a header padded to 8, as the reference writer lays it out."""
+    folder.mkdir(parents=True, exist_ok=True)
     data = {name: origin_bytes(name, 2 * _numel(dims)) for name, dims in specs}
     groups = [specs[i::shards] for i in range(shards)]
     weight_map = {}
@@ -77,8 +97,10 @@ def write_tiny_checkpoint(
             offset += len(data[name])
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        body = b"".join(data[name] for name, _ in sorted(group))
-        (folder / file_name).write_bytes(struct.pack("<Q", len(text)) + text + body)
+        with open(folder / file_name, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for name, _ in sorted(group):
+                f.write(data[name])
         weight_map |= {name: file_name for name, _ in group}
     if shards > 1:
         index = {
@@ -86,11 +108,7 @@ def write_tiny_checkpoint(
             "weight_map": dict(sorted(weight_map.items())),
         }
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    hidden, intermediate, _kv, vocab = (
-        shape.get(k, d) for k, d in (("hidden", 8), ("intermediate", 12), ("kv", 4), ("vocab", 16))
-    )
-    base = mistral_config(layers, hidden, intermediate, hidden // 4, 2, vocab) | {"_name_or_path": "acme/tiny-mistral"}
-    (folder / "config.json").write_text(json.dumps(config if config is not None else base, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     for name, text in (extra_files or {}).items():
         (folder / name).write_text(text)
     return data

@@ -14,8 +14,6 @@ import pytest
 from conftest import data_order, folder_bytes, read_tensors, run_cli, write_tiny_checkpoint
 from safetensors import safe_open
 
-from shardsurgeon import execute
-
 PARTS = [
     "input_layernorm.weight",
     "self_attn.q_proj.weight",
@@ -91,18 +89,26 @@ def test_dup_in_the_middle_repeated_and_comma_separated(tmp_path, tiny):
     assert_holds(out, expected_tensors(data, [0, 0, 1, 2, 2, 2, 3], {1, 4, 5}, ("mlp",)))
 
 
-def test_output_order_is_embeddings_layers_norm_head(tmp_path, tiny):
-    src, _ = tiny
+def test_data_follows_the_source_files_and_the_index_follows_the_data(tmp_path, tiny):
+    """Data order: each source file's tensors as it holds them (the embeddings' file first), its
+    inserted copies after it, copy after copy; so copies can share blocks with their source (see
+    test_layout.py and test_reflink.py). The index lists tensors in that order."""
+    src, data = tiny
     out = tmp_path / "out"
-    assert run_cli("expand", "--src", src, "--dup", "3x1", "--out", out, "-q").exit_code == 0
-    order = data_order(out)
-    assert order[0] == "model.embed_tokens.weight"
-    assert order[-2:] == ["model.norm.weight", "lm_head.weight"]
-    layers = [int(name.split(".")[2]) for name in order[1:-2]]
-    assert layers == sorted(layers)
-    source_order = [n.split(".", 3)[3] for n in data_order(src) if n.startswith("model.layers.3.")]
-    output_order = [n.split(".", 3)[3] for n in order if n.startswith("model.layers.4.")]
-    assert output_order == source_order, "each layer's tensors keep the source's order"
+    result = run_cli("expand", "--src", src, "--dup", "3x2", "--max-shard-size", "2KB", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    source = read_tensors(src)
+    files = sorted({t[3] for t in source.values()}, key=lambda f: f != source["model.embed_tokens.weight"][3])
+    expected = []
+    for file in files:
+        names = sorted((n for n in source if source[n][3] == file), key=lambda n: source[n][4])
+        expected += names
+        for copy in (4, 5):
+            expected += [f"model.layers.{copy}.{n.split('.', 3)[3]}" for n in names if n.startswith("model.layers.3.")]
+    assert data_order(out) == expected
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert list(index["weight_map"]) == expected
+    assert_holds(out, expected_tensors(data, [0, 1, 2, 3, 3, 3], set(), ()))
 
 
 def test_output_folder_files(tmp_path, tiny):
@@ -119,6 +125,13 @@ def test_output_folder_files(tmp_path, tiny):
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.metadata()["format"] == "pt"
         assert len(list(f.keys())) == 3 + 6 * 9
+
+
+def test_a_single_source_file_gives_a_single_output_file(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_tiny_checkpoint(src, layers=2, shards=1)
+    assert run_cli("expand", "--src", src, "--dup", "1x3", "--out", out, "-q").exit_code == 0
+    assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]
 
 
 def test_sharded_output_has_index_and_loads_with_reference_reader(tmp_path, tiny):
@@ -151,6 +164,24 @@ def test_two_runs_give_byte_identical_folders(tmp_path, tiny):
     a, b = folder_bytes(tmp_path / "a"), folder_bytes(tmp_path / "b")
     a["README.md"] = a["README.md"].replace(b"/a\n", b"/b\n")
     assert a == b
+
+
+@pytest.mark.parametrize("extra", [["--zero", "o_proj"], ["--dtype", "float16", "--dense"]], ids=["copy", "cast"])
+def test_the_same_bytes_on_every_platform_path(tmp_path, tiny, monkeypatch, extra):
+    """As on macOS (no copy_file_range) and as on Windows (no pread/pwrite either), the portable
+    paths write exactly the bytes of the Linux path."""
+    from _platforms import MODES, emulated  # a plugin of conftest: imported once, asserts rewritten
+
+    src, _ = tiny
+    outputs = {}
+    for mode in MODES:
+        (tmp_path / mode).mkdir()
+        monkeypatch.chdir(tmp_path / mode)  # the same --out text, so the same model card
+        with emulated(mode):
+            result = run_cli("expand", "--src", src, "--dup", "3x2", *extra, "--max-shard-size", "2KB", "--out", "out")
+        assert result.exit_code == 0, result.output
+        outputs[mode] = folder_bytes(tmp_path / mode / "out")
+    assert outputs["macos"] == outputs["linux"] and outputs["windows"] == outputs["linux"]
 
 
 def test_source_is_never_modified(tmp_path, tiny):
@@ -229,6 +260,12 @@ def test_tied_embeddings_stay_tied(tmp_path):
     assert_holds(out, expected_tensors(data, [0, 1, 1], set(), ()))
 
 
+needs_kernel_copy = pytest.mark.skipif(
+    not hasattr(os, "copy_file_range"), reason="os.copy_file_range is hidden (emulating macOS or Windows) or absent"
+)
+
+
+@needs_kernel_copy
 @pytest.mark.parametrize("failing_errno", [errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM])
 def test_copy_falls_back_to_pread_pwrite(tmp_path, tiny, monkeypatch, failing_errno):
     src, data = tiny
@@ -236,11 +273,12 @@ def test_copy_falls_back_to_pread_pwrite(tmp_path, tiny, monkeypatch, failing_er
     def refuse(*args, **kwargs):
         raise OSError(failing_errno, os.strerror(failing_errno))
 
-    monkeypatch.setattr(execute.os, "copy_file_range", refuse)
+    monkeypatch.setattr(os, "copy_file_range", refuse)
     assert run_cli("expand", "--src", src, "--dup", "3x1", "--zero", "o_proj", "--out", tmp_path / "out").exit_code == 0
     assert_holds(tmp_path / "out", expected_tensors(data, [0, 1, 2, 3, 3], {4}, ("o_proj",)))
 
 
+@needs_kernel_copy
 def test_short_copies_are_continued(tmp_path, tiny, monkeypatch):
     src, data = tiny
     real = os.copy_file_range
@@ -248,7 +286,7 @@ def test_short_copies_are_continued(tmp_path, tiny, monkeypatch):
     def short(src_fd, dst_fd, count, offset_src, offset_dst):
         return real(src_fd, dst_fd, min(count, 7), offset_src, offset_dst)
 
-    monkeypatch.setattr(execute.os, "copy_file_range", short)
+    monkeypatch.setattr(os, "copy_file_range", short)
     assert run_cli("expand", "--src", src, "--dup", "2x1", "--out", tmp_path / "out", "-q").exit_code == 0
     assert_holds(tmp_path / "out", expected_tensors(data, [0, 1, 2, 2, 3], set(), ()))
 

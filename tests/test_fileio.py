@@ -8,7 +8,6 @@ root and loop devices and are skipped, saying why, elsewhere.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import os
@@ -17,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from _mounts import syncfs, used_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -347,29 +347,14 @@ def _filesystem(path: Path) -> str:
     return max(matching, key=lambda m: len(m[0]))[1] if matching else "unknown"
 
 
-def _syncfs(folder: Path) -> None:
-    """Commit the filesystem, so that statvfs counts what was written (btrfs counts lazily)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        ctypes.CDLL(None, use_errno=True).syncfs(fd)
-    finally:
-        os.close(fd)
-
-
-def _used_bytes(folder: Path) -> int:
-    _syncfs(folder)
-    info = os.statvfs(folder)
-    return (info.f_blocks - info.f_bfree) * info.f_frsize
-
-
 def _copy_on(
     folder: Path, src_offset: int, dst_offset: int, nbytes: int, use_kernel: bool = True
 ) -> tuple[CopyCounts, int]:
     """Copy ``nbytes`` between two files of ``folder``; returns the counts and the disk it took."""
     source = os.urandom(src_offset + nbytes + 100)
     make_file(folder / "src", source)
-    _syncfs(folder)
-    used = _used_bytes(folder)
+    syncfs(folder)
+    used = used_bytes(folder)
     src, dst = fileio.open_read(folder / "src"), fileio.open_new(folder / "dst")
     try:
         fileio.set_size(dst, dst_offset + nbytes + 100)
@@ -378,7 +363,7 @@ def _copy_on(
     finally:
         os.close(src)
         os.close(dst)
-    grown = _used_bytes(folder) - used
+    grown = used_bytes(folder) - used
     out = (folder / "dst").read_bytes()
     assert out[dst_offset : dst_offset + nbytes] == source[src_offset : src_offset + nbytes]
     assert out[:dst_offset] == bytes(dst_offset) and out[dst_offset + nbytes :] == bytes(100)

@@ -131,7 +131,7 @@ def cast(blob: bytes, dtype: str) -> bytes:
 
 
 def expected_output(job: Job, data: dict[str, bytes], source_order: list[str]) -> dict[str, tuple[str, bytes]]:
-    """Output tensor name -> (dtype, bytes), in output order: each layer's tensors in source order."""
+    """Output tensor name -> (dtype, bytes), in the plan's order: each layer's tensors in source order."""
     dtype = OUTPUT_DTYPES[job.dtype]
     expected = {"model.embed_tokens.weight": (dtype, cast(data["model.embed_tokens.weight"], dtype))}
     for position, (layer, inserted) in enumerate(job.output_layers()):
@@ -158,7 +158,7 @@ def test_every_output_byte_comes_from_where_the_recipe_says(job):
         assert result.exit_code == 0, result.output
         expected = expected_output(job, data, data_order(src))
         tensors = read_tensors(out)
-        assert data_order(out) == list(expected), "embeddings, layers in order, norm, head"
+        assert sorted(tensors) == sorted(expected), "every planned tensor once, nothing else"
         for name, (dtype, blob) in expected.items():
             assert tensors[name][0] == dtype, name
             assert tensors[name][2] == blob, f"{name} holds the wrong bytes"

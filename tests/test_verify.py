@@ -110,11 +110,11 @@ def test_flipped_byte_in_a_cast_tensor_is_caught(tmp_path, tiny):
     src, _ = tiny
     out = expand(src, tmp_path / "out", "--dup", "3x1", "--dtype", "float16")
     name = "model.layers.4.mlp.gate_proj.weight"
-    rewrite_bytes(out / "model.safetensors", name, lambda b: bytes([b[0] ^ 0x80]) + b[1:])
+    rewrite_bytes(shard_of(out, name), name, lambda b: bytes([b[0] ^ 0x80]) + b[1:])
     code, lines = verify(out, src)
     assert code == 1
     assert problems(lines) == [
-        f"model.safetensors: tensor {name!r}: differs from model.layers.3.mlp.gate_proj.weight of "
+        f"{shard_of(out, name).name}: tensor {name!r}: differs from model.layers.3.mlp.gate_proj.weight of "
         f"{src / read_tensors(src)['model.layers.3.mlp.gate_proj.weight'][3]} cast to F16 at byte 0 of the tensor"
     ]
 
@@ -164,8 +164,9 @@ def test_stray_shard_next_to_an_index(made):
     ]
 
 
-def test_stray_shard_next_to_a_single_file(tmp_path, tiny):
-    src, _ = tiny
+def test_stray_shard_next_to_a_single_file(tmp_path):
+    src = tmp_path / "src"
+    write_tiny_checkpoint(src, layers=4, shards=1)  # one source file: one output file
     out = expand(src, tmp_path / "out", "--dup", "3x1")
     (out / "model-00001-of-00002.safetensors").write_bytes((out / "model.safetensors").read_bytes())
     code, lines = verify(out)
@@ -206,15 +207,16 @@ def test_index_and_shards_disagree(made):
     moved = "model.norm.weight"
     dropped = "model.layers.0.input_layernorm.weight"
     actual = index["weight_map"][moved]
-    index["weight_map"][moved] = "model-00001-of-00004.safetensors"
-    del index["weight_map"][dropped]
+    elsewhere = min(shard for shard in index["weight_map"].values() if shard != actual)
+    index["weight_map"][moved] = elsewhere
+    dropped_from = index["weight_map"].pop(dropped)
     index_path.write_text(json.dumps(index, indent=2))
     code, lines = verify(out)
     assert code == 1
     assert problems(lines) == [
-        f"model.safetensors.index.json: tensor {moved!r}: mapped to model-00001-of-00004.safetensors, which does "
+        f"model.safetensors.index.json: tensor {moved!r}: mapped to {elsewhere}, which does "
         f"not hold it, it is in {actual}",
-        f"model-00001-of-00004.safetensors: tensor {dropped!r}: not listed in model.safetensors.index.json",
+        f"{dropped_from}: tensor {dropped!r}: not listed in model.safetensors.index.json",
     ]
 
 
