@@ -188,6 +188,16 @@ def _claim_staging(out: Path, key: str) -> Path:
     return staging
 
 
+def check_staging(staging: Path, seen: publish.Identity | None) -> None:
+    """Refuse to go on writing into ``staging`` when it is no longer the folder ``seen`` (its device
+    and inode when the run began): a link put in its place would lead the writes elsewhere."""
+    if seen is None or publish.folder_identity(staging) != seen or staging.is_symlink():
+        raise OutputError(
+            f"{safe_text(staging)}: the staging folder was replaced during the run (by a link or another "
+            "folder); nothing more is written through it; run the same command again"
+        )
+
+
 def staging_matches(out: Path, key: str) -> bool:
     """Whether ``out``'s staging folder holds the work of ``key`` (a plan, or a run's resume key)."""
     try:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardsurgeon import hfdir, identity, output
+from shardsurgeon import hfdir, identity, output, publish
 from shardsurgeon.errors import OutputError, safe_text
 from shardsurgeon.execute import Reflink, ShardStats, check_reflink
 from shardsurgeon.layout import Layout, ShardLayout
@@ -23,6 +23,7 @@ from shardsurgeon.plan import Plan, Zeros
 from shardsurgeon.runners import InProcess, Runner, worker_tag, write_shards
 from shardsurgeon.source import Source
 from shardsurgeon.units import Progress, ShardStarted
+from shardsurgeon.verify import shard_holds
 
 SMALL_FILES_ALLOWANCE = 64 << 20
 """Room kept free for the config, index, tokenizer and model card when checking disk space."""
@@ -139,8 +140,9 @@ def finalize_checkpoint(
                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); write them with apply PLAN "
                 "--shards, then finalize again"
             )
+        seen = publish.folder_identity(staging)
         output.remove_strays(staging, {s.name for s in layout.shards})
-        _publish(plan, layout, destination, staging, sources, model_card)
+        _publish(plan, layout, destination, staging, sources, model_card, seen)
     return RunResult(
         out, len(plan.tensors), len(layout.shards), len(layout.shards), 0, 0, time.monotonic() - started,
         destination.notes,
@@ -187,7 +189,14 @@ def _write(
     progress = progress or (lambda nbytes: None)
     check_reflink(layout, out, reflink)
     staging, _ = output.open_staging(out, _resume_key(plan, layout, sources))
-    done = {s.name for s in layout.shards if output.completed_shard(staging / s.name, s)}
+    seen = publish.folder_identity(staging)
+    # a shard an interrupted run finished is kept only if every byte is what the plan says: checked
+    # against the sources, not trusted by its size and header (a disk error, a stray edit)
+    done = {
+        s.name
+        for s in layout.shards
+        if output.completed_shard(staging / s.name, s) and shard_holds(s, staging / s.name)
+    }
     output.remove_strays(staging, done)
     todo = [s for s in layout.shards if s.name not in done]
     try:
@@ -200,7 +209,7 @@ def _write(
         if shard.name in done:
             progress(shard.nbytes - len(shard.header))
     stats = (runner or InProcess()).run(todo, staging, dense, reflink, progress, _announcer(layout, on_shard))
-    _publish(plan, layout, destination, staging, sources, model_card)
+    _publish(plan, layout, destination, staging, sources, model_card, seen)
     return RunResult(
         out, len(plan.tensors), len(layout.shards), len(done), stats.written, stats.holes,
         time.monotonic() - started, stats=stats,
@@ -214,9 +223,13 @@ def _publish(
     staging: Path,
     sources: Mapping[str, Source],
     model_card: str,
+    seen: publish.Identity | None,
 ) -> None:
-    """The small files, a last check that no source changed since it was read, and the commit."""
+    """The small files, a last check that no source changed since it was read, and the commit; the
+    staging folder must still be the one ``seen`` when the run took it."""
+    output.check_staging(staging, seen)
     _write_small_files(staging, plan, layout, sources[plan.recipe.donor].folder, model_card)
+    output.check_staging(staging, seen)
     # as the plan saw them: a source that changed between planning and writing is caught too
     identity.check_unchanged(
         shard.identity or identity.record([shard.path])[0]

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from shardsurgeon import publish
 from shardsurgeon.errors import RecipeError
 from shardsurgeon.execute import Reflink, ShardStats, ShardWriter, SourceFiles
 from shardsurgeon.layout import ShardLayout
-from shardsurgeon.output import PARTIAL_SUFFIX
+from shardsurgeon.output import PARTIAL_SUFFIX, check_staging
 from shardsurgeon.units import Progress
 
 ShardBegins = Callable[[ShardLayout], None]
@@ -52,11 +53,14 @@ def write_shards(
 ) -> ShardStats:
     """Write ``shards`` one after the other in this process (the work of every runner)."""
     total = ShardStats()
+    seen = publish.folder_identity(staging)
     with SourceFiles() as files, ShardWriter(files, dense=dense, reflink=reflink, progress=progress) as writer:
         for shard in shards:
             begins(shard)
             partial = staging / f"{shard.name}{partial_tag}{PARTIAL_SUFFIX}"
+            check_staging(staging, seen)
             total += writer.write(shard, partial)
+            check_staging(staging, seen)
             partial.rename(staging / shard.name)
     return total
 

@@ -27,7 +27,7 @@ from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Tensor
 from shardsurgeon.errors import CheckpointError, FormatError, PlanError, RecipeError, VerifyError
 from shardsurgeon.format import DTYPES, Header, read_header
 from shardsurgeon.hfdir import other_files
-from shardsurgeon.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout
+from shardsurgeon.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout, ShardLayout
 from shardsurgeon.plan import Convert, Copy, Plan, PlannedTensor, Zeros, make_plan
 from shardsurgeon.recipe import recipe_from_json, recorded_models
 from shardsurgeon.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
@@ -353,20 +353,31 @@ def compare_with_plan(layout: Layout, folder: Path) -> list[Mismatch]:
     mismatches: list[Mismatch] = []
     with _ReadOnlyFiles() as files:
         for shard in layout.shards:
-            path = folder / shard.name
-            if not path.is_file():
-                mismatches.append(Mismatch(shard.name, "", "shard file is missing"))
-                continue
-            with open(path, "rb") as f:
-                if f.read(len(shard.header)) != shard.header:
-                    mismatches.append(Mismatch(shard.name, "", "header differs from the plan's"))
-                    continue
-            if path.stat().st_size != shard.nbytes:
-                mismatches.append(Mismatch(shard.name, "", f"is {path.stat().st_size} bytes, expected {shard.nbytes}"))
-                continue
-            for placed in shard.tensors:
-                if _first_difference(placed.tensor, files, files.fd(path), placed.offset) is not None:
-                    mismatches.append(Mismatch(shard.name, placed.tensor.name, _describe(placed.tensor)))
+            mismatches += _shard_mismatches(shard, folder / shard.name, files, first_only=False)
+    return mismatches
+
+
+def shard_holds(shard: ShardLayout, path: Path) -> bool:
+    """Whether the file at ``path`` holds exactly the bytes ``shard`` plans: its header, its size, and
+    every tensor recomputed from its source by the definition. Stops at the first difference."""
+    with _ReadOnlyFiles() as files:
+        return not _shard_mismatches(shard, path, files, first_only=True)
+
+
+def _shard_mismatches(shard: ShardLayout, path: Path, files: _ReadOnlyFiles, *, first_only: bool) -> list[Mismatch]:
+    if not path.is_file():
+        return [Mismatch(shard.name, "", "shard file is missing")]
+    with open(path, "rb") as f:
+        if f.read(len(shard.header)) != shard.header:
+            return [Mismatch(shard.name, "", "header differs from the plan's")]
+    if path.stat().st_size != shard.nbytes:
+        return [Mismatch(shard.name, "", f"is {path.stat().st_size} bytes, expected {shard.nbytes}")]
+    mismatches = []
+    for placed in shard.tensors:
+        if _first_difference(placed.tensor, files, files.fd(path), placed.offset) is not None:
+            mismatches.append(Mismatch(shard.name, placed.tensor.name, _describe(placed.tensor)))
+            if first_only:
+                break
     return mismatches
 
 

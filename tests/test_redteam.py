@@ -1,8 +1,7 @@
 """Red-team findings against the fixed code of issue 12 (DESIGN.md's promises, issue 12's classes).
 
-Each test asserts the promised behaviour and is marked ``xfail(strict=True)`` with the cause found:
-it fails today, and a fix makes it pass, which strict mode reports, so the mark is removed with the
-fix. Letters follow the report's order: A corrupt output or a modified source, B unbounded memory or
+Each test asserts the promised behaviour; each was a strict xfail naming the cause found until its
+fix landed. Letters follow the report's order: A corrupt output or a modified source, B unbounded memory or
 time, C tracebacks and internal errors, D unclear messages. Each test builds its own tiny
 checkpoint; the file runs in about 16 s (the B tests stop children at 200 MB or after 4-12 s).
 Helpers (the child process with its hooks, the one-line checks) come from ``test_hostile_classes``.
@@ -141,8 +140,6 @@ def test_a2_a_source_that_is_the_outputs_old_folder_is_not_deleted_or_moved(tmp_
     assert "internal error" not in result.output, result.output
 
 
-@xfail("the staging folder is used by path for every write: replaced by a link mid-run, the run writes "
-       "its shards, config.json and index into the link's target (here the source)")  # fmt: skip
 def test_a3_staging_replaced_by_a_link_to_the_source_during_the_run(tmp_path, src):
     before = tree(src)
     run = tmp_path / "run"
@@ -246,8 +243,6 @@ def test_a6_a_layer_number_with_a_trailing_newline_is_not_part_of_the_stack(tmp_
         assert "model.layers.4.self_attn.o_proj.weight" not in read_tensors(tmp_path / "out")
 
 
-@xfail("output.completed_shard keeps a shard of an interrupted run by its size and header only: "
-       "a damaged data byte is published, exit 0, and verify without --src calls it OK")  # fmt: skip
 def test_a7_resume_does_not_publish_a_damaged_kept_shard(tmp_path, src):
     expected = reference(tmp_path, src)
     run = tmp_path / "run"
