@@ -129,6 +129,14 @@ REFLINK_OPTION = click.option(
 )
 
 
+CHECKSUMS_OPTION = click.option(
+    "--checksums",
+    is_flag=True,
+    help="Also write every tensor's CRC-32 (shardsurgeon.checksums.json), so verify can tell damage without "
+    "the sources; reads the output back once.",
+)
+
+
 def _writing_options(command: F) -> F:
     """The options that ``expand`` and ``merge`` share: output, layout, planning and verbosity."""
     options = [
@@ -142,6 +150,7 @@ def _writing_options(command: F) -> F:
         ),
         click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes."),
         REFLINK_OPTION,
+        CHECKSUMS_OPTION,
         click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
         click.option("--dry-run", is_flag=True, help="Print the plan in words and write nothing."),
         click.option("--plan-json", type=click.Path(path_type=Path), help="Write the plan as JSON here ('-': stdout)."),
@@ -290,6 +299,7 @@ def expand(
     max_shard_size: int,
     dense: bool,
     reflink: Reflink,
+    checksums: bool,
     force: bool,
     dry_run: bool,
     plan_json: Path | None,
@@ -326,11 +336,12 @@ def expand(
         dtype=dtype,
         max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
         dense=dense,
+        checksums=checksums,
         layer_prefix=layer_prefix,
         layers_key=layers_key,
     )
     runner = _runner(jobs, ray_address)
-    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner, reflink)
+    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner, reflink, checksums)
 
 
 def _plan_or_run(
@@ -344,6 +355,7 @@ def _plan_or_run(
     quiet: bool,
     runner: Runner | None,
     reflink: Reflink,
+    checksums: bool,
 ) -> None:
     """``command`` is the command line without ``--out``: the plan file records it so, and a run
     adds the output it writes to."""
@@ -360,7 +372,7 @@ def _plan_or_run(
     with _progress(job.layout, quiet) as (progress, on_shard):
         result = run_job(
             job, out, command=planned.command_to(out), force=force, dense=dense, reflink=reflink,
-            progress=progress, on_shard=on_shard, runner=runner,
+            checksums=checksums, progress=progress, on_shard=on_shard, runner=runner,
         )  # fmt: skip
     _report(job.plan, result, quiet)
 
@@ -424,6 +436,7 @@ def merge(
     max_shard_size: int,
     dense: bool,
     reflink: Reflink,
+    checksums: bool,
     force: bool,
     dry_run: bool,
     plan_json: Path | None,
@@ -466,11 +479,12 @@ def merge(
         config=config,
         max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
         dense=dense,
+        checksums=checksums,
         layer_prefix=layer_prefix,
         layers_key=layers_key,
     ).replace("--config ", "")
     runner = _runner(jobs, ray_address)
-    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner, reflink)
+    _plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner, reflink, checksums)
 
 
 @cli.command()
@@ -487,6 +501,7 @@ def merge(
 @click.option("--dense", is_flag=True, help="Write zeros as real bytes instead of holes.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder (when publishing).")
 @REFLINK_OPTION
+@CHECKSUMS_OPTION
 @_runner_options_of
 @_verbosity
 @_reports_errors
@@ -499,6 +514,7 @@ def apply(
     dense: bool,
     force: bool,
     reflink: Reflink,
+    checksums: bool,
     jobs: int,
     ray_address: str | None,
     quiet: bool,
@@ -524,14 +540,16 @@ def apply(
     job, key = planned.job, plan_key(planned.job)
     if finalize:
         card = card_of(job, planned.command_to(out))
-        result = finalize_checkpoint(job.plan, job.layout, out, job.sources, plan_key=key, model_card=card, force=force)
+        result = finalize_checkpoint(
+            job.plan, job.layout, out, job.sources, plan_key=key, model_card=card, force=force, checksums=checksums
+        )
         _report(job.plan, result, quiet)
         return
     if shards is None:
         with _progress(job.layout, quiet) as (progress, on_shard):
             result = run_job(
                 job, out, command=planned.command_to(out), force=force, dense=dense, reflink=reflink,
-                progress=progress, on_shard=on_shard, runner=_runner(jobs, ray_address),
+                checksums=checksums, progress=progress, on_shard=on_shard, runner=_runner(jobs, ray_address),
             )  # fmt: skip
         _report(job.plan, result, quiet)
         return
@@ -767,6 +785,8 @@ def _verify_summary(report: VerifyReport) -> str:
     if report.sources:
         sources = "1 source" if report.sources == 1 else f"{report.sources} sources"
         found += f"; {report.compared} tensors compared byte for byte with {sources}"
+    if report.checksummed:
+        found += f"; {report.checksummed} tensors checked against their recorded checksums"
     problems = len(report.mismatches)
     verdict = "OK" if report.ok else ("1 problem" if problems == 1 else f"{problems} problems")
     return f"shardsurgeon verify: {verdict}: {report.folder}: {found}"

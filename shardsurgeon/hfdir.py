@@ -23,8 +23,11 @@ NOT_COPIED_SUFFIXES = (
 )  # fmt: skip
 """Weights in any format: they describe the source's layers, not the output's."""
 NOT_COPIED_NAMES = frozenset(
-    {"config.json", "README.md", "model.safetensors.index.json", "params.json", "mergekit_config.yml"}
-)
+    {
+        "config.json", "README.md", "model.safetensors.index.json", "params.json", "mergekit_config.yml",
+        "shardsurgeon.checksums.json",
+    }
+)  # fmt: skip
 """Rewritten here (config, index, card), or stale: Mistral's native ``params.json`` counts layers."""
 
 

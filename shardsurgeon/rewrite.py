@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardsurgeon import hfdir, identity, output, publish
+from shardsurgeon.checkpoint import TensorRef
+from shardsurgeon.checksums import write_manifest
 from shardsurgeon.errors import OutputError, safe_text
 from shardsurgeon.execute import Reflink, ShardStats, check_reflink
-from shardsurgeon.layout import Layout, ShardLayout
+from shardsurgeon.layout import Layout, PlacedTensor, ShardLayout
 from shardsurgeon.plan import Plan, Zeros
 from shardsurgeon.runners import InProcess, Runner, worker_tag, write_shards
 from shardsurgeon.source import Source
@@ -56,11 +58,14 @@ def write_checkpoint(
     force: bool = False,
     dense: bool = False,
     reflink: Reflink = "auto",
+    checksums: bool = False,
     progress: Progress | None = None,
     on_shard: ShardStarted | None = None,
     runner: Runner | None = None,
 ) -> RunResult:
     """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run.
+
+    With ``checksums``, the output also holds every tensor's CRC-32 (:mod:`checksums`).
 
     ``progress`` counts tensor bytes (those of shards kept from an interrupted run first);
     ``on_shard`` is told each shard that is written, as it begins; ``runner`` writes the shards
@@ -69,7 +74,9 @@ def write_checkpoint(
     """
     out = _named(out)
     with output.Destination(out, _folders(sources), force, files=_shard_paths(sources)) as destination:
-        result = _write(plan, layout, destination, sources, model_card, dense, reflink, progress, on_shard, runner)
+        result = _write(
+            plan, layout, destination, sources, model_card, dense, reflink, checksums, progress, on_shard, runner
+        )  # fmt: skip
     return dataclasses.replace(result, notes=destination.notes)
 
 
@@ -121,6 +128,7 @@ def finalize_checkpoint(
     plan_key: str,
     model_card: str,
     force: bool = False,
+    checksums: bool = False,
 ) -> RunResult:
     """Publish what :func:`write_some_shards` wrote under ``plan_key``: every shard must be there,
     complete; then the small files are written and the folder is moved into place as a run would."""
@@ -142,7 +150,7 @@ def finalize_checkpoint(
             )
         seen = publish.folder_identity(staging)
         output.remove_strays(staging, {s.name for s in layout.shards})
-        _publish(plan, layout, destination, staging, sources, model_card, seen)
+        _publish(plan, layout, destination, staging, sources, model_card, seen, checksums)
     return RunResult(
         out, len(plan.tensors), len(layout.shards), len(layout.shards), 0, 0, time.monotonic() - started,
         destination.notes,
@@ -180,6 +188,7 @@ def _write(
     model_card: str,
     dense: bool,
     reflink: Reflink,
+    checksums: bool,
     progress: Progress | None,
     on_shard: ShardStarted | None,
     runner: Runner | None,
@@ -209,7 +218,7 @@ def _write(
         if shard.name in done:
             progress(shard.nbytes - len(shard.header))
     stats = (runner or InProcess()).run(todo, staging, dense, reflink, progress, _announcer(layout, on_shard))
-    _publish(plan, layout, destination, staging, sources, model_card, seen)
+    _publish(plan, layout, destination, staging, sources, model_card, seen, checksums)
     return RunResult(
         out, len(plan.tensors), len(layout.shards), len(done), stats.written, stats.holes,
         time.monotonic() - started, stats=stats,
@@ -224,11 +233,12 @@ def _publish(
     sources: Mapping[str, Source],
     model_card: str,
     seen: publish.Identity | None,
+    checksums: bool,
 ) -> None:
     """The small files, a last check that no source changed since it was read, and the commit; the
     staging folder must still be the one ``seen`` when the run took it."""
     output.check_staging(staging, seen)
-    _write_small_files(staging, plan, layout, sources[plan.recipe.donor].folder, model_card)
+    _write_small_files(staging, plan, layout, sources[plan.recipe.donor].folder, model_card, checksums)
     output.check_staging(staging, seen)
     # as the plan saw them: a source that changed between planning and writing is caught too
     identity.check_unchanged(
@@ -239,8 +249,11 @@ def _publish(
     destination.commit(staging)
 
 
-def _write_small_files(staging: Path, plan: Plan, layout: Layout, donor: Path, model_card: str) -> None:
-    """config.json, the index, the donor's other files and the model card, each fsynced."""
+def _write_small_files(
+    staging: Path, plan: Plan, layout: Layout, donor: Path, model_card: str, checksums: bool
+) -> None:
+    """config.json, the index, the donor's other files, the model card and, with ``checksums``, the
+    tensors' checksums, each fsynced."""
 
     def write_card() -> None:
         (staging / "README.md").write_text(model_card, encoding="utf-8")
@@ -252,6 +265,9 @@ def _write_small_files(staging: Path, plan: Plan, layout: Layout, donor: Path, m
         (f"the other files of {donor}", lambda: hfdir.copy_other_files(donor, staging)),
         ("README.md", write_card),
     ]
+    if checksums:
+        shards = {s.name: [_written(staging / s.name, placed) for placed in s.tensors] for s in layout.shards}
+        steps.append(("the checksums", lambda: write_manifest(staging, shards)))
     for what, step in steps:
         try:
             step()
@@ -260,6 +276,12 @@ def _write_small_files(staging: Path, plan: Plan, layout: Layout, donor: Path, m
                 f"{staging}: cannot write {what}: {e.strerror or e}; fix that and run the same command again, "
                 "the shards written are kept"
             ) from None
+
+
+def _written(path: Path, placed: PlacedTensor) -> TensorRef:
+    """Where a planned tensor is in the shard written at ``path``."""
+    tensor = placed.tensor
+    return TensorRef(tensor.name, path, tensor.dtype, tensor.shape, placed.offset, tensor.nbytes)
 
 
 def _bytes_to_write(shard: ShardLayout, dense: bool) -> int:

@@ -24,7 +24,8 @@ from typing import Any
 from shardsurgeon import fileio
 from shardsurgeon.arch import NO_HINT, StackHint, find_layer_stack
 from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TensorRef
-from shardsurgeon.errors import CheckpointError, FormatError, PlanError, RecipeError, VerifyError
+from shardsurgeon.checksums import CHECKSUMS_FILE, tensor_crcs
+from shardsurgeon.errors import CheckpointError, FormatError, PlanError, RecipeError, VerifyError, safe_text
 from shardsurgeon.format import DTYPES, Header, read_header
 from shardsurgeon.hfdir import other_files
 from shardsurgeon.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout, ShardLayout
@@ -67,6 +68,8 @@ class VerifyReport:
     compared: int
     mismatches: tuple[Mismatch, ...]
     notes: tuple[str, ...]
+    checksummed: int = 0
+    """Tensors checked against the checksums recorded with the output (``--checksums``)."""
 
     @property
     def ok(self) -> bool:
@@ -118,6 +121,7 @@ def verify_checkpoint(
         except PlanError as e:
             found.add("", "", str(e))
     notes: list[str] = []
+    checksummed = _check_checksums(root, found) if (root / CHECKSUMS_FILE).exists() else 0
     compared = 0
     if sources:
         plan = _recorded_plan(found, [Path(s) for s in sources], stack_hint, notes)
@@ -134,7 +138,33 @@ def verify_checkpoint(
         compared,
         tuple(found.mismatches),
         tuple(notes),
+        checksummed,
     )
+
+
+def _check_checksums(root: Path, found: _Found) -> int:
+    """Each tensor's CRC-32 against the record written with the output; returns how many matched or
+    differed (a tensor the record lacks, or a record of a tensor not there, is a finding too)."""
+    record = _read_json(root / CHECKSUMS_FILE, found, MAX_JSON_BYTES)
+    shards = record.get("shards") if isinstance(record, dict) and record.get("algorithm") == "crc32" else None
+    if not isinstance(shards, dict) or not all(isinstance(v, dict) for v in shards.values()):
+        found.add(CHECKSUMS_FILE, "", 'expected {"algorithm": "crc32", "shards": {shard: {tensor: crc}}}')
+        return 0
+    recorded = {(shard, name): crc for shard, tensors in shards.items() for name, crc in tensors.items()}
+    present = [ref for refs in found.locations.values() for ref in refs if ref.path.name not in found.unreadable]
+    checked = 0
+    for ref, crc in zip(present, tensor_crcs(present), strict=True):
+        want = recorded.pop((ref.path.name, ref.name), None)
+        if want is None:
+            found.add(ref.path.name, ref.name, f"has no checksum in {CHECKSUMS_FILE}")
+        elif want != crc:
+            found.add(ref.path.name, ref.name, f"CRC-32 is {crc}, {CHECKSUMS_FILE} records {safe_text(want, 20)}: "
+                      "its bytes changed since they were written")  # fmt: skip
+        checked += 1
+    for shard, name in sorted(recorded)[:10]:
+        if shard not in found.unreadable:
+            found.add(shard, name, f"is in {CHECKSUMS_FILE} but not in the shard")
+    return checked
 
 
 def shard_files(folder: Path) -> list[Path]:

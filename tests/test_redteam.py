@@ -50,10 +50,6 @@ ROOT = str(Path(shardsurgeon.__file__).parents[1])
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
 
 
-def xfail(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 @pytest.fixture
 def src(tmp_path: Path) -> Path:
     folder = tmp_path / "src"
