@@ -203,3 +203,20 @@ def test_ray_tasks_give_the_bytes_of_one_process(tmp_path, source, reference, ra
     result = cli_in(run, "expand", "--src", source, *RECIPE, "--out", "out", "--ray", ray_cluster)
     assert folder_bytes(run / "out") == reference, result.stderr
     assert sorted(p.name for p in run.iterdir()) == ["out"]
+
+
+def test_progress_of_processes_covers_the_whole_job(tmp_path, source):
+    """Worker processes report their bytes and shards to the one progress of the run."""
+    from shardsurgeon.api import plan_expand, run_job
+    from shardsurgeon.runners import Processes
+
+    job = plan_expand(source, dups=[(5, 2)], zero=["o_proj"], dtype="float16", max_shard_bytes=40_000)
+    done: list[int] = []
+    started: list[tuple[str, int, int]] = []
+    result = run_job(
+        job, tmp_path / "out", command="test", progress=done.append,
+        on_shard=lambda name, number, count: started.append((name, number, count)), runner=Processes(2),
+    )  # fmt: skip
+    assert sum(done) == job.layout.total_size
+    assert sorted(started) == [(s.name, n, len(job.layout.shards)) for n, s in enumerate(job.layout.shards, 1)]
+    assert result.shards == len(job.layout.shards) and result.written > 0
