@@ -13,12 +13,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardsurgeon.arch import NO_HINT, StackHint, resolve_zero_filters
+from shardsurgeon.arch import (
+    DEFAULT_RESIDUAL_OUTPUTS,
+    NO_HINT,
+    RESIDUAL_OUTPUTS,
+    StackHint,
+    model_type,
+    resolve_zero_filters,
+)
 from shardsurgeon.errors import RecipeError
 from shardsurgeon.execute import Reflink
 from shardsurgeon.format import cast_target
-from shardsurgeon.hfcache import resolve_model
-from shardsurgeon.hfdir import model_card
+from shardsurgeon.hfcache import card_names, hub_id, is_hub_id, resolve_model
+from shardsurgeon.hfdir import CardModel, model_card, source_license
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, plan_layout
 from shardsurgeon.mergekit import merge_recipe, parse_config, to_mergekit_yaml
 from shardsurgeon.plan import Plan, make_plan
@@ -45,9 +52,22 @@ class Job:
     stack_hint: StackHint = NO_HINT
 
     @property
-    def base_models(self) -> list[str]:
-        """Published names of the models, the config donor first."""
-        return list(dict.fromkeys(self.sources[m].published_name for m in self.recipe.models))
+    def card_names(self) -> dict[str, str]:
+        """The name the model card, its command and its mergekit config give each model reference:
+        its Hugging Face id where known, else its folder's name (never a path)."""
+        return _card_names(self.sources)
+
+    def card_models(self) -> list[CardModel]:
+        """The models as the card names them, the config donor first, each with the license its
+        own card (README.md) or config declares."""
+        names, models = self.card_names, {}
+        for reference in self.recipe.models:
+            source = self.sources[reference]
+            if names[reference] not in models:
+                models[names[reference]] = CardModel(
+                    names[reference], hub_id(source.folder, source.config), source_license(source.folder, source.config)
+                )
+        return list(models.values())
 
 
 def plan_expand(
@@ -62,10 +82,13 @@ def plan_expand(
 ) -> Job:
     """Plan ``expand``: copies of layers inserted after their source, some tensors zeroed.
 
-    ``zero`` may hold ``residual``, which names the architecture's residual-output projections;
-    ``dtype`` is a torch name (``bfloat16``) or a safetensors one (``BF16``).
+    ``src`` is a folder, or a Hugging Face id (``org/name[@revision]``) found in the local cache
+    when no folder has that path. ``zero`` may hold ``residual``, which names the architecture's
+    residual-output projections; ``dtype`` is a torch name (``bfloat16``) or a safetensors one (``BF16``).
     """
-    source = open_source(src, stack_hint)
+    reference = str(src)
+    folder = resolve_model(reference, Path.cwd()) if is_hub_id(reference) and not Path(src).exists() else src
+    source = open_source(folder, stack_hint, reference)
     filters = resolve_zero_filters(zero, source.config, source.stack, source.layer_rests())
     cast_to = None
     if dtype is not None:
@@ -75,13 +98,14 @@ def plan_expand(
     recipe = expand_recipe(source.reference, source.layer_count, dups, every, filters, cast_to)
     sources = {source.reference: source}
     plan = make_plan(recipe, sources)
+    names = _card_names(sources)
     return Job(
         sources,
         recipe,
         plan,
         job_layout(recipe, plan, sources, max_shard_bytes),
-        describe_expansion(plan, source.published_name),
-        to_mergekit_yaml(recipe, sources),
+        describe_expansion(plan, names[source.reference], _blocks_are_identities(source, recipe, filters)),
+        to_mergekit_yaml(recipe, sources, names),
         max_shard_bytes,
         stack_hint,
     )
@@ -107,14 +131,14 @@ def plan_merge(
     }
     recipe = merge_recipe(spec, lambda model: sources[model].layer_count)
     plan = make_plan(recipe, sources)
-    names = {model: source.published_name for model, source in sources.items()}
+    names = _card_names(sources)
     return Job(
         sources,
         recipe,
         plan,
         job_layout(recipe, plan, sources, max_shard_bytes),
-        describe_merge(plan, names),
-        text,
+        describe_merge(plan, names, path.name),
+        to_mergekit_yaml(recipe, sources, names),
         max_shard_bytes,
         stack_hint,
     )
@@ -164,4 +188,17 @@ def run_job(
 
 def card_of(job: Job, command: str) -> str:
     """The model card of ``job``'s output, recording ``command``."""
-    return model_card(job.plan, job.base_models, command, job.description, job.mergekit_yaml)
+    return model_card(job.plan, job.card_models(), command, job.description, job.mergekit_yaml)
+
+
+def _card_names(sources: dict[str, Source]) -> dict[str, str]:
+    return card_names([(ref, source.folder.resolve(), source.published_name) for ref, source in sources.items()])
+
+
+def _blocks_are_identities(source: Source, recipe: Recipe, zero: Sequence[str]) -> bool:
+    """Whether every inserted copy passes its input through unchanged: each of its tensors that writes
+    into the residual stream (per the architecture) is zeroed by a ``zero`` filter."""
+    residual = RESIDUAL_OUTPUTS.get(model_type(source.config, source.stack), DEFAULT_RESIDUAL_OUTPUTS)
+    copied = {s.layer for s in recipe.layers if s.inserted and s.layer is not None}
+    outputs = [rest for layer in copied for rest in source.layer_rests(layer) if any(r in rest for r in residual)]
+    return bool(outputs) and all(any(part in rest for part in zero) for rest in outputs)

@@ -273,7 +273,12 @@ class _GuardedStdout:
 
 
 @cli.command()
-@click.option("--src", required=True, type=click.Path(path_type=Path), help="Source checkpoint folder.")
+@click.option(
+    "--src",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Source checkpoint folder, or a Hugging Face id (org/name[@REVISION]) in the local cache.",
+)
 @click.option(
     "--dup", "dups", multiple=True, type=DUP, metavar="LxN", help="Insert N copies of layer L after L (repeatable)."
 )
@@ -329,7 +334,7 @@ def expand(
     )
     command = _command_line(
         "expand",
-        src=src,
+        src=job.card_names[str(src)],
         dup=",".join(f"{layer}x{n}" for g in dups for layer, n in g),
         every=every,
         zero=",".join(zero or ()),
@@ -357,8 +362,8 @@ def _plan_or_run(
     reflink: Reflink,
     checksums: bool,
 ) -> None:
-    """``command`` is the command line without ``--out``: the plan file records it so, and a run
-    adds the output it writes to."""
+    """``command`` is the model card's command line without the output (models and the config by
+    name, no local path): the plan file records it so, and a run adds the output's folder name."""
     if plan_json_path is not None:
         if str(plan_json_path) == "-":
             click.echo(plan_file_bytes(job, command).decode(), nl=False)
@@ -476,7 +481,7 @@ def merge(
             click.echo(f"shardsurgeon: note: {flag.flag} has no effect here: {flag.why}", err=True)
     command = _command_line(
         "merge",
-        config=config,
+        config=config.name,
         max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
         dense=dense,
         checksums=checksums,

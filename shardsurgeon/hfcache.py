@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ from shardsurgeon.errors import CheckpointError
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 """A Hub id as a model card may name it: ``org/name``, letters, digits, ``-``, ``_`` and ``.``."""
+_LEGACY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+"""An id of the Hub's first models, without an organisation (``gpt2``): trusted from a cache path only."""
 
 
 def hub_cache() -> Path:
@@ -85,15 +89,51 @@ def _read_ref(ref: Path) -> str | None:
     return text if text and "/" not in text and text not in (".", "..") else None
 
 
-def base_model_id(source: Path, config: dict[str, Any]) -> str:
-    """The Hugging Face id to name as ``base_model``: from the cache path, the config, or the folder.
-
-    The config's ``_name_or_path`` counts only when it has the shape of a Hub id (``org/name``).
-    """
-    for part in source.resolve().parts:
-        if part.startswith("models--"):
-            return part.removeprefix("models--").replace("--", "/", 1)
+def hub_id(source: Path, config: Mapping[str, Any]) -> str | None:
+    """The Hugging Face id of the model in folder ``source``, or None: from a cache path
+    (``models--org--name/snapshots/REV``), else from the config's ``_name_or_path`` when it has the
+    shape of a Hub id (``org/name``). Only the characters Hub ids use, so a model card may carry it
+    as it is."""
+    parts = source.resolve().parts
+    for part, below in pairwise(parts):
+        if part.startswith("models--") and below == "snapshots":
+            model_id = part.removeprefix("models--").replace("--", "/", 1)
+            if _HUB_ID.fullmatch(model_id) or _LEGACY_ID.fullmatch(model_id):
+                return model_id
     name = config.get("_name_or_path")
     if isinstance(name, str) and _HUB_ID.fullmatch(name):
         return name
-    return source.resolve().name
+    return None
+
+
+def base_model_id(source: Path, config: Mapping[str, Any]) -> str:
+    """The name a model card gives the model in ``source``: its :func:`hub_id`, else its folder's name."""
+    return hub_id(source, config) or source.resolve().name
+
+
+def card_names(models: Sequence[tuple[str, Path, str]]) -> dict[str, str]:
+    """The name a model card gives each model reference, one name per model folder.
+
+    ``models`` holds (reference, resolved folder, published name). A reference that is the model's
+    Hub id keeps its revision (``org/name@rev``); any other is named by its published name. Models
+    in different folders that would share a name (two fine-tunes whose configs both name their base
+    in ``_name_or_path``) are named by their folders instead, then with ``-2``, ``-3`` while even
+    those are shared, so that a config naming them never merges two models into one.
+    """
+    first = {
+        reference: reference if is_hub_id(reference) and reference.partition("@")[0] == published else published
+        for reference, _, published in models
+    }
+    folders_of: dict[str, set[Path]] = {}
+    for reference, folder, _ in models:
+        folders_of.setdefault(first[reference], set()).add(folder)
+    taken: dict[str, Path] = {}
+    names = {}
+    for reference, folder, _ in models:
+        name = folder.name if len(folders_of[first[reference]]) > 1 else first[reference]
+        candidate, number = name, 1
+        while taken.setdefault(candidate, folder) != folder:
+            number += 1
+            candidate = f"{name}-{number}"
+        names[reference] = candidate
+    return names

@@ -1,6 +1,7 @@
 """The non-weight files of a Hugging Face checkpoint folder: config, index, other files, model card.
 
-Writes into the staging folder only; never touches tensor bytes and never writes to the source.
+Writes into the staging folder only; never touches tensor bytes and never writes to the source,
+of which it reads only the small files (a source's model card for its license).
 """
 
 from __future__ import annotations
@@ -8,14 +9,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shardsurgeon.checkpoint import INDEX_FILE
-from shardsurgeon.errors import safe_text
+from shardsurgeon.errors import CheckpointError, safe_text
 from shardsurgeon.layout import Layout
 from shardsurgeon.output import fsync_file
 from shardsurgeon.plan import Plan
+from shardsurgeon.smallfile import PARSE_ERRORS, read_small
 
 NOT_COPIED_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".ot", ".tflite", ".onnx",
@@ -66,28 +70,114 @@ def copy_other_files(source: Path, folder: Path) -> list[str]:
     return copied
 
 
-def model_card(plan: Plan, base_models: list[str], command: str, what: str, mergekit_yaml: str) -> str:
+@dataclass(frozen=True, slots=True)
+class License:
+    """A license as a model card's front matter names it: an id, and for ``other`` its name and link."""
+
+    id: str
+    name: str | None = None
+    link: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CardModel:
+    """A model of the recipe as the card names it: in commands and configs (``name``), as a
+    ``base_model`` (``hub_id``, None for a model known only by its folder), and its license."""
+
+    name: str
+    hub_id: str | None
+    license: License | None
+
+
+MAX_CARD_BYTES = 1 << 20
+"""A source's README.md: model cards are kilobytes; only the front matter is read."""
+_LICENSE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+"""A license id or name as the Hub spells them (``apache-2.0``, ``llama3.1``, ``other``)."""
+_LICENSE_LINK = re.compile(r"[!-~]{1,300}")
+"""A URL or a file of the repository (``LICENSE``): printable ASCII, no spaces."""
+
+
+def source_license(folder: Path, config: Mapping[str, Any]) -> License | None:
+    """The license the model in ``folder`` declares: its card's front matter (``license``, with
+    ``license_name`` and ``license_link``), else its config's ``license``. None when neither names
+    one in the Hub's spelling; a card that cannot be read or parsed names none."""
+    for record in (_front_matter(folder / "README.md"), config):
+        value = record.get("license")
+        if isinstance(value, str) and _LICENSE_ID.fullmatch(value):
+            name, link = record.get("license_name"), record.get("license_link")
+            return License(
+                value,
+                name if isinstance(name, str) and _LICENSE_ID.fullmatch(name) else None,
+                link if isinstance(link, str) and _LICENSE_LINK.fullmatch(link) else None,
+            )
+    return None
+
+
+def _front_matter(card: Path) -> Mapping[str, Any]:
+    """The YAML between the first two ``---`` lines of a model card; empty when there is none."""
+    import yaml
+
+    try:
+        text = read_small(card, MAX_CARD_BYTES, CheckpointError, "a model card").decode("utf-8")
+    except (CheckpointError, UnicodeDecodeError):
+        return {}
+    lines = [line.rstrip("\r") for line in text.removeprefix("\ufeff").split("\n")]
+    if not lines or lines[0].rstrip() != "---":
+        return {}
+    end = next((i for i, line in enumerate(lines[1:], 1) if line.rstrip() == "---"), None)
+    if end is None:
+        return {}
+    try:
+        front = yaml.safe_load("\n".join(lines[1:end]))
+    except (yaml.YAMLError, *PARSE_ERRORS):
+        return {}
+    return front if isinstance(front, dict) else {}
+
+
+def model_card(plan: Plan, models: Sequence[CardModel], command: str, what: str, mergekit_yaml: str) -> str:
     """The README.md of the output: front matter, what was done, how, and the mergekit config.
 
+    ``models`` are the recipe's models, the config donor first. The front matter follows the Hub's
+    conventions: ``base_model`` lists Hub ids only, as mergekit's cards do (the Hub links and
+    checks the field; a model known only by its folder is named in the text);
+    ``base_model_relation: merge``, since a passthrough merge, of one model or several, is neither
+    a fine-tune nor an adapter nor a quantization; and a ``license`` only when every model names
+    the same one: a license taken from one model would claim the others' weights for it, so
+    differing or unknown licenses are left to the publisher and the text says which model names
+    which.
+
     Valid UTF-8 and valid YAML whatever the names hold: the front matter is dumped by the YAML
-    library, the title and description are kept on their line, and bytes of a name that are not
-    UTF-8 are written as ``\\xNN``.
+    library from ids and license names of the Hub's characters, the title and description are kept
+    on their line, and bytes of a name that are not UTF-8 are written as ``\\xNN``.
     """
     import yaml  # loaded only when a card is written
 
-    names = [_utf8(name) for name in base_models]
+    ids = list(dict.fromkeys(m.hub_id for m in models if m.hub_id))
     tags = ["shardsurgeon", "mergekit", "merge"] + (
         ["block-expansion"] if any(s.inserted for s in plan.recipe.layers) else []
     )
-    front = {"base_model": names[0] if len(names) == 1 else names, "library_name": "transformers", "tags": tags}
-    title = safe_text(" + ".join(names), limit=None)
+    front: dict[str, Any] = {}
+    if ids:
+        front["base_model"] = ids[0] if len(ids) == 1 else ids
+    front["library_name"] = "transformers"
+    if ids:
+        front["base_model_relation"] = "merge"
+    common, license_text = _license(models)
+    if common is not None:
+        front["license"] = common.id
+        front.update(
+            {key: value for key, value in (("license_name", common.name), ("license_link", common.link)) if value}
+        )
+    front["tags"] = tags
+    title = safe_text(" + ".join(_utf8(m.name) for m in models), limit=None)
+    what = safe_text(what, limit=None) + (f"\n\n{license_text}" if license_text else "")
     command, mergekit_yaml = _utf8(command), _utf8(mergekit_yaml.rstrip())
     return f"""---
 {yaml.safe_dump(front, sort_keys=False, allow_unicode=False, width=1 << 20)}---
 
 # {title}, {plan.output_layers} layers
 
-{safe_text(what, limit=None)}
+{what}
 
 Made with [shardsurgeon](https://pypi.org/project/shardsurgeon/) by:
 
@@ -101,6 +191,23 @@ The same checkpoint as a mergekit passthrough config:
 {mergekit_yaml}
 {_fence(mergekit_yaml)}
 """
+
+
+def _license(models: Sequence[CardModel]) -> tuple[License | None, str]:
+    """The license the output carries, if any, and a sentence saying where it comes from or why none."""
+    licenses = {m.license for m in models}
+    if licenses == {None}:
+        return None, ""
+    if len(licenses) == 1:
+        (common,) = licenses
+        assert common is not None
+        whose = "the base model's card or config" if len(models) == 1 else "the base models, which all name it"
+        return common, f"License: {common.id}, carried over from {whose}."
+    named = "; ".join(f"{_utf8(m.name)}: {m.license.id if m.license else 'none found'}" for m in models)
+    return None, (
+        f"No license is set: the base models name different licenses ({safe_text(named, limit=None)}). "
+        "Choose the license this checkpoint may carry before publishing it."
+    )
 
 
 def _utf8(text: str) -> str:

@@ -23,15 +23,15 @@ from shardsurgeon.recipe import MAX_LAYERS, LayerSource, Recipe, ScaleRule
 from shardsurgeon.source import Source
 
 
-def to_mergekit_yaml(recipe: Recipe, sources: Mapping[str, Source]) -> str:
+def to_mergekit_yaml(recipe: Recipe, sources: Mapping[str, Source], names: Mapping[str, str]) -> str:
     """The mergekit passthrough YAML whose output equals this recipe's.
 
-    Models are printed by their published names (Hugging Face ids). Without a cast there is no
-    ``dtype`` key, which would also cast float32 norms. mergekit applies the first and last slices'
-    scales to the tensors outside the stack, so those slices get entries that keep them as the
-    recipe says.
+    Models are printed by ``names`` (a model card's names: Hugging Face ids, or folder names), never
+    by the paths the recipe was given. Without a cast there is no ``dtype`` key, which would also
+    cast float32 norms. mergekit applies the first and last slices' scales to the tensors outside
+    the stack, so those slices get entries that keep them as the recipe says. A ``base`` (the donor
+    of config and tokenizer) is written as ``base_model``.
     """
-    names = {model: source.published_name for model, source in sources.items()}
     outside = [ref.name for ref in sources[recipe.head.model].before] + [
         ref.name for ref in sources[recipe.tail.model].after
     ]
@@ -57,6 +57,8 @@ def to_mergekit_yaml(recipe: Recipe, sources: Mapping[str, Source]) -> str:
             entry["parameters"] = {"scale": _scale_entries(start, keep)}
         slices.append({"sources": [entry]})
     config: dict[str, Any] = {"slices": slices, "merge_method": "passthrough"}
+    if recipe.base is not None:
+        config["base_model"] = names.get(recipe.base, recipe.base)
     if recipe.dtype is not None:
         config["dtype"] = torch_name(recipe.dtype)
     if recipe.out_dtype is not None:
@@ -193,7 +195,7 @@ def _slices(config: dict[str, Any], top: tuple[ScaleRule, ...], where: str) -> t
         _refuse_revision(source, where, at_source)
         _check_keys(source, {"model", "layer_range", "parameters"}, where, at_source)
         start, end = _layer_range(source.get("layer_range"), where, at_source)
-        scale = (
+        scale = _in_effect(
             _scale(source.get("parameters"), where, f"{at_source}.parameters")
             + _scale(piece.get("parameters"), where, f"{at}.parameters")
             + top
@@ -214,7 +216,7 @@ def _models(config: dict[str, Any], top: tuple[ScaleRule, ...], where: str) -> t
         raise RecipeError(f"{where}: models[0] must be a mapping with model, found {_found(entry)}")
     _refuse_revision(entry, where, "models[0]")
     _check_keys(entry, {"model", "parameters"}, where, "models[0]")
-    scale = _scale(entry.get("parameters"), where, "models[0].parameters") + top
+    scale = _in_effect(_scale(entry.get("parameters"), where, "models[0].parameters") + top)
     return (SliceSpec(_model_ref(entry.get("model"), where, "models[0].model"), None, None, scale),)
 
 
@@ -250,6 +252,20 @@ def _scale(parameters: Any, where: str, at: str) -> tuple[ScaleRule, ...]:
             raise RecipeError(f"{where}: {at}.scale[{number}].filter must be a string, found {_found(name_filter)}")
         rules.append(ScaleRule(float(entry["value"]), None if name_filter in (None, "*") else name_filter))
     return tuple(rules)
+
+
+def _in_effect(rules: tuple[ScaleRule, ...]) -> tuple[ScaleRule, ...]:
+    """The rules that can change a tensor: none after the first without a filter (it matches every
+    tensor first), and no trailing rules of 1 (a tensor they match is unchanged, as is one no rule
+    matches). So a config and the one :func:`to_mergekit_yaml` writes back give the same recipe."""
+    kept = list(rules)
+    for number, rule in enumerate(kept):
+        if rule.filter is None:
+            del kept[number + 1 :]
+            break
+    while kept and kept[-1].value == 1:
+        kept.pop()
+    return tuple(kept)
 
 
 def _layer_range(value: Any, where: str, at: str) -> tuple[int, int]:

@@ -13,6 +13,7 @@ wrote a shard, so a plan can be split among writers (``apply --shards``) and fin
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +36,21 @@ FORMAT = 1
 
 @dataclass(frozen=True, slots=True)
 class PlannedJob:
-    """A job read back from a plan file, with the command line (without ``--out``) that made it."""
+    """A job read back from a plan file, with the command line (without the output) that made it."""
 
     job: Job
     command: str
 
     def command_to(self, out: Path) -> str:
-        """The command line of a run writing this job to ``out``, as the model card records it."""
-        return f"{self.command} {shlex.join(['--out', str(out)])}"
+        """The command line of a run writing this job to ``out``, as the model card records it: the
+        output by its folder name only (the card leaks no path, and every writer of a plan, in any
+        working folder, records the same), after ``merge``'s config as mergekit-yaml writes it
+        (``merge CONFIG OUT``), else as ``--out OUT``."""
+        words = shlex.split(self.command)
+        name = os.path.basename(os.path.abspath(out))
+        if words[1:2] == ["merge"]:
+            return shlex.join([*words[:3], name, *words[3:]])
+        return shlex.join([*words, "--out", name])
 
 
 def plan_file_bytes(job: Job, command: str) -> bytes:

@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
 from shardsurgeon import __version__
+from shardsurgeon.format import torch_name
 from shardsurgeon.layout import Layout
 from shardsurgeon.plan import OP_KINDS, Convert, Plan
 from shardsurgeon.recipe import LayerSource, ScaleRule
 from shardsurgeon.units import format_bytes
-
-
-def layer_runs(plan: Plan) -> list[tuple[int, int, LayerSource, int]]:
-    """Output layers grouped in runs: (first output, last output, first source, length)."""
-    runs: list[tuple[int, int, LayerSource, int]] = []
-    for position, source in enumerate(plan.recipe.layers):
-        if runs:
-            first, _, start, length = runs[-1]
-            if (
-                start.model == source.model
-                and start.scale == source.scale
-                and start.inserted == source.inserted
-                and start.layer is not None
-                and source.layer == start.layer + length
-                and not source.inserted
-            ):
-                runs[-1] = (first, position, start, length + 1)
-                continue
-        runs.append((position, position, source, 1))
-    return runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,48 +97,76 @@ def describe_scale(rules: Sequence[ScaleRule]) -> str:
     return "; ".join(f"{', '.join(names)} {'zero' if value == 0 else f'x{value:g}'}" for names, value in parts)
 
 
-def describe_expansion(plan: Plan, base_model: str) -> str:
-    inserted = [i for i, s in enumerate(plan.recipe.layers) if s.inserted]
+def describe_expansion(plan: Plan, base_model: str, identity: bool = False) -> str:
+    """The model card's words for ``expand``: the copies inserted and where, what they zero, and,
+    when ``identity`` (every tensor of the copies that writes into the residual stream is zero, as
+    the caller knows from the architecture), that the model's outputs are unchanged."""
     zeroed = sorted({r.filter for s in plan.recipe.layers if s.inserted for r in s.scale if r.filter})
+    copies = [group for group in layer_groups(plan.recipe.layers) if group.source.inserted]
     text = (
-        f"Expanded {base_model} from {plan.source_layers} to {plan.output_layers} layers. "
-        f"{len(inserted)} inserted layers (output indices {_ranges(inserted)}) copy the layer just before them"
+        f"Expanded {base_model} from {plan.source_layers} to {plan.output_layers} layers by inserting "
+        f"{_insertions(copies)}"
     )
     if zeroed:
+        text += f", with every tensor of the copies whose name contains {' or '.join(zeroed)} set to zero"
+    if zeroed and identity:
         text += (
-            f", with every tensor whose name contains {' or '.join(zeroed)} set to zero, so each new block "
-            "passes its input through unchanged and the model gives the same outputs as the original "
-            "until it is fine-tuned (LLaMA Pro block expansion)"
+            ", so each new block passes its input through unchanged and the model gives the same outputs as "
+            "the original until it is fine-tuned (LLaMA Pro block expansion)"
         )
     if plan.recipe.dtype:
-        text += f". Floating-point tensors were cast to {plan.recipe.dtype}"
+        text += f". Floating-point tensors were cast to {torch_name(plan.recipe.dtype)}"
     return text + "."
 
 
-def describe_merge(plan: Plan, names: dict[str, str]) -> str:
-    """The model card's words for a mergekit passthrough merge."""
-    runs = []
-    for first, last, source, length in layer_runs(plan):
-        assert source.layer is not None
-        runs.append(
-            f"layers {first}-{last} from {names[source.model]} layers {source.layer}-{source.layer + length - 1}"
-            if length > 1
-            else f"layer {first} from {names[source.model]} layer {source.layer}"
-        )
-    text = f"A passthrough merge of {plan.output_layers} layers: " + "; ".join(runs) + "."
-    if plan.recipe.output_dtype:
-        text += f" Floating-point tensors are {plan.recipe.output_dtype}."
-    return text
+def _insertions(copies: Sequence[LayerGroup]) -> str:
+    """``12 copies of layer 31 after it (output layers 32-43)``; single copies of several layers in one list."""
+    if len(copies) > 1 and all(group.count == 1 for group in copies):
+        layers = _and([str(group.source.layer) for group in copies])
+        outputs = _and([str(group.first) for group in copies])
+        return f"after each of layers {layers} a copy of it (output layers {outputs})"
+    return "; ".join(
+        f"a copy of layer {group.source.layer} after it (output layer {group.first})"
+        if group.count == 1
+        else f"{group.count} copies of layer {group.source.layer} after it (output layers {group.first}-{group.last})"
+        for group in copies
+    )
 
 
-def _ranges(values: list[int]) -> str:
-    parts: list[str] = []
-    for value in values:
-        if parts and value == int(parts[-1].split("-")[-1]) + 1:
-            parts[-1] = f"{parts[-1].split('-')[0]}-{value}"
+def _and(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def describe_merge(plan: Plan, names: Mapping[str, str], config_name: str | None = None) -> str:
+    """The model card's words for a mergekit passthrough merge: output layers by group, where the
+    tensors outside the stack and the config come from, and the file name the card's command reads
+    its config from (``config_name``)."""
+    parts = []
+    for group in layer_groups(plan.recipe.layers):
+        layer, model = group.source.layer, names[group.source.model]
+        outputs = f"layer {group.first} is" if group.count == 1 else f"layers {group.first}-{group.last} are"
+        if group.count == 1:
+            what = f"layer {layer} of {model}"
+        elif group.step == 0:
+            what = f"{group.count} copies of layer {layer} of {model}"
         else:
-            parts.append(str(value))
-    return ", ".join(parts)
+            assert layer is not None
+            what = f"layers {layer}-{layer + group.count - 1} of {model}"
+        rules = describe_scale(group.source.scale)
+        parts.append(f"{outputs} {what}" + (f" ({rules})" if rules else ""))
+    text = f"A passthrough merge into {plan.output_layers} layers: " + "; ".join(parts) + "."
+    recipe = plan.recipe
+    if len(recipe.models) > 1:
+        text += (
+            f" The tensors before the layers (embeddings) come from {names[recipe.head.model]}, those after them "
+            f"(final norm, output head) from {names[recipe.tail.model]}, and config.json and the tokenizer from "
+            f"{names[recipe.donor]}."
+        )
+    if recipe.output_dtype:
+        text += f" Floating-point tensors are {torch_name(recipe.output_dtype)}."
+    if config_name is not None:
+        text += f" The command below reads the mergekit config at the end of this card, saved as {config_name}."
+    return text
 
 
 def op_bytes(plan: Plan) -> dict[str, int]:

@@ -100,7 +100,7 @@ def test_interrupted_run_leaves_no_output_and_resumes(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "(2 kept from an interrupted run)" in result.output
     reference, resumed = folder_bytes(tmp_path / "reference"), folder_bytes(tmp_path / "out")
-    reference["README.md"] = reference["README.md"].replace(b"/reference\n", b"/out\n")
+    reference["README.md"] = reference["README.md"].replace(b"--out reference\n", b"--out out\n")
     assert resumed == reference
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference", "src"]
 
@@ -122,7 +122,7 @@ def test_leftover_of_another_recipe_is_not_reused(tmp_path, tiny, monkeypatch):
         == 0
     )
     produced, reference = folder_bytes(out), folder_bytes(tmp_path / "ref")
-    reference["README.md"] = reference["README.md"].replace(b"/ref\n", b"/out\n")
+    reference["README.md"] = reference["README.md"].replace(b"--out ref\n", b"--out out\n")
     assert produced == reference
 
 

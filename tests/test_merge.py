@@ -60,8 +60,9 @@ def test_seed_yaml_equals_expand(tmp_path):
     merged, expanded = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("merged", "expanded"))
     assert merged == expanded
     card = (tmp_path / "merged" / "README.md").read_text()
-    assert SEED_COPY.format(model="openchat") in card, "the config is carried verbatim"
-    assert "shardsurgeon merge" in card
+    assert card.count("- model: acme/tiny-mistral\n") == 13, "the config is written back by the model's Hub id"
+    assert "shardsurgeon merge merge.yml merged\n" in card and str(tmp_path) not in card
+    assert "layers 32-43 are 12 copies of layer 31 of acme/tiny-mistral (o_proj, down_proj zero)" in card
 
 
 def test_solar_style_depth_upscaling(tmp_path):
