@@ -36,7 +36,7 @@ def main() -> int:
     try:
         maker = [sys.executable, str(Path(__file__).with_name("make_checkpoint.py")), "--shape", args.shape]
         subprocess.run([*maker, "--out", str(src)], check=True)
-        layers = SHAPES[args.shape].layers
+        layers = SHAPES[args.shape].num_hidden_layers
         base = [default_exe(), "expand", "--src", str(src), "--dup", f"{layers - 1}x12", "--zero", "o_proj,down_proj"]
         walls: dict[str, list[float]] = {"plain": [], "checksums": []}
         for number in range(args.pairs + 1):  # the first pair warms the page cache
