@@ -6,7 +6,10 @@ warm-up of each tool and ``--pairs`` alternating pairs: ours writes OUT, then ``
 wall time and peak RSS (``ru_maxrss`` from ``os.wait4``, that child alone, interpreter and imports
 included) are measured. Before every run the page cache's dirty pages are flushed with ``sync``
 (untimed); the ``sync`` right after a run is timed as ``sync_s``, so writeback the tool leaves behind
-is visible. Caches are never dropped, so every timed run is warm.
+is visible. Caches are never dropped, so every timed run is warm. Both outputs of the last pair are
+deleted before ours runs, as the last copy is before cp runs: a deleted file's pages leave the page
+cache, so neither tool starts with the other's 20 GB of cache to reclaim (before 2026-11-27 13:40
+the copy was still there when ours ran; see RESULTS.md, "Issue 9 part 3").
 
 Prints one JSON line per run and per ratio, appends a table to ``bench/RESULTS.md``, and removes
 everything it generated (``--keep`` keeps the source checkpoint for the next run).
@@ -209,6 +212,7 @@ def remove_outputs(ctx: Context) -> None:
 def measure(ctx: Context, tool: str, recipe: Recipe, run: str) -> tuple[Measurement | None, Child]:
     if tool == "shardsurgeon":
         remove(ctx.out)
+        remove(ctx.copy)  # the last pair's copy: deleting it frees its page cache, as cp gets before its run
         cmd = [ctx.exe, "expand", "--src", str(ctx.src), *recipe.args, "--out", str(ctx.out), "-q"]
         if recipe.merge_config is not None:
             config = ctx.out.parent / "merge.yml"
