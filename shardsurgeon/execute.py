@@ -23,6 +23,7 @@ from shardsurgeon.errors import CheckpointError, DestinationError, OutputError
 from shardsurgeon.fileio import CopiedPiece, CopyCounts
 from shardsurgeon.layout import CopyRun, Layout, PlacedTensor, ShardLayout
 from shardsurgeon.plan import Convert, Copy, PlannedTensor, Zeros
+from shardsurgeon.remote import local_path
 from shardsurgeon.units import Progress
 
 if TYPE_CHECKING:
@@ -70,12 +71,12 @@ class SourceFiles:
     """Read-only descriptors of source shards, opened on first use and closed on exit."""
 
     def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+        self._fds: dict[Path | str, int] = {}
 
-    def fd(self, path: Path) -> int:
+    def fd(self, path: Path | str) -> int:
         if path not in self._fds:
             try:
-                self._fds[path] = fileio.open_read(path)
+                self._fds[path] = fileio.open_read(local_path(path))
             except OSError as e:
                 raise CheckpointError(f"{path}: cannot open source shard: {e.strerror}") from None
         return self._fds[path]
@@ -302,7 +303,7 @@ def _converters(src_dtype: str, dst_dtype: str, op: Convert) -> list[ChunkConver
     return [ChunkConverter(src_dtype, op.via, op.scale), ChunkConverter(op.via, dst_dtype, 1.0)]
 
 
-def _source_truncated(path: Path, offset: int) -> CheckpointError:
+def _source_truncated(path: Path | str, offset: int) -> CheckpointError:
     return CheckpointError(
         f"{path}: ends at byte {offset}, before the data its header promises; the source changed or "
         "was truncated while running"

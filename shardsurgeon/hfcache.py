@@ -32,9 +32,11 @@ def is_hub_id(reference: str) -> bool:
     return model_id.count("/") == 1 and not model_id.startswith((".", "/", "~"))
 
 
-def resolve_model(reference: str, relative_to: Path, cache: Path | None = None) -> Path:
-    """The folder of ``reference``: a local path (relative ones against ``relative_to``) or an id in
-    ``cache`` (default: :func:`hub_cache`)."""
+def resolve_model(reference: str, relative_to: Path, cache: Path | None = None) -> Path | str:
+    """The folder of ``reference``: a folder URL (``s3://``, ``https://``: kept as text), a local path
+    (relative ones against ``relative_to``) or an id in ``cache`` (default: :func:`hub_cache`)."""
+    if reference.startswith(("s3://", "http://", "https://")):
+        return reference
     try:
         local = (relative_to / reference).expanduser()
     except RuntimeError:  # ~user of a user that does not exist
@@ -85,11 +87,14 @@ def _read_ref(ref: Path) -> str | None:
     return text if text and "/" not in text and text not in (".", "..") else None
 
 
-def base_model_id(source: Path, config: dict[str, Any]) -> str:
-    """The Hugging Face id to name as ``base_model``: from the cache path, the config, or the folder.
+def base_model_id(source: Path | str, config: dict[str, Any]) -> str:
+    """The Hugging Face id to name as ``base_model``: from the cache path or Hub URL, the config, or
+    the folder.
 
     The config's ``_name_or_path`` counts only when it has the shape of a Hub id (``org/name``).
     """
+    if isinstance(source, str):
+        return _url_model_id(source, config)
     for part in source.resolve().parts:
         if part.startswith("models--"):
             return part.removeprefix("models--").replace("--", "/", 1)
@@ -97,3 +102,17 @@ def base_model_id(source: Path, config: dict[str, Any]) -> str:
     if isinstance(name, str) and _HUB_ID.fullmatch(name):
         return name
     return source.resolve().name
+
+
+_HUB_URL = re.compile(r"https://huggingface\.co/([^/]+/[^/]+)/resolve/")
+
+
+def _url_model_id(url: str, config: dict[str, Any]) -> str:
+    """For a folder URL: the id in a Hub ``resolve/`` URL, else the config's, else the URL's last part."""
+    hub = _HUB_URL.match(url)
+    if hub and _HUB_ID.fullmatch(hub.group(1)):
+        return hub.group(1)
+    name = config.get("_name_or_path")
+    if isinstance(name, str) and _HUB_ID.fullmatch(name):
+        return name
+    return url.rstrip("/").rpartition("/")[2]

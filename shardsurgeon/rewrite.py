@@ -22,6 +22,7 @@ from shardsurgeon.errors import OutputError, safe_text
 from shardsurgeon.execute import Reflink, ShardStats, check_reflink
 from shardsurgeon.layout import Layout, PlacedTensor, ShardLayout
 from shardsurgeon.plan import Plan, Zeros
+from shardsurgeon.remote import local_path
 from shardsurgeon.runners import InProcess, Runner, worker_tag, write_shards
 from shardsurgeon.source import Source
 from shardsurgeon.units import Progress, ShardStarted
@@ -163,11 +164,11 @@ def _named(out: Path) -> Path:
 
 
 def _folders(sources: Mapping[str, Source]) -> list[Path]:
-    return [source.folder for source in sources.values()]
+    return [local_path(source.folder) for source in sources.values()]
 
 
 def _shard_paths(sources: Mapping[str, Source]) -> list[Path]:
-    return [shard.path for source in sources.values() for shard in source.checkpoint.shards]
+    return [local_path(shard.path) for source in sources.values() for shard in source.checkpoint.shards]
 
 
 def _announcer(layout: Layout, on_shard: ShardStarted | None) -> Callable[[ShardLayout], None]:
@@ -238,11 +239,11 @@ def _publish(
     """The small files, a last check that no source changed since it was read, and the commit; the
     staging folder must still be the one ``seen`` when the run took it."""
     output.check_staging(staging, seen)
-    _write_small_files(staging, plan, layout, sources[plan.recipe.donor].folder, model_card, checksums)
+    _write_small_files(staging, plan, layout, local_path(sources[plan.recipe.donor].folder), model_card, checksums)
     output.check_staging(staging, seen)
     # as the plan saw them: a source that changed between planning and writing is caught too
     identity.check_unchanged(
-        shard.identity or identity.record([shard.path])[0]
+        shard.identity or identity.record([local_path(shard.path)])[0]
         for source in sources.values()
         for shard in source.checkpoint.shards
     )
@@ -301,7 +302,7 @@ def _resume_key(plan: Plan, layout: Layout, sources: Mapping[str, Source]) -> st
         digest.update(shard.name.encode())
     for model in sources.values():
         for source in model.checkpoint.shards:
-            seen = source.identity or identity.record([source.path])[0]  # as the plan saw it
+            seen = source.identity or identity.record([local_path(source.path)])[0]  # as the plan saw it
             described = (seen.path.resolve(), seen.nbytes, seen.mtime_ns, seen.device, seen.inode, seen.ctime_ns)
             digest.update(repr(described).encode())
     return digest.hexdigest()
