@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardsurgeon.errors import CheckpointError
+from shardsurgeon.errors import CheckpointError, safe_text
 from shardsurgeon.format import MAX_TENSORS, read_header
 from shardsurgeon.hfcache import snapshot
 from shardsurgeon.identity import FileIdentity, check_unchanged, record
@@ -87,26 +87,29 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
 
 
 def _open_remote(remote: RemoteFolder) -> Checkpoint:
+    """The checkpoint under a folder URL: a server lists no folders, so the index (or else the single
+    file) is asked for by name; the config first, so that a wrong URL fails on it."""
     index = remote.read_small(INDEX_FILE, MAX_JSON_BYTES, "JSON")
+    raw_config = remote.read_small(CONFIG_FILE, MAX_CONFIG_BYTES, "JSON")
+    if raw_config is None:
+        raise CheckpointError(
+            f"{safe_text(remote.where(CONFIG_FILE))}: not found (404); pass the folder URL of a Hugging Face "
+            "checkpoint, under which config.json and the weights sit (Hub: https://huggingface.co/ORG/NAME/resolve/main/)"
+        )
+    config = _config_of(raw_config, remote.where(CONFIG_FILE))
     if index is not None:
         shard_names = _index_shards(_parse_json(index, remote.where(INDEX_FILE)), remote.where(INDEX_FILE))
     else:
         shard_names = {SINGLE_FILE: None}
-    shards_refs = (_read_remote_shard(remote, shard_name) for shard_name in shard_names)
+    missing = f"though {INDEX_FILE} lists it" if index is not None else f"and neither is {INDEX_FILE}"
+    shards_refs = (_read_remote_shard(remote, shard_name, missing) for shard_name in shard_names)
     tensors, shards = _collect(remote.url, remote.where(INDEX_FILE), shard_names, shards_refs)
-    raw = remote.read_small(CONFIG_FILE, MAX_CONFIG_BYTES, "JSON")
-    if raw is None and index is None:
-        raise CheckpointError(
-            f"{remote.url}: found neither {INDEX_FILE}, {SINGLE_FILE} nor {CONFIG_FILE}; pass the folder URL "
-            "of a Hugging Face checkpoint (for the Hub: https://huggingface.co/ORG/NAME/resolve/main/)"
-        )
-    config = _config_of(raw, remote.where(CONFIG_FILE))
     return Checkpoint(remote.url, tensors, shards, config, remote.fetched_nbytes)
 
 
-def _read_remote_shard(remote: RemoteFolder, shard_name: str) -> tuple[Shard, list[TensorRef]]:
+def _read_remote_shard(remote: RemoteFolder, shard_name: str, missing: str) -> tuple[Shard, list[TensorRef]]:
     where = remote.where(shard_name)
-    header, digest = remote.read_header(shard_name)
+    header, digest = remote.read_header(shard_name, missing)
     refs = [TensorRef(e.name, where, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
     return Shard(where, header.data_start + header.data_nbytes, digest), refs
 

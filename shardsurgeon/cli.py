@@ -386,9 +386,9 @@ def _plan_or_run(
             write_plan_file(job, plan_json_path, command)
     if dry_run:
         click.echo(dry_run_text(job.plan, job.layout))
-    if not quiet:
-        _report_fetched([source.checkpoint for source in job.sources.values()])
     if out is None or dry_run:
+        if not quiet:
+            _report_fetched([source.checkpoint for source in job.sources.values()])
         return
     planned = PlannedJob(job, command)
     with _progress(job.layout, quiet) as (progress, on_shard):

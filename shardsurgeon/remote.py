@@ -30,6 +30,8 @@ EXTRA_HINT = "reading models by URL needs the remote extra: pip install 'shardsu
 MAX_RETRIES = 4
 """Retries of one request after a dropped connection, a timeout or a 5xx, with backoff 0.1 s to 2 s."""
 RETRY_TIMEOUT = timedelta(seconds=30)
+_NOT_FOUND = FileNotFoundError
+"""What obstore raises for a missing object (its NotFoundError surfaces as Python's FileNotFoundError)."""
 
 
 def is_url(value: object) -> bool:
@@ -86,19 +88,19 @@ class RemoteFolder:
                     f"too large for {what}; is it the right file?"
                 )
             data = bytes(result.bytes())
-        except obstore.exceptions.NotFoundError:
+        except _NOT_FOUND:
             self._check_folder(name)
             return None
-        except obstore.exceptions.BaseError as e:
+        except (obstore.exceptions.BaseError, OSError) as e:
             raise self._error(name, e) from None
         self.fetched_nbytes += len(data)
         return data
 
-    def read_header(self, name: str) -> tuple[Header, str]:
+    def read_header(self, name: str, missing: str) -> tuple[Header, str]:
         """The validated safetensors header of ``name`` and the SHA-256 of its bytes (length field
         included): the length, then the header, by two range reads."""
         where = self.where(name)
-        prefix, file_nbytes = self._read_range(name, 0, HEADER_LENGTH_BYTES, want_size=True)
+        prefix, file_nbytes = self._read_range(name, 0, HEADER_LENGTH_BYTES, want_size=True, missing=missing)
         (header_nbytes,) = struct.unpack("<Q", prefix)
         if header_nbytes > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + header_nbytes > file_nbytes:
             raise CheckpointError(
@@ -112,7 +114,9 @@ class RemoteFolder:
         """Bytes ``start`` to ``end`` (exclusive) of ``name``."""
         return self._read_range(name, start, end)[0]
 
-    def _read_range(self, name: str, start: int, end: int, want_size: bool = False) -> tuple[bytes, int]:
+    def _read_range(
+        self, name: str, start: int, end: int, want_size: bool = False, missing: str = ""
+    ) -> tuple[bytes, int]:
         import obstore
 
         try:
@@ -122,13 +126,13 @@ class RemoteFolder:
                 data = bytes(result.bytes())
             else:
                 data, size = bytes(obstore.get_range(self._store, name, start=start, end=end)), -1
-        except obstore.exceptions.NotFoundError:
+        except _NOT_FOUND:
             self._check_folder(name)
             raise CheckpointError(
-                f"{safe_text(self.where(name))}: not found (404); the index names a shard the server does "
-                "not have: check the URL and that the upload is complete"
+                f"{safe_text(self.where(name))}: not found (404){', ' + missing if missing else ''}; the server "
+                "does not have this shard: check the URL and that the upload is complete"
             ) from None
-        except obstore.exceptions.BaseError as e:
+        except (obstore.exceptions.BaseError, OSError) as e:
             raise self._error(name, e, f"bytes {start}-{end - 1}") from None
         self.fetched_nbytes += len(data)
         if len(data) != end - start:
@@ -139,37 +143,45 @@ class RemoteFolder:
         return data, size
 
     def _check_folder(self, name: str) -> None:
-        """For S3: raise the clearer error when the bucket itself is missing rather than one file."""
+        """For S3, after a file was not found: raise the clearer error when the bucket itself cannot
+        be listed (S3 answers NoSuchBucket with the same 404 as a missing file)."""
         if not self.url.startswith("s3://"):
             return
         import obstore
 
         try:
             obstore.list_with_delimiter(self._store, None)
-        except obstore.exceptions.NotFoundError:
+        except (obstore.exceptions.BaseError, OSError):
             bucket = self.url.removeprefix("s3://").partition("/")[0]
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
             raise CheckpointError(
-                f"{safe_text(self.url)}: no bucket {safe_text(bucket)!r} at this endpoint "
-                f"({safe_text(os.environ.get('AWS_ENDPOINT_URL') or 'AWS')}); check the bucket name and "
+                f"{safe_text(self.url)}: bucket {safe_text(bucket)!r} not found at {safe_text(endpoint)} "
+                f"({safe_text(name)} is not there and the bucket cannot be listed); check the bucket name and "
                 "AWS_ENDPOINT_URL"
             ) from None
-        except obstore.exceptions.BaseError as e:
-            raise self._error(name, e) from None
 
     def _error(self, name: str, error: Exception, what: str = "") -> CheckpointError:
         import obstore
 
         where = safe_text(self.where(name))
-        if isinstance(error, obstore.exceptions.PermissionDeniedError | obstore.exceptions.UnauthenticatedError):
+        if isinstance(
+            error, PermissionError | obstore.exceptions.PermissionDeniedError | obstore.exceptions.UnauthenticatedError
+        ):
             return CheckpointError(
                 f"{where}: access denied; check the credentials in the environment (AWS_ACCESS_KEY_ID, "
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the bucket's policy"
             )
+        if isinstance(error, obstore.exceptions.NotSupportedError):
+            return CheckpointError(
+                f"{where}: the server ignores Range requests (it answered {what} with the whole file, 200 instead of "
+                "206 Partial Content), so reading only the headers is impossible; serve the model from a server "
+                "that supports ranges (S3, the Hugging Face Hub, nginx)"
+            )
         reading = f"reading {what}" if what else "reading"
         detail = safe_text(" ".join(str(error).split()), 300)
         return CheckpointError(
-            f"{where}: {reading} failed after up to {MAX_RETRIES} retries: {detail}; a range read needs a server "
-            "that answers 206 Partial Content, and a connection that holds"
+            f"{where}: {reading} failed: {detail}; dropped connections, timeouts and 5xx answers were retried "
+            f"{MAX_RETRIES} times with backoff"
         )
 
 
@@ -193,7 +205,7 @@ def _store_for(url: str) -> Any:
         )
     if url.startswith("http://"):
         options["allow_http"] = True
-    return HTTPStore.from_url(url, client_options=options, retry_config=retry)
+    return HTTPStore.from_url(url.rstrip("/"), client_options=options, retry_config=retry)
 
 
 def local_path(where: Path | str) -> Path:
