@@ -23,7 +23,6 @@ from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, La
 from shardsurgeon.mergekit import merge_recipe, parse_config, to_mergekit_yaml
 from shardsurgeon.plan import Plan, make_plan
 from shardsurgeon.recipe import Recipe, expand_recipe, recipe_to_json
-from shardsurgeon.remote import local_path
 from shardsurgeon.report import describe_expansion, describe_merge
 from shardsurgeon.rewrite import RunResult, write_checkpoint
 from shardsurgeon.runners import Runner
@@ -147,8 +146,6 @@ def run_job(
     (``auto``), must (``always``: refused up front otherwise) or never do; the output bytes are the
     same.
     """
-    for source in job.sources.values():
-        local_path(source.folder)  # reading tensor bytes by URL comes later: refuse before the output is claimed
     return write_checkpoint(
         job.plan,
         job.layout,

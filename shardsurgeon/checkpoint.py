@@ -248,3 +248,20 @@ def _parse_json(raw: bytes, path: Path | str) -> Any:
 
 def _clip(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_remote_unchanged(shards: Iterable[Shard]) -> None:
+    """Raise CheckpointError naming the first shard by URL whose size or header is no longer what the
+    plan read (fetched again: a few kB each)."""
+    folders: dict[str, RemoteFolder] = {}
+    for shard in shards:
+        if not isinstance(shard.path, str):
+            continue
+        folder, _, name = shard.path.rpartition("/")
+        remote = folders.setdefault(folder, RemoteFolder(folder))
+        header, digest = remote.read_header(name, "")
+        if (header.data_start + header.data_nbytes, digest) != (shard.nbytes, shard.header_sha256):
+            raise CheckpointError(
+                f"{safe_text(shard.path)}: source file changed during the run (size or header); the output was "
+                "not published: run the same command again"
+            )

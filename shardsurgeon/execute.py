@@ -23,7 +23,7 @@ from shardsurgeon.errors import CheckpointError, DestinationError, OutputError
 from shardsurgeon.fileio import CopiedPiece, CopyCounts
 from shardsurgeon.layout import CopyRun, Layout, PlacedTensor, ShardLayout
 from shardsurgeon.plan import Convert, Copy, PlannedTensor, Zeros
-from shardsurgeon.remote import local_path
+from shardsurgeon.remote import RemoteFiles, local_path
 from shardsurgeon.units import Progress
 
 if TYPE_CHECKING:
@@ -68,10 +68,12 @@ class ShardStats:
 
 
 class SourceFiles:
-    """Read-only descriptors of source shards, opened on first use and closed on exit."""
+    """Read-only descriptors of local source shards, opened on first use and closed on exit; source
+    shards by URL (a ``str`` path) are read by ranged GETs through ``remote``."""
 
     def __init__(self) -> None:
         self._fds: dict[Path | str, int] = {}
+        self.remote = RemoteFiles()
 
     def fd(self, path: Path | str) -> int:
         if path not in self._fds:
@@ -200,6 +202,9 @@ class ShardWriter:
                 return ShardStats(written=tensor.nbytes, converted=tensor.nbytes)
 
     def _copy(self, run: CopyRun, fd: int) -> ShardStats:
+        if isinstance(run.path, str):
+            return self._copy_remote(run, run.path, fd)
+
         def landed(piece: CopiedPiece) -> None:
             self._wrote(fd, piece.dst_offset, piece.nbytes)
 
@@ -209,6 +214,14 @@ class ShardWriter:
         except fileio.SourceEnded as e:
             raise _source_truncated(run.path, e.offset) from None
         return ShardStats(written=run.nbytes, copied=run.nbytes, copies=counts)
+
+    def _copy_remote(self, run: CopyRun, url: str, fd: int) -> ShardStats:
+        """A copy from a source by URL: ranged GETs of one chunk each, written as they arrive."""
+        for start in range(0, run.nbytes, CHUNK_BYTES):
+            count = min(CHUNK_BYTES, run.nbytes - start)
+            fileio.write_all_at(fd, self._sources.remote.read(url, run.src_offset + start, count), run.offset + start)
+            self._wrote(fd, run.offset + start, count)
+        return ShardStats(written=run.nbytes, copied=run.nbytes, copies=CopyCounts(user_bytes=run.nbytes))
 
     def _write_zeros(self, fd: int, offset: int, nbytes: int) -> None:
         zeros = memoryview(bytes(min(nbytes, CHUNK_BYTES)))
@@ -226,7 +239,8 @@ class ShardWriter:
         """
         tensor = placed.tensor
         lanes = [self._lane(tensor, op, lane) for lane in (0, 1)]
-        src = self._sources.fd(tensor.source.path)
+        url = tensor.source.path if isinstance(tensor.source.path, str) else None
+        src = -1 if url is not None else self._sources.fd(tensor.source.path)
         chunk = lanes[0][0].chunk_src_bytes
         if len(self._read_buffers[0]) < chunk:
             self._read_buffers = (bytearray(chunk), bytearray(chunk))
@@ -235,6 +249,9 @@ class ShardWriter:
         def read(number: int) -> memoryview:
             start = starts[number]
             view = memoryview(self._read_buffers[number % 2])[: min(chunk, tensor.source.nbytes - start)]
+            if url is not None:
+                view[:] = self._sources.remote.read(url, tensor.source.data_start + start, len(view))
+                return view
             got = fileio.read_at(src, view, tensor.source.data_start + start)
             if got != len(view):
                 raise _source_truncated(tensor.source.path, tensor.source.data_start + start + got)

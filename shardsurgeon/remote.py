@@ -96,6 +96,18 @@ class RemoteFolder:
         self.fetched_nbytes += len(data)
         return data
 
+    def file_names(self, otherwise: tuple[str, ...]) -> list[str]:
+        """The file names directly under an S3 prefix; for a web server, which cannot list, ``otherwise``."""
+        if not self.url.startswith("s3://"):
+            return list(otherwise)
+        import obstore
+
+        try:
+            listed = obstore.list_with_delimiter(self._store, None)
+        except (obstore.exceptions.BaseError, OSError) as e:
+            raise self._error("", e, "the listing") from None
+        return sorted(str(entry["path"]).rpartition("/")[2] for entry in listed["objects"])
+
     def read_header(self, name: str, missing: str) -> tuple[Header, str]:
         """The validated safetensors header of ``name`` and the SHA-256 of its bytes (length field
         included): the length, then the header, by two range reads."""
@@ -216,3 +228,22 @@ def local_path(where: Path | str) -> Path:
         f"{safe_text(where)}: writing a checkpoint from a model read by URL is not supported yet; plan it with "
         "--dry-run or --plan-json, or download the model and pass its folder"
     )
+
+
+class RemoteFiles:
+    """Files by URL for the code that reads tensor bytes (the executor, verify): one client per
+    folder, kept for the run; every read a ranged GET of at most the caller's chunk."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, RemoteFolder] = {}
+
+    def read(self, url: str, start: int, nbytes: int) -> bytes:
+        """Bytes ``start`` to ``start + nbytes`` of the file at ``url``, exactly (else CheckpointError)."""
+        folder, _, name = url.rpartition("/")
+        if folder not in self._folders:
+            self._folders[folder] = RemoteFolder(folder)
+        return self._folders[folder].read_range(name, start, start + nbytes) if nbytes else b""
+
+    @property
+    def fetched_nbytes(self) -> int:
+        return sum(folder.fetched_nbytes for folder in self._folders.values())

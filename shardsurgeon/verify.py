@@ -31,7 +31,7 @@ from shardsurgeon.hfdir import other_files
 from shardsurgeon.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout, ShardLayout
 from shardsurgeon.plan import Convert, Copy, Plan, PlannedTensor, Zeros, make_plan
 from shardsurgeon.recipe import recipe_from_json, recorded_models
-from shardsurgeon.remote import file_name, local_path
+from shardsurgeon.remote import RemoteFiles, file_name, local_path
 from shardsurgeon.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
 from shardsurgeon.source import open_source
 from shardsurgeon.units import Progress
@@ -492,6 +492,7 @@ class _ReadOnlyFiles:
 
     def __init__(self) -> None:
         self._fds: dict[Path | str, int] = {}
+        self._remote = RemoteFiles()
 
     def fd(self, path: Path | str) -> int:
         if path not in self._fds:
@@ -503,6 +504,8 @@ class _ReadOnlyFiles:
 
     def read(self, ref: TensorRef, start: int, nbytes: int) -> bytes:
         """``nbytes`` of the tensor ``ref`` from its byte ``start``; short only past the file's end."""
+        if isinstance(ref.path, str):
+            return self._remote.read(ref.path, ref.data_start + start, nbytes)
         return fileio.read_bytes_at(self.fd(ref.path), nbytes, ref.data_start + start)
 
     def __enter__(self) -> _ReadOnlyFiles:

@@ -147,11 +147,24 @@ def test_a_folder_url_with_no_checkpoint_is_one_line(http):
     one_line_error(run("inspect", f"{http.url}/ok/nothing-here/"), "nothing-here/config.json", "not found")
 
 
-def test_writing_from_a_url_is_refused_before_the_output_is_touched(src, http, tmp_path):
-    out = tmp_path / "out"
-    result = run("expand", "--src", f"{http.url}/ok/", "--dup", "3x1", "--out", out)
-    one_line_error(result, "not supported yet", "--dry-run")
-    assert not out.exists()
+def outputs_match(local: Path, remote: Path) -> None:
+    """Byte-identical but for the model card, which records the command line and the source."""
+    files = {p.name: p.read_bytes() for p in sorted(local.iterdir()) if p.name != "README.md"}
+    assert files == {p.name: p.read_bytes() for p in sorted(remote.iterdir()) if p.name != "README.md"}
+    assert "tokenizer_config.json" in files
+
+
+@pytest.mark.parametrize(
+    "flags", [("--dup", "3x2", "--zero", "o_proj,down_proj"), ("--every", "2", "--dtype", "float32")]
+)
+def test_expand_from_a_url_to_a_local_folder_is_byte_identical(src, http, tmp_path, flags):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert run("expand", "--src", src, *flags, "--out", local, "-q").exit_code == 0
+    result = run("expand", "--src", f"{http.url}/hub/", *flags, "--out", remote, "-q")
+    assert result.exit_code == 0, result.output
+    outputs_match(local, remote)
+    gets = [r for r in http.requests if r[0] == "GET" and r[1].endswith(".safetensors")]
+    assert all(r[2] is not None for r in gets), "tensor bytes too are read by range"
 
 
 def test_without_the_remote_extra_a_url_gets_the_install_hint(monkeypatch):
@@ -212,3 +225,13 @@ def test_an_unknown_bucket_is_one_line(s3_env):
 
 def test_a_missing_prefix_in_a_bucket_is_one_line(s3_env):
     one_line_error(run("inspect", "s3://models/not/there"), "s3://models/not/there/config.json", "not found")
+
+
+def test_expand_from_s3_to_a_local_folder_is_byte_identical(s3_env, tmp_path):
+    _, folder = s3_env
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    flags = ("--dup", "3x4", "--zero", "o_proj,down_proj", "--max-shard-size", "4kB")
+    assert run("expand", "--src", folder, *flags, "--out", local, "-q").exit_code == 0
+    result = run("expand", "--src", "s3://models/tiny/mistral", *flags, "--out", remote, "-q")
+    assert result.exit_code == 0, result.output
+    outputs_match(local, remote)
