@@ -771,7 +771,7 @@ def demo(keep: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
     "--src",
     "sources",
     multiple=True,
-    type=click.Path(path_type=Path),
+    type=SOURCE,
     help="A source the output was made from (repeat, in the recipe's order): check every tensor's bytes.",
 )
 @click.option("--layer-prefix", help="Layer stack prefix, when it cannot be detected.")
@@ -780,7 +780,7 @@ def demo(keep: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
 @_reports_errors
 def verify_command(
     folder: Path,
-    sources: tuple[Path, ...],
+    sources: tuple[Path | str, ...],
     layer_prefix: str | None,
     layers_key: str | None,
     quiet: bool,

