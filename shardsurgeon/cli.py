@@ -677,8 +677,13 @@ def _summary(plan: Plan, result: RunResult) -> str:
     return (
         f"shardsurgeon: {plan.layers_in} -> {plan.output_layers} layers, {result.tensors} tensors, "
         f"{shards}{reused}, {format_bytes(result.written)} written ({_bytes_by_kind(result)}), "
-        f"{format_bytes(result.holes)} left as holes, {result.seconds:.1f} s -> {result.out}"
+        f"{format_bytes(result.holes)} left as holes{_fetched(result)}, {result.seconds:.1f} s -> {result.out}"
     )
+
+
+def _fetched(result: RunResult) -> str:
+    """Tensor bytes read from sources by URL, when there are any."""
+    return f", {format_bytes(result.stats.fetched)} fetched by URL" if result.stats.fetched else ""
 
 
 def _bytes_by_kind(result: RunResult) -> str:

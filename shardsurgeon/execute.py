@@ -55,6 +55,8 @@ class ShardStats:
     shared: int | None = 0
     """Bytes of the shards in extents shared with another file, as the filesystem reports them
     (FIEMAP); None where the platform cannot tell."""
+    fetched: int = 0
+    """Source bytes read by ranged GETs from sources by URL."""
 
     def __add__(self, other: ShardStats) -> ShardStats:
         return ShardStats(
@@ -64,6 +66,7 @@ class ShardStats:
             self.converted + other.converted,
             self.copies + other.copies,
             None if self.shared is None or other.shared is None else self.shared + other.shared,
+            self.fetched + other.fetched,
         )
 
 
@@ -199,7 +202,8 @@ class ShardWriter:
                 return self._copy(run, fd)
             case Convert() as op:
                 self._convert(placed, op, fd)
-                return ShardStats(written=tensor.nbytes, converted=tensor.nbytes)
+                fetched = tensor.source.nbytes if isinstance(tensor.source.path, str) else 0
+                return ShardStats(written=tensor.nbytes, converted=tensor.nbytes, fetched=fetched)
 
     def _copy(self, run: CopyRun, fd: int) -> ShardStats:
         if isinstance(run.path, str):
@@ -221,7 +225,8 @@ class ShardWriter:
             count = min(CHUNK_BYTES, run.nbytes - start)
             fileio.write_all_at(fd, self._sources.remote.read(url, run.src_offset + start, count), run.offset + start)
             self._wrote(fd, run.offset + start, count)
-        return ShardStats(written=run.nbytes, copied=run.nbytes, copies=CopyCounts(user_bytes=run.nbytes))
+        copies = CopyCounts(user_bytes=run.nbytes)
+        return ShardStats(written=run.nbytes, copied=run.nbytes, copies=copies, fetched=run.nbytes)
 
     def _write_zeros(self, fd: int, offset: int, nbytes: int) -> None:
         zeros = memoryview(bytes(min(nbytes, CHUNK_BYTES)))

@@ -25,7 +25,7 @@ from tests._servers import (
     upload_folder,
     weed_binary,
 )
-from tests.conftest import write_tiny_checkpoint
+from tests.conftest import read_tensors, write_tiny_checkpoint
 
 pytest.importorskip("obstore", reason="the remote extra (obstore) is not installed")
 
@@ -165,6 +165,11 @@ def test_expand_from_a_url_to_a_local_folder_is_byte_identical(src, http, tmp_pa
     outputs_match(local, remote)
     gets = [r for r in http.requests if r[0] == "GET" and r[1].endswith(".safetensors")]
     assert all(r[2] is not None for r in gets), "tensor bytes too are read by range"
+    again = run("expand", "--src", f"{http.url}/ok/", *flags, "--out", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+    nonzero = sum(len(t[2]) for t in read_tensors(tmp_path / "again").values() if any(t[2]))
+    if "--dtype" not in flags:  # every non-zero byte of the output was fetched once, and nothing more
+        assert f", {format_bytes(nonzero)} fetched by URL" in again.output
     checked = run("verify", remote, "--src", f"{http.url}/ok/")
     assert checked.exit_code == 0, checked.output
     assert "compared byte for byte with 1 source" in checked.output
