@@ -21,7 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from shardsurgeon.errors import CheckpointError, safe_text
+from shardsurgeon.errors import CheckpointError, FormatError, safe_text
 from shardsurgeon.format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, Header, decode_header
 from shardsurgeon.units import format_bytes
 
@@ -115,7 +115,7 @@ class RemoteFolder:
         prefix, file_nbytes = self._read_range(name, 0, HEADER_LENGTH_BYTES, want_size=True, missing=missing)
         (header_nbytes,) = struct.unpack("<Q", prefix)
         if header_nbytes > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + header_nbytes > file_nbytes:
-            raise CheckpointError(
+            raise FormatError(
                 f"{safe_text(where)}: header length field says {header_nbytes} bytes, the file holds "
                 f"{file_nbytes} (at most {MAX_HEADER_BYTES} allowed); the file is truncated or not safetensors"
             )
