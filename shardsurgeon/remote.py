@@ -181,7 +181,7 @@ class RemoteFolder:
         ):
             return CheckpointError(
                 f"{where}: access denied; check the credentials in the environment (AWS_ACCESS_KEY_ID, "
-                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the bucket's policy"
+                "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and the bucket's policy"
             )
         if isinstance(error, obstore.exceptions.NotSupportedError):
             return CheckpointError(
