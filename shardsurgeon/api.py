@@ -192,7 +192,11 @@ def card_of(job: Job, command: str) -> str:
 
 
 def _card_names(sources: dict[str, Source]) -> dict[str, str]:
-    return card_names([(ref, source.folder.resolve(), source.published_name) for ref, source in sources.items()])
+    return card_names([(ref, _real(source.folder), source.published_name) for ref, source in sources.items()])
+
+
+def _real(folder: Path | str) -> Path | str:
+    return folder.resolve() if isinstance(folder, Path) else folder
 
 
 def _blocks_are_identities(source: Source, recipe: Recipe, zero: Sequence[str]) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from shardsurgeon import fileio
 from shardsurgeon.checkpoint import TensorRef
+from shardsurgeon.remote import local_path
 
 CHECKSUMS_FILE = "shardsurgeon.checksums.json"
 ALGORITHM = "crc32"
@@ -29,13 +30,13 @@ def tensor_crcs(refs: Iterable[TensorRef]) -> list[str]:
     """The CRC-32 (hex) of each tensor's bytes as they are in its file, in order, read with one
     reused buffer."""
     buffer = bytearray(CHUNK_BYTES)
-    fds: dict[Path, int] = {}
+    fds: dict[Path | str, int] = {}
     crcs = []
     try:
         for ref in refs:
             fd = fds.get(ref.path)
             if fd is None:
-                fd = fds[ref.path] = fileio.open_read(ref.path)
+                fd = fds[ref.path] = fileio.open_read(local_path(ref.path))
             crc, done = 0, 0
             while done < ref.nbytes:
                 view = memoryview(buffer)[: min(CHUNK_BYTES, ref.nbytes - done)]

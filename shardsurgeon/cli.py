@@ -24,7 +24,7 @@ from click.core import ParameterSource
 from shardsurgeon import __version__
 from shardsurgeon.api import Job, card_of, plan_expand, plan_merge, run_job
 from shardsurgeon.arch import StackHint
-from shardsurgeon.checkpoint import open_checkpoint
+from shardsurgeon.checkpoint import Checkpoint, open_checkpoint
 from shardsurgeon.errors import DestinationError, RecipeError, ShardSurgeonError, safe_text
 from shardsurgeon.execute import REFLINK_MODES, Reflink
 from shardsurgeon.format import CAST_TARGETS
@@ -35,6 +35,7 @@ from shardsurgeon.plan import Plan
 from shardsurgeon.planfile import PlannedJob, load_plan_file, plan_file_bytes, plan_key, write_plan_file
 from shardsurgeon.progress import LINE_INTERVAL_SECONDS, advance, begin_shard, figures, start_tally
 from shardsurgeon.recipe import parse_dup, parse_filters
+from shardsurgeon.remote import EXTRA_HINT, is_url, obstore_available
 from shardsurgeon.report import dry_run_text
 from shardsurgeon.rewrite import RunResult, finalize_checkpoint, write_some_shards
 from shardsurgeon.runners import Processes, Runner, select_shards
@@ -60,6 +61,23 @@ class _ParsedParam(click.ParamType):
             raise click.UsageError(str(e), ctx) from None
 
 
+class _SourceParam(click.ParamType):
+    """A source: a local folder (a Path) or a folder URL (kept as text: a Path would fold its ``//``)."""
+
+    name = "FOLDER|URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        if not is_url(value):
+            return Path(value)
+        if not obstore_available():
+            flag = param.opts[0] if param is not None and param.opts[0].startswith("-") else None
+            raise click.UsageError(f"{flag + ' ' if flag else ''}{safe_text(value)}: {EXTRA_HINT}", ctx)
+        return value
+
+
+SOURCE = _SourceParam()
 DUP = _ParsedParam("LxN", parse_dup)
 FILTERS = _ParsedParam("NAME[,NAME...]", parse_filters)
 SIZE = _ParsedParam("SIZE", parse_size)
@@ -276,8 +294,9 @@ class _GuardedStdout:
 @click.option(
     "--src",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Source checkpoint folder, or a Hugging Face id (org/name[@REVISION]) in the local cache.",
+    type=SOURCE,
+    help="Source checkpoint folder, a Hugging Face id (org/name[@REVISION]) in the local cache, or a URL "
+    "(s3://bucket/prefix, https://.../).",
 )
 @click.option(
     "--dup", "dups", multiple=True, type=DUP, metavar="LxN", help="Insert N copies of layer L after L (repeatable)."
@@ -295,7 +314,7 @@ class _GuardedStdout:
 @_writing_options
 @_reports_errors
 def expand(
-    src: Path,
+    src: Path | str,
     out: Path | None,
     dups: tuple[list[tuple[int, int]], ...],
     every: int | None,
@@ -372,6 +391,8 @@ def _plan_or_run(
     if dry_run:
         click.echo(dry_run_text(job.plan, job.layout))
     if out is None or dry_run:
+        if not quiet:
+            _report_fetched([source.checkpoint for source in job.sources.values()])
         return
     planned = PlannedJob(job, command)
     with _progress(job.layout, quiet) as (progress, on_shard):
@@ -660,8 +681,13 @@ def _summary(plan: Plan, result: RunResult) -> str:
     return (
         f"shardsurgeon: {plan.layers_in} -> {plan.output_layers} layers, {result.tensors} tensors, "
         f"{shards}{reused}, {format_bytes(result.written)} written ({_bytes_by_kind(result)}), "
-        f"{format_bytes(result.holes)} left as holes, {result.seconds:.1f} s -> {result.out}"
+        f"{format_bytes(result.holes)} left as holes{_fetched(result)}, {result.seconds:.1f} s -> {result.out}"
     )
+
+
+def _fetched(result: RunResult) -> str:
+    """Tensor bytes read from sources by URL, when there are any."""
+    return f", {format_bytes(result.stats.fetched)} fetched by URL" if result.stats.fetched else ""
 
 
 def _bytes_by_kind(result: RunResult) -> str:
@@ -679,14 +705,31 @@ def _bytes_by_kind(result: RunResult) -> str:
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("folder", type=SOURCE)
 @click.option("--layer-prefix", help="Layer stack prefix, when it cannot be detected.")
 @click.option("--layers-key", help="config.json key that counts the layers.")
 @_verbosity
 @_reports_errors
-def inspect(folder: Path, layer_prefix: str | None, layers_key: str | None, quiet: bool, verbose: bool) -> None:
-    """Show a checkpoint's layer stack, tensors per layer, dtypes, parameters and shards."""
-    click.echo(describe_checkpoint(open_checkpoint(folder), StackHint(layer_prefix, layers_key)))
+def inspect(folder: Path | str, layer_prefix: str | None, layers_key: str | None, quiet: bool, verbose: bool) -> None:
+    """Show a checkpoint's layer stack, tensors per layer, dtypes, parameters and shards.
+
+    FOLDER may be a URL: s3://bucket/prefix (endpoint and credentials from the environment, as the
+    AWS tools read them: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID ...) or https://host/folder/ (Hub
+    resolve/ URLs too); only the index, the config and each shard's header are fetched.
+    """
+    checkpoint = open_checkpoint(folder)
+    click.echo(describe_checkpoint(checkpoint, StackHint(layer_prefix, layers_key)))
+    if not quiet:
+        _report_fetched([checkpoint])
+
+
+def _report_fetched(checkpoints: list[Checkpoint]) -> None:
+    """For each checkpoint read by URL, what opening it fetched, on stderr."""
+    for checkpoint in checkpoints:
+        if isinstance(checkpoint.folder, str):
+            click.echo(
+                f"fetched {format_bytes(checkpoint.fetched_nbytes)} from {safe_text(checkpoint.folder)}", err=True
+            )
 
 
 @cli.command()
@@ -737,7 +780,7 @@ def demo(keep: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
     "--src",
     "sources",
     multiple=True,
-    type=click.Path(path_type=Path),
+    type=SOURCE,
     help="A source the output was made from (repeat, in the recipe's order): check every tensor's bytes.",
 )
 @click.option("--layer-prefix", help="Layer stack prefix, when it cannot be detected.")
@@ -746,7 +789,7 @@ def demo(keep: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
 @_reports_errors
 def verify_command(
     folder: Path,
-    sources: tuple[Path, ...],
+    sources: tuple[Path | str, ...],
     layer_prefix: str | None,
     layers_key: str | None,
     quiet: bool,

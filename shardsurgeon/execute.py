@@ -23,6 +23,7 @@ from shardsurgeon.errors import CheckpointError, DestinationError, OutputError
 from shardsurgeon.fileio import CopiedPiece, CopyCounts
 from shardsurgeon.layout import CopyRun, Layout, PlacedTensor, ShardLayout
 from shardsurgeon.plan import Convert, Copy, PlannedTensor, Zeros
+from shardsurgeon.remote import RemoteFiles, local_path
 from shardsurgeon.units import Progress
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class ShardStats:
     shared: int | None = 0
     """Bytes of the shards in extents shared with another file, as the filesystem reports them
     (FIEMAP); None where the platform cannot tell."""
+    fetched: int = 0
+    """Source bytes read by ranged GETs from sources by URL."""
 
     def __add__(self, other: ShardStats) -> ShardStats:
         return ShardStats(
@@ -63,19 +66,22 @@ class ShardStats:
             self.converted + other.converted,
             self.copies + other.copies,
             None if self.shared is None or other.shared is None else self.shared + other.shared,
+            self.fetched + other.fetched,
         )
 
 
 class SourceFiles:
-    """Read-only descriptors of source shards, opened on first use and closed on exit."""
+    """Read-only descriptors of local source shards, opened on first use and closed on exit; source
+    shards by URL (a ``str`` path) are read by ranged GETs through ``remote``."""
 
     def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+        self._fds: dict[Path | str, int] = {}
+        self.remote = RemoteFiles()
 
-    def fd(self, path: Path) -> int:
+    def fd(self, path: Path | str) -> int:
         if path not in self._fds:
             try:
-                self._fds[path] = fileio.open_read(path)
+                self._fds[path] = fileio.open_read(local_path(path))
             except OSError as e:
                 raise CheckpointError(f"{path}: cannot open source shard: {e.strerror}") from None
         return self._fds[path]
@@ -196,9 +202,13 @@ class ShardWriter:
                 return self._copy(run, fd)
             case Convert() as op:
                 self._convert(placed, op, fd)
-                return ShardStats(written=tensor.nbytes, converted=tensor.nbytes)
+                fetched = tensor.source.nbytes if isinstance(tensor.source.path, str) else 0
+                return ShardStats(written=tensor.nbytes, converted=tensor.nbytes, fetched=fetched)
 
     def _copy(self, run: CopyRun, fd: int) -> ShardStats:
+        if isinstance(run.path, str):
+            return self._copy_remote(run, run.path, fd)
+
         def landed(piece: CopiedPiece) -> None:
             self._wrote(fd, piece.dst_offset, piece.nbytes)
 
@@ -208,6 +218,15 @@ class ShardWriter:
         except fileio.SourceEnded as e:
             raise _source_truncated(run.path, e.offset) from None
         return ShardStats(written=run.nbytes, copied=run.nbytes, copies=counts)
+
+    def _copy_remote(self, run: CopyRun, url: str, fd: int) -> ShardStats:
+        """A copy from a source by URL: ranged GETs of one chunk each, written as they arrive."""
+        for start in range(0, run.nbytes, CHUNK_BYTES):
+            count = min(CHUNK_BYTES, run.nbytes - start)
+            fileio.write_all_at(fd, self._sources.remote.read(url, run.src_offset + start, count), run.offset + start)
+            self._wrote(fd, run.offset + start, count)
+        copies = CopyCounts(user_bytes=run.nbytes)
+        return ShardStats(written=run.nbytes, copied=run.nbytes, copies=copies, fetched=run.nbytes)
 
     def _write_zeros(self, fd: int, offset: int, nbytes: int) -> None:
         zeros = memoryview(bytes(min(nbytes, CHUNK_BYTES)))
@@ -225,7 +244,8 @@ class ShardWriter:
         """
         tensor = placed.tensor
         lanes = [self._lane(tensor, op, lane) for lane in (0, 1)]
-        src = self._sources.fd(tensor.source.path)
+        url = tensor.source.path if isinstance(tensor.source.path, str) else None
+        src = -1 if url is not None else self._sources.fd(tensor.source.path)
         chunk = lanes[0][0].chunk_src_bytes
         if len(self._read_buffers[0]) < chunk:
             self._read_buffers = (bytearray(chunk), bytearray(chunk))
@@ -234,6 +254,9 @@ class ShardWriter:
         def read(number: int) -> memoryview:
             start = starts[number]
             view = memoryview(self._read_buffers[number % 2])[: min(chunk, tensor.source.nbytes - start)]
+            if url is not None:
+                view[:] = self._sources.remote.read(url, tensor.source.data_start + start, len(view))
+                return view
             got = fileio.read_at(src, view, tensor.source.data_start + start)
             if got != len(view):
                 raise _source_truncated(tensor.source.path, tensor.source.data_start + start + got)
@@ -302,7 +325,7 @@ def _converters(src_dtype: str, dst_dtype: str, op: Convert) -> list[ChunkConver
     return [ChunkConverter(src_dtype, op.via, op.scale), ChunkConverter(op.via, dst_dtype, 1.0)]
 
 
-def _source_truncated(path: Path, offset: int) -> CheckpointError:
+def _source_truncated(path: Path | str, offset: int) -> CheckpointError:
     return CheckpointError(
         f"{path}: ends at byte {offset}, before the data its header promises; the source changed or "
         "was truncated while running"

@@ -36,9 +36,11 @@ def is_hub_id(reference: str) -> bool:
     return model_id.count("/") == 1 and not model_id.startswith((".", "/", "~"))
 
 
-def resolve_model(reference: str, relative_to: Path, cache: Path | None = None) -> Path:
-    """The folder of ``reference``: a local path (relative ones against ``relative_to``) or an id in
-    ``cache`` (default: :func:`hub_cache`)."""
+def resolve_model(reference: str, relative_to: Path, cache: Path | None = None) -> Path | str:
+    """The folder of ``reference``: a folder URL (``s3://``, ``https://``: kept as text), a local path
+    (relative ones against ``relative_to``) or an id in ``cache`` (default: :func:`hub_cache`)."""
+    if reference.startswith(("s3://", "http://", "https://")):
+        return reference
     try:
         local = (relative_to / reference).expanduser()
     except RuntimeError:  # ~user of a user that does not exist
@@ -89,11 +91,17 @@ def _read_ref(ref: Path) -> str | None:
     return text if text and "/" not in text and text not in (".", "..") else None
 
 
-def hub_id(source: Path, config: Mapping[str, Any]) -> str | None:
+def hub_id(source: Path | str, config: Mapping[str, Any]) -> str | None:
     """The Hugging Face id of the model in folder ``source``, or None: from a cache path
-    (``models--org--name/snapshots/REV``), else from the config's ``_name_or_path`` when it has the
-    shape of a Hub id (``org/name``). Only the characters Hub ids use, so a model card may carry it
-    as it is."""
+    (``models--org--name/snapshots/REV``) or a Hub ``resolve/`` URL, else from the config's
+    ``_name_or_path`` when it has the shape of a Hub id (``org/name``). Only the characters Hub ids
+    use, so a model card may carry it as it is."""
+    if isinstance(source, str):
+        hub = _HUB_URL.match(source)
+        if hub and _HUB_ID.fullmatch(hub.group(1)):
+            return hub.group(1)
+        name = config.get("_name_or_path")
+        return name if isinstance(name, str) and _HUB_ID.fullmatch(name) else None
     parts = source.resolve().parts
     for part, below in pairwise(parts):
         if part.startswith("models--") and below == "snapshots":
@@ -106,12 +114,18 @@ def hub_id(source: Path, config: Mapping[str, Any]) -> str | None:
     return None
 
 
-def base_model_id(source: Path, config: Mapping[str, Any]) -> str:
-    """The name a model card gives the model in ``source``: its :func:`hub_id`, else its folder's name."""
+def base_model_id(source: Path | str, config: Mapping[str, Any]) -> str:
+    """The name a model card gives the model in ``source``: its :func:`hub_id`, else its folder's
+    name (for a URL, its last part)."""
+    if isinstance(source, str):
+        return hub_id(source, config) or source.rstrip("/").rpartition("/")[2]
     return hub_id(source, config) or source.resolve().name
 
 
-def card_names(models: Sequence[tuple[str, Path, str]]) -> dict[str, str]:
+_HUB_URL = re.compile(r"https://huggingface\.co/([^/]+/[^/]+)/resolve/")
+
+
+def card_names(models: Sequence[tuple[str, Path | str, str]]) -> dict[str, str]:
     """The name a model card gives each model reference, one name per model folder.
 
     ``models`` holds (reference, resolved folder, published name). A reference that is the model's
@@ -124,13 +138,14 @@ def card_names(models: Sequence[tuple[str, Path, str]]) -> dict[str, str]:
         reference: reference if is_hub_id(reference) and reference.partition("@")[0] == published else published
         for reference, _, published in models
     }
-    folders_of: dict[str, set[Path]] = {}
+    folders_of: dict[str, set[Path | str]] = {}
     for reference, folder, _ in models:
         folders_of.setdefault(first[reference], set()).add(folder)
-    taken: dict[str, Path] = {}
+    taken: dict[str, Path | str] = {}
     names = {}
     for reference, folder, _ in models:
-        name = folder.name if len(folders_of[first[reference]]) > 1 else first[reference]
+        folder_name = folder.name if isinstance(folder, Path) else folder.rstrip("/").rpartition("/")[2]
+        name = folder_name if len(folders_of[first[reference]]) > 1 else first[reference]
         candidate, number = name, 1
         while taken.setdefault(candidate, folder) != folder:
             number += 1

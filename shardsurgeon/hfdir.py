@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,23 @@ from shardsurgeon.layout import Layout
 from shardsurgeon.output import fsync_file
 from shardsurgeon.plan import Plan
 from shardsurgeon.smallfile import PARSE_ERRORS, read_small
+
+KNOWN_OTHER_FILES = (
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "merges.txt",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+)
+"""What a source by URL on a web server, which cannot be listed, may hold besides weights and config."""
+MAX_OTHER_FILE_BYTES = 256 * 1024 * 1024
 
 NOT_COPIED_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".ot", ".tflite", ".onnx",
@@ -50,18 +67,22 @@ def write_index(folder: Path, layout: Layout) -> None:
 
 def other_files(source: Path) -> list[Path]:
     """Top-level files of the source to carry over as they are: tokenizer, generation config..."""
-    return sorted(
-        entry
-        for entry in source.iterdir()
-        if entry.is_file()
-        and not entry.name.startswith(".")
-        and entry.name not in NOT_COPIED_NAMES
-        and not entry.name.endswith(NOT_COPIED_SUFFIXES)
-        and not entry.name.startswith("pytorch_model")
+    return sorted(entry for entry in source.iterdir() if entry.is_file() and carried_over(entry.name))
+
+
+def carried_over(name: str) -> bool:
+    """Whether a source file of this name is copied to the output as it is."""
+    return (
+        not name.startswith(".")
+        and name not in NOT_COPIED_NAMES
+        and not name.endswith(NOT_COPIED_SUFFIXES)
+        and not name.startswith("pytorch_model")
     )
 
 
-def copy_other_files(source: Path, folder: Path) -> list[str]:
+def copy_other_files(source: Path | str, folder: Path) -> list[str]:
+    if isinstance(source, str):
+        return _fetch_other_files(source, folder)
     copied = []
     for entry in other_files(source):
         shutil.copyfile(entry, folder / entry.name)
@@ -97,11 +118,13 @@ _LICENSE_LINK = re.compile(r"[!-~]{1,300}")
 """A URL or a file of the repository (``LICENSE``): printable ASCII, no spaces."""
 
 
-def source_license(folder: Path, config: Mapping[str, Any]) -> License | None:
+def source_license(folder: Path | str, config: Mapping[str, Any]) -> License | None:
     """The license the model in ``folder`` declares: its card's front matter (``license``, with
     ``license_name`` and ``license_link``), else its config's ``license``. None when neither names
-    one in the Hub's spelling; a card that cannot be read or parsed names none."""
-    for record in (_front_matter(folder / "README.md"), config):
+    one in the Hub's spelling; a card that cannot be read or parsed names none. For a model by URL,
+    only its config is read (its card is not fetched)."""
+    card = _front_matter(folder / "README.md") if isinstance(folder, Path) else {}
+    for record in (card, config):
         value = record.get("license")
         if isinstance(value, str) and _LICENSE_ID.fullmatch(value):
             name, link = record.get("license_name"), record.get("license_link")
@@ -219,3 +242,25 @@ def _fence(text: str) -> str:
     """A Markdown code fence longer than any run of backticks in ``text``, so ``text`` cannot close it."""
     longest = max((len(run) for run in re.findall("`+", text)), default=0)
     return "`" * max(3, longest + 1)
+
+
+def _fetch_other_files(url: str, folder: Path) -> list[str]:
+    copied = []
+    for name, data in remote_other_files(url):
+        (folder / name).write_bytes(data)
+        fsync_file(folder / name)
+        copied.append(name)
+    return copied
+
+
+def remote_other_files(url: str) -> Iterator[tuple[str, bytes]]:
+    """The other files of a source by URL, name and bytes: those an S3 prefix lists, or for a web
+    server (which lists nothing) the usual tokenizer and generation files, each that exists."""
+    from shardsurgeon.remote import RemoteFolder
+
+    remote = RemoteFolder(url)
+    for name in remote.file_names(KNOWN_OTHER_FILES):
+        if carried_over(name):
+            data = remote.read_small(name, MAX_OTHER_FILE_BYTES, "a file carried over to the output")
+            if data is not None:
+                yield name, data

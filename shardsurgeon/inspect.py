@@ -8,6 +8,7 @@ from shardsurgeon.arch import NO_HINT, StackHint, residual_outputs
 from shardsurgeon.checkpoint import Checkpoint
 from shardsurgeon.errors import PlanError, safe_text
 from shardsurgeon.format import numel
+from shardsurgeon.remote import file_name
 from shardsurgeon.source import resolve
 from shardsurgeon.units import format_bytes
 
@@ -26,7 +27,7 @@ def describe_checkpoint(checkpoint: Checkpoint, hint: StackHint = NO_HINT) -> st
         f"dtypes: {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}",
         f"  shards: {len(checkpoint.shards)}, {format_bytes(checkpoint.nbytes)} of tensor data",
     ]
-    lines += [f"    {safe_text(s.path.name)}  {s.nbytes:,} bytes" for s in checkpoint.shards]
+    lines += [f"    {safe_text(file_name(s.path))}  {s.nbytes:,} bytes" for s in checkpoint.shards]
     try:
         source = resolve(checkpoint, hint, str(checkpoint.folder))
     except PlanError as e:

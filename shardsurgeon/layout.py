@@ -66,7 +66,7 @@ class CopyRun:
     """Copied tensors that lie one after the other in both their source file and the shard: one
     range copy, so the blocks that straddle two of them can be shared too."""
 
-    path: Path
+    path: Path | str
     src_offset: int
     offset: int
     nbytes: int
@@ -219,8 +219,8 @@ def _arranged(items: list[_Item], metadata: Mapping[str, str]) -> ShardLayout:
 
 def _by_source_file(tensors: Sequence[PlannedTensor]) -> list[list[_Item]]:
     """Tensors grouped by source file (first named first), each group in source order by instance."""
-    seen: dict[tuple[Path, str], int] = {}
-    groups: dict[Path, list[_Item]] = {}
+    seen: dict[tuple[Path | str, str], int] = {}
+    groups: dict[Path | str, list[_Item]] = {}
     for order, tensor in enumerate(tensors):
         key = (tensor.source.path, tensor.source.name)
         instance = seen.get(key, 0)

@@ -27,6 +27,7 @@ from shardsurgeon.errors import CheckpointError, OutputError, PlanError, safe_te
 from shardsurgeon.output import check_outside_sources
 from shardsurgeon.plan import make_plan
 from shardsurgeon.recipe import recipe_from_json, recipe_to_json, recorded_models
+from shardsurgeon.remote import file_name, is_url, join_name
 from shardsurgeon.report import plan_dict
 from shardsurgeon.smallfile import MAX_JSON_BYTES, check_writable_target, read_small
 from shardsurgeon.source import Source, open_source
@@ -72,7 +73,9 @@ def plan_file_bytes(job: Job, command: str) -> bytes:
 def write_plan_file(job: Job, path: Path, command: str) -> None:
     """Save the plan file at ``path``, which must not lie inside a source nor be a FIFO or device."""
     shard_paths = [shard.path for source in job.sources.values() for shard in source.checkpoint.shards]
-    check_outside_sources(path, [s.folder for s in job.sources.values()], "--plan-json", "file", files=shard_paths)
+    folders = [s.folder for s in job.sources.values() if isinstance(s.folder, Path)]
+    local_shards = [p for p in shard_paths if isinstance(p, Path)]
+    check_outside_sources(path, folders, "--plan-json", "file", files=local_shards)
     check_writable_target(path, OutputError, "--plan-json")
     try:
         path.write_bytes(plan_file_bytes(job, command))
@@ -85,9 +88,13 @@ def _source_record(source: Source) -> dict[str, Any]:
     for shard in source.checkpoint.shards:
         mtime_ns = shard.identity.mtime_ns if shard.identity is not None else None
         files.append(
-            {"name": shard.path.name, "nbytes": shard.nbytes, "mtime_ns": mtime_ns, "header": shard.header_sha256}
+            {"name": file_name(shard.path), "nbytes": shard.nbytes, "mtime_ns": mtime_ns, "header": shard.header_sha256}
         )
-    return {"reference": source.reference, "folder": str(source.folder.absolute()), "files": files}
+    return {
+        "reference": source.reference,
+        "folder": _folder_text(source.folder),
+        "files": files,
+    }
 
 
 def load_plan_file(path: Path) -> PlannedJob:
@@ -125,8 +132,8 @@ def load_plan_file(path: Path) -> PlannedJob:
 
 
 def _reopen(record: dict[str, Any], hint: StackHint, shown: str) -> Source:
-    source = open_source(Path(record["folder"]), hint, str(record["reference"]))
-    now = {shard.path.name: shard for shard in source.checkpoint.shards}
+    source = open_source(_folder_of(record), hint, str(record["reference"]))
+    now = {file_name(shard.path): shard for shard in source.checkpoint.shards}
     for file in record["files"]:
         shard = now.get(file["name"])
         seen = shard.identity.mtime_ns if shard is not None and shard.identity is not None else None
@@ -136,7 +143,8 @@ def _reopen(record: dict[str, Any], hint: StackHint, shown: str) -> Source:
             file["header"],
         ):
             raise CheckpointError(
-                f"{safe_text(Path(record['folder']) / str(file['name']))}: changed since the plan {shown} was made "
+                f"{safe_text(join_name(_folder_of(record), str(file['name'])))}: changed since the plan {shown} "
+                "was made "
                 "(size, modification time or header); make the plan again"
             )
     return source
@@ -150,5 +158,15 @@ def plan_key(job: Job) -> str:
         digest.update(f"{shard.name}:{shard.nbytes};".encode())
     for source in job.sources.values():
         for file in source.checkpoint.shards:
-            digest.update(f"{file.path.name}:{file.nbytes}:{file.header_sha256};".encode())
+            digest.update(f"{file_name(file.path)}:{file.nbytes}:{file.header_sha256};".encode())
     return digest.hexdigest()
+
+
+def _folder_of(record: dict[str, Any]) -> Path | str:
+    """A source's folder as the plan file records it: a path, or a folder URL kept as text."""
+    folder = str(record["folder"])
+    return folder if is_url(folder) else Path(folder)
+
+
+def _folder_text(folder: Path | str) -> str:
+    return str(folder.absolute()) if isinstance(folder, Path) else folder

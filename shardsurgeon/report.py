@@ -13,6 +13,7 @@ from shardsurgeon.format import torch_name
 from shardsurgeon.layout import Layout
 from shardsurgeon.plan import OP_KINDS, Convert, Plan
 from shardsurgeon.recipe import LayerSource, ScaleRule
+from shardsurgeon.remote import file_name
 from shardsurgeon.units import format_bytes
 
 
@@ -223,7 +224,7 @@ def plan_dict(plan: Plan, layout: Layout) -> dict[str, Any]:
                 "source": {
                     "model": t.model,
                     "name": t.source.name,
-                    "file": t.source.path.name,
+                    "file": file_name(t.source.path),
                     "dtype": t.source.dtype,
                     "offset": t.source.data_start,
                 },

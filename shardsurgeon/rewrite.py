@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardsurgeon import hfdir, identity, output, publish
-from shardsurgeon.checkpoint import TensorRef
+from shardsurgeon.checkpoint import TensorRef, check_remote_unchanged
 from shardsurgeon.checksums import write_manifest
 from shardsurgeon.errors import OutputError, safe_text
 from shardsurgeon.execute import Reflink, ShardStats, check_reflink
@@ -163,11 +163,14 @@ def _named(out: Path) -> Path:
 
 
 def _folders(sources: Mapping[str, Source]) -> list[Path]:
-    return [source.folder for source in sources.values()]
+    """The local source folders, which the output must stay out of (a URL has no such place)."""
+    return [source.folder for source in sources.values() if isinstance(source.folder, Path)]
 
 
 def _shard_paths(sources: Mapping[str, Source]) -> list[Path]:
-    return [shard.path for source in sources.values() for shard in source.checkpoint.shards]
+    return [
+        shard.path for source in sources.values() for shard in source.checkpoint.shards if isinstance(shard.path, Path)
+    ]
 
 
 def _announcer(layout: Layout, on_shard: ShardStarted | None) -> Callable[[ShardLayout], None]:
@@ -245,12 +248,14 @@ def _publish(
         shard.identity or identity.record([shard.path])[0]
         for source in sources.values()
         for shard in source.checkpoint.shards
+        if isinstance(shard.path, Path)
     )
+    check_remote_unchanged([shard for source in sources.values() for shard in source.checkpoint.shards])
     destination.commit(staging)
 
 
 def _write_small_files(
-    staging: Path, plan: Plan, layout: Layout, donor: Path, model_card: str, checksums: bool
+    staging: Path, plan: Plan, layout: Layout, donor: Path | str, model_card: str, checksums: bool
 ) -> None:
     """config.json, the index, the donor's other files, the model card and, with ``checksums``, the
     tensors' checksums, each fsynced."""
@@ -301,6 +306,9 @@ def _resume_key(plan: Plan, layout: Layout, sources: Mapping[str, Source]) -> st
         digest.update(shard.name.encode())
     for model in sources.values():
         for source in model.checkpoint.shards:
+            if isinstance(source.path, str):  # by URL: the file's size and its header's digest
+                digest.update(repr((source.path, source.nbytes, source.header_sha256)).encode())
+                continue
             seen = source.identity or identity.record([source.path])[0]  # as the plan saw it
             described = (seen.path.resolve(), seen.nbytes, seen.mtime_ns, seen.device, seen.inode, seen.ctime_ns)
             digest.update(repr(described).encode())

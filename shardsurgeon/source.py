@@ -44,7 +44,7 @@ class Source:
     """The name a model card gives it: the Hugging Face id where known, else the folder name."""
 
     @property
-    def folder(self) -> Path:
+    def folder(self) -> Path | str:
         return self.checkpoint.folder
 
     @property

