@@ -98,16 +98,8 @@ class Destination:
         check_destination(self.out, self._sources, self._force, files=self._files)
 
     def _release(self, *, failed: bool) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-        if failed:
-            for folder in reversed(self._created):
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break  # not empty: it holds what this run leaves for a resume
-        self._created = []
+        _release(self._lock, self._created, failed)
+        self._lock, self._created = None, []
 
     def _noted(self, error: BaseException) -> BaseException:
         """A library error with the recovery notes added, so that they are not lost with the run."""
@@ -153,16 +145,8 @@ class Workers:
         self._release(failed=value is not None)
 
     def _release(self, *, failed: bool) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-        if failed:
-            for folder in reversed(self._created):
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-        self._created = []
+        _release(self._lock, self._created, failed)
+        self._lock, self._created = None, []
 
 
 def _claim_staging(out: Path, key: str) -> Path:
@@ -204,6 +188,19 @@ def staging_matches(out: Path, key: str) -> bool:
         return (staging_folder(out) / RESUME_FILE).read_text() == key
     except (OSError, UnicodeDecodeError):
         return False
+
+
+def _release(held: lock.Lock | None, created: list[Path], failed: bool) -> None:
+    """Release the output's lock and, after a failure, remove the parent folders the claim created
+    while they are empty (one that is not holds what a run leaves for a resume)."""
+    if held is not None:
+        held.release()
+    if failed:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def check_destination(out: Path, sources: Iterable[Path], force: bool, *, files: Iterable[Path] = ()) -> None:
