@@ -6,8 +6,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import orjson
-
 from shardsurgeon import __version__
 from shardsurgeon.format import torch_name
 from shardsurgeon.layout import Layout
@@ -237,7 +235,3 @@ def plan_dict(plan: Plan, layout: Layout) -> dict[str, Any]:
         "total_size": layout.total_size,
         "config": plan.config,
     }
-
-
-def plan_json(plan: Plan, layout: Layout) -> bytes:
-    return orjson.dumps(plan_dict(plan, layout), option=orjson.OPT_INDENT_2) + b"\n"
