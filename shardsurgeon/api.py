@@ -23,7 +23,7 @@ from shardsurgeon.arch import (
 )
 from shardsurgeon.errors import RecipeError
 from shardsurgeon.execute import Reflink
-from shardsurgeon.format import cast_target
+from shardsurgeon.format import CAST_TARGETS, cast_target
 from shardsurgeon.hfcache import card_names, hub_id, is_hub_id, resolve_model
 from shardsurgeon.hfdir import CardModel, model_card, source_license
 from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, plan_layout
@@ -94,7 +94,7 @@ def plan_expand(
     if dtype is not None:
         cast_to = cast_target(dtype)
         if cast_to is None:
-            raise RecipeError(f"--dtype {dtype!r}: expected bfloat16, float16 or float32")
+            raise RecipeError(f"--dtype {dtype!r}: expected one of {', '.join(CAST_TARGETS)}")
     recipe = expand_recipe(source.reference, source.layer_count, dups, every, filters, cast_to)
     sources = {source.reference: source}
     plan = make_plan(recipe, sources)
