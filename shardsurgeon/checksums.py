@@ -12,14 +12,13 @@ bench/RESULTS.md for what it costs. CRC-32 finds accidental damage, not tamperin
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
 from shardsurgeon import fileio
 from shardsurgeon.checkpoint import TensorRef
-from shardsurgeon.remote import local_path
+from shardsurgeon.remote import SourceFiles
 
 CHECKSUMS_FILE = "shardsurgeon.checksums.json"
 ALGORITHM = "crc32"
@@ -30,13 +29,10 @@ def tensor_crcs(refs: Iterable[TensorRef]) -> list[str]:
     """The CRC-32 (hex) of each tensor's bytes as they are in its file, in order, read with one
     reused buffer."""
     buffer = bytearray(CHUNK_BYTES)
-    fds: dict[Path | str, int] = {}
     crcs = []
-    try:
+    with SourceFiles() as files:
         for ref in refs:
-            fd = fds.get(ref.path)
-            if fd is None:
-                fd = fds[ref.path] = fileio.open_read(local_path(ref.path))
+            fd = files.fd(ref.path)
             crc, done = 0, 0
             while done < ref.nbytes:
                 view = memoryview(buffer)[: min(CHUNK_BYTES, ref.nbytes - done)]
@@ -46,9 +42,6 @@ def tensor_crcs(refs: Iterable[TensorRef]) -> list[str]:
                 crc = zlib.crc32(view[:got], crc)
                 done += got
             crcs.append(f"{crc:08x}")
-    finally:
-        for fd in fds.values():
-            os.close(fd)
     return crcs
 
 

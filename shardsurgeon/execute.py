@@ -23,7 +23,7 @@ from shardsurgeon.errors import CheckpointError, DestinationError, OutputError
 from shardsurgeon.fileio import CopiedPiece, CopyCounts
 from shardsurgeon.layout import CopyRun, Layout, PlacedTensor, ShardLayout
 from shardsurgeon.plan import Convert, Copy, PlannedTensor, Zeros
-from shardsurgeon.remote import RemoteFiles, local_path
+from shardsurgeon.remote import SourceFiles
 from shardsurgeon.units import Progress
 
 if TYPE_CHECKING:
@@ -68,31 +68,6 @@ class ShardStats:
             None if self.shared is None or other.shared is None else self.shared + other.shared,
             self.fetched + other.fetched,
         )
-
-
-class SourceFiles:
-    """Read-only descriptors of local source shards, opened on first use and closed on exit; source
-    shards by URL (a ``str`` path) are read by ranged GETs through ``remote``."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path | str, int] = {}
-        self.remote = RemoteFiles()
-
-    def fd(self, path: Path | str) -> int:
-        if path not in self._fds:
-            try:
-                self._fds[path] = fileio.open_read(local_path(path))
-            except OSError as e:
-                raise CheckpointError(f"{path}: cannot open source shard: {e.strerror}") from None
-        return self._fds[path]
-
-    def __enter__(self) -> SourceFiles:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
 
 def check_reflink(layout: Layout, out: Path, reflink: Reflink) -> None:

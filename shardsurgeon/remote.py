@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from shardsurgeon import fileio
 from shardsurgeon.errors import CheckpointError, FormatError, safe_text
 from shardsurgeon.format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, Header, decode_header
 from shardsurgeon.units import format_bytes
@@ -247,3 +248,34 @@ class RemoteFiles:
     @property
     def fetched_nbytes(self) -> int:
         return sum(folder.fetched_nbytes for folder in self._folders.values())
+
+
+class SourceFiles:
+    """The files a run or a verify reads tensor bytes from: local ones as read-only descriptors,
+    opened on first use and closed on exit; files by URL (a ``str`` path) through :attr:`remote`."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path | str, int] = {}
+        self.remote = RemoteFiles()
+
+    def fd(self, path: Path | str) -> int:
+        if path not in self._fds:
+            try:
+                self._fds[path] = fileio.open_read(local_path(path))
+            except OSError as e:
+                raise CheckpointError(f"{safe_text(path)}: cannot open: {e.strerror}") from None
+        return self._fds[path]
+
+    def read(self, path: Path | str, offset: int, nbytes: int) -> bytes:
+        """``nbytes`` of the file at ``path`` from ``offset``; short only past a local file's end."""
+        if isinstance(path, str):
+            return self.remote.read(path, offset, nbytes)
+        return fileio.read_bytes_at(self.fd(path), nbytes, offset)
+
+    def __enter__(self) -> SourceFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 
 from shardsurgeon import publish
 from shardsurgeon.errors import RecipeError
-from shardsurgeon.execute import Reflink, ShardStats, ShardWriter, SourceFiles
+from shardsurgeon.execute import Reflink, ShardStats, ShardWriter
 from shardsurgeon.layout import ShardLayout
 from shardsurgeon.output import PARTIAL_SUFFIX, check_staging
+from shardsurgeon.remote import SourceFiles
 from shardsurgeon.units import Progress
 
 ShardBegins = Callable[[ShardLayout], None]

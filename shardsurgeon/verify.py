@@ -25,13 +25,13 @@ from shardsurgeon import fileio
 from shardsurgeon.arch import NO_HINT, StackHint, find_layer_stack
 from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TensorRef
 from shardsurgeon.checksums import CHECKSUMS_FILE, tensor_crcs
-from shardsurgeon.errors import CheckpointError, FormatError, PlanError, RecipeError, VerifyError, safe_text
+from shardsurgeon.errors import FormatError, PlanError, RecipeError, VerifyError, safe_text
 from shardsurgeon.format import DTYPES, Header, read_header
 from shardsurgeon.hfdir import other_files, remote_other_files
 from shardsurgeon.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout, ShardLayout
 from shardsurgeon.plan import Convert, Copy, Plan, PlannedTensor, Zeros, make_plan
 from shardsurgeon.recipe import recipe_from_json, recorded_models
-from shardsurgeon.remote import RemoteFiles, file_name, is_url, join_name, local_path
+from shardsurgeon.remote import SourceFiles, file_name, is_url, join_name
 from shardsurgeon.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
 from shardsurgeon.source import open_source
 from shardsurgeon.units import Progress
@@ -352,7 +352,7 @@ def _compare_with_sources(
             found.add(file_name(refs[0].path), name, "is not in the plan the recorded recipe gives")
     compared = 0
     index_map = found.index_map or {}
-    with _ReadOnlyFiles() as files:
+    with SourceFiles() as files:
         for tensor in plan.tensors:
             ref = found.tensor(tensor.name)
             if ref is None:
@@ -390,7 +390,7 @@ def _describe(tensor: PlannedTensor) -> str:
 def compare_with_plan(layout: Layout, folder: Path) -> list[Mismatch]:
     """Every way the shards in ``folder`` differ from ``layout``; empty when they match exactly."""
     mismatches: list[Mismatch] = []
-    with _ReadOnlyFiles() as files:
+    with SourceFiles() as files:
         for shard in layout.shards:
             mismatches += _shard_mismatches(shard, folder / shard.name, files, first_only=False)
     return mismatches
@@ -399,11 +399,11 @@ def compare_with_plan(layout: Layout, folder: Path) -> list[Mismatch]:
 def shard_holds(shard: ShardLayout, path: Path) -> bool:
     """Whether the file at ``path`` holds exactly the bytes ``shard`` plans: its header, its size, and
     every tensor recomputed from its source by the definition. Stops at the first difference."""
-    with _ReadOnlyFiles() as files:
+    with SourceFiles() as files:
         return not _shard_mismatches(shard, path, files, first_only=True)
 
 
-def _shard_mismatches(shard: ShardLayout, path: Path, files: _ReadOnlyFiles, *, first_only: bool) -> list[Mismatch]:
+def _shard_mismatches(shard: ShardLayout, path: Path, files: SourceFiles, *, first_only: bool) -> list[Mismatch]:
     if not path.is_file():
         return [Mismatch(shard.name, "", "shard file is missing")]
     with open(path, "rb") as f:
@@ -422,7 +422,7 @@ def _shard_mismatches(shard: ShardLayout, path: Path, files: _ReadOnlyFiles, *, 
 
 def _first_difference(
     tensor: PlannedTensor,
-    files: _ReadOnlyFiles,
+    files: SourceFiles,
     out_fd: int,
     out_offset: int,
     progress: Progress = lambda nbytes: None,
@@ -452,7 +452,7 @@ def _first_unequal(a: bytes, b: bytes) -> int:
     return lo
 
 
-def _expected_chunks(tensor: PlannedTensor, files: _ReadOnlyFiles) -> Iterator[bytes | memoryview]:
+def _expected_chunks(tensor: PlannedTensor, files: SourceFiles) -> Iterator[bytes | memoryview]:
     """The bytes ``tensor`` must hold, in chunks of at most a few MiB."""
     match tensor.op:
         case Zeros():
@@ -460,11 +460,15 @@ def _expected_chunks(tensor: PlannedTensor, files: _ReadOnlyFiles) -> Iterator[b
                 yield memoryview(_ZEROS)[: min(CHUNK_BYTES, tensor.nbytes - start)]
         case Copy():
             for start in range(0, tensor.nbytes, CHUNK_BYTES):
-                yield files.read(tensor.source, start, min(CHUNK_BYTES, tensor.nbytes - start))
+                yield files.read(
+                    tensor.source.path, tensor.source.data_start + start, min(CHUNK_BYTES, tensor.nbytes - start)
+                )
         case Convert() as op:
             step = CHUNK_ELEMENTS * DTYPES[tensor.source.dtype].itemsize
             for start in range(0, tensor.source.nbytes, step):
-                raw = files.read(tensor.source, start, min(step, tensor.source.nbytes - start))
+                raw = files.read(
+                    tensor.source.path, tensor.source.data_start + start, min(step, tensor.source.nbytes - start)
+                )
                 yield by_definition(raw, tensor.source.dtype, op, tensor.dtype).tobytes()
 
 
@@ -492,33 +496,3 @@ def by_definition(raw: bytes, src_dtype: str, op: Convert, dst_dtype: str) -> An
         elif op.scale != 1.0:
             values = (values.astype(np.float32) * np.float32(op.scale)).astype(DTYPES[work].numpy)
         return cast(values, dst_dtype) if op.via is not None else values
-
-
-class _ReadOnlyFiles:
-    """The files verify reads, each opened once, read-only, and closed on exit."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path | str, int] = {}
-        self._remote = RemoteFiles()
-
-    def fd(self, path: Path | str) -> int:
-        if path not in self._fds:
-            try:
-                self._fds[path] = fileio.open_read(local_path(path))
-            except OSError as e:
-                raise CheckpointError(f"{path}: cannot open: {e.strerror}") from None
-        return self._fds[path]
-
-    def read(self, ref: TensorRef, start: int, nbytes: int) -> bytes:
-        """``nbytes`` of the tensor ``ref`` from its byte ``start``; short only past the file's end."""
-        if isinstance(ref.path, str):
-            return self._remote.read(ref.path, ref.data_start + start, nbytes)
-        return fileio.read_bytes_at(self.fd(ref.path), nbytes, ref.data_start + start)
-
-    def __enter__(self) -> _ReadOnlyFiles:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
