@@ -30,6 +30,7 @@ from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, La
 from shardsurgeon.mergekit import merge_recipe, parse_config, to_mergekit_yaml
 from shardsurgeon.plan import Plan, make_plan
 from shardsurgeon.recipe import Recipe, expand_recipe, recipe_to_json
+from shardsurgeon.remote import is_url
 from shardsurgeon.report import describe_expansion, describe_merge
 from shardsurgeon.rewrite import RunResult, write_checkpoint
 from shardsurgeon.runners import Runner
@@ -173,7 +174,7 @@ def run_job(
     return write_checkpoint(
         job.plan,
         job.layout,
-        Path(out),
+        out if is_url(out) else Path(out),
         job.sources,
         model_card=card_of(job, command),
         force=force,

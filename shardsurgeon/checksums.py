@@ -4,7 +4,8 @@ still tell a damaged byte.
 ``shardsurgeon.checksums.json`` maps each shard to its tensors' CRC-32 (zlib's, hex), computed
 after every shard is written and fsynced, by reading the shards back in fixed-size chunks: the
 written bytes, not the intended ones, so a write that went wrong is caught by the next verify
-rather than vouched for. Reading back costs a pass over the output (from the page cache when it
+rather than vouched for. Reading back costs a pass over the output (a download of it, for an
+output on S3) (from the page cache when it
 fits); copies the filesystem shared stay shared (reading does not unshare). Off by default: see
 bench/RESULTS.md for what it costs. CRC-32 finds accidental damage, not tampering.
 """
@@ -32,11 +33,14 @@ def tensor_crcs(refs: Iterable[TensorRef]) -> list[str]:
     crcs = []
     with SourceFiles() as files:
         for ref in refs:
-            fd = files.fd(ref.path)
             crc, done = 0, 0
             while done < ref.nbytes:
                 view = memoryview(buffer)[: min(CHUNK_BYTES, ref.nbytes - done)]
-                got = fileio.read_at(fd, view, ref.data_start + done)
+                if isinstance(ref.path, str):  # by URL: one ranged GET of the chunk
+                    data = files.read(ref.path, ref.data_start + done, len(view))
+                    view[: len(data)], got = data, len(data)
+                else:
+                    got = fileio.read_at(files.fd(ref.path), view, ref.data_start + done)
                 if got == 0:
                     break  # a short file: the CRC of what is there differs from the recorded one
                 crc = zlib.crc32(view[:got], crc)

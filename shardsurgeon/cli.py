@@ -39,6 +39,8 @@ from shardsurgeon.remote import EXTRA_HINT, is_url, obstore_available
 from shardsurgeon.report import dry_run_text
 from shardsurgeon.rewrite import RunResult, finalize_checkpoint, write_some_shards
 from shardsurgeon.runners import Processes, Runner, select_shards
+from shardsurgeon.s3 import EXTRA_HINT as S3_EXTRA_HINT
+from shardsurgeon.s3 import boto3_available
 from shardsurgeon.units import Progress, ShardStarted, format_bytes, parse_size
 from shardsurgeon.verify import VerifyReport, compare_with_plan, shard_files, verify_checkpoint
 
@@ -77,7 +79,26 @@ class _SourceParam(click.ParamType):
         return value
 
 
+class _OutputParam(click.ParamType):
+    """An output: a local folder (a Path) or an S3 folder (``s3://``, kept as text); a web server is
+    read-only."""
+
+    name = "FOLDER|s3://BUCKET/FOLDER"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str) or not is_url(value):
+            return Path(value) if isinstance(value, str) else value
+        if not value.startswith("s3://"):
+            raise click.UsageError(
+                f"{safe_text(value)}: a web server is read-only; write to a local folder or to s3://BUCKET/FOLDER", ctx
+            )
+        if not (obstore_available() and boto3_available()):
+            raise click.UsageError(f"{safe_text(value)}: {S3_EXTRA_HINT}", ctx)
+        return value
+
+
 SOURCE = _SourceParam()
+OUTPUT = _OutputParam()
 DUP = _ParsedParam("LxN", parse_dup)
 FILTERS = _ParsedParam("NAME[,NAME...]", parse_filters)
 SIZE = _ParsedParam("SIZE", parse_size)
@@ -158,7 +179,9 @@ CHECKSUMS_OPTION = click.option(
 def _writing_options(command: F) -> F:
     """The options that ``expand`` and ``merge`` share: output, layout, planning and verbosity."""
     options = [
-        click.option("--out", type=click.Path(path_type=Path), help="Output folder (must not exist, or be empty)."),
+        click.option(
+            "--out", type=OUTPUT, help="Output folder (must not exist, or be empty), or an S3 folder s3://BUCKET/FOLDER."
+        ),
         click.option(
             "--max-shard-size",
             type=SIZE,
@@ -315,7 +338,7 @@ class _GuardedStdout:
 @_reports_errors
 def expand(
     src: Path | str,
-    out: Path | None,
+    out: Path | str | None,
     dups: tuple[list[tuple[int, int]], ...],
     every: int | None,
     zero: tuple[str, ...] | None,
@@ -370,7 +393,7 @@ def expand(
 
 def _plan_or_run(
     job: Job,
-    out: Path | None,
+    out: Path | str | None,
     command: str,
     dry_run: bool,
     plan_json_path: Path | None,
@@ -436,7 +459,7 @@ def _mergekit_flags(command: F) -> F:
 
 @cli.command()
 @click.argument("config", type=click.Path(path_type=Path))
-@click.argument("out_argument", metavar="[OUT]", required=False, type=click.Path(path_type=Path))
+@click.argument("out_argument", metavar="[OUT]", required=False, type=OUTPUT)
 @click.option(
     "--out-shard-size",
     type=_ParsedParam("COUNT", parse_out_shard_size),
@@ -455,10 +478,10 @@ def _mergekit_flags(command: F) -> F:
 @_reports_errors
 def merge(
     config: Path,
-    out_argument: Path | None,
+    out_argument: Path | str | None,
     out_shard_size: int | None,
     transformers_cache: Path | None,
-    out: Path | None,
+    out: Path | str | None,
     max_shard_size: int,
     dense: bool,
     reflink: Reflink,
@@ -515,8 +538,8 @@ def merge(
 
 @cli.command()
 @click.argument("plan_file", metavar="PLAN", type=click.Path(path_type=Path))
-@click.argument("out_argument", metavar="[OUT]", required=False, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder (shared by every writer of the plan).")
+@click.argument("out_argument", metavar="[OUT]", required=False, type=OUTPUT)
+@click.option("--out", type=OUTPUT, help="Output folder (shared by every writer of the plan).")
 @click.option(
     "--shards",
     metavar="SPEC",
@@ -533,8 +556,8 @@ def merge(
 @_reports_errors
 def apply(
     plan_file: Path,
-    out_argument: Path | None,
-    out: Path | None,
+    out_argument: Path | str | None,
+    out: Path | str | None,
     shards: str | None,
     finalize: bool,
     dense: bool,
@@ -564,14 +587,7 @@ def apply(
         raise click.UsageError("--shards and --finalize: a writer writes, and the finalize step runs once after all")
     planned = load_plan_file(plan_file)
     job, key = planned.job, plan_key(planned.job)
-    if finalize:
-        card = card_of(job, planned.command_to(out))
-        result = finalize_checkpoint(
-            job.plan, job.layout, out, job.sources, plan_key=key, model_card=card, force=force, checksums=checksums
-        )
-        _report(job.plan, result, quiet)
-        return
-    if shards is None:
+    if shards is None and not finalize:
         with _progress(job.layout, quiet) as (progress, on_shard):
             result = run_job(
                 job, out, command=planned.command_to(out), force=force, dense=dense, reflink=reflink,
@@ -579,7 +595,19 @@ def apply(
             )  # fmt: skip
         _report(job.plan, result, quiet)
         return
-    chosen = [shard.name for shard in select_shards(shards, job.layout.shards)]
+    if isinstance(out, str):
+        raise click.UsageError(
+            f"{safe_text(out)}: --shards and --finalize write to a shared local folder; for S3 run the whole plan "
+            "(apply PLAN s3://...): one process sends several parts at once"
+        )
+    if finalize:
+        card = card_of(job, planned.command_to(out))
+        result = finalize_checkpoint(
+            job.plan, job.layout, out, job.sources, plan_key=key, model_card=card, force=force, checksums=checksums
+        )
+        _report(job.plan, result, quiet)
+        return
+    chosen = [shard.name for shard in select_shards(shards or "", job.layout.shards)]
     with _progress(job.layout, quiet) as (progress, on_shard):
         result = write_some_shards(
             job.layout, out, job.sources, chosen, plan_key=key, dense=dense, reflink=reflink, progress=progress,
@@ -596,7 +624,7 @@ def apply(
         )
 
 
-def _one_output(argument: Path | None, option: Path | None) -> Path | None:
+def _one_output(argument: Path | str | None, option: Path | str | None) -> Path | str | None:
     if argument is not None and option is not None and os.path.abspath(argument) != os.path.abspath(option):
         raise click.UsageError(
             f"the output folder is given twice, as OUT {argument} and as --out {option}; give it once"
@@ -775,7 +803,7 @@ def demo(keep: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
 
 
 @cli.command("verify")
-@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("folder", type=SOURCE)
 @click.option(
     "--src",
     "sources",

@@ -57,6 +57,10 @@ class ShardStats:
     (FIEMAP); None where the platform cannot tell."""
     fetched: int = 0
     """Source bytes read by ranged GETs from sources by URL."""
+    sent: int = 0
+    """Bytes uploaded to an object store by this process."""
+    server_copied: int = 0
+    """Bytes of the output an object store copied itself (``UploadPartCopy``): none passed through here."""
 
     def __add__(self, other: ShardStats) -> ShardStats:
         return ShardStats(
@@ -67,6 +71,8 @@ class ShardStats:
             self.copies + other.copies,
             None if self.shared is None or other.shared is None else self.shared + other.shared,
             self.fetched + other.fetched,
+            self.sent + other.sent,
+            self.server_copied + other.server_copied,
         )
 
 
@@ -262,7 +268,7 @@ class ShardWriter:
         else:
             if len(self._converters) >= KEPT_CONVERTERS:
                 del self._converters[next(iter(self._converters))]
-            self._converters[key] = _converters(tensor.source.dtype, tensor.dtype, op)
+            self._converters[key] = converters_for(tensor.source.dtype, tensor.dtype, op)
         return self._converters[key]
 
     def _finish(self, pending: tuple[Future[Any], int, int] | None, fd: int) -> None:
@@ -291,7 +297,7 @@ class ShardWriter:
         self.close()
 
 
-def _converters(src_dtype: str, dst_dtype: str, op: Convert) -> list[ChunkConverter]:
+def converters_for(src_dtype: str, dst_dtype: str, op: Convert) -> list[ChunkConverter]:
     """The cast-and-scale stages of a conversion: to its working dtype, then to the output's."""
     from shardsurgeon.numerics import ChunkConverter  # numpy loads only when a run converts
 

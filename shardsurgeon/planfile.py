@@ -42,7 +42,7 @@ class PlannedJob:
     job: Job
     command: str
 
-    def command_to(self, out: Path) -> str:
+    def command_to(self, out: Path | str) -> str:
         """The command line of a run writing this job to ``out``, as the model card records it: the
         output by its folder name only (the card leaks no path, and every writer of a plan, in any
         working folder, records the same), after ``merge``'s config as mergekit-yaml writes it

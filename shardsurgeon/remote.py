@@ -4,9 +4,10 @@ Owns the one client for object stores and web servers (obstore, an optional extr
 when a URL is opened) and turns its errors into one-line CheckpointErrors. Reads only: a small
 file whole, or a byte range of a large one, each counted in ``fetched_nbytes``. Never writes.
 
-S3 endpoints and credentials come from the environment as the AWS tools read them
-(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ...), never
-from a command line. Redirects (the Hub's ``resolve/`` URLs answer 302 to a CDN) are followed; a
+S3 endpoints and credentials come from where the AWS tools read them: the environment
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ...) and, with
+boto3 installed (the ``remote`` extra has it), ``AWS_PROFILE`` and the ``~/.aws`` files, resolved by
+:func:`s3.obstore_config`; never from a command line. Redirects (the Hub's ``resolve/`` URLs answer 302 to a CDN) are followed; a
 server that answers a range request with the whole file (200 instead of 206) is refused, so a 70B
 shard is never downloaded by accident. Requests that fail for a dropped connection or a 5xx are
 retried with exponential backoff a bounded number of times.
@@ -208,14 +209,20 @@ def _store_for(url: str) -> Any:
     }
     options: Any = {"connect_timeout": "10s", "timeout": "60s"}
     if url.startswith("s3://"):
+        from shardsurgeon.s3 import obstore_config
+
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        config: Any
+        config, credentials = obstore_config()  # with boto3 installed: profiles and config files too
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or config.get("endpoint")
+        if endpoint:
+            config["endpoint"] = endpoint
         if endpoint and endpoint.startswith("http://"):
             options["allow_http"] = True
-        config: Any = {"endpoint": endpoint} if endpoint else {}
         return S3Store(
-            bucket, prefix=prefix.rstrip("/") or None, config=config, client_options=options, retry_config=retry
-        )
+            bucket, prefix=prefix.rstrip("/") or None, config=config, client_options=options, retry_config=retry,
+            credential_provider=credentials,
+        )  # fmt: skip
     if url.startswith("http://"):
         options["allow_http"] = True
     return HTTPStore.from_url(url.rstrip("/"), client_options=options, retry_config=retry)

@@ -7,20 +7,17 @@ This is the library's entry point for writing; it sequences :mod:`output`, :mod:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from shardsurgeon import hfdir, identity, output, publish
-from shardsurgeon.checkpoint import TensorRef, check_remote_unchanged
-from shardsurgeon.checksums import write_manifest
-from shardsurgeon.errors import OutputError, safe_text
-from shardsurgeon.execute import Reflink, ShardStats, check_reflink
-from shardsurgeon.layout import Layout, PlacedTensor, ShardLayout
+from shardsurgeon import output, publish
+from shardsurgeon.errors import DestinationError, OutputError, safe_text
+from shardsurgeon.execute import Reflink, check_reflink
+from shardsurgeon.finish import RunResult, announcer, check_sources_unchanged, resume_key, write_small_files
+from shardsurgeon.layout import Layout, ShardLayout
 from shardsurgeon.plan import Plan, Zeros
 from shardsurgeon.runners import InProcess, Runner, worker_tag, write_shards
 from shardsurgeon.source import Source
@@ -31,27 +28,10 @@ SMALL_FILES_ALLOWANCE = 64 << 20
 """Room kept free for the config, index, tokenizer and model card when checking disk space."""
 
 
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    """What a run did; bytes are file bytes (headers included), holes are zeros left unwritten."""
-
-    out: Path
-    tensors: int
-    shards: int
-    shards_reused: int
-    written: int
-    holes: int
-    seconds: float
-    notes: tuple[str, ...] = ()
-    """What was done beyond the run itself, such as recovering from an interrupted commit."""
-    stats: ShardStats = field(default_factory=ShardStats)
-    """What writing the shards of this run did: bytes copied, converted, shared with the source."""
-
-
 def write_checkpoint(
     plan: Plan,
     layout: Layout,
-    out: Path,
+    out: Path | str,
     sources: Mapping[str, Source],
     *,
     model_card: str,
@@ -65,6 +45,9 @@ def write_checkpoint(
 ) -> RunResult:
     """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run.
 
+    ``out`` is a local folder, or an S3 folder given as an ``s3://`` URL (:mod:`s3output`; there a
+    zero tensor is never a hole, ``dense`` changes nothing, and ``runner`` must be None).
+
     With ``checksums``, the output also holds every tensor's CRC-32 (:mod:`checksums`).
 
     ``progress`` counts tensor bytes (those of shards kept from an interrupted run first);
@@ -72,12 +55,46 @@ def write_checkpoint(
     (default: this process). The output is claimed for the whole run (checked, locked, recovered:
     see ``output.Destination``) and published only if no source file changed meanwhile.
     """
+    if isinstance(out, str):
+        return _write_s3(plan, layout, out, sources, model_card, force, reflink, checksums, progress, on_shard, runner)
     out = _named(out)
     with output.Destination(out, _folders(sources), force, files=_shard_paths(sources)) as destination:
         result = _write(
             plan, layout, destination, sources, model_card, dense, reflink, checksums, progress, on_shard, runner
         )  # fmt: skip
     return dataclasses.replace(result, notes=destination.notes)
+
+
+def _write_s3(
+    plan: Plan,
+    layout: Layout,
+    out: str,
+    sources: Mapping[str, Source],
+    model_card: str,
+    force: bool,
+    reflink: Reflink,
+    checksums: bool,
+    progress: Progress | None,
+    on_shard: ShardStarted | None,
+    runner: Runner | None,
+) -> RunResult:
+    if not out.startswith("s3://"):
+        raise DestinationError(
+            f"--out {safe_text(out)}: a web server is read-only; write to a local folder or to s3://BUCKET/FOLDER"
+        )
+    if runner is not None and not isinstance(runner, InProcess):
+        raise DestinationError(
+            f"--out {safe_text(out)}: parallel writers (--jobs, --ray) write to a local folder; on S3 one process "
+            "already sends several parts at once: drop the flag"
+        )
+    if reflink == "always":
+        raise DestinationError(f"--out {safe_text(out)}: --reflink always needs a local XFS or btrfs folder")
+    from shardsurgeon.s3output import write_checkpoint_s3  # boto3 loads only for an S3 output
+
+    return write_checkpoint_s3(
+        plan, layout, out, sources, resume_key=resume_key(plan, layout, sources), model_card=model_card,
+        force=force, checksums=checksums, progress=progress, on_shard=on_shard,
+    )  # fmt: skip
 
 
 def write_some_shards(
@@ -111,7 +128,7 @@ def write_some_shards(
         output.check_room(staging, sum(_bytes_to_write(s, dense) for s in todo))
         for shard in done:
             progress(shard.nbytes - len(shard.header))
-        begins = _announcer(layout, on_shard)
+        begins = announcer(layout, on_shard)
         stats = write_shards(todo, staging, dense, reflink, progress, begins, worker_tag())
     return RunResult(
         out, sum(len(s.tensors) for s in wanted), len(wanted), len(done), stats.written, stats.holes,
@@ -173,16 +190,6 @@ def _shard_paths(sources: Mapping[str, Source]) -> list[Path]:
     ]
 
 
-def _announcer(layout: Layout, on_shard: ShardStarted | None) -> Callable[[ShardLayout], None]:
-    numbers = {shard.name: number for number, shard in enumerate(layout.shards, start=1)}
-
-    def begins(shard: ShardLayout) -> None:
-        if on_shard is not None:
-            on_shard(shard.name, numbers[shard.name], len(layout.shards))
-
-    return begins
-
-
 def _write(
     plan: Plan,
     layout: Layout,
@@ -200,7 +207,7 @@ def _write(
     out = destination.out
     progress = progress or (lambda nbytes: None)
     check_reflink(layout, out, reflink)
-    staging, _ = output.open_staging(out, _resume_key(plan, layout, sources))
+    staging, _ = output.open_staging(out, resume_key(plan, layout, sources))
     seen = publish.folder_identity(staging)
     # a shard an interrupted run finished is kept only if every byte is what the plan says: checked
     # against the sources, not trusted by its size and header (a disk error, a stray edit)
@@ -220,7 +227,7 @@ def _write(
     for shard in layout.shards:
         if shard.name in done:
             progress(shard.nbytes - len(shard.header))
-    stats = (runner or InProcess()).run(todo, staging, dense, reflink, progress, _announcer(layout, on_shard))
+    stats = (runner or InProcess()).run(todo, staging, dense, reflink, progress, announcer(layout, on_shard))
     _publish(plan, layout, destination, staging, sources, model_card, seen, checksums)
     return RunResult(
         out, len(plan.tensors), len(layout.shards), len(done), stats.written, stats.holes,
@@ -241,75 +248,15 @@ def _publish(
     """The small files, a last check that no source changed since it was read, and the commit; the
     staging folder must still be the one ``seen`` when the run took it."""
     output.check_staging(staging, seen)
-    _write_small_files(staging, plan, layout, sources[plan.recipe.donor].folder, model_card, checksums)
+    donor = sources[plan.recipe.donor].folder
+    write_small_files(staging, plan, layout, donor, model_card, checksums, lambda name: staging / name)
     output.check_staging(staging, seen)
     # as the plan saw them: a source that changed between planning and writing is caught too
-    identity.check_unchanged(
-        shard.identity or identity.record([shard.path])[0]
-        for source in sources.values()
-        for shard in source.checkpoint.shards
-        if isinstance(shard.path, Path)
-    )
-    check_remote_unchanged([shard for source in sources.values() for shard in source.checkpoint.shards])
+    check_sources_unchanged(sources)
     destination.commit(staging)
-
-
-def _write_small_files(
-    staging: Path, plan: Plan, layout: Layout, donor: Path | str, model_card: str, checksums: bool
-) -> None:
-    """config.json, the index, the donor's other files, the model card and, with ``checksums``, the
-    tensors' checksums, each fsynced."""
-
-    def write_card() -> None:
-        (staging / "README.md").write_text(model_card, encoding="utf-8")
-        output.fsync_file(staging / "README.md")
-
-    steps: list[tuple[str, Callable[[], object]]] = [
-        ("config.json", lambda: hfdir.write_json(staging / "config.json", plan.config)),
-        ("the index", lambda: hfdir.write_index(staging, layout)),
-        (f"the other files of {donor}", lambda: hfdir.copy_other_files(donor, staging)),
-        ("README.md", write_card),
-    ]
-    if checksums:
-        shards = {s.name: [_written(staging / s.name, placed) for placed in s.tensors] for s in layout.shards}
-        steps.append(("the checksums", lambda: write_manifest(staging, shards)))
-    for what, step in steps:
-        try:
-            step()
-        except OSError as e:
-            raise OutputError(
-                f"{staging}: cannot write {what}: {e.strerror or e}; fix that and run the same command again, "
-                "the shards written are kept"
-            ) from None
-
-
-def _written(path: Path, placed: PlacedTensor) -> TensorRef:
-    """Where a planned tensor is in the shard written at ``path``."""
-    tensor = placed.tensor
-    return TensorRef(tensor.name, path, tensor.dtype, tensor.shape, placed.offset, tensor.nbytes)
 
 
 def _bytes_to_write(shard: ShardLayout, dense: bool) -> int:
     return len(shard.header) + sum(
         p.tensor.nbytes for p in shard.tensors if dense or not isinstance(p.tensor.op, Zeros)
     )
-
-
-def _resume_key(plan: Plan, layout: Layout, sources: Mapping[str, Source]) -> str:
-    """Identifies a run: the plan, the shard names, and the exact source files.
-
-    A source file is its path, size, mtime, and inode number and ctime, which no tool can set back:
-    a source rewritten in place with its old mtime (``cp -p``, ``rsync``) is a different run.
-    """
-    digest = hashlib.sha256(plan.fingerprint.encode())
-    for shard in layout.shards:
-        digest.update(shard.name.encode())
-    for model in sources.values():
-        for source in model.checkpoint.shards:
-            if isinstance(source.path, str):  # by URL: the file's size and its header's digest
-                digest.update(repr((source.path, source.nbytes, source.header_sha256)).encode())
-                continue
-            seen = source.identity or identity.record([source.path])[0]  # as the plan saw it
-            described = (seen.path.resolve(), seen.nbytes, seen.mtime_ns, seen.device, seen.inode, seen.ctime_ns)
-            digest.update(repr(described).encode())
-    return digest.hexdigest()

@@ -122,29 +122,35 @@ def weed_binary() -> str | None:
 class SeaweedFS:
     endpoint: str
     pid: int
+    ports: dict[str, int]
+    """The ports it listens on, to start it again on the same ones."""
 
 
 @contextlib.contextmanager
-def seaweedfs(data: Path, extra: tuple[str, ...] = ()) -> Iterator[SeaweedFS]:
-    """``weed server -s3`` on free ports with its data under ``data``; no identities unless ``extra``
-    passes ``-s3.config``, so any credentials are accepted. Stopped (terminate, then kill) by the
-    process id started here."""
+def seaweedfs(
+    data: Path, extra: tuple[str, ...] = (), volume_mb: int = 8, volumes: int = 4, ports: dict[str, int] | None = None
+) -> Iterator[SeaweedFS]:
+    """``weed server -s3`` on free ports (or ``ports``, to restart a server where it was) with its data
+    under ``data``, in ``volumes`` volumes of ``volume_mb`` MB; no identities unless ``extra`` passes
+    ``-s3.config``, so any credentials are accepted. Stopped (terminate, then kill) by the process
+    id started here."""
     weed = weed_binary()
     assert weed is not None
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
-    grpc = {name: free_port() for name in ports}
+    servers = ("master", "volume", "filer", "s3")
+    ports = ports or {name: free_port() for name in (*servers, *(f"{server}.grpc" for server in servers))}
+    grpc = {name: ports[f"{name}.grpc"] for name in servers}
     args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"]
-    args += [f"-{name}.port={port}" for name, port in ports.items()]
+    args += [f"-{name}.port={ports[name]}" for name in servers]
     args += [f"-{name}.port.grpc={port}" for name, port in grpc.items()]
     args += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
-    args += ["-master.volumeSizeLimitMB=8", "-volume.max=4", *extra]
+    args += [f"-master.volumeSizeLimitMB={volume_mb}", f"-volume.max={volumes}", *extra]
     data.mkdir(parents=True, exist_ok=True)
-    with open(data / "weed.log", "wb") as log:
+    with open(data / "weed.log", "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     try:
         _wait_for_s3(endpoint, proc, data / "weed.log")
-        yield SeaweedFS(endpoint, proc.pid)
+        yield SeaweedFS(endpoint, proc.pid, ports)
     finally:
         proc.terminate()
         try:
@@ -152,7 +158,7 @@ def seaweedfs(data: Path, extra: tuple[str, ...] = ()) -> Iterator[SeaweedFS]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-        for port in [*ports.values(), *grpc.values()]:  # weed leaves unix sockets in the temp folder
+        for port in ports.values():  # weed leaves unix sockets in the temp folder
             for socket_file in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
                 socket_file.unlink(missing_ok=True)
 

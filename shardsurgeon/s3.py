@@ -1,0 +1,135 @@
+"""The S3 client that writes: one boto3 client per run, configured the standard way, and its errors.
+
+boto3 (in the ``remote`` extra, imported only when an ``s3://`` output is given) resolves endpoint,
+region and credentials as every AWS tool does: the environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...), then ``~/.aws/config`` and ``~/.aws/credentials``, then
+the instance's role. Nothing of them is ever taken from a command line or written anywhere.
+obstore, which reads, gets the same credentials and endpoint from here (:func:`obstore_config`).
+
+Owns turning a botocore failure into one line that names the object: unknown bucket, access
+denied, a lost connection (retried by botocore with backoff a bounded number of times first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shardsurgeon.errors import OutputError, safe_text
+
+EXTRA_HINT = "writing to S3 needs the remote extra: pip install 'shardsurgeon[remote]'"
+MAX_ATTEMPTS = 6
+"""Attempts of one request (botocore's standard retry mode: exponential backoff with jitter)."""
+
+
+@dataclass(frozen=True, slots=True)
+class S3Location:
+    """``s3://bucket/key``: an object, or with a trailing ``/`` a folder (a key prefix)."""
+
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        bucket, _, key = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise OutputError(f"{safe_text(url)}: no bucket in the URL; write s3://BUCKET/FOLDER")
+        return cls(bucket, key)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def folder(self) -> S3Location:
+        """This location as a folder: the key ends with one ``/`` (the bucket's root has none)."""
+        return S3Location(self.bucket, self.key.rstrip("/") + "/" if self.key.strip("/") else "")
+
+    def child(self, name: str) -> S3Location:
+        return S3Location(self.bucket, self.folder().key + name)
+
+
+def boto3_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("boto3") is not None
+
+
+def client() -> Any:
+    """A boto3 S3 client with bounded retries and timeouts; checksums only where a request needs
+    them, which S3-compatible stores (MinIO, Ceph, R2, SeaweedFS) all accept."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise OutputError(EXTRA_HINT) from None
+    config = Config(
+        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=300,  # a server-side copy of a large part answers only when done
+        max_pool_connections=16,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+def obstore_config() -> tuple[dict[str, str], Any]:
+    """What obstore needs to read from the same store as boto3 writes to: the endpoint (from the
+    environment or a profile's ``endpoint_url``), the region, and a credential provider when boto3
+    finds credentials (None: obstore's own search of the environment)."""
+    try:
+        import boto3
+    except ImportError:
+        return {}, None
+    session = boto3.session.Session()
+    config: dict[str, str] = {}
+    endpoint = session.client("s3").meta.endpoint_url
+    if endpoint and "amazonaws.com" not in endpoint:
+        config["endpoint"] = endpoint
+    if session.region_name:
+        config["region"] = session.region_name
+    if session.get_credentials() is None:
+        return config, None
+    from obstore.auth.boto3 import Boto3CredentialProvider
+
+    return config, Boto3CredentialProvider(session)
+
+
+def error_code(error: Exception) -> str:
+    """The S3 error code of a botocore ClientError (``NoSuchKey``, ``PreconditionFailed``...), else ``""``."""
+    response = getattr(error, "response", None)
+    if not isinstance(response, dict):
+        return ""
+    return str(response.get("Error", {}).get("Code", "")) or str(
+        response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+    )
+
+
+def describe(where: S3Location, doing: str, error: Exception) -> OutputError:
+    """``error`` (from boto3) of ``doing`` at ``where`` as one line that says what to do."""
+    code = error_code(error)
+    place = safe_text(where.url)
+    if code in ("NoSuchBucket",):
+        return OutputError(
+            f"{place}: bucket {safe_text(where.bucket)!r} not found (while {doing}); check the bucket name and "
+            "AWS_ENDPOINT_URL, or create the bucket"
+        )
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+        return OutputError(
+            f"{place}: access denied ({code}) while {doing}; check the credentials (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and that the bucket exists and its policy allows writing"
+        )
+    detail = safe_text(" ".join(str(error).split()), 300)
+    return OutputError(
+        f"{place}: {doing} failed: {detail}; requests were retried {MAX_ATTEMPTS - 1} times with backoff; run the "
+        "same command again to resume, finished shards are kept"
+    )
+
+
+def is_client_error(error: BaseException) -> bool:
+    """Whether ``error`` is one of boto3's own (a refusal or a lost connection), not a bug of ours."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return False
+    return isinstance(error, ClientError | BotoCoreError)

@@ -1,0 +1,276 @@
+"""Write a planned checkpoint to an S3 folder (``--out s3://bucket/prefix``): claim, resume, shards,
+the small files, and publishing by writing the completing files last.
+
+S3 has no rename, so nothing can appear at once: shards are written under their final names (each
+appears whole when its multipart upload completes), and the folder holds a checkpoint only once
+``config.json`` is there with the index or the single shard. They are written last, after every
+shard, and ``config.json`` with ``If-None-Match: *``, so of two runs racing to one folder only one
+can publish. A run:
+
+1. claims the folder (:mod:`s3lock`);
+2. looks at what the folder holds: a complete checkpoint, or anything else not left by an
+   unfinished run of shardsurgeon, is refused without ``force`` (with it, the old ``config.json``
+   and index go first, so that no reader sees old and new mixed); an unfinished run's shards are
+   kept if its resume record names this very run and each one's size and header are right, else
+   removed; unfinished multipart uploads under the folder are aborted;
+3. writes the resume record ``.shardsurgeon-resume``, then the missing shards (:mod:`s3shards`);
+4. uploads the small files, checks that no source changed, writes the index, then ``config.json``;
+5. removes what is not part of the output: the record, the zeros and scratch objects, and with
+   ``force`` the old checkpoint's other files.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from shardsurgeon import s3
+from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+from shardsurgeon.errors import OutputError, safe_text
+from shardsurgeon.execute import ShardStats
+from shardsurgeon.finish import RunResult, announcer, check_sources_unchanged, write_small_files
+from shardsurgeon.layout import Layout, ShardLayout
+from shardsurgeon.parts import ZEROS_NBYTES
+from shardsurgeon.plan import Plan, Zeros
+from shardsurgeon.remote import SourceFiles
+from shardsurgeon.s3 import S3Location, describe, error_code
+from shardsurgeon.s3lock import LOCK_NAME, S3Claim
+from shardsurgeon.s3shards import SCRATCH, S3ShardWriter
+from shardsurgeon.source import Source
+from shardsurgeon.units import Progress, ShardStarted
+
+RESUME_NAME = ".shardsurgeon-resume"
+ZEROS_NAME = ".shardsurgeon-zeros"
+COMPLETING = (INDEX_FILE, SINGLE_FILE, CONFIG_FILE)
+"""Files whose presence makes a folder a checkpoint; removed first when ``force`` replaces one."""
+MAX_LISTED = 100_000
+
+
+def write_checkpoint_s3(
+    plan: Plan,
+    layout: Layout,
+    out: str,
+    sources: Mapping[str, Source],
+    *,
+    resume_key: str,
+    model_card: str,
+    force: bool = False,
+    checksums: bool = False,
+    progress: Progress | None = None,
+    on_shard: ShardStarted | None = None,
+) -> RunResult:
+    """Write ``plan`` laid out as ``layout`` to the S3 folder ``out``, resuming an interrupted run
+    whose resume record is ``resume_key``."""
+    started = time.monotonic()
+    progress = progress or (lambda nbytes: None)
+    folder = S3Location.parse(out).folder()
+    client = s3.client()
+    _check_bucket(client, folder)
+    with S3Claim(client, folder) as claim:
+        store = _Folder(client, folder)
+        strays = _prepare(store, layout, resume_key, force)
+        done = [s for s in layout.shards if s.name in strays.kept and store.holds(s)]
+        for shard in done:
+            progress(shard.nbytes - len(shard.header))
+        todo = [s for s in layout.shards if s not in done]
+        zeros = store.zeros_object() if any(isinstance(p.tensor.op, Zeros) for s in todo for p in s.tensors) else None
+        stats = ShardStats(sent=ZEROS_NBYTES if zeros else 0)
+        begins = announcer(layout, on_shard)
+        with SourceFiles() as files, S3ShardWriter(client, folder, files, zeros, progress) as writer:
+            for shard in todo:
+                claim.check()
+                begins(shard)
+                stats += writer.write(shard, claim.check)
+        stats += _publish(store, plan, layout, sources, model_card, checksums, claim)
+        store.remove([*strays.old, RESUME_NAME, ZEROS_NAME, *store.names(SCRATCH)])
+    return RunResult(
+        folder.url, len(plan.tensors), len(layout.shards), len(done), stats.written, 0, time.monotonic() - started,
+        stats=stats,
+    )  # fmt: skip
+
+
+class _Strays:
+    def __init__(self, kept: set[str], old: list[str]):
+        self.kept = kept
+        """Shards an unfinished run of this plan left, to be checked and kept."""
+        self.old = old
+        """Files of a replaced checkpoint that are not part of the new one: removed once it is published."""
+
+
+def _prepare(store: _Folder, layout: Layout, resume_key: str, force: bool) -> _Strays:
+    names = store.names("")
+    own = {LOCK_NAME, RESUME_NAME, ZEROS_NAME}
+    others = [name for name in names if name not in own and not name.startswith(SCRATCH)]
+    complete = CONFIG_FILE in names and (INDEX_FILE in names or SINGLE_FILE in names)
+    new = {s.name for s in layout.shards} | {CONFIG_FILE, INDEX_FILE, "README.md"}
+    store.abort_uploads()
+    if RESUME_NAME in names and not complete:  # an unfinished run: everything here is its own
+        same = store.read_record() == resume_key
+        kept = {name for name in others if same and name in {s.name for s in layout.shards}}
+        store.remove([name for name in others if name not in kept])
+        store.write_record(resume_key)
+        return _Strays(kept, [])
+    if others and not force:
+        shown = ", ".join(safe_text(name, 60) for name in others[:3]) + (", ..." if len(others) > 3 else "")
+        what = "a checkpoint" if complete else f"{len(others)} objects"
+        raise OutputError(
+            f"--out {safe_text(store.folder.url)}: already holds {what} ({shown}); pass --force to replace it, or "
+            "choose an empty folder"
+        )
+    store.remove([name for name in COMPLETING if name in names])  # from now on no reader sees a checkpoint
+    store.write_record(resume_key)
+    return _Strays(set(), [name for name in others if name not in new and name not in COMPLETING])
+
+
+def _publish(
+    store: _Folder,
+    plan: Plan,
+    layout: Layout,
+    sources: Mapping[str, Source],
+    model_card: str,
+    checksums: bool,
+    claim: S3Claim,
+) -> ShardStats:
+    """The small files, then the index, then config.json: the folder is a checkpoint from then on."""
+    donor = sources[plan.recipe.donor].folder
+    sent = 0
+    with tempfile.TemporaryDirectory(prefix="shardsurgeon-") as scratch:
+        local = Path(scratch)
+        write_small_files(local, plan, layout, donor, model_card, checksums, lambda name: store.folder.child(name).url)
+        last = [name for name in (INDEX_FILE, CONFIG_FILE) if (local / name).exists()]
+        for path in sorted(local.iterdir()):
+            if path.name not in last:
+                sent += store.put(path.name, path.read_bytes())
+        check_sources_unchanged(sources)
+        claim.check()
+        for name in last:
+            sent += store.put(name, (local / name).read_bytes(), create=name == CONFIG_FILE)
+    return ShardStats(sent=sent)
+
+
+class _Folder:
+    """The objects under one S3 folder, by name relative to it."""
+
+    def __init__(self, client: Any, folder: S3Location):
+        self._client = client
+        self.folder = folder
+
+    def _call(self, name: str, doing: str, method: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        where = self.folder.child(name)
+        try:
+            return method(Bucket=where.bucket, Key=where.key, **kwargs)
+        except (ClientError, BotoCoreError) as e:
+            raise describe(where, doing, e) from None
+
+    def names(self, under: str) -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        prefix = self.folder.key + under
+        names: list[str] = []
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.folder.bucket, Prefix=prefix
+            ):
+                names += [item["Key"].removeprefix(self.folder.key) for item in page.get("Contents", [])]
+                if len(names) > MAX_LISTED:
+                    break
+        except (ClientError, BotoCoreError) as e:
+            raise describe(self.folder, "listing the folder", e) from None
+        return sorted(names)
+
+    def abort_uploads(self) -> None:
+        """Abort every unfinished multipart upload under the folder (a killed run's)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.folder.bucket, Prefix=self.folder.key
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    self._client.abort_multipart_upload(
+                        Bucket=self.folder.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+        except (ClientError, BotoCoreError) as e:
+            raise describe(self.folder, "aborting the unfinished uploads of an earlier run", e) from None
+
+    def remove(self, names: list[str]) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        for start in range(0, len(names), 1000):
+            batch = [{"Key": self.folder.key + name} for name in names[start : start + 1000]]
+            try:
+                self._client.delete_objects(Bucket=self.folder.bucket, Delete={"Objects": batch, "Quiet": True})
+            except (ClientError, BotoCoreError) as e:
+                raise describe(self.folder, "removing objects", e) from None
+
+    def put(self, name: str, data: bytes, create: bool = False) -> int:
+        """Write the object ``name``; with ``create``, only if there is none (else another run published)."""
+        from botocore.exceptions import ClientError
+
+        where = self.folder.child(name)
+        try:
+            self._client.put_object(
+                Bucket=where.bucket, Key=where.key, Body=data, **({"IfNoneMatch": "*"} if create else {})
+            )
+        except ClientError as e:
+            if create and error_code(e) in ("PreconditionFailed", "412"):
+                raise OutputError(
+                    f"--out {safe_text(self.folder.url)}: another run published a checkpoint there during this one; "
+                    "it is left as it is: pass --force to replace it"
+                ) from None
+            raise describe(where, f"writing {name}", e) from None
+        return len(data)
+
+    def read_record(self) -> str | None:
+        try:
+            answer = self._call(RESUME_NAME, "reading the resume record", self._client.get_object)
+            record = json.loads(answer["Body"].read(4096))
+        except (OutputError, ValueError):
+            return None
+        return record.get("key") if isinstance(record, dict) else None
+
+    def write_record(self, key: str) -> None:
+        self.put(RESUME_NAME, json.dumps({"key": key}).encode())
+
+    def zeros_object(self) -> str:
+        self.put(ZEROS_NAME, bytes(ZEROS_NBYTES))
+        return self.folder.child(ZEROS_NAME).url
+
+    def holds(self, shard: ShardLayout) -> bool:
+        """Whether the object of ``shard`` has its size and header: a finished upload of this plan."""
+        try:
+            head = self._call(shard.name, "checking a finished shard", self._client.head_object)
+            if head["ContentLength"] != shard.nbytes:
+                return False
+            answer = self._call(
+                shard.name,
+                "checking a finished shard",
+                self._client.get_object,
+                Range=f"bytes=0-{len(shard.header) - 1}",
+            )
+            return bool(answer["Body"].read() == shard.header)
+        except OutputError:
+            return False
+
+
+def _check_bucket(client: Any, folder: S3Location) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.head_bucket(Bucket=folder.bucket)
+    except ClientError as e:
+        if error_code(e) in ("404", "NoSuchBucket", "NotFound"):
+            raise OutputError(
+                f"--out {safe_text(folder.url)}: bucket {safe_text(folder.bucket)!r} not found; check the bucket name "
+                "and AWS_ENDPOINT_URL, or create the bucket"
+            ) from None
+        raise describe(folder, "opening the bucket", e) from None
+    except BotoCoreError as e:
+        raise describe(folder, "opening the bucket", e) from None
