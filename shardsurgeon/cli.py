@@ -180,7 +180,9 @@ def _writing_options(command: F) -> F:
     """The options that ``expand`` and ``merge`` share: output, layout, planning and verbosity."""
     options = [
         click.option(
-            "--out", type=OUTPUT, help="Output folder (must not exist, or be empty), or an S3 folder s3://BUCKET/FOLDER."
+            "--out",
+            type=OUTPUT,
+            help="Output folder (must not exist, or be empty), or an S3 folder s3://BUCKET/FOLDER.",
         ),
         click.option(
             "--max-shard-size",
@@ -706,6 +708,13 @@ def _progress(
 def _summary(plan: Plan, result: RunResult) -> str:
     reused = f" ({result.shards_reused} kept from an interrupted run)" if result.shards_reused else ""
     shards = "1 shard" if result.shards == 1 else f"{result.shards} shards"
+    if isinstance(result.out, str):  # an object store: no holes, and the bytes that crossed the network
+        stats = result.stats
+        return (
+            f"shardsurgeon: {plan.layers_in} -> {plan.output_layers} layers, {result.tensors} tensors, "
+            f"{shards}{reused}, {format_bytes(result.written)} written ({format_bytes(stats.server_copied)} copied "
+            f"by the server, {format_bytes(stats.sent)} sent{_fetched(result)}), {result.seconds:.1f} s -> {result.out}"
+        )
     return (
         f"shardsurgeon: {plan.layers_in} -> {plan.output_layers} layers, {result.tensors} tensors, "
         f"{shards}{reused}, {format_bytes(result.written)} written ({_bytes_by_kind(result)}), "
