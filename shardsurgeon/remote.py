@@ -7,8 +7,9 @@ file whole, or a byte range of a large one, each counted in ``fetched_nbytes``. 
 S3 endpoints and credentials come from where the AWS tools read them: the environment
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ...) and, with
 boto3 installed (the ``remote`` extra has it), ``AWS_PROFILE`` and the ``~/.aws`` files, resolved by
-:func:`s3.obstore_config`; never from a command line. Redirects (the Hub's ``resolve/`` URLs answer 302 to a CDN) are followed; a
-server that answers a range request with the whole file (200 instead of 206) is refused, so a 70B
+:func:`s3.obstore_config`; never from a command line.
+
+Redirects (the Hub's ``resolve/`` URLs answer 302 to a CDN) are followed; a server that answers a range request with the whole file (200 instead of 206) is refused, so a 70B
 shard is never downloaded by accident. Requests that fail for a dropped connection or a 5xx are
 retried with exponential backoff a bounded number of times.
 """
