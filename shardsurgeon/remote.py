@@ -1,7 +1,7 @@
 """Checkpoint files behind a URL: ``s3://bucket/prefix`` or ``https://host/folder/``, read by range.
 
-Owns the one client for object stores and web servers (obstore, an optional extra imported only
-when a URL is opened) and turns its errors into one-line CheckpointErrors. Reads only: a small
+Owns the client that reads from object stores and web servers (obstore, an optional extra imported
+only when a URL is opened; writing to S3 is :mod:`s3output`'s, with boto3) and turns its errors into one-line CheckpointErrors. Reads only: a small
 file whole, or a byte range of a large one, each counted in ``fetched_nbytes``. Never writes.
 
 S3 endpoints and credentials come from where the AWS tools read them: the environment
@@ -9,8 +9,9 @@ S3 endpoints and credentials come from where the AWS tools read them: the enviro
 boto3 installed (the ``remote`` extra has it), ``AWS_PROFILE`` and the ``~/.aws`` files, resolved by
 :func:`s3.obstore_config`; never from a command line.
 
-Redirects (the Hub's ``resolve/`` URLs answer 302 to a CDN) are followed; a server that answers a range request with the whole file (200 instead of 206) is refused, so a 70B
-shard is never downloaded by accident. Requests that fail for a dropped connection or a 5xx are
+Redirects (the Hub's ``resolve/`` URLs answer 302 to a CDN) are followed; a server that answers a
+range request with the whole file (200 instead of 206) is refused, so a 70B shard is never
+downloaded by accident. Requests that fail for a dropped connection or a 5xx are
 retried with exponential backoff a bounded number of times.
 """
 
