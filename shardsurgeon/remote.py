@@ -1,8 +1,9 @@
 """Checkpoint files behind a URL: ``s3://bucket/prefix`` or ``https://host/folder/``, read by range.
 
-Owns the client that reads from object stores and web servers (obstore, an optional extra imported
-only when a URL is opened; writing to S3 is :mod:`s3output`'s, with boto3) and turns its errors into one-line CheckpointErrors. Reads only: a small
-file whole, or a byte range of a large one, each counted in ``fetched_nbytes``. Never writes.
+Owns the client that reads from object stores and web servers (obstore, an optional extra
+imported only when a URL is opened; writing to S3 is :mod:`s3output`'s, with boto3) and turns its
+errors into one-line CheckpointErrors. Reads only: a small file whole, or a byte range of a large
+one, each counted in ``fetched_nbytes``. Never writes.
 
 S3 endpoints and credentials come from where the AWS tools read them: the environment
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ...) and, with
