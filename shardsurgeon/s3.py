@@ -119,6 +119,20 @@ def describe(where: S3Location, doing: str, error: Exception) -> OutputError:
             f"{place}: access denied ({code}) while {doing}; check the credentials (AWS_ACCESS_KEY_ID, "
             "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and that the bucket exists and its policy allows writing"
         )
+    try:
+        from botocore.exceptions import ConnectionError as LostConnection
+    except ImportError:
+        LostConnection = OSError
+    if isinstance(error, LostConnection):
+        from urllib.parse import urlsplit
+
+        url = urlsplit(str(getattr(error, "kwargs", {}).get("endpoint_url") or ""))
+        endpoint = safe_text(f"{url.scheme}://{url.netloc}" if url.netloc else "the S3 endpoint")
+        return OutputError(
+            f"{place}: {doing} failed: cannot reach {endpoint} (connection refused, lost or timed out, retried "
+            f"{MAX_ATTEMPTS - 1} times with backoff); when the server is back, run the same command again to resume, "
+            "finished shards are kept"
+        )
     detail = safe_text(" ".join(str(error).split()), 300)
     return OutputError(
         f"{place}: {doing} failed: {detail}; requests were retried {MAX_ATTEMPTS - 1} times with backoff; run the "

@@ -16,7 +16,7 @@ can publish. A run:
 3. writes the resume record ``.shardsurgeon-resume``, then the missing shards (:mod:`s3shards`);
 4. uploads the small files, checks that no source changed, writes the index, then ``config.json``;
 5. removes what is not part of the output: the record, the zeros and scratch objects, and with
-   ``force`` the old checkpoint's other files.
+   ``force`` what is left of the old checkpoint.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def write_checkpoint_s3(
     _check_bucket(client, folder)
     with S3Claim(client, folder) as claim:
         store = _Folder(client, folder)
-        strays = _prepare(store, layout, resume_key, force)
-        done = [s for s in layout.shards if s.name in strays.kept and store.holds(s)]
+        kept = _prepare(store, layout, resume_key, force)
+        done = [s for s in layout.shards if s.name in kept and store.holds(s)]
         for shard in done:
             progress(shard.nbytes - len(shard.header))
         todo = [s for s in layout.shards if s not in done]
@@ -85,35 +85,30 @@ def write_checkpoint_s3(
                 claim.check()
                 begins(shard)
                 stats += writer.write(shard, claim.check)
-        stats += _publish(store, plan, layout, sources, model_card, checksums, claim)
-        store.remove([*strays.old, RESUME_NAME, ZEROS_NAME, *store.names(SCRATCH)])
+        published, sent = _publish(store, plan, layout, sources, model_card, checksums, claim)
+        stats += ShardStats(sent=sent)
+        # the record, zeros and scratch objects, and with force what is left of the old checkpoint
+        store.remove([name for name in store.names("") if name not in published and name != LOCK_NAME])
     return RunResult(
         folder.url, len(plan.tensors), len(layout.shards), len(done), stats.written, 0, time.monotonic() - started,
         stats=stats,
     )  # fmt: skip
 
 
-class _Strays:
-    def __init__(self, kept: set[str], old: list[str]):
-        self.kept = kept
-        """Shards an unfinished run of this plan left, to be checked and kept."""
-        self.old = old
-        """Files of a replaced checkpoint that are not part of the new one: removed once it is published."""
-
-
-def _prepare(store: _Folder, layout: Layout, resume_key: str, force: bool) -> _Strays:
+def _prepare(store: _Folder, layout: Layout, resume_key: str, force: bool) -> set[str]:
+    """Check and ready the folder for this run; returns the shards an unfinished run of this very
+    run left, to be checked and kept."""
     names = store.names("")
     own = {LOCK_NAME, RESUME_NAME, ZEROS_NAME}
     others = [name for name in names if name not in own and not name.startswith(SCRATCH)]
     complete = CONFIG_FILE in names and (INDEX_FILE in names or SINGLE_FILE in names)
-    new = {s.name for s in layout.shards} | {CONFIG_FILE, INDEX_FILE, "README.md"}
     store.abort_uploads()
     if RESUME_NAME in names and not complete:  # an unfinished run: everything here is its own
         same = store.read_record() == resume_key
         kept = {name for name in others if same and name in {s.name for s in layout.shards}}
         store.remove([name for name in others if name not in kept])
         store.write_record(resume_key)
-        return _Strays(kept, [])
+        return kept
     if others and not force:
         shown = ", ".join(safe_text(name, 60) for name in others[:3]) + (", ..." if len(others) > 3 else "")
         what = "a checkpoint" if complete else f"{len(others)} objects"
@@ -123,7 +118,7 @@ def _prepare(store: _Folder, layout: Layout, resume_key: str, force: bool) -> _S
         )
     store.remove([name for name in COMPLETING if name in names])  # from now on no reader sees a checkpoint
     store.write_record(resume_key)
-    return _Strays(set(), [name for name in others if name not in new and name not in COMPLETING])
+    return set()
 
 
 def _publish(
@@ -134,8 +129,9 @@ def _publish(
     model_card: str,
     checksums: bool,
     claim: S3Claim,
-) -> ShardStats:
-    """The small files, then the index, then config.json: the folder is a checkpoint from then on."""
+) -> tuple[set[str], int]:
+    """The small files, then the index, then config.json: the folder is a checkpoint from then on.
+    Returns the names of the output's files and the bytes sent."""
     donor = sources[plan.recipe.donor].folder
     sent = 0
     with tempfile.TemporaryDirectory(prefix="shardsurgeon-") as scratch:
@@ -149,7 +145,7 @@ def _publish(
         claim.check()
         for name in last:
             sent += store.put(name, (local / name).read_bytes(), create=name == CONFIG_FILE)
-    return ShardStats(sent=sent)
+        return {s.name for s in layout.shards} | {path.name for path in local.iterdir()}, sent
 
 
 class _Folder:

@@ -166,7 +166,7 @@ class S3ShardWriter:
         check()
         if isinstance(part, Joined):
             source = self._assemble(part, f"{shard.name}.{number}", scratch, made)
-            uploaded = upload.copy(number, source, 0, part.nbytes)
+            uploaded = upload.copy(number, source, 0, part.nbytes, "a part assembled")
         else:
             uploaded = self._put(upload, number, part, made)
         header = len(shard.header)
@@ -185,10 +185,12 @@ class S3ShardWriter:
         """The object ``joined`` stands for, assembled by the server under a scratch name."""
         target = self._folder.child(f"{SCRATCH}{name}")
         base = joined.base
-        upload = _Upload(self._client, target)
+        upload = _Upload(self._client, target, self._folder.child(name.partition(".safetensors")[0] + ".safetensors"))
         try:
             if isinstance(base, Joined):
-                first = upload.copy(1, self._assemble(base, name + "b", scratch, made), 0, base.nbytes)
+                first = upload.copy(
+                    1, self._assemble(base, name + "b", scratch, made), 0, base.nbytes, "a part assembled"
+                )
             else:
                 first = self._put(upload, 1, base, made)
             upload.complete([first, self._put(upload, 2, joined.tail, made)])
@@ -215,11 +217,13 @@ class S3ShardWriter:
 
 
 class _Upload:
-    """One multipart upload, created on first use."""
+    """One multipart upload, created on first use; errors name ``shown`` (the shard a scratch object
+    is for)."""
 
-    def __init__(self, client: Any, target: S3Location):
+    def __init__(self, client: Any, target: S3Location, shown: S3Location | None = None):
         self._client = client
         self._target = target
+        self._shown = shown or target
         self._id: str | None = None
         self._lock = threading.Lock()
 
@@ -236,9 +240,9 @@ class _Upload:
         )  # fmt: skip
         return _Uploaded(number, answer["ETag"])
 
-    def copy(self, number: int, source: S3Location, start: int, nbytes: int) -> _Uploaded:
+    def copy(self, number: int, source: S3Location, start: int, nbytes: int, what: str = "") -> _Uploaded:
         answer = self._call(
-            f"copying part {number} from {source.url} on the server", self._client.upload_part_copy,
+            f"copying {what or source.url} into part {number} on the server", self._client.upload_part_copy,
             CopySource={"Bucket": source.bucket, "Key": source.key},
             CopySourceRange=f"bytes={start}-{start + nbytes - 1}", PartNumber=number, UploadId=self._upload_id(),
         )  # fmt: skip
@@ -264,7 +268,7 @@ class _Upload:
         try:
             return method(Bucket=self._target.bucket, Key=self._target.key, **kwargs)
         except (ClientError, BotoCoreError) as e:
-            raise describe(self._target, doing, e) from None
+            raise describe(self._shown, doing, e) from None
 
 
 def _wait_all(futures: list[Future[_Uploaded]]) -> None:

