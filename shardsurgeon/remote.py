@@ -183,6 +183,13 @@ class RemoteFolder:
         where = safe_text(self.where(name))
         if isinstance(
             error, PermissionError | obstore.exceptions.PermissionDeniedError | obstore.exceptions.UnauthenticatedError
+        ) and not self.url.startswith("s3://"):
+            return CheckpointError(
+                f"{where}: access denied (401/403); a gated or private model on the Hugging Face Hub needs a token: "
+                "set HF_TOKEN (or run hf auth login), and accept the model's terms on its page"
+            )
+        if isinstance(
+            error, PermissionError | obstore.exceptions.PermissionDeniedError | obstore.exceptions.UnauthenticatedError
         ):
             return CheckpointError(
                 f"{where}: access denied; check the credentials in the environment (AWS_ACCESS_KEY_ID, "
@@ -228,7 +235,29 @@ def _store_for(url: str) -> Any:
         )  # fmt: skip
     if url.startswith("http://"):
         options["allow_http"] = True
+    if token := hub_token(url):  # the client drops it on a redirect to another host (the Hub's CDN)
+        options["default_headers"] = {"Authorization": f"Bearer {token}"}
     return HTTPStore.from_url(url.rstrip("/"), client_options=options, retry_config=retry)
+
+
+def hub_token(url: str) -> str | None:
+    """The Hugging Face token for a URL on the Hub (the host of ``HF_ENDPOINT``, else
+    huggingface.co), as the Hub's own tools find it: ``HF_TOKEN``, else the file ``hf auth login``
+    writes (``HF_TOKEN_PATH``, else ``HF_HOME/token``). None for any other host: a token is never
+    sent to a server it was not made for."""
+    from urllib.parse import urlsplit
+
+    hub = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    if (urlsplit(url).scheme, urlsplit(url).netloc) != (hub.scheme, hub.netloc):
+        return None
+    if token := os.environ.get("HF_TOKEN", "").strip():
+        return token
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    path = Path(os.environ.get("HF_TOKEN_PATH") or home / "token")
+    try:
+        return path.read_text(encoding="utf-8").strip()[:1000] or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def local_path(where: Path | str) -> Path:

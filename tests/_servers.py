@@ -2,6 +2,8 @@
 
 ``serve_http`` serves a folder with a stdlib server of our own: ``/ok/...`` honours ``Range`` with
 206, ``/hub/...`` answers 302 to ``/ok/...`` as the Hub's ``resolve/`` URLs redirect to their CDN,
+``/cdn/...`` answers 302 to ``/ok/...`` on ``localhost`` (another host, as the Hub's CDN is),
+``/gated/...`` serves as ``/ok/`` only with ``Authorization: Bearer hf_test`` (else 401),
 ``/norange/...`` ignores ``Range`` and sends the whole file with 200, ``/flaky/...`` drops the
 connection without an answer on every other request (``/dead/...`` on every one), then serves as
 ``/ok/``. Every request is recorded.
@@ -35,11 +37,11 @@ def free_port() -> int:
 @dataclass
 class HttpServer:
     url: str
-    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
-    """(method, path, Range header) of every request, in order."""
+    requests: list[tuple[str, str, str | None, str | None]] = field(default_factory=list)
+    """(method, path, Range header, Authorization header) of every request, in order."""
 
 
-def _handler(root: Path, log: list[tuple[str, str, str | None]]) -> type[BaseHTTPRequestHandler]:
+def _handler(root: Path, log: list[tuple[str, str, str | None, str | None]]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -53,16 +55,23 @@ def _handler(root: Path, log: list[tuple[str, str, str | None]]) -> type[BaseHTT
             self._serve(body=True)
 
         def _serve(self, body: bool) -> None:
-            log.append((self.command, self.path, self.headers.get("Range")))
+            log.append((self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization")))
             mode, _, rest = self.path.lstrip("/").partition("/")
             if mode == "dead" or (mode == "flaky" and len(log) % 2 == 1):
                 self.close_connection = True  # a connection lost: no status line at all
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            if mode in ("flaky", "dead"):
+            if mode == "gated" and self.headers.get("Authorization") != "Bearer hf_test":
+                self._reply(401, b"unauthorized", {}, body)
+                return
+            if mode in ("flaky", "dead", "gated"):
                 mode = "ok"
             if mode == "hub":
                 self._reply(302, b"", {"Location": f"/ok/{rest}"}, body)
+                return
+            if mode == "cdn":
+                port = self.server.server_address[1]
+                self._reply(302, b"", {"Location": f"http://localhost:{port}/ok/{rest}"}, body)
                 return
             path = root / rest
             if mode not in ("ok", "norange") or not rest or ".." in rest or not path.is_file():

@@ -284,3 +284,31 @@ def test_wrong_credentials_are_access_denied_in_one_line(tmp_path, monkeypatch):
         assert run("inspect", "s3://private/m").exit_code == 0
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
         one_line_error(run("inspect", "s3://private/m"), "s3://private/m/", "access denied", "AWS_ACCESS_KEY_ID")
+
+
+def test_a_hub_token_goes_to_the_hub_only_and_not_to_its_cdn(src, http, monkeypatch, tmp_path):
+    """HF_TOKEN is sent to the host of HF_ENDPOINT (the Hub), as the Hub's tools do; the redirect to
+    the CDN, another host, gets no token; any other server never sees it."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    one_line_error(run("inspect", f"{http.url}/gated/"), "access denied (401/403)", "HF_TOKEN")
+    monkeypatch.setenv("HF_ENDPOINT", http.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    http.requests.clear()
+    assert run("inspect", f"{http.url}/gated/").exit_code == 0
+    assert {r[3] for r in http.requests} == {"Bearer hf_test"}
+    http.requests.clear()
+    assert run("inspect", f"{http.url}/cdn/").exit_code == 0
+    assert [r[3] for r in http.requests if r[1].startswith("/cdn/")] and all(
+        r[3] == "Bearer hf_test" for r in http.requests if r[1].startswith("/cdn/")
+    )
+    assert all(r[3] is None for r in http.requests if r[1].startswith("/ok/")), "the CDN never sees the token"
+    monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")
+    http.requests.clear()
+    assert run("inspect", f"{http.url}/ok/").exit_code == 0
+    assert all(r[3] is None for r in http.requests), "another server never sees the token"
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("HF_ENDPOINT", http.url)
+    (tmp_path / "hf-home").mkdir()
+    (tmp_path / "hf-home" / "token").write_text("hf_test\n")
+    assert run("inspect", f"{http.url}/gated/").exit_code == 0, "the token file of hf auth login is read"
