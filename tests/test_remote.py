@@ -312,3 +312,22 @@ def test_a_hub_token_goes_to_the_hub_only_and_not_to_its_cdn(src, http, monkeypa
     (tmp_path / "hf-home").mkdir()
     (tmp_path / "hf-home" / "token").write_text("hf_test\n")
     assert run("inspect", f"{http.url}/gated/").exit_code == 0, "the token file of hf auth login is read"
+
+
+def test_a_killed_run_from_a_url_resumes_byte_identical(src, http, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    flags = ("--dup", "3x2", "--zero", "o_proj,down_proj", "--max-shard-size", "2kB")
+    local, resumed = tmp_path / "local", tmp_path / "resumed"
+    assert run("expand", "--src", src, *flags, "--out", local, "-q").exit_code == 0
+    args = ["expand", "--src", f"{http.url}/ok/", *flags, "--out", str(resumed)]
+    killable = [sys.executable, str(Path(__file__).parent / "_killable.py")]
+    killed = subprocess.run([*killable, "3000", *args], capture_output=True, text=True, env=os.environ.copy())
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    again = subprocess.run([*killable, "0", *args], capture_output=True, text=True, env=os.environ.copy())
+    assert again.returncode == 0, again.stderr
+    assert "kept from an interrupted run" in again.stderr
+    outputs_match(local, resumed)
