@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ class RemoteFolder:
             raise CheckpointError(f"{safe_text(url)}: {EXTRA_HINT}") from None
         self.url = folder_url(url)
         self.fetched_nbytes = 0
+        self._counting = threading.Lock()  # the S3 writer reads from several threads
         self._store = _store_for(self.url)
 
     def where(self, name: str) -> str:
@@ -98,8 +100,12 @@ class RemoteFolder:
             return None
         except (obstore.exceptions.BaseError, OSError) as e:
             raise self._error(name, e) from None
-        self.fetched_nbytes += len(data)
+        self._count(len(data))
         return data
+
+    def _count(self, nbytes: int) -> None:
+        with self._counting:
+            self.fetched_nbytes += nbytes
 
     def file_names(self, otherwise: tuple[str, ...]) -> list[str]:
         """The file names directly under an S3 prefix; for a web server, which cannot list, ``otherwise``."""
@@ -151,7 +157,7 @@ class RemoteFolder:
             ) from None
         except (obstore.exceptions.BaseError, OSError) as e:
             raise self._error(name, e, f"bytes {start}-{end - 1}") from None
-        self.fetched_nbytes += len(data)
+        self._count(len(data))
         if len(data) != end - start:
             raise CheckpointError(
                 f"{safe_text(self.where(name))}: asked for bytes {start}-{end - 1}, received {len(data)} bytes; "
@@ -276,12 +282,14 @@ class RemoteFiles:
 
     def __init__(self) -> None:
         self._folders: dict[str, RemoteFolder] = {}
+        self._opening = threading.Lock()
 
     def read(self, url: str, start: int, nbytes: int) -> bytes:
         """Bytes ``start`` to ``start + nbytes`` of the file at ``url``, exactly (else CheckpointError)."""
         folder, _, name = url.rpartition("/")
-        if folder not in self._folders:
-            self._folders[folder] = RemoteFolder(folder)
+        with self._opening:
+            if folder not in self._folders:
+                self._folders[folder] = RemoteFolder(folder)
         return self._folders[folder].read_range(name, start, start + nbytes) if nbytes else b""
 
     @property
@@ -295,15 +303,17 @@ class SourceFiles:
 
     def __init__(self) -> None:
         self._fds: dict[Path | str, int] = {}
+        self._opening = threading.Lock()
         self.remote = RemoteFiles()
 
     def fd(self, path: Path | str) -> int:
-        if path not in self._fds:
-            try:
-                self._fds[path] = fileio.open_read(local_path(path))
-            except OSError as e:
-                raise CheckpointError(f"{safe_text(path)}: cannot open: {e.strerror}") from None
-        return self._fds[path]
+        with self._opening:  # the S3 writer reads from several threads: each file opened once
+            if path not in self._fds:
+                try:
+                    self._fds[path] = fileio.open_read(local_path(path))
+                except OSError as e:
+                    raise CheckpointError(f"{safe_text(path)}: cannot open: {e.strerror}") from None
+            return self._fds[path]
 
     def read(self, path: Path | str, offset: int, nbytes: int) -> bytes:
         """``nbytes`` of the file at ``path`` from ``offset``; short only past a local file's end."""

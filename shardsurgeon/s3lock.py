@@ -63,6 +63,15 @@ class S3Claim:
                 f"--out {safe_text(self._folder.url)}: {self._lost}; this run stopped, its finished shards are kept"
             )
 
+    def confirm(self) -> None:
+        """:meth:`check`, and read the claim back to be sure it is still this run's: before what
+        must not happen twice (a shard's upload completing, the checkpoint published)."""
+        self.check()
+        holder, _, _ = self._holder()
+        if holder.get("run") != self._run:
+            self._lost = "another run took over its claim on the folder"
+            self.check()
+
     def _body(self) -> bytes:
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         return json.dumps(

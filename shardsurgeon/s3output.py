@@ -30,7 +30,7 @@ from typing import Any
 
 from shardsurgeon import s3
 from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
-from shardsurgeon.errors import OutputError, safe_text
+from shardsurgeon.errors import DestinationError, OutputError, safe_text
 from shardsurgeon.execute import ShardStats
 from shardsurgeon.finish import RunResult, announcer, check_sources_unchanged, write_small_files
 from shardsurgeon.layout import Layout, ShardLayout
@@ -68,6 +68,7 @@ def write_checkpoint_s3(
     started = time.monotonic()
     progress = progress or (lambda nbytes: None)
     folder = S3Location.parse(out).folder()
+    _check_outside_sources(folder, sources)
     client = s3.client()
     _check_bucket(client, folder)
     with S3Claim(client, folder) as claim:
@@ -84,7 +85,7 @@ def write_checkpoint_s3(
             for shard in todo:
                 claim.check()
                 begins(shard)
-                stats += writer.write(shard, claim.check)
+                stats += writer.write(shard, claim.check, claim.confirm)
         published, sent = _publish(store, plan, layout, sources, model_card, checksums, claim)
         stats += ShardStats(sent=sent)
         # the record, zeros and scratch objects, and with force what is left of the old checkpoint
@@ -142,7 +143,7 @@ def _publish(
             if path.name not in last:
                 sent += store.put(path.name, path.read_bytes())
         check_sources_unchanged(sources)
-        claim.check()
+        claim.confirm()
         for name in last:
             sent += store.put(name, (local / name).read_bytes(), create=name == CONFIG_FILE)
         return {s.name for s in layout.shards} | {path.name for path in local.iterdir()}, sent
@@ -254,6 +255,27 @@ class _Folder:
             return bool(answer["Body"].read() == shard.header)
         except OutputError:
             return False
+
+
+def _check_outside_sources(folder: S3Location, sources: Mapping[str, Source]) -> None:
+    """Refuse an output folder that is, holds or lies inside a source folder in S3: the source is
+    never written to (a run removes what is not its output)."""
+    for source in sources.values():
+        if not (isinstance(source.folder, str) and source.folder.startswith("s3://")):
+            continue
+        other = S3Location.parse(source.folder).folder()
+        if other.bucket != folder.bucket:
+            continue
+        shown = f"--out {safe_text(folder.url)}"
+        if other.key == folder.key:
+            raise DestinationError(f"{shown}: is the source folder; the source is never written to, choose another")
+        if folder.key.startswith(other.key):
+            raise DestinationError(
+                f"{shown}: is inside the source folder {safe_text(other.url)}; the source is never written to, choose "
+                "an output folder outside it"
+            )
+        if other.key.startswith(folder.key):
+            raise DestinationError(f"{shown}: contains the source folder {safe_text(other.url)}; choose another")
 
 
 def _check_bucket(client: Any, folder: S3Location) -> None:

@@ -129,8 +129,9 @@ class S3ShardWriter:
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="shardsurgeon-s3")
         self._buffers = threading.Semaphore(MADE_IN_FLIGHT)
 
-    def write(self, shard: ShardLayout, check: Callable[[], None]) -> ShardStats:
-        """Upload ``shard``; ``check`` is called before each part (it raises if the run must stop)."""
+    def write(self, shard: ShardLayout, check: Callable[[], None], confirm: Callable[[], None]) -> ShardStats:
+        """Upload ``shard``; ``check`` is called before each part and ``confirm`` before the upload
+        completes (they raise if the run must stop: another run took the folder over)."""
         parts = plan_parts(shard, self._zeros_url)
         target = self._folder.child(shard.name)
         fetched_before = self._sources.remote.fetched_nbytes
@@ -143,6 +144,7 @@ class S3ShardWriter:
                 for number, part in enumerate(parts, start=1)
             ]
             _wait_all(futures)
+            confirm()
             upload.complete([future.result() for future in futures])
         except BaseException:
             upload.abort()

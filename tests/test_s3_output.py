@@ -323,3 +323,19 @@ def test_the_s3_server_killed_mid_upload_then_the_rerun_is_byte_identical(tmp_pa
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         same_output(boto3.client("s3"), "s3://out/crash", local)
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("s3://models/src", "is the source folder; the source is never written to"),
+        ("s3://models/src/expanded", "is inside the source folder s3://models/src/"),
+        ("s3://models", "contains the source folder s3://models/src/"),
+    ],
+)
+def test_an_output_in_or_around_the_source_folder_is_refused(s3, out, message):
+    before = objects(s3, "s3://models/src")
+    result = run("expand", "--src", "s3://models/src", "--dup", "1x1", "--out", out)
+    assert result.exit_code == 2
+    assert message in result.output and result.output.count("\n") == 1, result.output
+    assert objects(s3, "s3://models/src") == before
