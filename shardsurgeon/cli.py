@@ -12,7 +12,7 @@ import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import wraps
 from pathlib import Path
 from time import monotonic
@@ -42,7 +42,7 @@ from shardsurgeon.runners import Processes, Runner, select_shards
 from shardsurgeon.s3 import EXTRA_HINT as S3_EXTRA_HINT
 from shardsurgeon.s3 import boto3_available
 from shardsurgeon.units import Progress, ShardStarted, format_bytes, parse_size
-from shardsurgeon.verify import VerifyReport, compare_with_plan, shard_files, verify_checkpoint
+from shardsurgeon.verify import VerifyReport, compare_with_plan, verify_checkpoint
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -825,25 +825,26 @@ def demo(keep: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
 @_verbosity
 @_reports_errors
 def verify_command(
-    folder: Path,
+    folder: Path | str,
     sources: tuple[Path | str, ...],
     layer_prefix: str | None,
     layers_key: str | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
-    """Check a checkpoint: shards, index, config; with --src, every tensor against its source.
+    """Check a checkpoint (a folder, or an s3:// or https:// folder URL): shards, index, config; with
+    --src, every tensor against its source.
 
     Lists problems one per line; exits 0 when there are none, 1 otherwise.
 
     \b
     shardsurgeon verify ./openchat-44
     shardsurgeon verify ./openchat-44 --src ./openchat-3.5-0106
+    shardsurgeon verify s3://models/openchat-44 --src ./openchat-3.5-0106
     """
-    length = sum(p.stat().st_size for p in shard_files(folder) if p.is_file()) if sources and folder.is_dir() else 0
-    with _verify_bar(length, quiet) as progress:
+    with _verify_bar(quiet) as (on_start, progress):
         hint = StackHint(layer_prefix, layers_key)
-        report = verify_checkpoint(folder, sources, stack_hint=hint, progress=progress)
+        report = verify_checkpoint(folder, sources, stack_hint=hint, progress=progress, on_start=on_start)
     for mismatch in report.mismatches:
         click.echo(str(mismatch))
     if not quiet:
@@ -855,12 +856,23 @@ def verify_command(
 
 
 @contextmanager
-def _verify_bar(length: int, quiet: bool) -> Iterator[Callable[[int], None] | None]:
-    if quiet or not length or not sys.stderr.isatty():
-        yield None
+def _verify_bar(quiet: bool) -> Iterator[tuple[Progress | None, Progress | None]]:
+    """Callbacks for verify: the bar appears when the bytes to compare are known (only with --src)."""
+    if quiet or not sys.stderr.isatty():
+        yield None, None
         return
-    with click.progressbar(length=length, label="verifying", file=sys.stderr) as bar:
-        yield bar.update
+    with ExitStack() as stack:
+        bars: list[Any] = []
+
+        def start(nbytes: int) -> None:
+            if nbytes:
+                bars.append(stack.enter_context(click.progressbar(length=nbytes, label="verifying", file=sys.stderr)))
+
+        def update(nbytes: int) -> None:
+            for bar in bars:
+                bar.update(nbytes)
+
+        yield start, update
 
 
 def _verify_summary(report: VerifyReport) -> str:
@@ -874,7 +886,7 @@ def _verify_summary(report: VerifyReport) -> str:
         found += f"; {report.checksummed} tensors checked against their recorded checksums"
     problems = len(report.mismatches)
     verdict = "OK" if report.ok else ("1 problem" if problems == 1 else f"{problems} problems")
-    return f"shardsurgeon verify: {verdict}: {report.folder}: {found}"
+    return f"shardsurgeon verify: {verdict}: {safe_text(report.folder, None)}: {found}"
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Owns the client that reads from object stores and web servers (obstore, an optional extra
 imported only when a URL is opened; writing to S3 is :mod:`s3output`'s, with boto3) and turns its
-errors into one-line CheckpointErrors. Reads only: a small file whole, or a byte range of a large
-one, each counted in ``fetched_nbytes``. Never writes.
+errors into one-line CheckpointErrors. Reads only: a small file whole, a byte range of a large
+one, or a file streamed through a digest, each counted in ``fetched_nbytes``. Never writes.
 
 S3 endpoints and credentials come from where the AWS tools read them: the environment
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ...) and, with
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shardsurgeon import fileio
-from shardsurgeon.errors import CheckpointError, FormatError, safe_text
+from shardsurgeon.errors import CheckpointError, FormatError, ShardSurgeonError, safe_text
 from shardsurgeon.format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, Header, decode_header
 from shardsurgeon.units import format_bytes
 
@@ -36,6 +36,8 @@ EXTRA_HINT = "reading models by URL needs the remote extra: pip install 'shardsu
 MAX_RETRIES = 4
 """Retries of one request after a dropped connection, a timeout or a 5xx, with backoff 0.1 s to 2 s."""
 RETRY_TIMEOUT = timedelta(seconds=30)
+STREAM_CHUNK_BYTES = 4 << 20
+"""What a whole file read without keeping it (:meth:`RemoteFolder.sha256`) holds in memory at once."""
 _NOT_FOUND = FileNotFoundError
 """What obstore raises for a missing object (its NotFoundError surfaces as Python's FileNotFoundError)."""
 
@@ -82,15 +84,18 @@ class RemoteFolder:
     def where(self, name: str) -> str:
         return self.url + name
 
-    def read_small(self, name: str, limit: int, what: str) -> bytes | None:
-        """The whole file ``name`` (at most ``limit`` bytes), or None when there is no such file."""
+    def read_small(
+        self, name: str, limit: int, what: str, error: type[ShardSurgeonError] = CheckpointError
+    ) -> bytes | None:
+        """The whole file ``name`` (at most ``limit`` bytes, else ``error``), or None when there is no
+        such file."""
         import obstore
 
         try:
             result = obstore.get(self._store, name)
             size = int(result.meta["size"])
             if size > limit:
-                raise CheckpointError(
+                raise error(
                     f"{safe_text(self.where(name))}: is {format_bytes(size)}, larger than {format_bytes(limit)}, "
                     f"too large for {what}; is it the right file?"
                 )
@@ -121,9 +126,20 @@ class RemoteFolder:
 
     def read_header(self, name: str, missing: str) -> tuple[Header, str]:
         """The validated safetensors header of ``name`` and the SHA-256 of its bytes (length field
-        included): the length, then the header, by two range reads."""
+        included): the length, then the header, by two range reads. ``missing`` ends the message
+        when there is no such file."""
+        found = self.find_header(name)
+        if found is None:
+            raise self._not_found(name, missing)
+        return found
+
+    def find_header(self, name: str) -> tuple[Header, str] | None:
+        """What :meth:`read_header` gives, or None when there is no such file."""
         where = self.where(name)
-        prefix, file_nbytes = self._read_range(name, 0, HEADER_LENGTH_BYTES, want_size=True, missing=missing)
+        first = self._get(name, 0, HEADER_LENGTH_BYTES, want_size=True)
+        if first is None:
+            return None
+        prefix, file_nbytes = first
         (header_nbytes,) = struct.unpack("<Q", prefix)
         if header_nbytes > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + header_nbytes > file_nbytes:
             raise FormatError(
@@ -137,9 +153,37 @@ class RemoteFolder:
         """Bytes ``start`` to ``end`` (exclusive) of ``name``."""
         return self._read_range(name, start, end)[0]
 
-    def _read_range(
-        self, name: str, start: int, end: int, want_size: bool = False, missing: str = ""
-    ) -> tuple[bytes, int]:
+    def sha256(self, name: str) -> str | None:
+        """The SHA-256 of the file ``name``, streamed in chunks, or None when there is no such file."""
+        import obstore
+
+        digest = hashlib.sha256()
+        try:
+            for chunk in obstore.get(self._store, name).stream(min_chunk_size=STREAM_CHUNK_BYTES):
+                digest.update(chunk)
+                self.fetched_nbytes += len(chunk)
+        except _NOT_FOUND:
+            self._check_folder(name)
+            return None
+        except (obstore.exceptions.BaseError, OSError) as e:
+            raise self._error(name, e) from None
+        return digest.hexdigest()
+
+    def _read_range(self, name: str, start: int, end: int, want_size: bool = False) -> tuple[bytes, int]:
+        got = self._get(name, start, end, want_size)
+        if got is None:
+            raise self._not_found(name, "")
+        return got
+
+    def _not_found(self, name: str, missing: str) -> CheckpointError:
+        return CheckpointError(
+            f"{safe_text(self.where(name))}: not found (404){', ' + missing if missing else ''}; the server "
+            "does not have this shard: check the URL and that the upload is complete"
+        )
+
+    def _get(self, name: str, start: int, end: int, want_size: bool) -> tuple[bytes, int] | None:
+        """Bytes ``start`` to ``end`` of ``name`` and, with ``want_size``, the file's size (else -1);
+        None when there is no such file."""
         import obstore
 
         try:
@@ -151,10 +195,7 @@ class RemoteFolder:
                 data, size = bytes(obstore.get_range(self._store, name, start=start, end=end)), -1
         except _NOT_FOUND:
             self._check_folder(name)
-            raise CheckpointError(
-                f"{safe_text(self.where(name))}: not found (404){', ' + missing if missing else ''}; the server "
-                "does not have this shard: check the URL and that the upload is complete"
-            ) from None
+            return None
         except (obstore.exceptions.BaseError, OSError) as e:
             raise self._error(name, e, f"bytes {start}-{end - 1}") from None
         self._count(len(data))

@@ -3,16 +3,18 @@
 :func:`verify_checkpoint` checks what a folder shows on its own: every shard's header by the
 format's rules (which also pins each file's size), the index (every tensor exactly once,
 ``total_size`` right, no stray or missing shard; or a lone ``model.safetensors``), and the config's
-layer count against the tensors. Given the sources, it re-derives the plan from the recipe recorded
-in the shards' metadata and compares each output tensor, found by name, with the source bytes,
-zeros, or the source cast and scaled by the definition (DESIGN.md, plain numpy and ml_dtypes
-arithmetic in fixed-size chunks), never by the executor's converters, so a bug in those cannot pass.
-:func:`compare_with_plan` checks a folder against a layout in hand. Reads only; writes nothing.
+layer count against the tensors. The folder may be local or behind a URL: its files are read
+through :mod:`folders`, tensor bytes through :class:`~shardsurgeon.remote.SourceFiles`. Given the
+sources, it re-derives the plan from the recipe recorded in the shards' metadata and compares each
+output tensor, found by name, with the source bytes, zeros, or the source cast and scaled by the
+definition (DESIGN.md, plain numpy and ml_dtypes arithmetic in fixed-size chunks), never by the
+executor's converters, so a bug in those cannot pass. :func:`compare_with_plan` checks a folder
+against a layout in hand. Reads only; writes nothing.
 """
 
 from __future__ import annotations
 
-import filecmp
+import hashlib
 import json
 import os
 from collections import Counter
@@ -21,18 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardsurgeon import fileio
 from shardsurgeon.arch import NO_HINT, StackHint, find_layer_stack
 from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TensorRef
 from shardsurgeon.checksums import CHECKSUMS_FILE, tensor_crcs
 from shardsurgeon.errors import FormatError, PlanError, RecipeError, VerifyError, safe_text
-from shardsurgeon.format import DTYPES, Header, read_header
+from shardsurgeon.folders import CheckpointFolder, file_sha256, open_folder
+from shardsurgeon.format import DTYPES, Header
 from shardsurgeon.hfdir import other_files, remote_other_files
 from shardsurgeon.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout, ShardLayout
 from shardsurgeon.plan import Convert, Copy, Plan, PlannedTensor, Zeros, make_plan
 from shardsurgeon.recipe import recipe_from_json, recorded_models
 from shardsurgeon.remote import SourceFiles, file_name, is_url, join_name
-from shardsurgeon.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
+from shardsurgeon.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS
 from shardsurgeon.source import open_source
 from shardsurgeon.units import Progress
 
@@ -60,7 +62,8 @@ class Mismatch:
 class VerifyReport:
     """What :func:`verify_checkpoint` found; ``compared`` tensors were checked byte by byte."""
 
-    folder: Path
+    folder: Path | str
+    """The folder's path, or its URL with one trailing slash."""
     shards: int
     tensors: int
     nbytes: int
@@ -104,17 +107,24 @@ def verify_checkpoint(
     *,
     stack_hint: StackHint = NO_HINT,
     progress: Progress | None = None,
+    on_start: Progress | None = None,
 ) -> VerifyReport:
-    """Check the checkpoint in ``folder``; with ``sources`` (the models of its recorded recipe, in
-    order) also every tensor's bytes. ``progress`` gets the tensor bytes compared, chunk by chunk."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise VerifyError(f"{root}: no such folder; pass the checkpoint folder to verify")
+    """Check the checkpoint in ``folder`` (a path, or an ``s3://`` or ``https://`` folder URL); with
+    ``sources`` (the models of its recorded recipe, in order) also every tensor's bytes. ``on_start``
+    gets the tensor bytes to compare once they are known, ``progress`` those compared, chunk by chunk."""
+    files = open_folder(folder)
     found = _Found()
-    shard_names = _read_shards(root, found)
-    strays = _check_index(root, shard_names, found)
+    has_index, index = _read_json(files, INDEX_FILE, found, MAX_JSON_BYTES)
+    weight_map, total_size = _index_map(index, found) if index is not None else (None, None)
+    shard_names = _read_shards(files, found, list((weight_map or {}).values()) if has_index else None)
+    strays = _check_index(has_index, weight_map, total_size, shard_names, found)
     _check_each_tensor_once(found, strays)
-    config = _read_config(root, found)
+    has_config, config = _read_config(files, found)
+    if not (has_index or shard_names or has_config):
+        raise VerifyError(
+            f"{safe_text(files.shown)}: no checkpoint here: no {CONFIG_FILE}, no {INDEX_FILE}, no safetensors "
+            "file; pass the folder that holds the checkpoint to verify"
+        )
     layers = None
     if config is not None and found.locations and not found.unreadable:
         try:
@@ -122,17 +132,18 @@ def verify_checkpoint(
         except PlanError as e:
             found.add("", "", str(e))
     notes: list[str] = []
-    checksummed = _check_checksums(root, found) if (root / CHECKSUMS_FILE).exists() else 0
+    checksummed = _check_checksums(files, found)
     compared = 0
     if sources:
         plan = _recorded_plan(
             found, [s if isinstance(s, str) and is_url(s) else Path(s) for s in sources], stack_hint, notes
         )
         if plan is not None:
-            compared = _compare_with_sources(root, plan, config, found, progress or (lambda nbytes: None))
+            (on_start or _ignore)(sum(t.nbytes for t in plan.tensors))
+            compared = _compare_with_sources(files, plan, config, found, progress or _ignore)
     tensors = [found.tensor(name) for name in found.locations]
     return VerifyReport(
-        root,
+        files.shown,
         len(shard_names),
         len(found.locations),
         sum(t.nbytes for t in tensors if t is not None),
@@ -145,10 +156,17 @@ def verify_checkpoint(
     )
 
 
-def _check_checksums(root: Path, found: _Found) -> int:
-    """Each tensor's CRC-32 against the record written with the output; returns how many matched or
-    differed (a tensor the record lacks, or a record of a tensor not there, is a finding too)."""
-    record = _read_json(root / CHECKSUMS_FILE, found, MAX_JSON_BYTES)
+def _ignore(nbytes: int) -> None:
+    pass
+
+
+def _check_checksums(files: CheckpointFolder, found: _Found) -> int:
+    """Each tensor's CRC-32 against the record written with the output, if there is one; returns how
+    many matched or differed (a tensor the record lacks, or a record of a tensor not there, is a
+    finding too)."""
+    has_record, record = _read_json(files, CHECKSUMS_FILE, found, MAX_JSON_BYTES)
+    if not has_record:
+        return 0
     shards = record.get("shards") if isinstance(record, dict) and record.get("algorithm") == "crc32" else None
     if not isinstance(shards, dict) or not all(isinstance(v, dict) for v in shards.values()):
         found.add(CHECKSUMS_FILE, "", 'expected {"algorithm": "crc32", "shards": {shard: {tensor: crc}}}')
@@ -171,32 +189,31 @@ def _check_checksums(root: Path, found: _Found) -> int:
     return checked
 
 
-def shard_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder, hidden ones aside, in name order."""
-    return sorted(p for p in folder.iterdir() if p.name.endswith(".safetensors") and not p.name.startswith("."))
-
-
-def _read_shards(root: Path, found: _Found) -> set[str]:
-    paths = shard_files(root)
-    for path in paths:
+def _read_shards(files: CheckpointFolder, found: _Found, indexed: list[str] | None) -> set[str]:
+    """Read every shard's header; returns the names of the shards there are."""
+    present = set()
+    for name in files.shard_names(indexed):
         try:
-            header = read_header(path)
+            header = files.header(name)
         except FormatError as e:
             found.add("", "", str(e))
-            found.unreadable.add(path.name)
+            found.unreadable.add(name)
+            present.add(name)
             continue
-        found.headers[path.name] = header
+        if header is None:  # named by the index of a folder that cannot be listed, and not there
+            continue
+        present.add(name)
+        found.headers[name] = header
         file_format = (header.metadata or {}).get("format")
         if file_format != "pt":
             found.add(
-                path.name,
-                "",
-                f"__metadata__ format is {file_format!r}, expected 'pt'; transformers refuses such files",
+                name, "", f"__metadata__ format is {file_format!r}, expected 'pt'; transformers refuses such files"
             )
+        path = files.path(name)
         for entry in header.tensors:
             ref = TensorRef(entry.name, path, entry.dtype, entry.shape, header.data_start + entry.begin, entry.nbytes)
             found.locations.setdefault(entry.name, []).append(ref)
-    return {p.name for p in paths}
+    return present
 
 
 def _check_each_tensor_once(found: _Found, strays: set[str]) -> None:
@@ -207,9 +224,11 @@ def _check_each_tensor_once(found: _Found, strays: set[str]) -> None:
             found.add("", name, f"is in {len(shards)} shards ({', '.join(shards)}); expected exactly one")
 
 
-def _check_index(root: Path, shard_names: set[str], found: _Found) -> set[str]:
+def _check_index(
+    has_index: bool, weight_map: dict[str, str] | None, total_size: Any, shard_names: set[str], found: _Found
+) -> set[str]:
     """Check the index against the shards; returns the stray shards (which no index lists)."""
-    if not (root / INDEX_FILE).exists():
+    if not has_index:
         if SINGLE_FILE not in shard_names:
             seen = ", ".join(sorted(shard_names)) or "no safetensors file"
             found.add("", "", f"{INDEX_FILE} or {SINGLE_FILE} expected, found {seen}")
@@ -218,7 +237,6 @@ def _check_index(root: Path, shard_names: set[str], found: _Found) -> set[str]:
         for name in sorted(strays):
             found.add(name, "", f"stray shard: there is no {INDEX_FILE}, so only {SINGLE_FILE} belongs here")
         return strays
-    weight_map, total_size = _read_index(root / INDEX_FILE, found)
     if weight_map is None:
         return set()
     found.index_map = weight_map
@@ -248,10 +266,8 @@ def _check_index(root: Path, shard_names: set[str], found: _Found) -> set[str]:
     return strays
 
 
-def _read_index(path: Path, found: _Found) -> tuple[dict[str, str] | None, Any]:
-    index = _read_json(path, found, MAX_JSON_BYTES)
-    if index is None:
-        return None, None
+def _index_map(index: Any, found: _Found) -> tuple[dict[str, str] | None, Any]:
+    """The index's weight map and its ``metadata.total_size``; (None, None) when it has no weight map."""
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         found.add(INDEX_FILE, "", 'expected an object with a "weight_map" of tensor name to shard file')
@@ -260,27 +276,34 @@ def _read_index(path: Path, found: _Found) -> tuple[dict[str, str] | None, Any]:
     return weight_map, metadata.get("total_size") if isinstance(metadata, dict) else None
 
 
-def _read_config(root: Path, found: _Found) -> dict[str, Any] | None:
-    if not (root / CONFIG_FILE).exists():
+def _read_config(files: CheckpointFolder, found: _Found) -> tuple[bool, dict[str, Any] | None]:
+    """Whether there is a config, and the config: None when it is missing or unusable (a finding)."""
+    has_config, config = _read_json(files, CONFIG_FILE, found, MAX_CONFIG_BYTES)
+    if not has_config:
         found.add(CONFIG_FILE, "", "missing; transformers needs it to load the checkpoint")
-        return None
-    config = _read_json(root / CONFIG_FILE, found, MAX_CONFIG_BYTES)
+        return False, None
     if config is not None and not isinstance(config, dict):
         found.add(CONFIG_FILE, "", f"expected a JSON object, found {type(config).__name__}")
-        return None
-    return config
+        return True, None
+    return True, config
 
 
-def _read_json(path: Path, found: _Found, limit: int) -> Any:
+def _read_json(files: CheckpointFolder, name: str, found: _Found, limit: int) -> tuple[bool, Any]:
+    """Whether the file ``name`` is there, and its JSON: None when it cannot be read (a finding)."""
     try:
-        return json.loads(read_small(path, limit, VerifyError, "JSON"))
+        raw = files.read_small(name, limit, "JSON")
     except VerifyError as e:
         found.add("", "", str(e))
+        return True, None
+    if raw is None:
+        return False, None
+    try:
+        return True, json.loads(raw)
     except RecursionError:
-        found.add(path.name, "", "cannot read JSON (nested too deeply)")
+        found.add(name, "", "cannot read JSON (nested too deeply)")
     except PARSE_ERRORS as e:
-        found.add(path.name, "", f"cannot read JSON ({str(e)[:100]})")
-    return None
+        found.add(name, "", f"cannot read JSON ({str(e)[:100]})")
+    return True, None
 
 
 def _recorded_plan(found: _Found, sources: list[Path | str], hint: StackHint, notes: list[str]) -> Plan | None:
@@ -326,7 +349,7 @@ def _count(number: int, noun: str) -> str:
 
 
 def _compare_with_sources(
-    root: Path, plan: Plan, config: dict[str, Any] | None, found: _Found, progress: Progress
+    files: CheckpointFolder, plan: Plan, config: dict[str, Any] | None, found: _Found, progress: Progress
 ) -> int:
     if config is not None and config != plan.config:
         keys = [k for k in dict.fromkeys([*plan.config, *config]) if plan.config.get(k) != config.get(k)]
@@ -336,23 +359,16 @@ def _compare_with_sources(
             f"differs from the config the recipe gives at {keys[0]!r}: found {json.dumps(config.get(keys[0]))}, "
             f"expected {json.dumps(plan.config.get(keys[0]))}",
         )
-    if is_url(plan.recipe.donor):
-        for name, data in remote_other_files(plan.recipe.donor):
-            copy = root / name
-            if not copy.is_file() or copy.read_bytes() != data:
-                where = join_name(plan.recipe.donor, name)
-                found.add(name, "", f"missing or different from {where}, which the output should carry as is")
-    for source in [] if is_url(plan.recipe.donor) else other_files(Path(plan.recipe.donor)):
-        copy = root / source.name
-        if not copy.is_file() or not filecmp.cmp(source, copy, shallow=False):
-            found.add(source.name, "", f"missing or different from {source}, which the output should carry as is")
+    for name, digest, where in _donor_files(plan.recipe.donor):
+        if files.sha256(name) != digest:
+            found.add(name, "", f"missing or different from {where}, which the output should carry as is")
     planned = {t.name for t in plan.tensors}
     for name, refs in found.locations.items():
         if name not in planned:
             found.add(file_name(refs[0].path), name, "is not in the plan the recorded recipe gives")
     compared = 0
     index_map = found.index_map or {}
-    with SourceFiles() as files:
+    with SourceFiles() as reader:
         for tensor in plan.tensors:
             ref = found.tensor(tensor.name)
             if ref is None:
@@ -366,11 +382,21 @@ def _compare_with_sources(
                     f"is {ref.dtype} {list(ref.shape)}, expected {tensor.dtype} {list(tensor.shape)}",
                 )
                 continue
-            difference = _first_difference(tensor, files, files.fd(ref.path), ref.data_start, progress)
+            difference = _first_difference(tensor, reader, ref.path, ref.data_start, progress)
             if difference is not None:
                 found.add(file_name(ref.path), tensor.name, f"{_describe(tensor)} at byte {difference} of the tensor")
             compared += 1
     return compared
+
+
+def _donor_files(donor: Path | str) -> Iterator[tuple[str, str, Path | str]]:
+    """Each file the output should carry over from the donor as it is: its name, SHA-256 and place."""
+    if isinstance(donor, str) and is_url(donor):
+        for name, data in remote_other_files(donor):
+            yield name, hashlib.sha256(data).hexdigest(), join_name(donor, name)
+        return
+    for source in other_files(Path(donor)):
+        yield source.name, file_sha256(source), source
 
 
 def _describe(tensor: PlannedTensor) -> str:
@@ -413,7 +439,7 @@ def _shard_mismatches(shard: ShardLayout, path: Path, files: SourceFiles, *, fir
         return [Mismatch(shard.name, "", f"is {path.stat().st_size} bytes, expected {shard.nbytes}")]
     mismatches = []
     for placed in shard.tensors:
-        if _first_difference(placed.tensor, files, files.fd(path), placed.offset) is not None:
+        if _first_difference(placed.tensor, files, path, placed.offset) is not None:
             mismatches.append(Mismatch(shard.name, placed.tensor.name, _describe(placed.tensor)))
             if first_only:
                 break
@@ -423,14 +449,15 @@ def _shard_mismatches(shard: ShardLayout, path: Path, files: SourceFiles, *, fir
 def _first_difference(
     tensor: PlannedTensor,
     files: SourceFiles,
-    out_fd: int,
+    out_path: Path | str,
     out_offset: int,
-    progress: Progress = lambda nbytes: None,
+    progress: Progress = _ignore,
 ) -> int | None:
-    """The first byte of the tensor at ``out_offset`` that differs from what ``tensor`` says, or None."""
+    """The first byte of the tensor at ``out_offset`` of the file at ``out_path`` (a path or URL) that
+    differs from what ``tensor`` says, or None."""
     done = 0
     for expected in _expected_chunks(tensor, files):
-        actual = fileio.read_bytes_at(out_fd, len(expected), out_offset + done)
+        actual = files.read(out_path, out_offset + done, len(expected))
         if actual != expected:
             return done + _first_unequal(actual, bytes(expected))
         done += len(expected)

@@ -44,6 +44,7 @@ class HttpServer:
 def _handler(root: Path, log: list[tuple[str, str, str | None, str | None]]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out in two writes: without this, 40 ms each
 
         def log_message(self, format: str, *args: object) -> None:  # quiet test output
             pass
