@@ -110,6 +110,9 @@ def test_an_expansion_to_s3_is_the_local_output_byte_for_byte(s3, src, tmp_path,
     assert result.exit_code == 0, result.output
     same_output(s3, f"s3://out/seed-{source}", local)
     assert "model.safetensors.index.json" in local and "tokenizer_config.json" in local
+    checked = run("verify", f"s3://out/seed-{source}", "--src", origin)
+    assert checked.exit_code == 0, checked.output
+    assert "shardsurgeon verify: OK: s3://out/seed-" in checked.output and "compared byte for byte" in checked.output
     output_nbytes = sum(len(v) for k, v in local.items() if k.endswith(".safetensors"))
     sent = summary_bytes(result.output, "sent")
     if source == "s3":  # copies and zeros stay on the server: a shard sends its first part (5 to 10 MiB),
