@@ -342,3 +342,14 @@ def test_an_output_in_or_around_the_source_folder_is_refused(s3, out, message):
     assert result.exit_code == 2
     assert message in result.output and result.output.count("\n") == 1, result.output
     assert objects(s3, "s3://models/src") == before
+
+
+def test_checksums_of_an_output_in_s3_are_of_the_bytes_there(s3, src, tmp_path):
+    local = tmp_path / "summed"
+    assert run("expand", "--src", src, *SEED, "--checksums", "--out", local, "-q").exit_code == 0
+    result = run("expand", "--src", "s3://models/src", *SEED, "--checksums", "--out", "s3://out/summed", "-q")
+    assert result.exit_code == 0, result.output
+    remote = objects(s3, "s3://out/summed")
+    assert remote["shardsurgeon.checksums.json"] == (local / "shardsurgeon.checksums.json").read_bytes()
+    checked = run("verify", "s3://out/summed")
+    assert checked.exit_code == 0 and "checked against their recorded checksums" in checked.output, checked.output
