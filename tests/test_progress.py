@@ -125,7 +125,7 @@ def test_a_log_gets_lines_while_a_long_run_writes(tmp_path, source, monkeypatch)
     """The CLI on a non-terminal stderr (click's runner), with a clock that makes every reading two seconds
     later (copies of neighbouring tensors are one range, reported in a few pieces)."""
     readings = iter(range(0, 2 * 10**6, 2))
-    monkeypatch.setattr(cli_module, "monotonic", lambda: float(next(readings)))
+    monkeypatch.setattr(cli_module.show, "monotonic", lambda: float(next(readings)))
     result = expand(source, tmp_path / "out")
     assert result.exit_code == 0, result.output
     *lines, summary = result.stderr.splitlines()
@@ -151,6 +151,6 @@ def test_a_quick_run_prints_only_its_summary_and_quiet_nothing(tmp_path, source)
 
 def test_quiet_silences_the_lines_of_a_long_run(tmp_path, source, monkeypatch):
     readings = iter(range(10**6))
-    monkeypatch.setattr(cli_module, "monotonic", lambda: float(next(readings)))
+    monkeypatch.setattr(cli_module.show, "monotonic", lambda: float(next(readings)))
     result = expand(source, tmp_path / "out", "-q")
     assert result.exit_code == 0 and result.output == ""

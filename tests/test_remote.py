@@ -192,7 +192,7 @@ def test_merge_and_parallel_writers_from_a_url(src, http, tmp_path):
 
 
 def test_without_the_remote_extra_a_url_gets_the_install_hint(monkeypatch):
-    monkeypatch.setattr("shardsurgeon.cli.obstore_available", lambda: False)
+    monkeypatch.setattr("shardsurgeon.cli.params.obstore_available", lambda: False)
     result = run("expand", "--src", "https://example.invalid/m/", "--dup", "0x1", "--dry-run")
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1

@@ -151,7 +151,7 @@ def test_a_good_output_verifies_as_it_does_locally(made, net, transport):
 def test_without_src_only_headers_and_json_are_fetched(made, net):
     url = net.publish(made.plain, "http")
     assert run("verify", url).exit_code == 0
-    shard_gets = [(path, ranged) for method, path, ranged in net.http.requests if path.endswith(".safetensors")]
+    shard_gets = [(path, ranged) for method, path, ranged, _ in net.http.requests if path.endswith(".safetensors")]
     assert len(shard_gets) == 2 * 4, "the length field, then the header, of each of the 4 shards"
     for path, ranged in shard_gets:
         with open(made.plain / path.rpartition("/")[2], "rb") as f:
