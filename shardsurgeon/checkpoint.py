@@ -51,6 +51,8 @@ class Shard:
     nbytes: int
     header_sha256: str
     identity: FileIdentity | None = None
+    etag: str | None = None
+    """For a file by URL, the server's ETag when its header was read (None if it gave none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +111,10 @@ def _open_remote(remote: RemoteFolder) -> Checkpoint:
 
 def _read_remote_shard(remote: RemoteFolder, shard_name: str, missing: str) -> tuple[Shard, list[TensorRef]]:
     where = remote.where(shard_name)
-    header, digest = remote.read_header(shard_name, missing)
+    found = remote.read_header(shard_name, missing)
+    header = found.header
     refs = [TensorRef(e.name, where, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
-    return Shard(where, header.data_start + header.data_nbytes, digest), refs
+    return Shard(where, header.data_start + header.data_nbytes, found.sha256, etag=found.etag), refs
 
 
 def _collect(
@@ -251,17 +254,18 @@ def _clip(text: str, limit: int = 100) -> str:
 
 
 def check_remote_unchanged(shards: Iterable[Shard]) -> None:
-    """Raise CheckpointError naming the first shard by URL whose size or header is no longer what the
-    plan read (fetched again: a few kB each)."""
+    """Raise CheckpointError naming the first shard by URL whose size, header or ETag is no longer
+    what the plan read (fetched again: a few kB each)."""
     folders: dict[str, RemoteFolder] = {}
     for shard in shards:
         if not isinstance(shard.path, str):
             continue
         folder, _, name = shard.path.rpartition("/")
         remote = folders.setdefault(folder, RemoteFolder(folder))
-        header, digest = remote.read_header(name, "")
-        if (header.data_start + header.data_nbytes, digest) != (shard.nbytes, shard.header_sha256):
+        found = remote.read_header(name, "")
+        now = (found.header.data_start + found.header.data_nbytes, found.sha256, found.etag)
+        if now != (shard.nbytes, shard.header_sha256, shard.etag):
             raise CheckpointError(
-                f"{safe_text(shard.path)}: source file changed during the run (size or header); the output was "
-                "not published: run the same command again"
+                f"{safe_text(shard.path)}: source file changed during the run (size, header or ETag); the output "
+                "was not published: run the same command again"
             )

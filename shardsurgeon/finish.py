@@ -99,15 +99,16 @@ def resume_key(plan: Plan, layout: Layout, sources: Mapping[str, Source]) -> str
     """Identifies a run: the plan, the shard names, and the exact source files.
 
     A source file is its path, size, mtime, and inode number and ctime, which no tool can set back:
-    a source rewritten in place with its old mtime (``cp -p``, ``rsync``) is a different run.
+    a source rewritten in place with its old mtime (``cp -p``, ``rsync``) is a different run. A file
+    by URL is its size, header and ETag: a model uploaded again with new weights is another run.
     """
     digest = hashlib.sha256(plan.fingerprint.encode())
     for shard in layout.shards:
         digest.update(shard.name.encode())
     for model in sources.values():
         for source in model.checkpoint.shards:
-            if isinstance(source.path, str):  # by URL: the file's size and its header's digest
-                digest.update(repr((source.path, source.nbytes, source.header_sha256)).encode())
+            if isinstance(source.path, str):  # by URL: the file's size, its header's digest and its ETag
+                digest.update(repr((source.path, source.nbytes, source.header_sha256, source.etag)).encode())
                 continue
             seen = source.identity or identity.record([source.path])[0]  # as the plan saw it
             described = (seen.path.resolve(), seen.nbytes, seen.mtime_ns, seen.device, seen.inode, seen.ctime_ns)

@@ -101,7 +101,7 @@ class UrlFolder:
 
     def header(self, name: str) -> Header | None:
         found = self.remote.find_header(name)
-        return None if found is None else found[0]
+        return None if found is None else found.header
 
     def sha256(self, name: str) -> str | None:
         return self.remote.sha256(name)

@@ -9,11 +9,13 @@ casts, copies from a local or web source). The plan keeps as much as it can on t
 - made pieces are sent, in parts of about :data:`MADE_PART_BYTES`;
 - a copied piece of 5 MiB or more is copied by the server, in parts of at most
   :data:`COPY_PART_BYTES`;
-- a small piece after a server-side part is :class:`Joined` to it: the server first assembles an
-  object of that part followed by the small piece (whose part there is the last, so any size is
-  allowed), then copies it whole;
-- the shard's first bytes (its header) are made, and are sent with enough of what follows to fill
-  one part of 5 MiB: the only bytes of a copied tensor that pass through the client.
+- a small piece after a part the server copies is :class:`Joined` to it: the server first
+  assembles an object of that part followed by the small piece (whose part there is the last, so
+  any size is allowed), then copies it whole; one level only, so the server copies each byte at
+  most twice;
+- the shard's first bytes (its header), and small pieces after a joined part, are made, and sent
+  with enough of what follows to fill one part of 5 MiB: the only bytes of copied tensors that pass
+  through the client.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class Copied:
 class Joined:
     """An object the server assembles from ``base`` then ``tail``; the shard's part copies all of it."""
 
-    base: Copied | Joined
+    base: Copied
     tail: Made | Copied
 
     @property
@@ -82,10 +84,11 @@ def plan_parts(shard: ShardLayout, zeros_url: str | None) -> list[Part]:
     for piece in _pieces(shard, zeros_url):
         last = parts[-1] if parts else None
         if isinstance(last, Made) and last.nbytes < MIN_PART_BYTES:
-            # the shard's first part is made (the header) and must reach 5 MiB before anything follows
+            # a made part under 5 MiB (the header; small pieces after a joined part) must reach 5 MiB
+            # before a part of another kind follows: it takes what comes next, as made bytes
             need = MIN_PART_BYTES - last.nbytes
             if isinstance(piece, Made) or piece.nbytes - need < MIN_PART_BYTES:
-                parts[-1] = Made(last.offset, last.nbytes + piece.nbytes)
+                parts[-1:] = _made(Made(last.offset, last.nbytes + piece.nbytes))
                 continue
             parts[-1] = Made(last.offset, MIN_PART_BYTES)
             piece = replace(
@@ -93,11 +96,11 @@ def plan_parts(shard: ShardLayout, zeros_url: str | None) -> list[Part]:
             )
         if piece.nbytes >= MIN_PART_BYTES:
             parts.extend(_split(piece))
-        elif isinstance(last, Copied | Joined):
-            parts[-1] = Joined(last, piece)
+        elif isinstance(last, Copied):  # one level of joining only, on a base of 5 to 10 MiB: the server's
+            parts[-1:] = _joined(last, piece)  # work stays linear in the shard's size
         elif isinstance(last, Made):
-            parts[-1] = Made(last.offset, last.nbytes + piece.nbytes)
-        else:
+            parts[-1:] = _made(Made(last.offset, last.nbytes + piece.nbytes))
+        else:  # after a joined part: a new made part, which grows to 5 MiB as above
             parts.append(Made(piece.offset, piece.nbytes))
     if len(parts) > MAX_PARTS:
         raise OutputError(
@@ -129,6 +132,20 @@ def _pieces(shard: ShardLayout, zeros_url: str | None) -> Iterator[Made | Copied
         yield pending
 
 
+def _joined(base: Copied, tail: Made | Copied) -> list[Part]:
+    """``tail`` joined to the end of ``base``, only 5 MiB of which is copied twice when it is larger."""
+    if base.nbytes < 2 * MIN_PART_BYTES:
+        return [Joined(base, tail)]
+    head = base.nbytes - MIN_PART_BYTES
+    rest = replace(base, offset=base.offset + head, nbytes=MIN_PART_BYTES, src_offset=base.src_offset + head)
+    return [replace(base, nbytes=head), Joined(rest, tail)]
+
+
+def _made(part: Made) -> list[Part]:
+    """A made part, cut in parts of at most :data:`MADE_PART_BYTES` when it grew larger."""
+    return _split(part) if part.nbytes > MADE_PART_BYTES else [part]
+
+
 def _split(piece: Made | Copied) -> list[Part]:
     """``piece`` (5 MiB or more) in parts of about equal size, each at least 5 MiB and at most the
     limit of its kind (which is at least twice 5 MiB, so equal shares never fall below it)."""
@@ -151,4 +168,4 @@ def sent_nbytes(part: Part) -> int:
         case Copied():
             return 0
         case Joined():
-            return sent_nbytes(part.base) + sent_nbytes(part.tail)
+            return sent_nbytes(part.tail)

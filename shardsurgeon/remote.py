@@ -22,6 +22,7 @@ import hashlib
 import os
 import struct
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,16 @@ def obstore_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("obstore") is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteHeader:
+    """A shard's header read by URL: validated, the SHA-256 of its bytes, and the file's ETag (the
+    server's version of it: None when the server gives none)."""
+
+    header: Header
+    sha256: str
+    etag: str | None
 
 
 class RemoteFolder:
@@ -124,34 +135,38 @@ class RemoteFolder:
             raise self._error("", e, "the listing") from None
         return sorted(str(entry["path"]).rpartition("/")[2] for entry in listed["objects"])
 
-    def read_header(self, name: str, missing: str) -> tuple[Header, str]:
-        """The validated safetensors header of ``name`` and the SHA-256 of its bytes (length field
-        included): the length, then the header, by two range reads. ``missing`` ends the message
-        when there is no such file."""
+    def read_header(self, name: str, missing: str) -> RemoteHeader:
+        """The validated safetensors header of ``name``, the SHA-256 of its bytes (length field
+        included) and the file's ETag: the length, then the header, by two range reads.
+        ``missing`` ends the message when there is no such file."""
         found = self.find_header(name)
         if found is None:
             raise self._not_found(name, missing)
         return found
 
-    def find_header(self, name: str) -> tuple[Header, str] | None:
+    def find_header(self, name: str) -> RemoteHeader | None:
         """What :meth:`read_header` gives, or None when there is no such file."""
         where = self.where(name)
         first = self._get(name, 0, HEADER_LENGTH_BYTES, want_size=True)
         if first is None:
             return None
-        prefix, file_nbytes = first
+        prefix, file_nbytes, etag = first
         (header_nbytes,) = struct.unpack("<Q", prefix)
         if header_nbytes > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + header_nbytes > file_nbytes:
             raise FormatError(
                 f"{safe_text(where)}: header length field says {header_nbytes} bytes, the file holds "
                 f"{file_nbytes} (at most {MAX_HEADER_BYTES} allowed); the file is truncated or not safetensors"
             )
-        raw, _ = self._read_range(name, HEADER_LENGTH_BYTES, HEADER_LENGTH_BYTES + header_nbytes)
-        return decode_header(raw, file_nbytes, safe_text(where)), hashlib.sha256(prefix + raw).hexdigest()
+        raw = self.read_range(name, HEADER_LENGTH_BYTES, HEADER_LENGTH_BYTES + header_nbytes)
+        header = decode_header(raw, file_nbytes, safe_text(where))
+        return RemoteHeader(header, hashlib.sha256(prefix + raw).hexdigest(), etag)
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         """Bytes ``start`` to ``end`` (exclusive) of ``name``."""
-        return self._read_range(name, start, end)[0]
+        got = self._get(name, start, end, want_size=False)
+        if got is None:
+            raise self._not_found(name, "")
+        return got[0]
 
     def sha256(self, name: str) -> str | None:
         """The SHA-256 of the file ``name``, streamed in chunks, or None when there is no such file."""
@@ -169,30 +184,24 @@ class RemoteFolder:
             raise self._error(name, e) from None
         return digest.hexdigest()
 
-    def _read_range(self, name: str, start: int, end: int, want_size: bool = False) -> tuple[bytes, int]:
-        got = self._get(name, start, end, want_size)
-        if got is None:
-            raise self._not_found(name, "")
-        return got
-
     def _not_found(self, name: str, missing: str) -> CheckpointError:
         return CheckpointError(
             f"{safe_text(self.where(name))}: not found (404){', ' + missing if missing else ''}; the server "
             "does not have this shard: check the URL and that the upload is complete"
         )
 
-    def _get(self, name: str, start: int, end: int, want_size: bool) -> tuple[bytes, int] | None:
-        """Bytes ``start`` to ``end`` of ``name`` and, with ``want_size``, the file's size (else -1);
-        None when there is no such file."""
+    def _get(self, name: str, start: int, end: int, want_size: bool) -> tuple[bytes, int, str | None] | None:
+        """Bytes ``start`` to ``end`` of ``name`` and, with ``want_size``, the file's size and ETag
+        (else -1 and None); None when there is no such file."""
         import obstore
 
         try:
             if want_size:
                 result = obstore.get(self._store, name, options={"range": (start, end)})
-                size = int(result.meta["size"])
+                size, etag = int(result.meta["size"]), result.meta.get("e_tag")
                 data = bytes(result.bytes())
             else:
-                data, size = bytes(obstore.get_range(self._store, name, start=start, end=end)), -1
+                data, size, etag = bytes(obstore.get_range(self._store, name, start=start, end=end)), -1, None
         except _NOT_FOUND:
             self._check_folder(name)
             return None
@@ -204,7 +213,7 @@ class RemoteFolder:
                 f"{safe_text(self.where(name))}: asked for bytes {start}-{end - 1}, received {len(data)} bytes; "
                 "the file is shorter than its header says, or the server does not honour Range requests"
             )
-        return data, size
+        return data, size, etag
 
     def _check_folder(self, name: str) -> None:
         """For S3, after a file was not found: raise the clearer error when the bucket itself cannot

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shardsurgeon.errors import OutputError, safe_text
+from shardsurgeon.errors import DestinationError, OutputError, safe_text
 
 EXTRA_HINT = "writing to S3 needs the remote extra: pip install 'shardsurgeon[remote]'"
 MAX_ATTEMPTS = 6
@@ -31,9 +31,15 @@ class S3Location:
 
     @classmethod
     def parse(cls, url: str) -> S3Location:
+        """``url`` split into bucket and key; a folder name that is empty, ``.`` or ``..`` is refused:
+        S3-compatible stores disagree on what such keys mean (SeaweedFS stores ``a//b`` as ``a/b``)."""
         bucket, _, key = url.removeprefix("s3://").partition("/")
         if not bucket:
-            raise OutputError(f"{safe_text(url)}: no bucket in the URL; write s3://BUCKET/FOLDER")
+            raise DestinationError(f"{safe_text(url)}: no bucket in the URL; write s3://BUCKET/FOLDER")
+        if any(part in ("", ".", "..") for part in key.rstrip("/").split("/")[: None if key.strip("/") else 0]):
+            raise DestinationError(
+                f"{safe_text(url)}: a folder name in the URL is empty, '.' or '..'; write s3://BUCKET/FOLDER/SUBFOLDER"
+            )
         return cls(bucket, key)
 
     @property
@@ -134,16 +140,10 @@ def describe(where: S3Location, doing: str, error: Exception) -> OutputError:
             "finished shards are kept"
         )
     detail = safe_text(" ".join(str(error).split()), 300)
+    status = getattr(error, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if isinstance(status, int) and 400 <= status < 500 and code not in ("SlowDown", "RequestTimeout"):
+        return OutputError(f"{place}: {doing} failed: {detail}; the server refused the request: check the URL")
     return OutputError(
         f"{place}: {doing} failed: {detail}; requests were retried {MAX_ATTEMPTS - 1} times with backoff; run the "
         "same command again to resume, finished shards are kept"
     )
-
-
-def is_client_error(error: BaseException) -> bool:
-    """Whether ``error`` is one of boto3's own (a refusal or a lost connection), not a bug of ours."""
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:
-        return False
-    return isinstance(error, ClientError | BotoCoreError)

@@ -29,6 +29,14 @@ RENEW_SECONDS = 20.0
 HOLDER_MAX_BYTES = 4096
 
 
+def _pid_namespace() -> str | None:
+    """This process's process-id namespace (Linux), so that a pid is compared only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 class S3Claim:
     """The claim of one run on an S3 folder; a context manager that renews it until exit."""
 
@@ -73,10 +81,9 @@ class S3Claim:
             self.check()
 
     def _body(self) -> bytes:
-        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        return json.dumps(
-            {"run": self._run, "host": socket.gethostname(), "pid": os.getpid(), "renewed": started}
-        ).encode()
+        renewed = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        holder = {"run": self._run, "host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace()}
+        return json.dumps(holder | {"renewed": renewed}).encode()
 
     def _put(self, **condition: str) -> bool:
         """Write the claim under ``condition``; False when the condition fails (someone else's claim)."""
@@ -137,12 +144,16 @@ class S3Claim:
 
     @staticmethod
     def _stale(holder: dict[str, Any], age: float | None) -> bool:
+        """Whether the claim can be taken over: not renewed for a lease, or its process is known
+        gone (same host and the same process-id namespace: containers share host names)."""
         if age is not None and age > LEASE_SECONDS:
             return True
-        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        pid, namespace = holder.get("pid"), _pid_namespace()
+        same_space = holder.get("host") == socket.gethostname() and namespace and holder.get("pidns") == namespace
+        if not same_space or not isinstance(pid, int) or not 0 < pid < 1 << 31:
             return False
         try:
-            os.kill(holder["pid"], 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return True  # its process is gone: it can renew no more
         except OSError:

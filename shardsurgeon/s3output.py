@@ -25,6 +25,7 @@ import json
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from shardsurgeon.plan import Plan, Zeros
 from shardsurgeon.remote import SourceFiles
 from shardsurgeon.s3 import S3Location, describe, error_code
 from shardsurgeon.s3lock import LOCK_NAME, S3Claim
-from shardsurgeon.s3shards import SCRATCH, S3ShardWriter
+from shardsurgeon.s3shards import RUN_METADATA_KEY, SCRATCH, S3ShardWriter
 from shardsurgeon.source import Source
 from shardsurgeon.units import Progress, ShardStarted
 
@@ -71,55 +72,101 @@ def write_checkpoint_s3(
     _check_outside_sources(folder, sources)
     client = s3.client()
     _check_bucket(client, folder)
+    notes: tuple[str, ...] = ()
     with S3Claim(client, folder) as claim:
         store = _Folder(client, folder)
-        kept = _prepare(store, layout, resume_key, force)
-        done = [s for s in layout.shards if s.name in kept and store.holds(s)]
+        start = _prepare(store, layout, resume_key, force)
+        done = [s for s in layout.shards if s.name in start.kept and store.holds(s, resume_key)]
         for shard in done:
             progress(shard.nbytes - len(shard.header))
-        todo = [s for s in layout.shards if s not in done]
-        zeros = store.zeros_object() if any(isinstance(p.tensor.op, Zeros) for s in todo for p in s.tensors) else None
-        stats = ShardStats(sent=ZEROS_NBYTES if zeros else 0)
-        begins = announcer(layout, on_shard)
-        with SourceFiles() as files, S3ShardWriter(client, folder, files, zeros, progress) as writer:
-            for shard in todo:
-                claim.check()
-                begins(shard)
-                stats += writer.write(shard, claim.check, claim.confirm)
-        published, sent = _publish(store, plan, layout, sources, model_card, checksums, claim)
-        stats += ShardStats(sent=sent)
+        stats = ShardStats()
+        if start.published:
+            done, published = list(layout.shards), set(start.kept)
+            notes = ("this job was published by an earlier run, stopped before it removed its work objects",)
+        else:
+            todo = [s for s in layout.shards if s not in done]
+            stats = _write_shards(store, todo, layout, sources, resume_key, claim, progress, on_shard)
+            published, sent = _publish(store, plan, layout, sources, model_card, checksums, claim)
+            stats += ShardStats(sent=sent)
         # the record, zeros and scratch objects, and with force what is left of the old checkpoint
         store.remove([name for name in store.names("") if name not in published and name != LOCK_NAME])
     return RunResult(
         folder.url, len(plan.tensors), len(layout.shards), len(done), stats.written, 0, time.monotonic() - started,
-        stats=stats,
+        notes, stats,
     )  # fmt: skip
 
 
-def _prepare(store: _Folder, layout: Layout, resume_key: str, force: bool) -> set[str]:
-    """Check and ready the folder for this run; returns the shards an unfinished run of this very
-    run left, to be checked and kept."""
-    names = store.names("")
+def _write_shards(
+    store: _Folder,
+    todo: list[ShardLayout],
+    layout: Layout,
+    sources: Mapping[str, Source],
+    resume_key: str,
+    claim: S3Claim,
+    progress: Progress,
+    on_shard: ShardStarted | None,
+) -> ShardStats:
+    etags = {
+        shard.path: shard.etag
+        for source in sources.values()
+        for shard in source.checkpoint.shards
+        if isinstance(shard.path, str) and shard.etag
+    }
+    zeros = None
+    if any(isinstance(p.tensor.op, Zeros) for s in todo for p in s.tensors):
+        zeros, etags[zeros] = store.zeros_object()
+    stats = ShardStats(sent=ZEROS_NBYTES if zeros else 0)
+    begins = announcer(layout, on_shard)
+    with (
+        SourceFiles() as files,
+        S3ShardWriter(
+            store.client, store.folder, files, zeros_url=zeros, etags=etags, run_key=resume_key, progress=progress
+        ) as writer,
+    ):
+        for shard in todo:
+            claim.check()
+            begins(shard)
+            stats += writer.write(shard, claim.check, claim.confirm)
+    return stats
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    kept: frozenset[str]
+    """Shards an unfinished run of this very job left: kept once checked (or all of them, when
+    ``published``)."""
+    published: bool = False
+    """This job is published already: a run stopped after config.json, before its cleanup."""
+
+
+def _prepare(store: _Folder, layout: Layout, resume_key: str, force: bool) -> _Start:
+    """Check and ready the folder for this run."""
+    names = store.names("", limit=MAX_LISTED)
     own = {LOCK_NAME, RESUME_NAME, ZEROS_NAME}
     others = [name for name in names if name not in own and not name.startswith(SCRATCH)]
-    complete = CONFIG_FILE in names and (INDEX_FILE in names or SINGLE_FILE in names)
-    store.abort_uploads()
-    if RESUME_NAME in names and not complete:  # an unfinished run: everything here is its own
-        same = store.read_record() == resume_key
-        kept = {name for name in others if same and name in {s.name for s in layout.shards}}
+    # asked one by one, not read from a listing that may be cut short
+    complete = store.exists(CONFIG_FILE) and (store.exists(INDEX_FILE) or store.exists(SINGLE_FILE))
+    record = store.read_record() if RESUME_NAME in names else None
+    shard_names = {s.name for s in layout.shards}
+    if complete and record == resume_key:
+        return _Start(frozenset(others), published=True)
+    if record is not None and not complete:  # an unfinished run's: all here is its own (or --force'd)
+        kept = frozenset(name for name in others if record == resume_key and name in shard_names)
+        store.abort_uploads()
         store.remove([name for name in others if name not in kept])
         store.write_record(resume_key)
-        return kept
+        return _Start(kept)
     if others and not force:
         shown = ", ".join(safe_text(name, 60) for name in others[:3]) + (", ..." if len(others) > 3 else "")
-        what = "a checkpoint" if complete else f"{len(others)} objects"
+        what = "a checkpoint" if complete else f"{len(others)}{'+' if len(names) > MAX_LISTED else ''} objects"
         raise OutputError(
             f"--out {safe_text(store.folder.url)}: already holds {what} ({shown}); pass --force to replace it, or "
             "choose an empty folder"
         )
-    store.remove([name for name in COMPLETING if name in names])  # from now on no reader sees a checkpoint
+    store.remove(list(COMPLETING))  # from now on no reader sees a checkpoint here
+    store.abort_uploads()
     store.write_record(resume_key)
-    return set()
+    return _Start(frozenset())
 
 
 def _publish(
@@ -139,6 +186,7 @@ def _publish(
         local = Path(scratch)
         write_small_files(local, plan, layout, donor, model_card, checksums, lambda name: store.folder.child(name).url)
         last = [name for name in (INDEX_FILE, CONFIG_FILE) if (local / name).exists()]
+        claim.confirm()  # nothing of the publishing is written by a run that lost the folder
         for path in sorted(local.iterdir()):
             if path.name not in last:
                 sent += store.put(path.name, path.read_bytes())
@@ -153,7 +201,7 @@ class _Folder:
     """The objects under one S3 folder, by name relative to it."""
 
     def __init__(self, client: Any, folder: S3Location):
-        self._client = client
+        self.client = client
         self.folder = folder
 
     def _call(self, name: str, doing: str, method: Any, **kwargs: Any) -> Any:
@@ -165,35 +213,38 @@ class _Folder:
         except (ClientError, BotoCoreError) as e:
             raise describe(where, doing, e) from None
 
-    def names(self, under: str) -> list[str]:
+    def names(self, under: str, limit: int | None = None) -> list[str]:
+        """The objects under the folder whose names start with ``under``, in order; with ``limit``,
+        only the first ``limit + 1`` are looked for."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         prefix = self.folder.key + under
         names: list[str] = []
         try:
-            for page in self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.folder.bucket, Prefix=prefix
-            ):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.folder.bucket, Prefix=prefix):
                 names += [item["Key"].removeprefix(self.folder.key) for item in page.get("Contents", [])]
-                if len(names) > MAX_LISTED:
+                if limit is not None and len(names) > limit:
                     break
         except (ClientError, BotoCoreError) as e:
             raise describe(self.folder, "listing the folder", e) from None
         return sorted(names)
 
     def abort_uploads(self) -> None:
-        """Abort every unfinished multipart upload under the folder (a killed run's)."""
+        """Abort the unfinished multipart uploads a killed run left under the folder: of its shards
+        and scratch objects (another tool's uploads there are none of its business)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.folder.bucket, Prefix=self.folder.key
             )
             for page in pages:
                 for upload in page.get("Uploads", []):
-                    self._client.abort_multipart_upload(
-                        Bucket=self.folder.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
+                    name = str(upload["Key"]).removeprefix(self.folder.key)
+                    if name.startswith(SCRATCH) or ("/" not in name and name.endswith(".safetensors")):
+                        self.client.abort_multipart_upload(
+                            Bucket=self.folder.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
         except (ClientError, BotoCoreError) as e:
             raise describe(self.folder, "aborting the unfinished uploads of an earlier run", e) from None
 
@@ -203,7 +254,7 @@ class _Folder:
         for start in range(0, len(names), 1000):
             batch = [{"Key": self.folder.key + name} for name in names[start : start + 1000]]
             try:
-                self._client.delete_objects(Bucket=self.folder.bucket, Delete={"Objects": batch, "Quiet": True})
+                self.client.delete_objects(Bucket=self.folder.bucket, Delete={"Objects": batch, "Quiet": True})
             except (ClientError, BotoCoreError) as e:
                 raise describe(self.folder, "removing objects", e) from None
 
@@ -213,7 +264,7 @@ class _Folder:
 
         where = self.folder.child(name)
         try:
-            self._client.put_object(
+            self.client.put_object(
                 Bucket=where.bucket, Key=where.key, Body=data, **({"IfNoneMatch": "*"} if create else {})
             )
         except ClientError as e:
@@ -227,7 +278,7 @@ class _Folder:
 
     def read_record(self) -> str | None:
         try:
-            answer = self._call(RESUME_NAME, "reading the resume record", self._client.get_object)
+            answer = self._call(RESUME_NAME, "reading the resume record", self.client.get_object)
             record = json.loads(answer["Body"].read(4096))
         except (OutputError, ValueError):
             return None
@@ -236,20 +287,37 @@ class _Folder:
     def write_record(self, key: str) -> None:
         self.put(RESUME_NAME, json.dumps({"key": key}).encode())
 
-    def zeros_object(self) -> str:
-        self.put(ZEROS_NAME, bytes(ZEROS_NBYTES))
-        return self.folder.child(ZEROS_NAME).url
+    def zeros_object(self) -> tuple[str, str]:
+        """The all-zero object zero tensors are copied from: its URL and ETag."""
+        where = self.folder.child(ZEROS_NAME)
+        answer = self._call(ZEROS_NAME, "writing the zeros object", self.client.put_object, Body=bytes(ZEROS_NBYTES))
+        return where.url, str(answer["ETag"])
 
-    def holds(self, shard: ShardLayout) -> bool:
-        """Whether the object of ``shard`` has its size and header: a finished upload of this plan."""
+    def exists(self, name: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        where = self.folder.child(name)
         try:
-            head = self._call(shard.name, "checking a finished shard", self._client.head_object)
-            if head["ContentLength"] != shard.nbytes:
+            self.client.head_object(Bucket=where.bucket, Key=where.key)
+        except ClientError as e:
+            if error_code(e) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise describe(where, f"looking for {name}", e) from None
+        except BotoCoreError as e:
+            raise describe(where, f"looking for {name}", e) from None
+        return True
+
+    def holds(self, shard: ShardLayout, run_key: str) -> bool:
+        """Whether the object of ``shard`` was written by a run of this very job (its metadata says
+        so) and has the size and header the layout gives it."""
+        try:
+            head = self._call(shard.name, "checking a finished shard", self.client.head_object)
+            if head["ContentLength"] != shard.nbytes or head.get("Metadata", {}).get(RUN_METADATA_KEY) != run_key:
                 return False
             answer = self._call(
                 shard.name,
                 "checking a finished shard",
-                self._client.get_object,
+                self.client.get_object,
                 Range=f"bytes=0-{len(shard.header) - 1}",
             )
             return bool(answer["Body"].read() == shard.header)

@@ -13,18 +13,18 @@ from __future__ import annotations
 import bisect
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from shardsurgeon.errors import CheckpointError
+from shardsurgeon.errors import CheckpointError, safe_text
 from shardsurgeon.execute import ShardStats, converters_for
 from shardsurgeon.layout import CopyRun, PlacedTensor, ShardLayout
 from shardsurgeon.parts import Copied, Joined, Made, Part, plan_parts, sent_nbytes
 from shardsurgeon.plan import Convert, Zeros
 from shardsurgeon.remote import SourceFiles
-from shardsurgeon.s3 import S3Location, describe
+from shardsurgeon.s3 import S3Location, describe, error_code
 from shardsurgeon.units import Progress
 
 READ_BYTES = 4 << 20
@@ -34,6 +34,8 @@ THREADS = 4
 MADE_IN_FLIGHT = 2
 """Parts made here that exist at once: each holds a buffer of up to a part's size."""
 SCRATCH = ".shardsurgeon-scratch/"
+RUN_METADATA_KEY = "shardsurgeon-run"
+"""User metadata of each shard object: the key of the run that wrote it (see finish.resume_key)."""
 
 
 class ShardBytes:
@@ -118,12 +120,25 @@ class S3ShardWriter:
     """Uploads shards under one S3 folder; owns the threads that send parts and their buffers."""
 
     def __init__(
-        self, client: Any, folder: S3Location, sources: SourceFiles, zeros_url: str | None, progress: Progress
+        self,
+        client: Any,
+        folder: S3Location,
+        sources: SourceFiles,
+        *,
+        zeros_url: str | None,
+        etags: Mapping[str, str],
+        run_key: str,
+        progress: Progress,
     ):
+        """``etags`` are the versions of the objects copied from (sources, zeros) as the run saw
+        them: a copy from one that changed since fails. ``run_key`` is recorded in each shard's
+        metadata, so that a later run keeps only shards written by a run of the very same job."""
         self._client = client
         self._folder = folder
         self._sources = sources
         self._zeros_url = zeros_url
+        self._etags = etags
+        self._metadata = {RUN_METADATA_KEY: run_key}
         self._progress = progress
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="shardsurgeon-s3")
@@ -136,7 +151,7 @@ class S3ShardWriter:
         target = self._folder.child(shard.name)
         fetched_before = self._sources.remote.fetched_nbytes
         made = ShardBytes(shard, self._sources)
-        upload = _Upload(self._client, target)
+        upload = _Upload(self._client, target, metadata=self._metadata)
         scratch: list[S3Location] = []
         try:
             futures = [
@@ -168,7 +183,7 @@ class S3ShardWriter:
         check()
         if isinstance(part, Joined):
             source = self._assemble(part, f"{shard.name}.{number}", scratch, made)
-            uploaded = upload.copy(number, source, 0, part.nbytes, "a part assembled")
+            uploaded = upload.copy(number, source, 0, part.nbytes, what="a part assembled")
         else:
             uploaded = self._put(upload, number, part, made)
         header = len(shard.header)
@@ -177,7 +192,8 @@ class S3ShardWriter:
 
     def _put(self, upload: _Upload, number: int, part: Made | Copied, made: ShardBytes) -> _Uploaded:
         if isinstance(part, Copied):
-            return upload.copy(number, S3Location.parse(part.url), part.src_offset, part.nbytes)
+            source = S3Location.parse(part.url)
+            return upload.copy(number, source, part.src_offset, part.nbytes, if_match=self._etags.get(part.url))
         with self._buffers:
             buffer = bytearray(part.nbytes)
             made.fill(part.offset, memoryview(buffer))
@@ -186,16 +202,9 @@ class S3ShardWriter:
     def _assemble(self, joined: Joined, name: str, scratch: list[S3Location], made: ShardBytes) -> S3Location:
         """The object ``joined`` stands for, assembled by the server under a scratch name."""
         target = self._folder.child(f"{SCRATCH}{name}")
-        base = joined.base
         upload = _Upload(self._client, target, self._folder.child(name.partition(".safetensors")[0] + ".safetensors"))
         try:
-            if isinstance(base, Joined):
-                first = upload.copy(
-                    1, self._assemble(base, name + "b", scratch, made), 0, base.nbytes, "a part assembled"
-                )
-            else:
-                first = self._put(upload, 1, base, made)
-            upload.complete([first, self._put(upload, 2, joined.tail, made)])
+            upload.complete([self._put(upload, 1, joined.base, made), self._put(upload, 2, joined.tail, made)])
         except BaseException:
             upload.abort()
             raise
@@ -222,17 +231,25 @@ class _Upload:
     """One multipart upload, created on first use; errors name ``shown`` (the shard a scratch object
     is for)."""
 
-    def __init__(self, client: Any, target: S3Location, shown: S3Location | None = None):
+    def __init__(
+        self,
+        client: Any,
+        target: S3Location,
+        shown: S3Location | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
         self._client = client
         self._target = target
         self._shown = shown or target
+        self._metadata = dict(metadata or {})
         self._id: str | None = None
         self._lock = threading.Lock()
 
     def _upload_id(self) -> str:
         with self._lock:
             if self._id is None:
-                self._id = self._call("starting the upload", self._client.create_multipart_upload)["UploadId"]
+                start = self._client.create_multipart_upload
+                self._id = self._call("starting the upload", start, Metadata=self._metadata)["UploadId"]
             return self._id
 
     def send(self, number: int, data: bytearray) -> _Uploaded:
@@ -242,12 +259,26 @@ class _Upload:
         )  # fmt: skip
         return _Uploaded(number, answer["ETag"])
 
-    def copy(self, number: int, source: S3Location, start: int, nbytes: int, what: str = "") -> _Uploaded:
-        answer = self._call(
-            f"copying {what or source.url} into part {number} on the server", self._client.upload_part_copy,
-            CopySource={"Bucket": source.bucket, "Key": source.key},
-            CopySourceRange=f"bytes={start}-{start + nbytes - 1}", PartNumber=number, UploadId=self._upload_id(),
-        )  # fmt: skip
+    def copy(
+        self, number: int, source: S3Location, start: int, nbytes: int, *, what: str = "", if_match: str | None = None
+    ) -> _Uploaded:
+        from botocore.exceptions import ClientError
+
+        condition = {"CopySourceIfMatch": if_match} if if_match else {}
+        try:
+            answer = self._call(
+                f"copying {what or source.url} into part {number} on the server", self._client.upload_part_copy,
+                CopySource={"Bucket": source.bucket, "Key": source.key}, PartNumber=number,
+                CopySourceRange=f"bytes={start}-{start + nbytes - 1}", UploadId=self._upload_id(), raw=True,
+                **condition,
+            )  # fmt: skip
+        except ClientError as e:
+            if if_match and error_code(e) in ("PreconditionFailed", "412"):
+                raise CheckpointError(
+                    f"{safe_text(source.url)}: changed during the run (its ETag is no longer {safe_text(if_match)}); "
+                    "nothing was published: run the same command again"
+                ) from None
+            raise describe(self._shown, f"copying {what or source.url} into part {number} on the server", e) from None
         return _Uploaded(number, answer["CopyPartResult"]["ETag"])
 
     def complete(self, parts: list[_Uploaded]) -> None:
@@ -264,12 +295,17 @@ class _Upload:
         with contextlib.suppress(Exception):
             self._client.abort_multipart_upload(Bucket=self._target.bucket, Key=self._target.key, UploadId=self._id)
 
-    def _call(self, doing: str, method: Callable[..., Any], **kwargs: Any) -> Any:
+    def _call(self, doing: str, method: Callable[..., Any], raw: bool = False, **kwargs: Any) -> Any:
+        """``method`` on this upload's object; errors as one line, or with ``raw`` a ClientError as it is."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return method(Bucket=self._target.bucket, Key=self._target.key, **kwargs)
-        except (ClientError, BotoCoreError) as e:
+        except ClientError as e:
+            if raw:
+                raise
+            raise describe(self._shown, doing, e) from None
+        except BotoCoreError as e:
             raise describe(self._shown, doing, e) from None
 
 

@@ -1,5 +1,6 @@
 """Red-team pass on ``--out s3://...``: each test asserts a promise of the S3 output (DESIGN.md and
-the issue); those that fail today are strict xfails whose reason names the finding and its cause.
+the issue). Each finding of the pass (F1-F13) failed here before its fix; they now guard against its
+return.
 
 Against a real SeaweedFS started here (tests/_servers.py). Each test uses buckets or prefixes of its
 own, so a test that destroys data (the findings) cannot disturb another.
@@ -168,13 +169,6 @@ def test_an_output_inside_the_source_is_refused(s3, server, src):
 # --- findings: resume keeps shards that are not this run's ------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F3: --force over a checkpoint, interrupted, then run again: the resume record written by "
-    "_prepare makes the old checkpoint's shards count as this run's own ('everything here is its own'), "
-    "and _Folder.holds checks only size and header, which do not depend on the weights: the published "
-    "checkpoint holds the OLD weights",
-)
 def test_force_interrupted_then_rerun_does_not_keep_the_replaced_checkpoints_shards(s3, src, src2, tmp_path):
     url = "s3://out/forced"
     first = api.plan_expand(src, dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
@@ -188,12 +182,6 @@ def test_force_interrupted_then_rerun_does_not_keep_the_replaced_checkpoints_sha
     assert [name for name in want if got[f"forced/{name}"] != want[name]] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F4: an S3 source re-uploaded with other weights (same shapes) between an interrupted run and "
-    "its rerun: finish.resume_key knows a URL source only by path, size and header digest (no ETag), and "
-    "_Folder.holds checks size and header: shards of the old weights are kept beside new ones, silently",
-)
 def test_an_s3_source_replaced_between_runs_is_not_mixed_into_the_output(s3, server, src, src2, tmp_path):
     name = bucket(server, "finetune", {"m": src})
     url = "s3://out/fine-tuned"
@@ -211,13 +199,6 @@ def test_an_s3_source_replaced_between_runs_is_not_mixed_into_the_output(s3, ser
 # --- findings: two runs, one folder -----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F5: s3output._publish uploads README.md, the donor's other files and the checksums BEFORE "
-    "claim.confirm(): a run whose claim was taken over while it wrote its small files (the --checksums "
-    "read-back of every shard is long) overwrites the new holder's published README (and checksums) "
-    "before it notices; the checkpoint 'left as it is' is a mix of both runs",
-)
 def test_a_run_taken_over_while_writing_its_small_files_leaves_the_winners_files_alone(s3, src, monkeypatch):
     """Another run takes the claim over (as after a stall longer than the lease, or a holder whose pid
     it cannot see: tests below) and publishes while this one is in write_small_files."""
@@ -243,13 +224,6 @@ def test_a_run_taken_over_while_writing_its_small_files_leaves_the_winners_files
     assert {key: left.get(key) for key in winner} == winner
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F5b: s3lock._stale calls a claim stale when its pid is not a process HERE (os.kill raises "
-    "ProcessLookupError) and its host name is ours: a live run in another PID namespace with the same host "
-    "name (containers with --network host / --uts host, unshare) is taken over at once; the victim "
-    "stops (on eb84dbf it went on and published a mix: B's config.json, A's index and README)",
-)
 def test_a_live_claim_of_another_pid_namespace_on_this_host_is_not_taken_over(s3, src):
     from shardsurgeon import s3lock
 
@@ -262,11 +236,6 @@ def test_a_live_claim_of_another_pid_namespace_on_this_host_is_not_taken_over(s3
 # --- findings: a refused run has side effects -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F6: s3output._prepare aborts every multipart upload under the prefix BEFORE deciding to refuse "
-    "the folder: a refused run (no --force) kills another tool's upload in progress there",
-)
 def test_a_refused_run_leaves_other_tools_uploads_alone(s3, src):
     s3.put_object(Bucket="out", Key="busy/notes.txt", Body=b"mine")
     upload = s3.create_multipart_upload(Bucket="out", Key="busy/video.bin")
@@ -285,13 +254,6 @@ def small_tensor_source(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F7: parts.plan_parts merges every piece under 5 MiB that follows a made part into it "
-    "(`elif isinstance(last, Made)`), with no cap: with small tensors between zeros a single made part is "
-    "most of the shard, one bytearray of that size (a 3.16 GB shard: a 945 MiB part, 1.14 GB peak RSS; "
-    "a shard over 5 GiB: a part S3 refuses)",
-)
 def test_parts_made_here_stay_bounded(tmp_path):
     src = small_tensor_source(tmp_path / "small")
     job = api.plan_expand(src, dups=[(1, 60)], zero=["o_proj", "down_proj"], max_shard_bytes=5_000_000_000)
@@ -320,39 +282,23 @@ def server_copied(part: Any) -> int:
     return total
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F8: small copied pieces after a server-side part nest Joined(Joined(...)) one level per piece; "
-    "each level is a scratch multipart upload copying the whole object below it: server-side copy and "
-    "scratch storage grow quadratically (a 538 MB shard of a SmolLM-shaped model with --every 1 --zero: "
-    "~94 GB copied, ~93 GB of scratch alive at once, SeaweedFS ran out of volumes)",
-)
 def test_server_side_copy_stays_linear_in_the_shard_size():
     shard = s3_copies([12 * MiB] + [256 << 10] * 200)
     copied = sum(server_copied(p) for p in plan_parts(shard, None))
     assert copied <= 3 * shard.nbytes, f"{copied / shard.nbytes:.0f} times the shard"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F8: a Joined chain deeper than Python's recursion limit (1,500 small pieces) makes "
-    "parts.sent_nbytes (and s3shards._assemble) raise RecursionError: an internal error, not one line",
-)
 def test_many_small_copies_do_not_hit_the_recursion_limit():
-    parts = plan_parts(s3_copies([12 * MiB] + [64 << 10] * 1500), None)
-    assert sum(sent_nbytes(p) for p in parts) < 2 * MIN_PART_BYTES
+    """One level of joining (F8 was a chain of 1,500): small pieces past the first are sent, no more."""
+    small = [64 << 10] * 1500
+    parts = plan_parts(s3_copies([12 * MiB, *small]), None)
+    assert sum(sent_nbytes(p) for p in parts) <= sum(small) + 2 * MIN_PART_BYTES
+    assert all(not isinstance(p, Joined) or isinstance(p.base, Copied) for p in parts)
 
 
 # --- findings: odd URLs, listing, leftovers, messages -----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F9: s3://out/a//b: SeaweedFS stores the keys as a/b/... but lists prefix 'a//b/' as empty: the "
-    "run leaves .shardsurgeon-resume behind, and a second run with another recipe passes the 'already "
-    "holds a checkpoint' check, overwrites the shards and index, then fails on config.json (mixed result); "
-    "empty, '.' and '..' key segments are not refused up front (S3Location.parse)",
-)
 def test_a_url_with_an_empty_segment_is_refused_or_kept_clean(s3, src):
     first = run("expand", "--src", src, "--dup", "0x1", "--out", "s3://out/a//b", "-q")
     if first.exit_code != 0:  # refused up front: fine, and nothing written
@@ -365,12 +311,6 @@ def test_a_url_with_an_empty_segment_is_refused_or_kept_clean(s3, src):
     assert objects(s3, "out", "a/b/")["a/b/model.safetensors.index.json"] == index
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F10: names() stops listing after MAX_LISTED (100,000) objects; with --force on a prefix holding "
-    "more objects sorting before config.json, _prepare does not see (nor remove) the old config.json, the "
-    "whole output is uploaded, then publishing fails with 'another run published a checkpoint there'",
-)
 def test_force_over_a_crowded_prefix_replaces_it(s3, src, monkeypatch):
     monkeypatch.setattr(s3output, "MAX_LISTED", 10)  # stands for 100,000: the listing's first page is 1,000
     assert run("expand", "--src", src, "--dup", "0x1", "--out", "s3://out/crowded", "-q").exit_code == 0
@@ -388,11 +328,6 @@ def test_verify_takes_the_s3_output_it_wrote(s3, src):
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F12: a claim whose pid is an int too large for os.kill (s3lock._stale) is an internal "
-    "OverflowError, not a one-line message",
-)
 def test_a_garbage_claim_is_one_line(s3, src):
     holder = {"host": os.uname().nodename, "pid": 10**20}
     s3.put_object(Bucket="out", Key="garbage/.shardsurgeon-lock", Body=json.dumps(holder).encode())
@@ -401,12 +336,6 @@ def test_a_garbage_claim_is_one_line(s3, src):
     assert "internal error" not in result.output and "another shardsurgeon run" in result.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F13: a run stopped after config.json is written but before its cleanup leaves "
-    ".shardsurgeon-resume and the 16 MiB .shardsurgeon-zeros in the published checkpoint for good: the "
-    "same command run again refuses the folder ('already holds a checkpoint') and removes nothing",
-)
 def test_a_run_stopped_right_after_publishing_leaves_nothing_after_a_rerun(s3, src, monkeypatch):
     put = s3output._Folder.put
 

@@ -221,7 +221,8 @@ def test_a_killed_run_resumes_keeps_its_finished_shards_and_leaves_nothing_behin
 
 
 def test_a_live_run_keeps_a_second_one_out_and_a_dead_ones_claim_is_taken_over(s3, src, tmp_path):
-    holder = {"run": "other", "host": socket.gethostname(), "pid": os.getpid(), "renewed": "now"}
+    namespace = os.readlink("/proc/self/ns/pid")
+    holder = {"run": "other", "host": socket.gethostname(), "pid": os.getpid(), "pidns": namespace, "renewed": "now"}
     s3.put_object(Bucket="out", Key="claimed/.shardsurgeon-lock", Body=json.dumps(holder).encode())
     refused = run("expand", "--src", src, *SEED, "--out", "s3://out/claimed")
     assert refused.exit_code == 1
@@ -353,3 +354,23 @@ def test_checksums_of_an_output_in_s3_are_of_the_bytes_there(s3, src, tmp_path):
     assert remote["shardsurgeon.checksums.json"] == (local / "shardsurgeon.checksums.json").read_bytes()
     checked = run("verify", "s3://out/summed")
     assert checked.exit_code == 0 and "checked against their recorded checksums" in checked.output, checked.output
+
+
+def test_credentials_and_endpoint_from_a_profile_for_reads_and_writes(s3, src, tmp_path, monkeypatch, server):
+    """No AWS_* variable but AWS_PROFILE: boto3 finds keys, region and endpoint_url in the profile
+    files, for the writes and (handed to obstore) the reads."""
+    weed, _ = server
+    env = s3_environment(weed.endpoint)
+    for key in env:
+        monkeypatch.delenv(key, raising=False)
+    keys = f"aws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\naws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}"
+    (tmp_path / "credentials").write_text(f"[lab]\n{keys}\n")
+    (tmp_path / "config").write_text(f"[profile lab]\nregion = us-east-1\nendpoint_url = {weed.endpoint}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    result = run("expand", "--src", "s3://models/src", "--dup", "1x1", "--out", "s3://out/profiled")
+    assert result.exit_code == 0, result.output
+    assert "s3://out/profiled/" in result.output and "lab" not in result.output
+    card = objects(s3, "s3://out/profiled")["README.md"].decode()
+    assert env["AWS_SECRET_ACCESS_KEY"] not in card and env["AWS_ACCESS_KEY_ID"] not in card
