@@ -25,7 +25,7 @@ from conftest import write_tiny_checkpoint
 from shardsurgeon import api, s3output
 from shardsurgeon.checkpoint import TensorRef
 from shardsurgeon.cli import cli
-from shardsurgeon.errors import OutputError
+from shardsurgeon.errors import CheckpointError, OutputError
 from shardsurgeon.layout import PlacedTensor, ShardLayout
 from shardsurgeon.parts import MADE_PART_BYTES, MIN_PART_BYTES, Copied, Joined, Made, plan_parts, sent_nbytes
 from shardsurgeon.plan import Copy, PlannedTensor
@@ -411,3 +411,24 @@ def test_cast_parts_split_mid_element_are_exact(s3, src, tmp_path, flags):
                 view = bytearray(rng.randrange(1, min(shard.nbytes - start, 3_000_000) + 1))
                 made.fill(start, memoryview(view))
                 assert view == data[start : start + len(view)], (shard.name, start, len(view))
+
+
+def test_an_s3_source_replaced_during_a_run_stops_it_before_anything_mixed_is_published(s3, server, src, src2):
+    """Each server-side copy names the source's ETag as the plan read it: the first copy after the
+    new upload fails, in one line, and the rerun (a new job: new ETags) writes the new weights."""
+    name = bucket(server, "midrun", {"m": src})
+    url = "s3://out/midrun"
+    job = api.plan_expand(f"s3://{name}/m", dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
+    replaced = False
+
+    def upload_new_weights(nbytes: int) -> None:
+        nonlocal replaced
+        if not replaced:
+            replaced = True
+            upload_folder(server[0].endpoint, name, "m", src2)
+
+    with pytest.raises(
+        CheckpointError, match=r"s3://midrun/m/model-0000\d-of-00002\.safetensors: changed during the run"
+    ):
+        api.run_job(job, url, command="expand", progress=upload_new_weights)
+    assert "config.json" not in objects(s3, "out", "midrun/") and uploads(s3, "out", "midrun/") == []
