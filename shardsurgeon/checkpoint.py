@@ -261,7 +261,9 @@ def check_remote_unchanged(shards: Iterable[Shard]) -> None:
         if not isinstance(shard.path, str):
             continue
         folder, _, name = shard.path.rpartition("/")
-        remote = folders.setdefault(folder, RemoteFolder(folder))
+        if folder not in folders:
+            folders[folder] = RemoteFolder(folder)
+        remote = folders[folder]
         found = remote.read_header(name, "")
         now = (found.header.data_start + found.header.data_nbytes, found.sha256, found.etag)
         if now != (shard.nbytes, shard.header_sha256, shard.etag):

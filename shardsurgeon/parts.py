@@ -31,8 +31,9 @@ from shardsurgeon.plan import Zeros
 MIN_PART_BYTES = 5 << 20
 """S3's smallest part but the last."""
 MAX_PARTS = 10_000
-MADE_PART_BYTES = 16 << 20
-"""Parts made here are this size or a little smaller: the memory a part costs while being sent."""
+MADE_PART_BYTES = 10 << 20
+"""Parts made here are at most this, twice the smallest (so equal shares of a larger run never
+fall below it): the memory a part costs while it is made and sent. 10,000 of them make 100 GiB."""
 COPY_PART_BYTES = 512 << 20
 """Parts copied by the server are at most this: each request stays short, and a retry cheap."""
 ZEROS_NBYTES = 16 << 20

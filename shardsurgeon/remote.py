@@ -168,6 +168,27 @@ class RemoteFolder:
             raise self._not_found(name, "")
         return got[0]
 
+    def read_range_into(self, name: str, start: int, view: memoryview) -> None:
+        """Fill ``view`` with the bytes of ``name`` from ``start``, exactly: the client's own buffer
+        is copied into it, with no Python bytes object in between."""
+        import obstore
+
+        try:
+            data = memoryview(obstore.get_range(self._store, name, start=start, length=len(view)))
+        except _NOT_FOUND:
+            self._check_folder(name)
+            raise self._not_found(name, "") from None
+        except (obstore.exceptions.BaseError, OSError) as e:
+            raise self._error(name, e, f"bytes {start}-{start + len(view) - 1}") from None
+        self._count(len(data))
+        if len(data) != len(view):
+            raise CheckpointError(
+                f"{safe_text(self.where(name))}: asked for bytes {start}-{start + len(view) - 1}, received "
+                f"{len(data)} bytes; the file is shorter than its header says, or the server does not honour Range "
+                "requests"
+            )
+        view[:] = data
+
     def sha256(self, name: str) -> str | None:
         """The SHA-256 of the file ``name``, streamed in chunks, or None when there is no such file."""
         import obstore
@@ -280,6 +301,7 @@ def _store_for(url: str) -> Any:
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         config: Any
         config, credentials = obstore_config()  # with boto3 installed: profiles and config files too
+        config = dict(config)  # the resolution is shared: this store's changes stay its own
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or config.get("endpoint")
         if endpoint:
             config["endpoint"] = endpoint
@@ -342,6 +364,15 @@ class RemoteFiles:
                 self._folders[folder] = RemoteFolder(folder)
         return self._folders[folder].read_range(name, start, start + nbytes) if nbytes else b""
 
+    def read_into(self, url: str, start: int, view: memoryview) -> None:
+        """Fill ``view`` with the bytes of the file at ``url`` from ``start``, exactly."""
+        folder, _, name = url.rpartition("/")
+        with self._opening:
+            if folder not in self._folders:
+                self._folders[folder] = RemoteFolder(folder)
+        if len(view):
+            self._folders[folder].read_range_into(name, start, view)
+
     @property
     def fetched_nbytes(self) -> int:
         return sum(folder.fetched_nbytes for folder in self._folders.values())
@@ -370,6 +401,14 @@ class SourceFiles:
         if isinstance(path, str):
             return self.remote.read(path, offset, nbytes)
         return fileio.read_bytes_at(self.fd(path), nbytes, offset)
+
+    def read_into(self, path: Path | str, offset: int, view: memoryview) -> int:
+        """Fill ``view`` from the file at ``path`` at ``offset`` (a local file straight into it, with
+        no buffer of its own); returns the bytes read, fewer only past a local file's end."""
+        if isinstance(path, str):
+            self.remote.read_into(path, offset, view)
+            return len(view)
+        return fileio.read_at(self.fd(path), view, offset)
 
     def __enter__(self) -> SourceFiles:
         return self

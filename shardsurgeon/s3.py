@@ -12,6 +12,8 @@ denied, a lost connection (retried by botocore with backoff a bounded number of 
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +64,38 @@ def boto3_available() -> bool:
 
 def client() -> Any:
     """A boto3 S3 client with bounded retries and timeouts; checksums only where a request needs
-    them, which S3-compatible stores (MinIO, Ceph, R2, SeaweedFS) all accept."""
+    them, which S3-compatible stores (MinIO, Ceph, R2, SeaweedFS) all accept. One per process and
+    AWS configuration (a session and its client cost about 15 MB); boto3's clients are thread-safe."""
+    return _resolved(_aws_environment())[1]
+
+
+def obstore_config() -> tuple[dict[str, str], Any]:
+    """What obstore needs to read from the same store as boto3 writes to: the endpoint (from the
+    environment or a profile's ``endpoint_url``), the region, and a credential provider when boto3
+    finds credentials (None: obstore's own search of the environment). Without boto3: nothing."""
+    if not boto3_available():
+        return {}, None
+    session, s3_client = _resolved(_aws_environment())
+    config: dict[str, str] = {}
+    endpoint = s3_client.meta.endpoint_url
+    if endpoint and "amazonaws.com" not in endpoint:
+        config["endpoint"] = endpoint
+    if session.region_name:
+        config["region"] = session.region_name
+    if session.get_credentials() is None:
+        return config, None
+    from obstore.auth.boto3 import Boto3CredentialProvider
+
+    return config, Boto3CredentialProvider(session)
+
+
+def _aws_environment() -> tuple[tuple[str, str], ...]:
+    """The environment variables boto3 reads its configuration from, as a cache key."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_") or k == "HOME"))
+
+
+@functools.cache
+def _resolved(environment: tuple[tuple[str, str], ...]) -> tuple[Any, Any]:
     try:
         import boto3
         from botocore.config import Config
@@ -76,29 +109,8 @@ def client() -> Any:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return boto3.session.Session().client("s3", config=config)
-
-
-def obstore_config() -> tuple[dict[str, str], Any]:
-    """What obstore needs to read from the same store as boto3 writes to: the endpoint (from the
-    environment or a profile's ``endpoint_url``), the region, and a credential provider when boto3
-    finds credentials (None: obstore's own search of the environment)."""
-    try:
-        import boto3
-    except ImportError:
-        return {}, None
     session = boto3.session.Session()
-    config: dict[str, str] = {}
-    endpoint = session.client("s3").meta.endpoint_url
-    if endpoint and "amazonaws.com" not in endpoint:
-        config["endpoint"] = endpoint
-    if session.region_name:
-        config["region"] = session.region_name
-    if session.get_credentials() is None:
-        return config, None
-    from obstore.auth.boto3 import Boto3CredentialProvider
-
-    return config, Boto3CredentialProvider(session)
+    return session, session.client("s3", config=config)
 
 
 def error_code(error: Exception) -> str:

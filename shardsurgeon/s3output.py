@@ -40,7 +40,7 @@ from shardsurgeon.plan import Plan, Zeros
 from shardsurgeon.remote import SourceFiles
 from shardsurgeon.s3 import S3Location, describe, error_code
 from shardsurgeon.s3lock import LOCK_NAME, S3Claim
-from shardsurgeon.s3shards import RUN_METADATA_KEY, SCRATCH, S3ShardWriter
+from shardsurgeon.s3shards import RUN_METADATA_KEY, SCRATCH, S3ShardWriter, ZerosReader
 from shardsurgeon.source import Source
 from shardsurgeon.units import Progress, ShardStarted
 
@@ -290,7 +290,9 @@ class _Folder:
     def zeros_object(self) -> tuple[str, str]:
         """The all-zero object zero tensors are copied from: its URL and ETag."""
         where = self.folder.child(ZEROS_NAME)
-        answer = self._call(ZEROS_NAME, "writing the zeros object", self.client.put_object, Body=bytes(ZEROS_NBYTES))
+        answer = self._call(
+            ZEROS_NAME, "writing the zeros object", self.client.put_object, Body=ZerosReader(ZEROS_NBYTES)
+        )
         return where.url, str(answer["ETag"])
 
     def exists(self, name: str) -> bool:

@@ -1,25 +1,28 @@
 """Write one shard of a Layout to S3 as a multipart upload: the S3 counterpart of :mod:`execute`.
 
-The parts are :func:`parts.plan_parts`'s. A part made here is filled by :class:`ShardBytes` into one
-reused buffer of at most a part's size and sent; a copied part is an ``UploadPartCopy`` of a range
-of a source object (or of the zeros object), so its bytes never reach this machine; a joined part is
-first assembled by the server as a scratch object (``.shardsurgeon-scratch/``), then copied whole.
-Parts go out on a few threads at once. An upload that fails or is interrupted is aborted here; one
-left by a killed process is aborted by the next run (:mod:`s3output`), so none stays to be billed.
+The parts are :func:`parts.plan_parts`'s. A part made here is filled by :class:`ShardBytes` into the
+buffer of one of two :class:`Workspace` objects, reused, and sent from there; a copied part is an
+``UploadPartCopy`` of a range of a source object (or of the zeros object), so its bytes never reach
+this machine; a joined part is first assembled by the server as a scratch object
+(``.shardsurgeon-scratch/``), then copied whole. Parts go out on a few threads at once. An upload
+that fails or is interrupted is aborted here; one left by a killed process is aborted by the next
+run (:mod:`s3output`), so none stays to be billed.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import io
+import queue
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardsurgeon.errors import CheckpointError, safe_text
-from shardsurgeon.execute import ShardStats, converters_for
+from shardsurgeon.execute import KEPT_CONVERTERS, ShardStats, converters_for
 from shardsurgeon.layout import CopyRun, PlacedTensor, ShardLayout
 from shardsurgeon.parts import Copied, Joined, Made, Part, plan_parts, sent_nbytes
 from shardsurgeon.plan import Convert, Zeros
@@ -27,15 +30,38 @@ from shardsurgeon.remote import SourceFiles
 from shardsurgeon.s3 import S3Location, describe, error_code
 from shardsurgeon.units import Progress
 
+if TYPE_CHECKING:
+    from shardsurgeon.numerics import ChunkConverter
+
 READ_BYTES = 4 << 20
 """Largest read of a source range into a part's buffer."""
 THREADS = 4
 """Parts in flight at once: server-side copies are waits, not work."""
 MADE_IN_FLIGHT = 2
-"""Parts made here that exist at once: each holds a buffer of up to a part's size."""
+"""Parts made here at once: each holds a :class:`Workspace` (a buffer of a part's size)."""
+ZERO_CHUNK = bytes(1 << 20)
 SCRATCH = ".shardsurgeon-scratch/"
 RUN_METADATA_KEY = "shardsurgeon-run"
 """User metadata of each shard object: the key of the run that wrote it (see finish.resume_key)."""
+
+
+class Workspace:
+    """What making one part needs, allocated once and reused: the part's buffer, the converters
+    and their source chunk. A part made here takes a workspace for as long as it is made and sent."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(0)
+        """Grown to the largest part made so far: at most :data:`parts.MADE_PART_BYTES`."""
+        self.chunk = bytearray(0)
+        self.converters: dict[tuple[str, str, float, str | None], list[ChunkConverter]] = {}
+
+    def stages(self, src_dtype: str, dst_dtype: str, op: Convert) -> list[ChunkConverter]:
+        key = (src_dtype, dst_dtype, op.scale, op.via)
+        if key not in self.converters:
+            if len(self.converters) >= KEPT_CONVERTERS:
+                del self.converters[next(iter(self.converters))]
+            self.converters[key] = converters_for(src_dtype, dst_dtype, op)
+        return self.converters[key]
 
 
 class ShardBytes:
@@ -48,7 +74,7 @@ class ShardBytes:
         self._segments = shard.segments()
         self._starts = [_span(segment)[0] for segment in self._segments]
 
-    def fill(self, offset: int, view: memoryview) -> None:
+    def fill(self, offset: int, view: memoryview, workspace: Workspace) -> None:
         """Put the shard's bytes ``offset`` to ``offset + len(view)`` into ``view``."""
         end = offset + len(view)
         header = self._shard.header
@@ -61,41 +87,44 @@ class ShardBytes:
                 break
             low, high = max(start, offset), min(stop, end)
             if low < high:
-                self._fill_segment(segment, low - start, view[low - offset : high - offset])
+                self._fill_segment(segment, low - start, view[low - offset : high - offset], workspace)
 
-    def _fill_segment(self, segment: PlacedTensor | CopyRun, skip: int, view: memoryview) -> None:
+    def _fill_segment(self, segment: PlacedTensor | CopyRun, skip: int, view: memoryview, workspace: Workspace) -> None:
         match segment:
             case CopyRun():
                 self._read(segment.path, segment.src_offset + skip, view)
             case PlacedTensor(tensor=tensor) if isinstance(tensor.op, Zeros):
-                view[:] = bytes(len(view))
+                for start in range(0, len(view), len(ZERO_CHUNK)):
+                    piece = view[start : start + len(ZERO_CHUNK)]
+                    piece[:] = ZERO_CHUNK[: len(piece)]
             case PlacedTensor(tensor=tensor) if isinstance(tensor.op, Convert):
-                self._convert(segment, tensor.op, skip, view)
+                self._convert(segment, tensor.op, skip, view, workspace)
             case _:
                 raise AssertionError(f"{segment}: a copy outside a copy run")
 
     def _read(self, path: Any, start: int, view: memoryview) -> None:
         for done in range(0, len(view), READ_BYTES):
-            data = self._sources.read(path, start + done, min(READ_BYTES, len(view) - done))
-            if len(data) != min(READ_BYTES, len(view) - done):
+            piece = view[done : done + READ_BYTES]
+            got = self._sources.read_into(path, start + done, piece)
+            if got != len(piece):
                 raise CheckpointError(
-                    f"{path}: ends at byte {start + done + len(data)}, before the data its header promises; the "
+                    f"{path}: ends at byte {start + done + got}, before the data its header promises; the "
                     "source changed or was truncated while running"
                 )
-            view[done : done + len(data)] = data
 
-    def _convert(self, placed: PlacedTensor, op: Convert, skip: int, view: memoryview) -> None:
+    def _convert(self, placed: PlacedTensor, op: Convert, skip: int, view: memoryview, workspace: Workspace) -> None:
         """The converted bytes ``skip`` to ``skip + len(view)`` of the tensor: the source elements
         that cover them are read and converted a chunk at a time."""
         tensor = placed.tensor
-        stages = converters_for(tensor.source.dtype, tensor.dtype, op)
+        stages = workspace.stages(tensor.source.dtype, tensor.dtype, op)
         src_size, dst_size = stages[0].src_itemsize, stages[-1].dst_itemsize
         first, last = skip // dst_size, -(-(skip + len(view)) // dst_size)
         step = stages[0].chunk_elements
-        buffer = bytearray(min(step, last - first) * src_size)
+        if len(workspace.chunk) < step * src_size:
+            workspace.chunk = bytearray(step * src_size)
         for element in range(first, last, step):
             count = min(step, last - element)
-            chunk = memoryview(buffer)[: count * src_size]
+            chunk = memoryview(workspace.chunk)[: count * src_size]
             self._read(tensor.source.path, tensor.source.data_start + element * src_size, chunk)
             out: memoryview = chunk
             for stage in stages:
@@ -142,7 +171,9 @@ class S3ShardWriter:
         self._progress = progress
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="shardsurgeon-s3")
-        self._buffers = threading.Semaphore(MADE_IN_FLIGHT)
+        self._workspaces: queue.SimpleQueue[Workspace] = queue.SimpleQueue()
+        for _ in range(MADE_IN_FLIGHT):
+            self._workspaces.put(Workspace())
 
     def write(self, shard: ShardLayout, check: Callable[[], None], confirm: Callable[[], None]) -> ShardStats:
         """Upload ``shard``; ``check`` is called before each part and ``confirm`` before the upload
@@ -194,10 +225,15 @@ class S3ShardWriter:
         if isinstance(part, Copied):
             source = S3Location.parse(part.url)
             return upload.copy(number, source, part.src_offset, part.nbytes, if_match=self._etags.get(part.url))
-        with self._buffers:
-            buffer = bytearray(part.nbytes)
-            made.fill(part.offset, memoryview(buffer))
-            return upload.send(number, buffer)
+        workspace = self._workspaces.get()  # waits while the others are in use
+        try:
+            if len(workspace.buffer) < part.nbytes:
+                workspace.buffer = bytearray(part.nbytes)
+            view = memoryview(workspace.buffer)[: part.nbytes]
+            made.fill(part.offset, view, workspace)
+            return upload.send(number, view)
+        finally:
+            self._workspaces.put(workspace)
 
     def _assemble(self, joined: Joined, name: str, scratch: list[S3Location], made: ShardBytes) -> S3Location:
         """The object ``joined`` stands for, assembled by the server under a scratch name."""
@@ -252,9 +288,9 @@ class _Upload:
                 self._id = self._call("starting the upload", start, Metadata=self._metadata)["UploadId"]
             return self._id
 
-    def send(self, number: int, data: bytearray) -> _Uploaded:
+    def send(self, number: int, data: memoryview) -> _Uploaded:
         answer = self._call(
-            f"sending part {number}", self._client.upload_part, Body=data, PartNumber=number,
+            f"sending part {number}", self._client.upload_part, Body=_ViewReader(data), PartNumber=number,
             UploadId=self._upload_id(),
         )  # fmt: skip
         return _Uploaded(number, answer["ETag"])
@@ -307,6 +343,54 @@ class _Upload:
             raise describe(self._shown, doing, e) from None
         except BotoCoreError as e:
             raise describe(self._shown, doing, e) from None
+
+
+class _ViewReader(io.RawIOBase):
+    """A workspace's buffer as the file-like body boto3 takes (bytes would be a copy of it):
+    seekable, so that a request can be signed and retried."""
+
+    def __init__(self, view: memoryview):
+        self._view = view
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = max(0, min(len(buffer), len(self._view) - self._position))
+        buffer[:count] = self._view[self._position : self._position + count]
+        self._position += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+class ZerosReader(_ViewReader):
+    """``nbytes`` zeros as a request body, from one small zero block (the zeros object's content)."""
+
+    def __init__(self, nbytes: int):
+        super().__init__(memoryview(ZERO_CHUNK))
+        self._nbytes = nbytes
+
+    def readinto(self, buffer: Any) -> int:
+        count = max(0, min(len(buffer), len(ZERO_CHUNK), self._nbytes - self._position))
+        buffer[:count] = ZERO_CHUNK[:count]
+        self._position += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._nbytes}[whence]
+        self._position = max(0, base + offset)
+        return self._position
 
 
 def _wait_all(futures: list[Future[_Uploaded]]) -> None:

@@ -395,7 +395,7 @@ def test_cast_parts_split_mid_element_are_exact(s3, src, tmp_path, flags):
     import random
 
     from shardsurgeon.remote import SourceFiles
-    from shardsurgeon.s3shards import ShardBytes
+    from shardsurgeon.s3shards import ShardBytes, Workspace
 
     out = tmp_path / "local"
     assert run("expand", "--src", src, *flags, "--out", out, "-q").exit_code == 0
@@ -409,7 +409,7 @@ def test_cast_parts_split_mid_element_are_exact(s3, src, tmp_path, flags):
             for _ in range(100):
                 start = rng.randrange(shard.nbytes)
                 view = bytearray(rng.randrange(1, min(shard.nbytes - start, 3_000_000) + 1))
-                made.fill(start, memoryview(view))
+                made.fill(start, memoryview(view), Workspace())
                 assert view == data[start : start + len(view)], (shard.name, start, len(view))
 
 
