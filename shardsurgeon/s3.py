@@ -123,6 +123,12 @@ def error_code(error: Exception) -> str:
     )
 
 
+def failed_condition(error: Exception) -> bool:
+    """Whether a conditional request (If-Match, If-None-Match, x-amz-copy-source-if-match) was
+    refused because the object is not as the condition says (412; 409 when two such writes race)."""
+    return error_code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
 def describe(where: S3Location, doing: str, error: Exception) -> OutputError:
     """``error`` (from boto3) of ``doing`` at ``where`` as one line that says what to do."""
     code = error_code(error)

@@ -21,7 +21,7 @@ import uuid
 from typing import Any
 
 from shardsurgeon.errors import OutputError, safe_text
-from shardsurgeon.s3 import S3Location, describe, error_code
+from shardsurgeon.s3 import S3Location, describe, error_code, failed_condition
 
 LOCK_NAME = ".shardsurgeon-lock"
 LEASE_SECONDS = 120.0
@@ -94,7 +94,7 @@ class S3Claim:
                 Bucket=self._where.bucket, Key=self._where.key, Body=self._body(), **condition
             )
         except ClientError as e:
-            if error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            if failed_condition(e):
                 return False
             raise describe(self._where, "claiming the folder", e) from None
         except BotoCoreError as e:

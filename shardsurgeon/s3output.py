@@ -38,7 +38,7 @@ from shardsurgeon.layout import Layout, ShardLayout
 from shardsurgeon.parts import ZEROS_NBYTES
 from shardsurgeon.plan import Plan, Zeros
 from shardsurgeon.remote import SourceFiles
-from shardsurgeon.s3 import S3Location, describe, error_code
+from shardsurgeon.s3 import S3Location, describe, error_code, failed_condition
 from shardsurgeon.s3lock import LOCK_NAME, S3Claim
 from shardsurgeon.s3shards import RUN_METADATA_KEY, SCRATCH, S3ShardWriter, ZerosReader
 from shardsurgeon.source import Source
@@ -268,7 +268,7 @@ class _Folder:
                 Bucket=where.bucket, Key=where.key, Body=data, **({"IfNoneMatch": "*"} if create else {})
             )
         except ClientError as e:
-            if create and error_code(e) in ("PreconditionFailed", "412"):
+            if create and failed_condition(e):
                 raise OutputError(
                     f"--out {safe_text(self.folder.url)}: another run published a checkpoint there during this one; "
                     "it is left as it is: pass --force to replace it"

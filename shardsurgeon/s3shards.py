@@ -27,7 +27,7 @@ from shardsurgeon.layout import CopyRun, PlacedTensor, ShardLayout
 from shardsurgeon.parts import Copied, Joined, Made, Part, plan_parts, sent_nbytes
 from shardsurgeon.plan import Convert, Zeros
 from shardsurgeon.remote import SourceFiles
-from shardsurgeon.s3 import S3Location, describe, error_code
+from shardsurgeon.s3 import S3Location, describe, failed_condition
 from shardsurgeon.units import Progress
 
 if TYPE_CHECKING:
@@ -309,7 +309,7 @@ class _Upload:
                 **condition,
             )  # fmt: skip
         except ClientError as e:
-            if if_match and error_code(e) in ("PreconditionFailed", "412"):
+            if if_match and failed_condition(e):
                 raise CheckpointError(
                     f"{safe_text(source.url)}: changed during the run (its ETag is no longer {safe_text(if_match)}); "
                     "nothing was published: run the same command again"
