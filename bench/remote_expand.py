@@ -26,14 +26,16 @@ RECIPE = ("--dup", "7x4", "--zero", "o_proj,down_proj")
 
 
 CHILD = """
-import resource, sys
+import sys
 from shardsurgeon.cli import main
 try:
     main()
 finally:
-    print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print("peak_rss_kib", hwm, file=sys.stderr)
 """
-"""Runs the CLI and reports its own peak RSS (the S3 server is a child of the benchmark too)."""
+"""Runs the CLI and reports its own peak RSS: VmHWM, not ru_maxrss, which survives execve and so
+starts at this benchmark's own RSS (the S3 server is a child of the benchmark too)."""
 
 
 def expand(src: str, out: Path, env: dict[str, str] | None = None) -> tuple[float, int, str]:
