@@ -176,7 +176,7 @@ def test_a_rerun_with_another_layout_of_the_same_names_writes_that_layout(s3c, s
     strict=True,
     reason="G3: --force over another checkpoint, stopped after config.json, then rerun: the "
     "'published' path counts every object found as published, so the old checkpoint's shards (other "
-    "names) are never removed and verify reports them as strays",
+    "names) are never removed",
 )
 def test_force_stopped_after_publish_then_rerun_leaves_no_old_shards(s3c, src, monkeypatch):
     old = api.plan_expand(src, dups=[(1, 2)], max_shard_bytes=40_000_000)  # three shards
