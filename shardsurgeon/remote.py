@@ -71,8 +71,8 @@ def obstore_available() -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RemoteHeader:
-    """A shard's header read by URL: validated, the SHA-256 of its bytes, and the file's ETag (the
-    server's version of it: None when the server gives none)."""
+    """A shard's header read by URL: validated, the SHA-256 of its bytes, and the file's version
+    (its ETag, else its Last-Modified time; None when the server gives neither)."""
 
     header: Header
     sha256: str
@@ -219,7 +219,7 @@ class RemoteFolder:
         try:
             if want_size:
                 result = obstore.get(self._store, name, options={"range": (start, end)})
-                size, etag = int(result.meta["size"]), result.meta.get("e_tag")
+                size, etag = int(result.meta["size"]), _version(result.meta)
                 data = bytes(result.bytes())
             else:
                 data, size, etag = bytes(obstore.get_range(self._store, name, start=start, end=end)), -1, None
@@ -316,6 +316,14 @@ def _store_for(url: str) -> Any:
     if token := hub_token(url):  # the client drops it on a redirect to another host (the Hub's CDN)
         options["default_headers"] = {"Authorization": f"Bearer {token}"}
     return HTTPStore.from_url(url.rstrip("/"), client_options=options, retry_config=retry)
+
+
+def _version(meta: Any) -> str | None:
+    """What tells one version of a file from another: its ETag, else its Last-Modified time."""
+    if meta.get("e_tag"):
+        return str(meta["e_tag"])
+    modified = meta.get("last_modified")  # obstore says 1970 when the server gave none
+    return f"last-modified {modified.isoformat()}" if modified is not None and modified.timestamp() > 0 else None
 
 
 def hub_token(url: str) -> str | None:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from shardsurgeon.errors import DestinationError, OutputError, safe_text
 
 EXTRA_HINT = "writing to S3 needs the remote extra: pip install 'shardsurgeon[remote]'"
+BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
+"""S3's bucket names, with the capitals and underscores of old us-east-1 buckets."""
 MAX_ATTEMPTS = 6
 """Attempts of one request (botocore's standard retry mode: exponential backoff with jitter)."""
 
@@ -38,6 +41,11 @@ class S3Location:
         bucket, _, key = url.removeprefix("s3://").partition("/")
         if not bucket:
             raise DestinationError(f"{safe_text(url)}: no bucket in the URL; write s3://BUCKET/FOLDER")
+        if not BUCKET_NAME.fullmatch(bucket):
+            raise DestinationError(
+                f"{safe_text(url)}: {safe_text(bucket, 80)!r} is not a bucket name (letters, digits, dots, "
+                "hyphens; 3 to 63 of them on AWS today)"
+            )
         if any(part in ("", ".", "..") for part in key.rstrip("/").split("/")[: None if key.strip("/") else 0]):
             raise DestinationError(
                 f"{safe_text(url)}: a folder name in the URL is empty, '.' or '..'; write s3://BUCKET/FOLDER/SUBFOLDER"
@@ -89,13 +97,25 @@ def obstore_config() -> tuple[dict[str, str], Any]:
     return config, Boto3CredentialProvider(session)
 
 
-def _aws_environment() -> tuple[tuple[str, str], ...]:
-    """The environment variables boto3 reads its configuration from, as a cache key."""
-    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_") or k == "HOME"))
+def _aws_environment() -> tuple[object, ...]:
+    """What boto3 reads its configuration from, as a cache key: the AWS_* environment and the
+    config and credentials files' times (keys rotated in a file make a new session)."""
+    variables = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_") or k == "HOME"))
+    files = (
+        os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config",
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials",
+    )
+    stamps: list[int | None] = []
+    for path in files:
+        try:
+            stamps.append(os.stat(os.path.expanduser(path)).st_mtime_ns)
+        except OSError:
+            stamps.append(None)
+    return (*variables, *stamps)
 
 
-@functools.cache
-def _resolved(environment: tuple[tuple[str, str], ...]) -> tuple[Any, Any]:
+@functools.lru_cache(maxsize=2)
+def _resolved(environment: tuple[object, ...]) -> tuple[Any, Any]:
     try:
         import boto3
         from botocore.config import Config
@@ -110,7 +130,14 @@ def _resolved(environment: tuple[tuple[str, str], ...]) -> tuple[Any, Any]:
         response_checksum_validation="when_required",
     )
     session = boto3.session.Session()
-    return session, session.client("s3", config=config)
+    try:
+        return session, session.client("s3", config=config)
+    except ValueError as e:  # botocore's word for an endpoint URL it cannot use
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the endpoint_url"
+        raise DestinationError(
+            f"AWS_ENDPOINT_URL {safe_text(endpoint)}: not a usable endpoint ({safe_text(e, 120)}); write it as "
+            "http://HOST:PORT or https://HOST"
+        ) from None
 
 
 def error_code(error: Exception) -> str:
@@ -143,10 +170,17 @@ def describe(where: S3Location, doing: str, error: Exception) -> OutputError:
             f"{place}: access denied ({code}) while {doing}; check the credentials (AWS_ACCESS_KEY_ID, "
             "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and that the bucket exists and its policy allows writing"
         )
-    try:
-        from botocore.exceptions import ConnectionError as LostConnection
-    except ImportError:
-        LostConnection = OSError
+    from botocore.exceptions import ConnectionError as LostConnection
+    from botocore.exceptions import NoCredentialsError, ParamValidationError
+
+    if isinstance(error, NoCredentialsError):
+        return OutputError(
+            f"{place}: no AWS credentials found (while {doing}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+            "AWS_PROFILE with ~/.aws/credentials"
+        )
+    if isinstance(error, ParamValidationError):
+        first = safe_text(" ".join(str(error).split()), 160)
+        return OutputError(f"{place}: {doing}: the request was not sent, boto3 refused it: {first}; check the URL")
     if isinstance(error, LostConnection):
         from urllib.parse import urlsplit
 
@@ -159,7 +193,8 @@ def describe(where: S3Location, doing: str, error: Exception) -> OutputError:
         )
     detail = safe_text(" ".join(str(error).split()), 300)
     status = getattr(error, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    if isinstance(status, int) and 400 <= status < 500 and code not in ("SlowDown", "RequestTimeout"):
+    retried = (isinstance(status, int) and status >= 500) or code in ("SlowDown", "RequestTimeout", "Throttling")
+    if not retried:  # a refusal, or boto3's own error before sending: retrying would not help
         return OutputError(f"{place}: {doing} failed: {detail}; the server refused the request: check the URL")
     return OutputError(
         f"{place}: {doing} failed: {detail}; requests were retried {MAX_ATTEMPTS - 1} times with backoff; run the "

@@ -24,13 +24,14 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shardsurgeon import s3
-from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+from shardsurgeon.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Shard
 from shardsurgeon.errors import DestinationError, OutputError, safe_text
 from shardsurgeon.execute import ShardStats
 from shardsurgeon.finish import RunResult, announcer, check_sources_unchanged, write_small_files
@@ -49,6 +50,9 @@ ZEROS_NAME = ".shardsurgeon-zeros"
 COMPLETING = (INDEX_FILE, SINGLE_FILE, CONFIG_FILE)
 """Files whose presence makes a folder a checkpoint; removed first when ``force`` replaces one."""
 MAX_LISTED = 100_000
+MAX_CHECKED = 1_000
+"""Objects of a folder an unfinished run left whose metadata is read to tell the run's from others'."""
+RECORD_MAX_BYTES = 16 << 20
 
 
 def write_checkpoint_s3(
@@ -73,27 +77,38 @@ def write_checkpoint_s3(
     client = s3.client()
     _check_bucket(client, folder)
     notes: tuple[str, ...] = ()
+    unpinned = sorted({str(s.path) for src in sources.values() for s in src.checkpoint.shards if _unpinned(s)})
+    if unpinned:  # their content may change unseen: no shard of an earlier run can be trusted
+        resume_key += ":" + uuid.uuid4().hex
+        notes += (
+            f"{safe_text(unpinned[0])} and the like give no ETag nor Last-Modified: a rerun cannot tell whether they "
+            "changed, so it keeps no shard of this one",
+        )
     with S3Claim(client, folder) as claim:
-        store = _Folder(client, folder)
-        start = _prepare(store, layout, resume_key, force)
-        done = [s for s in layout.shards if s.name in start.kept and store.holds(s, resume_key)]
+        store = _Folder(client, folder, resume_key)
+        start = _prepare(store, layout, force)
+        done = [s for s in layout.shards if s.name in start.kept and store.holds(s)]
         for shard in done:
             progress(shard.nbytes - len(shard.header))
         stats = ShardStats()
         if start.published:
-            done, published = list(layout.shards), set(start.kept)
-            notes = ("this job was published by an earlier run, stopped before it removed its work objects",)
+            notes += ("this job was published by an earlier run that stopped before its cleanup; finished it",)
         else:
             todo = [s for s in layout.shards if s not in done]
-            stats = _write_shards(store, todo, layout, sources, resume_key, claim, progress, on_shard)
-            published, sent = _publish(store, plan, layout, sources, model_card, checksums, claim)
-            stats += ShardStats(sent=sent)
-        # the record, zeros and scratch objects, and with force what is left of the old checkpoint
-        store.remove([name for name in store.names("") if name not in published and name != LOCK_NAME])
+            stats = _write_shards(store, todo, layout, sources, claim, progress, on_shard)
+        published, sent = _publish(store, plan, layout, sources, model_card, checksums, claim, start.published)
+        stats += ShardStats(sent=sent)
+        # the run's work objects, and with force what is left of the checkpoint it replaced; nothing
+        # that someone else writes into the folder meanwhile
+        store.remove([RESUME_NAME, ZEROS_NAME, *store.names(SCRATCH), *(start.replacing - published)])
     return RunResult(
         folder.url, len(plan.tensors), len(layout.shards), len(done), stats.written, 0, time.monotonic() - started,
         notes, stats,
     )  # fmt: skip
+
+
+def _unpinned(shard: Shard) -> bool:
+    return isinstance(shard.path, str) and shard.etag is None
 
 
 def _write_shards(
@@ -101,7 +116,6 @@ def _write_shards(
     todo: list[ShardLayout],
     layout: Layout,
     sources: Mapping[str, Source],
-    resume_key: str,
     claim: S3Claim,
     progress: Progress,
     on_shard: ShardStarted | None,
@@ -120,7 +134,7 @@ def _write_shards(
     with (
         SourceFiles() as files,
         S3ShardWriter(
-            store.client, store.folder, files, zeros_url=zeros, etags=etags, run_key=resume_key, progress=progress
+            store.client, store.folder, files, zeros_url=zeros, etags=etags, run_key=store.run_key, progress=progress
         ) as writer,
     ):
         for shard in todo:
@@ -132,41 +146,47 @@ def _write_shards(
 
 @dataclass(frozen=True, slots=True)
 class _Start:
-    kept: frozenset[str]
-    """Shards an unfinished run of this very job left: kept once checked (or all of them, when
-    ``published``)."""
+    kept: frozenset[str] = frozenset()
+    """Shards an unfinished run of this very job left: kept once checked."""
+    replacing: frozenset[str] = frozenset()
+    """With force, what the folder held of another checkpoint: removed once the new one is published."""
     published: bool = False
-    """This job is published already: a run stopped after config.json, before its cleanup."""
+    """This job is published already (every shard checked): a run stopped after config.json,
+    before its cleanup; the small files are written again (``--checksums`` may differ), no shard."""
 
 
-def _prepare(store: _Folder, layout: Layout, resume_key: str, force: bool) -> _Start:
-    """Check and ready the folder for this run."""
+def _prepare(store: _Folder, layout: Layout, force: bool) -> _Start:
+    """Check the folder and ready it for this run. What is this tool's is known by the resume
+    record (a run that did not finish its cleanup) and the run key every object written carries in
+    its metadata; anything else is another's: refused without ``force``, replaced with it."""
     names = store.names("", limit=MAX_LISTED)
-    own = {LOCK_NAME, RESUME_NAME, ZEROS_NAME}
-    others = [name for name in names if name not in own and not name.startswith(SCRATCH)]
+    work = {LOCK_NAME, RESUME_NAME, ZEROS_NAME}
+    others = [name for name in names if name not in work and not name.startswith(SCRATCH)]
     # asked one by one, not read from a listing that may be cut short
     complete = store.exists(CONFIG_FILE) and (store.exists(INDEX_FILE) or store.exists(SINGLE_FILE))
     record = store.read_record() if RESUME_NAME in names else None
-    shard_names = {s.name for s in layout.shards}
-    if complete and record == resume_key:
-        return _Start(frozenset(others), published=True)
-    if record is not None and not complete:  # an unfinished run's: all here is its own (or --force'd)
-        kept = frozenset(name for name in others if record == resume_key and name in shard_names)
-        store.abort_uploads()
-        store.remove([name for name in others if name not in kept])
-        store.write_record(resume_key)
-        return _Start(kept)
-    if others and not force:
-        shown = ", ".join(safe_text(name, 60) for name in others[:3]) + (", ..." if len(others) > 3 else "")
-        what = "a checkpoint" if complete else f"{len(others)}{'+' if len(names) > MAX_LISTED else ''} objects"
+    replacing = frozenset(record.replacing) if record is not None else frozenset()
+    written = {name: store.run_of(name) for name in others[:MAX_CHECKED]} if record is not None else {}
+    ours = {name for name, run in written.items() if run is not None}
+    foreign = [name for name in others if name not in ours and name not in replacing]
+    if complete and record is not None and not foreign and all(store.holds(s) for s in layout.shards):
+        return _Start(frozenset(s.name for s in layout.shards), replacing, published=True)
+    if (foreign or complete) and not force:
+        shown = ", ".join(safe_text(name, 60) for name in (foreign or others)[:3])
+        shown += ", ..." if len(foreign or others) > 3 else ""
+        what = "a checkpoint" if complete else f"{len(foreign)}{'+' if len(names) > MAX_LISTED else ''} objects"
         raise OutputError(
             f"--out {safe_text(store.folder.url)}: already holds {what} ({shown}); pass --force to replace it, or "
             "choose an empty folder"
         )
-    store.remove(list(COMPLETING))  # from now on no reader sees a checkpoint here
+    shard_names = {s.name for s in layout.shards}
+    kept = frozenset(name for name in ours if written[name] == store.run_key and name in shard_names)
+    replacing |= frozenset(foreign) | (frozenset(others) if complete else frozenset())
+    store.remove([name for name in COMPLETING if name not in kept])  # no reader sees a checkpoint here now
+    store.remove(sorted(name for name in ours - kept if name not in replacing))  # an earlier job's own work
     store.abort_uploads()
-    store.write_record(resume_key)
-    return _Start(frozenset())
+    store.write_record(_Record(store.run_key, tuple(sorted(replacing - kept))))
+    return _Start(kept, replacing - kept)
 
 
 def _publish(
@@ -177,9 +197,11 @@ def _publish(
     model_card: str,
     checksums: bool,
     claim: S3Claim,
-) -> tuple[set[str], int]:
-    """The small files, then the index, then config.json: the folder is a checkpoint from then on.
-    Returns the names of the output's files and the bytes sent."""
+    again: bool,
+) -> tuple[frozenset[str], int]:
+    """The small files, then the index, then config.json: the folder is a checkpoint from then on
+    (``again``: this job's config.json is there already, and is written over). Returns the names of
+    the output's files and the bytes sent."""
     donor = sources[plan.recipe.donor].folder
     sent = 0
     with tempfile.TemporaryDirectory(prefix="shardsurgeon-") as scratch:
@@ -193,16 +215,27 @@ def _publish(
         check_sources_unchanged(sources)
         claim.confirm()
         for name in last:
-            sent += store.put(name, (local / name).read_bytes(), create=name == CONFIG_FILE)
-        return {s.name for s in layout.shards} | {path.name for path in local.iterdir()}, sent
+            sent += store.put(name, (local / name).read_bytes(), create=name == CONFIG_FILE and not again)
+        return frozenset({s.name for s in layout.shards} | {path.name for path in local.iterdir()}), sent
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """The resume record: the key of the job that left the folder unfinished, and with force what
+    it holds of the checkpoint being replaced."""
+
+    key: str
+    replacing: tuple[str, ...] = ()
 
 
 class _Folder:
-    """The objects under one S3 folder, by name relative to it."""
+    """The objects under one S3 folder, by name relative to it, as one job writes them: each object
+    written carries ``run_key`` in its metadata."""
 
-    def __init__(self, client: Any, folder: S3Location):
+    def __init__(self, client: Any, folder: S3Location, run_key: str):
         self.client = client
         self.folder = folder
+        self.run_key = run_key
 
     def _call(self, name: str, doing: str, method: Any, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -263,9 +296,10 @@ class _Folder:
         from botocore.exceptions import ClientError
 
         where = self.folder.child(name)
+        condition = {"IfNoneMatch": "*"} if create else {}
         try:
             self.client.put_object(
-                Bucket=where.bucket, Key=where.key, Body=data, **({"IfNoneMatch": "*"} if create else {})
+                Bucket=where.bucket, Key=where.key, Body=data, Metadata={RUN_METADATA_KEY: self.run_key}, **condition
             )
         except ClientError as e:
             if create and failed_condition(e):
@@ -276,16 +310,28 @@ class _Folder:
             raise describe(where, f"writing {name}", e) from None
         return len(data)
 
-    def read_record(self) -> str | None:
+    def run_of(self, name: str) -> str | None:
+        """The run key ``name`` carries in its metadata: None for an object this tool did not write."""
+        try:
+            head = self._call(name, f"looking at {name}", self.client.head_object)
+        except OutputError:
+            return None
+        run = head.get("Metadata", {}).get(RUN_METADATA_KEY)
+        return str(run) if run else None
+
+    def read_record(self) -> _Record | None:
         try:
             answer = self._call(RESUME_NAME, "reading the resume record", self.client.get_object)
-            record = json.loads(answer["Body"].read(4096))
-        except (OutputError, ValueError):
+            record = json.loads(answer["Body"].read(RECORD_MAX_BYTES))
+            key, replacing = record["key"], record.get("replacing", [])
+        except (OutputError, ValueError, TypeError, KeyError):
             return None
-        return record.get("key") if isinstance(record, dict) else None
+        if not isinstance(key, str) or not isinstance(replacing, list):
+            return None
+        return _Record(key, tuple(name for name in replacing if isinstance(name, str)))
 
-    def write_record(self, key: str) -> None:
-        self.put(RESUME_NAME, json.dumps({"key": key}).encode())
+    def write_record(self, record: _Record) -> None:
+        self.put(RESUME_NAME, json.dumps({"key": record.key, "replacing": list(record.replacing)}).encode())
 
     def zeros_object(self) -> tuple[str, str]:
         """The all-zero object zero tensors are copied from: its URL and ETag."""
@@ -309,12 +355,12 @@ class _Folder:
             raise describe(where, f"looking for {name}", e) from None
         return True
 
-    def holds(self, shard: ShardLayout, run_key: str) -> bool:
+    def holds(self, shard: ShardLayout) -> bool:
         """Whether the object of ``shard`` was written by a run of this very job (its metadata says
         so) and has the size and header the layout gives it."""
         try:
             head = self._call(shard.name, "checking a finished shard", self.client.head_object)
-            if head["ContentLength"] != shard.nbytes or head.get("Metadata", {}).get(RUN_METADATA_KEY) != run_key:
+            if head["ContentLength"] != shard.nbytes or head.get("Metadata", {}).get(RUN_METADATA_KEY) != self.run_key:
                 return False
             answer = self._call(
                 shard.name,

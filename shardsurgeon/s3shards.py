@@ -218,7 +218,8 @@ class S3ShardWriter:
         else:
             uploaded = self._put(upload, number, part, made)
         header = len(shard.header)
-        self._progress(part.nbytes - max(0, min(part.offset + part.nbytes, header) - part.offset))
+        with self._lock:  # the caller's callback runs in one thread at a time, as in a local run
+            self._progress(part.nbytes - max(0, min(part.offset + part.nbytes, header) - part.offset))
         return uploaded
 
     def _put(self, upload: _Upload, number: int, part: Made | Copied, made: ShardBytes) -> _Uploaded:

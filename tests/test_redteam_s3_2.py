@@ -1,6 +1,6 @@
 """Second red-team pass on ``--out s3://...``: the fixes of the first pass (tests/test_redteam_s3.py)
-and what is near them. Each test states a promise; those that fail today are strict xfails whose
-reason is the finding (G1...), the others guard what held up.
+and what is near them. Each test states a promise; those that failed (findings G1-G9) were fixed
+and now guard against their return, beside those that held up.
 
 Against a real SeaweedFS started here (tests/_servers.py); each test uses a prefix of its own.
 """
@@ -126,7 +126,8 @@ def stop_after_config(monkeypatch) -> Any:
 
 
 def one_line_error(result: Result) -> None:
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    """Exit status 1, or 2 for what the user typed wrong (a URL, an endpoint)."""
+    assert result.exit_code in (1, 2), (result.exit_code, result.output, result.exception)
     assert result.output.count("\n") == 1, result.output
     assert "Traceback" not in result.output and "internal error" not in result.output, result.output
 
@@ -134,12 +135,6 @@ def one_line_error(result: Result) -> None:
 # --- the published-but-not-cleaned path (_Start.published) -------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G1: a rerun that finds this job's record next to a published checkpoint skips _publish "
-    "entirely: --checksums (not part of the resume key) is ignored and the run reports success "
-    "without the manifest",
-)
 def test_a_rerun_with_checksums_after_a_stopped_publish_writes_the_manifest(s3c, src, monkeypatch):
     put = stop_after_config(monkeypatch)
     job = api.plan_expand(src, **SEED_KW)
@@ -151,13 +146,9 @@ def test_a_rerun_with_checksums_after_a_stopped_publish_writes_the_manifest(s3c,
     assert CHECKSUMS_FILE in objects(s3c, "out", "g1/")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G2: the resume key names the shards but not their sizes: --max-shard-size 25MB and 30MB "
-    "give the same five names and the same key, so a rerun with the other size finds a 'published' "
-    "checkpoint of the first layout and reports success without writing the layout asked for",
-)
-def test_a_rerun_with_another_layout_of_the_same_names_writes_that_layout(s3c, src, monkeypatch, tmp_path):
+def test_a_rerun_with_another_layout_of_the_same_names_is_refused_then_forced(s3c, src, monkeypatch, tmp_path):
+    """G2: the folder holds a published checkpoint of another layout (same names): not this job's
+    output, so refused as any checkpoint is without --force, and replaced whole with it."""
     put = stop_after_config(monkeypatch)
     first = api.plan_expand(src, dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
     second = api.plan_expand(src, dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=25_000_000)
@@ -166,18 +157,15 @@ def test_a_rerun_with_another_layout_of_the_same_names_writes_that_layout(s3c, s
     with pytest.raises(KeyboardInterrupt):
         api.run_job(first, "s3://out/g2", command="expand")
     monkeypatch.setattr(s3output._Folder, "put", put)
-    api.run_job(second, "s3://out/g2", command="expand")
+    with pytest.raises(OutputError, match="already holds a checkpoint"):
+        api.run_job(second, "s3://out/g2", command="expand")
+    api.run_job(second, "s3://out/g2", command="expand", force=True)
     got = objects(s3c, "out", "g2/")
     want = local_output(src, ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "25MB"), tmp_path / "w")
     assert [n for n in want if n.endswith(".safetensors") and got.get(n) != want[n]] == []
+    assert not [n for n in got if n.startswith(".shardsurgeon")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G3: --force over another checkpoint, stopped after config.json, then rerun: the "
-    "'published' path counts every object found as published, so the old checkpoint's shards (other "
-    "names) are never removed",
-)
 def test_force_stopped_after_publish_then_rerun_leaves_no_old_shards(s3c, src, monkeypatch):
     old = api.plan_expand(src, dups=[(1, 2)], max_shard_bytes=40_000_000)  # three shards
     api.run_job(old, "s3://out/g3", command="expand")
@@ -194,11 +182,6 @@ def test_force_stopped_after_publish_then_rerun_leaves_no_old_shards(s3c, src, m
 # --- objects the run did not write ------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G4: the final cleanup removes every object under the folder that is not published, "
-    "including one another tool wrote there while the run was going (no --force was given)",
-)
 def test_an_object_written_by_someone_else_during_the_run_is_kept(s3c, src):
     job = api.plan_expand(src, **SEED_KW)
     written = False
@@ -213,11 +196,6 @@ def test_an_object_written_by_someone_else_during_the_run_is_kept(s3c, src):
     assert objects(s3c, "out", "g4/eval/") == {"results.json": b'{"mmlu": 0.61}'}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G4b: a folder holding an unfinished run's resume record is emptied of everything by the "
-    "next run, without --force, including objects no shardsurgeon run wrote",
-)
 def test_an_unfinished_runs_folder_keeps_objects_others_added_without_force(s3c, src):
     job = api.plan_expand(src, **SEED_KW)
 
@@ -234,12 +212,6 @@ def test_an_unfinished_runs_folder_keeps_objects_others_added_without_force(s3c,
 # --- the cached client ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G5: s3.client() is cached per process by the AWS_* environment only; credentials "
-    "rotated in the shared credentials file (aws configure, a credential helper, sso) are never read "
-    "again by a long-lived process: every later run signs with the old keys",
-)
 def test_credentials_rotated_in_the_credentials_file_are_used_by_the_next_run(tmp_path, monkeypatch):
     for key in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(key)
@@ -268,12 +240,6 @@ def test_two_runs_in_one_process_with_different_endpoints_write_where_each_says(
 # --- one-line errors --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G9: a malformed AWS_ENDPOINT_URL (no scheme, a broken IPv6 host) makes botocore raise "
-    "ValueError in s3._resolved (session.client), which nothing catches: 'internal error: ValueError: "
-    "Invalid endpoint: localhost:8333; rerun with -v for details'",
-)
 @pytest.mark.parametrize("endpoint", ["localhost:8333", "http://[::1", "not a url"])
 def test_a_malformed_endpoint_url_is_one_line(src, monkeypatch, endpoint):
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
@@ -302,12 +268,6 @@ def test_no_credentials_at_all_is_one_line(server, src, tmp_path, monkeypatch):
     one_line_error(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G6: with no credentials at all, the one line is botocore's 'Unable to locate credentials' "
-    "followed by 'requests were retried 5 times with backoff; run the same command again to resume': "
-    "nothing was retried, rerunning cannot help, and it does not name AWS_ACCESS_KEY_ID/AWS_PROFILE",
-)
 def test_no_credentials_at_all_says_what_to_set(server, src, tmp_path, monkeypatch):
     no_credentials(tmp_path, monkeypatch, server[0].endpoint)
     result = run("expand", "--src", src, "--dup", "0x1", "--out", "s3://out/nocreds", catch=True)
@@ -319,12 +279,6 @@ def test_an_invalid_bucket_name_is_one_line(s3c, src):
     one_line_error(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G6b: a botocore ParamValidationError (an invalid bucket name) is reported as 'failed ...; "
-    "requests were retried 5 times with backoff; run the same command again to resume': it was never "
-    "sent, and rerunning cannot help",
-)
 def test_an_invalid_bucket_name_is_not_called_a_retried_failure(s3c, src):
     result = run("expand", "--src", src, "--dup", "0x1", "--out", "s3://Bad_Bucket!/x", catch=True)
     assert "retried" not in result.output and "resume" not in result.output, result.output
@@ -334,8 +288,9 @@ def test_an_invalid_bucket_name_is_not_called_a_retried_failure(s3c, src):
 
 
 @contextlib.contextmanager
-def http_without_etag(root: Path, monkeypatch, weak: bool = False) -> Iterator[str]:
-    """The test web server, its ETag dropped (or with ``weak``, made weak: W/"...")."""
+def http_without_etag(root: Path, monkeypatch, weak: bool = False, dated: bool = True) -> Iterator[str]:
+    """The test web server, its ETag dropped (or with ``weak``, made weak: W/"..."), and without
+    ``dated`` its Last-Modified too."""
     import _servers
 
     make = _servers._handler
@@ -345,7 +300,7 @@ def http_without_etag(root: Path, monkeypatch, weak: bool = False) -> Iterator[s
 
         class NoETag(base):  # type: ignore[misc, valid-type]
             def _reply(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
-                changed = {k: v for k, v in headers.items() if k != "ETag"}
+                changed = {k: v for k, v in headers.items() if k != "ETag" and (dated or k != "Last-Modified")}
                 if weak and "ETag" in headers:
                     changed["ETag"] = f"W/{headers['ETag']}"
                 super()._reply(status, data, changed, body)
@@ -357,12 +312,6 @@ def http_without_etag(root: Path, monkeypatch, weak: bool = False) -> Iterator[s
         yield http.url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G7: a source by URL whose server sends no ETag (it sends Last-Modified) counts by size "
-    "and header only: the same file re-uploaded with new weights between an interrupted run and its "
-    "rerun keeps the old run's shards, and the published output mixes old and new weights",
-)
 def test_an_http_source_without_etag_replaced_between_runs_is_not_mixed(s3c, src, src2, tmp_path, monkeypatch):
     served = tmp_path / "served" / "m"
     served.mkdir(parents=True)
@@ -371,7 +320,8 @@ def test_an_http_source_without_etag_replaced_between_runs_is_not_mixed(s3c, src
     with http_without_etag(tmp_path / "served", monkeypatch) as base:
         url = f"{base}/ok/m/"
         job = api.plan_expand(url, **SEED_KW)
-        assert {shard.etag for source in job.sources.values() for shard in source.checkpoint.shards} == {None}
+        versions = {shard.etag for source in job.sources.values() for shard in source.checkpoint.shards}
+        assert all(v is not None and v.startswith("last-modified ") for v in versions), versions
         done = 0
 
         def stop_late(nbytes: int) -> None:
@@ -440,12 +390,6 @@ def test_progress_sums_to_the_total_size_with_kept_shards(s3c, src):
     assert sum(counted) == total
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G8: the S3 writer calls the progress callback from its 4 upload threads at once (local "
-    "runs call it from one thread); the CLI's callback (cli/show.py: nonlocal tally, click's bar) "
-    "and library callbacks written for local runs are not thread-safe, so counts can be lost",
-)
 def test_the_progress_callback_is_never_called_concurrently(s3c, src):
     job = api.plan_expand(src, dups=[(0, 1)], dtype="float32", max_shard_bytes=60_000_000)
     active, most = 0, 0
@@ -592,3 +536,38 @@ def test_inspect_of_the_folder_mid_run_is_not_a_checkpoint(s3c, src):
     api.run_job(api.plan_expand(src, **SEED_KW), "s3://out/midinspect", command="expand", progress=inspect_once)
     assert results[0].exit_code != 0, results[0].output
     assert "Traceback" not in results[0].output
+
+
+def test_an_http_source_with_no_version_at_all_is_never_resumed_from(s3c, src, src2, tmp_path, monkeypatch):
+    """Neither ETag nor Last-Modified: a rerun cannot tell a changed source, so it keeps no shard of
+    the interrupted run (and says why), and the output is the new weights'."""
+    served = tmp_path / "served" / "m"
+    served.mkdir(parents=True)
+    for path in src.iterdir():
+        (served / path.name).write_bytes(path.read_bytes())
+    with http_without_etag(tmp_path / "served", monkeypatch, dated=False) as base:
+        url = f"{base}/ok/m/"
+        job = api.plan_expand(url, **SEED_KW)
+        assert {shard.etag for source in job.sources.values() for shard in source.checkpoint.shards} == {None}
+        with pytest.raises(KeyboardInterrupt):
+            api.run_job(job, "s3://out/g7b", command="expand", progress=stop_after(60_000_000))
+        for path in src2.iterdir():
+            (served / path.name).write_bytes(path.read_bytes())
+        result = api.run_job(api.plan_expand(url, **SEED_KW), "s3://out/g7b", command="expand")
+    assert result.shards_reused == 0 and any("give no ETag nor Last-Modified" in note for note in result.notes)
+    want = local_output(src2, SEED, tmp_path / "want")
+    got = objects(s3c, "out", "g7b/")
+    assert [n for n in want if n.endswith(".safetensors") and got[n] != want[n]] == []
+
+
+def stop_after(limit: int) -> Any:
+    """A progress callback that stops the run (as Ctrl-C would) once ``limit`` tensor bytes are done."""
+    done = 0
+
+    def progress(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if done >= limit:
+            raise KeyboardInterrupt
+
+    return progress
