@@ -52,7 +52,8 @@ class Shard:
     header_sha256: str
     identity: FileIdentity | None = None
     etag: str | None = None
-    """For a file by URL, the server's ETag when its header was read (None if it gave none)."""
+    """For a file by URL, its version when its header was read: the server's ETag, else its
+    Last-Modified time (``last-modified ...``); None when it gave neither."""
 
 
 @dataclass(frozen=True, slots=True)
