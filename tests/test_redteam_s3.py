@@ -22,7 +22,7 @@ from _servers import SeaweedFS, create_bucket, s3_environment, upload_folder
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
 
-from shardsurgeon import api, s3output
+from shardsurgeon import api, s3folder, s3output
 from shardsurgeon.checkpoint import TensorRef
 from shardsurgeon.cli import cli
 from shardsurgeon.errors import CheckpointError, OutputError
@@ -301,7 +301,7 @@ def test_a_garbage_claim_is_one_line(s3, src):
 
 
 def test_a_run_stopped_right_after_publishing_leaves_nothing_after_a_rerun(s3, src, monkeypatch):
-    put = s3output._Folder.put
+    put = s3folder.S3Folder.put
 
     def stop_after_config(self: Any, name: str, data: bytes, create: bool = False) -> int:
         sent = put(self, name, data, create)
@@ -309,11 +309,11 @@ def test_a_run_stopped_right_after_publishing_leaves_nothing_after_a_rerun(s3, s
             raise KeyboardInterrupt
         return sent
 
-    monkeypatch.setattr(s3output._Folder, "put", stop_after_config)
+    monkeypatch.setattr(s3folder.S3Folder, "put", stop_after_config)
     job = api.plan_expand(src, dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
     with pytest.raises(KeyboardInterrupt):
         api.run_job(job, "s3://out/stopped-late", command="expand")
-    monkeypatch.setattr(s3output._Folder, "put", put)
+    monkeypatch.setattr(s3folder.S3Folder, "put", put)
     run("expand", "--src", src, *SEED, "--out", "s3://out/stopped-late")
     assert [key for key in objects(s3, "out", "stopped-late/") if "/.shardsurgeon" in key] == []
 

@@ -21,7 +21,7 @@ from _servers import SeaweedFS, s3_environment
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
 
-from shardsurgeon import api, s3, s3output, s3shards
+from shardsurgeon import api, s3, s3folder, s3output, s3shards
 from shardsurgeon.checksums import CHECKSUMS_FILE
 from shardsurgeon.cli import cli
 from shardsurgeon.errors import OutputError
@@ -89,7 +89,7 @@ def same(got: dict[str, bytes], want: dict[str, bytes]) -> None:
 def stop_after_config(monkeypatch) -> Any:
     """Make _Folder.put raise KeyboardInterrupt right after config.json is written (published, not
     cleaned up); returns the original to restore."""
-    put = s3output._Folder.put
+    put = s3folder.S3Folder.put
 
     def put_then_stop(self: Any, name: str, data: bytes, create: bool = False) -> int:
         sent = put(self, name, data, create)
@@ -97,7 +97,7 @@ def stop_after_config(monkeypatch) -> Any:
             raise KeyboardInterrupt
         return sent
 
-    monkeypatch.setattr(s3output._Folder, "put", put_then_stop)
+    monkeypatch.setattr(s3folder.S3Folder, "put", put_then_stop)
     return put
 
 
@@ -116,7 +116,7 @@ def test_a_rerun_with_checksums_after_a_stopped_publish_writes_the_manifest(s3c,
     job = api.plan_expand(src, **SEED_KW)
     with pytest.raises(KeyboardInterrupt):
         api.run_job(job, "s3://out/g1", command="expand")
-    monkeypatch.setattr(s3output._Folder, "put", put)
+    monkeypatch.setattr(s3folder.S3Folder, "put", put)
     result = api.run_job(job, "s3://out/g1", command="expand", checksums=True)
     assert result.notes  # "this job was published by an earlier run..."
     assert CHECKSUMS_FILE in objects(s3c, "out", "g1/")
@@ -132,7 +132,7 @@ def test_a_rerun_with_another_layout_of_the_same_names_is_refused_then_forced(s3
     assert [s.nbytes for s in first.layout.shards] != [s.nbytes for s in second.layout.shards]
     with pytest.raises(KeyboardInterrupt):
         api.run_job(first, "s3://out/g2", command="expand")
-    monkeypatch.setattr(s3output._Folder, "put", put)
+    monkeypatch.setattr(s3folder.S3Folder, "put", put)
     with pytest.raises(OutputError, match="already holds a checkpoint"):
         api.run_job(second, "s3://out/g2", command="expand")
     api.run_job(second, "s3://out/g2", command="expand", force=True)
@@ -149,7 +149,7 @@ def test_force_stopped_after_publish_then_rerun_leaves_no_old_shards(s3c, src, m
     new = api.plan_expand(src, **SEED_KW)  # five shards: other names
     with pytest.raises(KeyboardInterrupt):
         api.run_job(new, "s3://out/g3", command="expand", force=True)
-    monkeypatch.setattr(s3output._Folder, "put", put)
+    monkeypatch.setattr(s3folder.S3Folder, "put", put)
     api.run_job(new, "s3://out/g3", command="expand")
     left = sorted(n for n in objects(s3c, "out", "g3/") if n.endswith(".safetensors"))
     assert left == sorted(s.name for s in new.layout.shards)
