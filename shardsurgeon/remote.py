@@ -366,20 +366,22 @@ class RemoteFiles:
 
     def read(self, url: str, start: int, nbytes: int) -> bytes:
         """Bytes ``start`` to ``start + nbytes`` of the file at ``url``, exactly (else CheckpointError)."""
-        folder, _, name = url.rpartition("/")
-        with self._opening:
-            if folder not in self._folders:
-                self._folders[folder] = RemoteFolder(folder)
-        return self._folders[folder].read_range(name, start, start + nbytes) if nbytes else b""
+        folder, name = self._folder_of(url)
+        return folder.read_range(name, start, start + nbytes) if nbytes else b""
 
     def read_into(self, url: str, start: int, view: memoryview) -> None:
         """Fill ``view`` with the bytes of the file at ``url`` from ``start``, exactly."""
+        folder, name = self._folder_of(url)
+        if len(view):
+            folder.read_range_into(name, start, view)
+
+    def _folder_of(self, url: str) -> tuple[RemoteFolder, str]:
+        """The client of the folder holding ``url`` (made once, by whichever thread asks first) and the file's name."""
         folder, _, name = url.rpartition("/")
         with self._opening:
             if folder not in self._folders:
                 self._folders[folder] = RemoteFolder(folder)
-        if len(view):
-            self._folders[folder].read_range_into(name, start, view)
+            return self._folders[folder], name
 
     @property
     def fetched_nbytes(self) -> int:
