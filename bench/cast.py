@@ -19,7 +19,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from shardsurgeon.numerics import ChunkConverter
+from shardsurgeon.write.numerics import ChunkConverter
 
 CASES = [
     ("BF16", "F16", 1.0),

@@ -61,7 +61,9 @@ def main() -> None:
     if variant not in VARIANTS or dashdash != "--":
         sys.exit(f"usage: phases.py {{{'|'.join(VARIANTS)}}} PHASES_JSON -- CLI ARGS")
     imports_began = time.perf_counter()
-    from shardsurgeon import cli, execute, fileio
+    from shardsurgeon import cli
+    from shardsurgeon.storage import fileio
+    from shardsurgeon.write import executor as execute
 
     imports_s = time.perf_counter() - imports_began
     os.copy_file_range = _timed("copy_file_range", os.copy_file_range)  # fileio looks it up per call

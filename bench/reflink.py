@@ -49,13 +49,13 @@ from expand import COPIES, Child, code_digest, emit, machine, output_nbytes, rem
 from make_checkpoint import SHAPES, NotEnoughSpace, Shape, check_free_space, checkpoint_nbytes, make_checkpoint
 
 import shardsurgeon
-from shardsurgeon import fileio
-from shardsurgeon.arch import NO_HINT
-from shardsurgeon.checkpoint import Checkpoint, Shard, TensorRef
-from shardsurgeon.layout import Layout, plan_layout
-from shardsurgeon.plan import make_plan
-from shardsurgeon.recipe import LayerSource, Recipe, ScaleRule
-from shardsurgeon.source import resolve
+from shardsurgeon.model.arch import NO_HINT
+from shardsurgeon.model.checkpoint import Checkpoint, Shard, TensorRef
+from shardsurgeon.model.source import resolve
+from shardsurgeon.plan.layout import Layout, plan_layout
+from shardsurgeon.plan.planner import make_plan
+from shardsurgeon.plan.recipe import LayerSource, Recipe, ScaleRule
+from shardsurgeon.storage import fileio
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 MKFS = {"xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}

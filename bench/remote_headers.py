@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shardsurgeon.checkpoint import open_checkpoint
 from shardsurgeon.demo import mistral_config
+from shardsurgeon.model.checkpoint import open_checkpoint
 from shardsurgeon.units import format_bytes
 from tests._servers import serve_http
 from tests.conftest import tiny_specs

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardsurgeon.arch import (
+from shardsurgeon.errors import RecipeError
+from shardsurgeon.format import CAST_TARGETS, cast_target
+from shardsurgeon.model.arch import (
     DEFAULT_RESIDUAL_OUTPUTS,
     NO_HINT,
     RESIDUAL_OUTPUTS,
@@ -21,22 +23,20 @@ from shardsurgeon.arch import (
     model_type,
     resolve_zero_filters,
 )
-from shardsurgeon.errors import RecipeError
-from shardsurgeon.execute import Reflink
-from shardsurgeon.format import CAST_TARGETS, cast_target
-from shardsurgeon.hfcache import card_names, hub_id, is_hub_id, resolve_model
-from shardsurgeon.hfdir import CardModel, model_card, source_license
-from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, plan_layout
-from shardsurgeon.mergekit import merge_recipe, parse_config, to_mergekit_yaml
-from shardsurgeon.plan import Plan, make_plan
-from shardsurgeon.recipe import Recipe, expand_recipe, recipe_to_json
-from shardsurgeon.remote import is_url
-from shardsurgeon.report import describe_expansion, describe_merge
-from shardsurgeon.rewrite import RunResult, write_checkpoint
-from shardsurgeon.runners import Runner
-from shardsurgeon.smallfile import MAX_RECIPE_BYTES, read_small
-from shardsurgeon.source import Source, open_source
+from shardsurgeon.model.hfcache import card_names, hub_id, is_hub_id, resolve_model
+from shardsurgeon.model.source import Source, open_source
+from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, plan_layout
+from shardsurgeon.plan.mergekit import merge_recipe, parse_config, to_mergekit_yaml
+from shardsurgeon.plan.planner import Plan, make_plan
+from shardsurgeon.plan.recipe import Recipe, expand_recipe, recipe_to_json
+from shardsurgeon.plan.report import describe_expansion, describe_merge
+from shardsurgeon.storage.remote import is_url
+from shardsurgeon.storage.smallfile import MAX_RECIPE_BYTES, read_small
 from shardsurgeon.units import Progress, ShardStarted
+from shardsurgeon.write.executor import Reflink
+from shardsurgeon.write.run import RunResult, write_checkpoint
+from shardsurgeon.write.runners import Runner
+from shardsurgeon.write.smallfiles import CardModel, model_card, source_license
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,9 @@ import signal
 import sys
 from typing import Any
 
-from shardsurgeon import api, output
+from shardsurgeon import api
 from shardsurgeon.cli import main
+from shardsurgeon.write.local import folder as output
 
 
 def install(limit: int, sent: signal.Signals, pid: int | None = None) -> None:

@@ -4,7 +4,7 @@ Three modes: ``linux`` (nothing hidden), ``macos`` (no ``os.copy_file_range``, `
 ``os.posix_fadvise``, ``os.posix_fallocate``) and ``windows`` (also no ``os.pread``, ``os.pwrite``,
 ``os.preadv``, ``os.pwritev``, ``os.readv``, ``os.writev``, ``os.O_CLOEXEC``, ``os.O_DIRECTORY``,
 and ``import fcntl`` fails). The full lists are in ``_emulated_site/sitecustomize.py``. This works
-because ``shardsurgeon.fileio`` looks every such call up when it is made.
+because ``shardsurgeon.storage.fileio`` looks every such call up when it is made.
 
 Three ways in:
 

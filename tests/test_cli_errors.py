@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import folder_bytes, run_cli, write_tiny_checkpoint
 
-from shardsurgeon import finish
-from shardsurgeon.execute import ShardWriter
+from shardsurgeon.write import finish
+from shardsurgeon.write.executor import ShardWriter
 
 USAGE, DATA = 2, 1
 

@@ -20,8 +20,8 @@ from _mounts import syncfs, used_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shardsurgeon import fileio
-from shardsurgeon.fileio import CopiedPiece, CopyCounts, RangeCopier, SourceEnded, Span, split_for_clone
+from shardsurgeon.storage import fileio
+from shardsurgeon.storage.fileio import CopiedPiece, CopyCounts, RangeCopier, SourceEnded, Span, split_for_clone
 
 pytest_plugins = ["_platforms", "_mounts"]  # fixtures: platform_mode, reflink_mount, on_mount
 

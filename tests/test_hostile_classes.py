@@ -43,8 +43,9 @@ from conftest import folder_bytes, run_cli, write_tiny_checkpoint
 from safetensors import safe_open
 
 import shardsurgeon
-from shardsurgeon import output, publish
 from shardsurgeon.demo import mistral_config
+from shardsurgeon.write.local import folder as output
+from shardsurgeon.write.local import publish
 
 USAGE, DATA = 2, 1
 MEMORY_LIMIT_MB = 200
@@ -149,8 +150,8 @@ def rmtree(path, *args, **kwargs):
     real_rmtree(path, *args, **kwargs)
 os.rename, shutil.rmtree = rename, rmtree
 if spec.get("no_exchange"):
-    import shardsurgeon.publish
-    shardsurgeon.publish._RENAMEAT2 = None
+    import shardsurgeon.write.local.publish
+    shardsurgeon.write.local.publish._RENAMEAT2 = None
 sys.argv = ["shardsurgeon", *spec["args"]]
 from shardsurgeon.cli import main
 main()

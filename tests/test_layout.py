@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from safetensors import deserialize
 
-from shardsurgeon.arch import NO_HINT
-from shardsurgeon.checkpoint import Checkpoint, Shard, TensorRef
 from shardsurgeon.format import decode_header, encode_header, tensor_nbytes
-from shardsurgeon.layout import BLOCK_BYTES, CopyRun, Layout, plan_layout
-from shardsurgeon.plan import Copy, make_plan
-from shardsurgeon.recipe import LayerSource, Recipe, expand_recipe
-from shardsurgeon.source import Source, resolve
+from shardsurgeon.model.arch import NO_HINT
+from shardsurgeon.model.checkpoint import Checkpoint, Shard, TensorRef
+from shardsurgeon.model.source import Source, resolve
+from shardsurgeon.plan.layout import BLOCK_BYTES, CopyRun, Layout, plan_layout
+from shardsurgeon.plan.planner import Copy, make_plan
+from shardsurgeon.plan.recipe import LayerSource, Recipe, expand_recipe
 
 Spec = tuple[str, str, tuple[int, ...]]
 

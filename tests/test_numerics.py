@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from shardsurgeon.format import FLOAT_DTYPES
-from shardsurgeon.numerics import CHUNK_ELEMENTS, ChunkConverter
-from shardsurgeon.plan import Convert
-from shardsurgeon.verify import by_definition
+from shardsurgeon.plan.planner import Convert
+from shardsurgeon.verify.checker import by_definition
+from shardsurgeon.write.numerics import CHUNK_ELEMENTS, ChunkConverter
 
 DTYPES = ("BF16", "F16", "F32", "F64")
 SCALES = (1.0, 0.7, 1e-3, -2.5, 3.0)

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 from conftest import folder_bytes, run_cli, write_tiny_checkpoint
 
-from shardsurgeon import lock, output
 from shardsurgeon.errors import RecipeError
-from shardsurgeon.layout import ShardLayout
-from shardsurgeon.runners import balanced_groups, select_shards
+from shardsurgeon.plan.layout import ShardLayout
+from shardsurgeon.write.local import folder as output
+from shardsurgeon.write.local import lock
+from shardsurgeon.write.runners import balanced_groups, select_shards
 
 RECIPE = ["--dup", "5x2", "--zero", "o_proj,down_proj", "--dtype", "float16", "--max-shard-size", "40KB"]
 
@@ -208,7 +209,7 @@ def test_ray_tasks_give_the_bytes_of_one_process(tmp_path, source, reference, ra
 def test_progress_of_processes_covers_the_whole_job(tmp_path, source):
     """Worker processes report their bytes and shards to the one progress of the run."""
     from shardsurgeon.api import plan_expand, run_job
-    from shardsurgeon.runners import Processes
+    from shardsurgeon.write.runners import Processes
 
     job = plan_expand(source, dups=[(5, 2)], zero=["o_proj"], dtype="float16", max_shard_bytes=40_000)
     done: list[int] = []

@@ -8,12 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from shardsurgeon.arch import NO_HINT, SourceLayer, StackHint, find_layer_stack, patch_config, resolve_zero_filters
-from shardsurgeon.checkpoint import Checkpoint, Shard, TensorRef
 from shardsurgeon.errors import PlanError, RecipeError
-from shardsurgeon.layout import plan_layout
-from shardsurgeon.plan import Convert, Copy, Zeros, make_plan
-from shardsurgeon.recipe import (
+from shardsurgeon.model.arch import (
+    NO_HINT,
+    SourceLayer,
+    StackHint,
+    find_layer_stack,
+    patch_config,
+    resolve_zero_filters,
+)
+from shardsurgeon.model.checkpoint import Checkpoint, Shard, TensorRef
+from shardsurgeon.model.source import Source, resolve
+from shardsurgeon.plan.layout import plan_layout
+from shardsurgeon.plan.planner import Convert, Copy, Zeros, make_plan
+from shardsurgeon.plan.recipe import (
     LayerSource,
     Recipe,
     ScaleRule,
@@ -22,7 +30,6 @@ from shardsurgeon.recipe import (
     recipe_from_json,
     recipe_to_json,
 )
-from shardsurgeon.source import Source, resolve
 from shardsurgeon.units import parse_size
 
 FAKE = Path("/fake/model.safetensors")

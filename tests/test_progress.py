@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from conftest import write_tiny_checkpoint
 
 from shardsurgeon import cli as cli_module
-from shardsurgeon.progress import (
+from shardsurgeon.cli.progress import (
     Tally,
     advance,
     begin_shard,

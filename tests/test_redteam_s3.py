@@ -22,13 +22,15 @@ from _servers import SeaweedFS, create_bucket, s3_environment, upload_folder
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
 
-from shardsurgeon import api, s3folder, s3output
-from shardsurgeon.checkpoint import TensorRef
+from shardsurgeon import api
 from shardsurgeon.cli import cli
 from shardsurgeon.errors import CheckpointError, OutputError
-from shardsurgeon.layout import PlacedTensor, ShardLayout
-from shardsurgeon.parts import MADE_PART_BYTES, MIN_PART_BYTES, Copied, Joined, Made, plan_parts, sent_nbytes
-from shardsurgeon.plan import Copy, PlannedTensor
+from shardsurgeon.model.checkpoint import TensorRef
+from shardsurgeon.plan.layout import PlacedTensor, ShardLayout
+from shardsurgeon.plan.planner import Copy, PlannedTensor
+from shardsurgeon.write.s3 import destination as s3output
+from shardsurgeon.write.s3 import objects as s3folder
+from shardsurgeon.write.s3.parts import MADE_PART_BYTES, MIN_PART_BYTES, Copied, Joined, Made, plan_parts, sent_nbytes
 
 pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 
@@ -189,7 +191,7 @@ def test_a_run_taken_over_while_writing_its_small_files_leaves_the_winners_files
 
 
 def test_a_live_claim_of_another_pid_namespace_on_this_host_is_not_taken_over(s3, src):
-    from shardsurgeon import s3lock
+    from shardsurgeon.write.s3 import claim as s3lock
 
     claim = {"run": "live-elsewhere", "host": s3lock.socket.gethostname(), "pid": 4_000_000, "renewed": "now"}
     s3.put_object(Bucket="out", Key="pidns/.shardsurgeon-lock", Body=json.dumps(claim).encode())
@@ -358,8 +360,8 @@ def test_cast_parts_split_mid_element_are_exact(s3, src, tmp_path, flags):
     """ShardBytes.fill of arbitrary ranges (part boundaries fall mid-element) equals the local output."""
     import random
 
-    from shardsurgeon.remote import SourceFiles
-    from shardsurgeon.s3shards import ShardBytes, Workspace
+    from shardsurgeon.storage.remote import SourceFiles
+    from shardsurgeon.write.s3.uploads import ShardBytes, Workspace
 
     out = tmp_path / "local"
     assert run("expand", "--src", src, *flags, "--out", out, "-q").exit_code == 0

@@ -21,10 +21,14 @@ from _servers import SeaweedFS, s3_environment
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
 
-from shardsurgeon import api, s3, s3folder, s3output, s3shards
-from shardsurgeon.checksums import CHECKSUMS_FILE
+from shardsurgeon import api
 from shardsurgeon.cli import cli
 from shardsurgeon.errors import OutputError
+from shardsurgeon.storage import s3
+from shardsurgeon.storage.checksums import CHECKSUMS_FILE
+from shardsurgeon.write.s3 import destination as s3output
+from shardsurgeon.write.s3 import objects as s3folder
+from shardsurgeon.write.s3 import uploads as s3shards
 
 pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 

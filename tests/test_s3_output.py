@@ -29,7 +29,7 @@ from conftest import write_tiny_checkpoint
 from shardsurgeon import api
 from shardsurgeon.cli import cli
 from shardsurgeon.errors import OutputError
-from shardsurgeon.parts import MIN_PART_BYTES, Copied, Joined, Made, plan_parts
+from shardsurgeon.write.s3.parts import MIN_PART_BYTES, Copied, Joined, Made, plan_parts
 
 pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 
@@ -341,7 +341,7 @@ def test_checksums_of_an_output_in_s3_are_of_the_bytes_there(s3, src, tmp_path):
     result = run("expand", "--src", "s3://models/src", *SEED, "--checksums", "--out", "s3://out/summed", "-q")
     assert result.exit_code == 0, result.output
     remote = objects(s3, "s3://out/summed")
-    assert remote["shardsurgeon.checksums.json"] == (local / "shardsurgeon.checksums.json").read_bytes()
+    assert remote["shardsurgeon.storage.checksums.json"] == (local / "shardsurgeon.storage.checksums.json").read_bytes()
     checked = run("verify", "s3://out/summed")
     assert checked.exit_code == 0 and "checked against their recorded checksums" in checked.output, checked.output
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from shardsurgeon.arch import LayerStack, SourceLayer, patch_config
 from shardsurgeon.errors import PlanError
+from shardsurgeon.model.arch import LayerStack, SourceLayer, patch_config
 
 
 def patched(config: dict, layers: list[int]) -> dict:

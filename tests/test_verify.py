@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import read_tensors, run_cli, write_tiny_checkpoint
 
-from shardsurgeon.verify import verify_checkpoint
+from shardsurgeon.verify.checker import verify_checkpoint
 
 SHARDED = ["--dup", "3x2", "--zero", "o_proj", "--max-shard-size", "2KB"]
 
@@ -363,7 +363,7 @@ def test_merge_computed_in_one_dtype_and_written_in_another(tmp_path):
 def test_a_converter_bug_does_not_pass_verification(tmp_path, tiny, monkeypatch):
     """verify recomputes casts by the definition, not with the executor's converters: a wrong
     rounding in ChunkConverter (here, the last bit of every converted value flipped) is caught."""
-    from shardsurgeon import numerics
+    from shardsurgeon.write import numerics
 
     src, _ = tiny
     real = numerics.ChunkConverter.convert

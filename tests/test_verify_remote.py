@@ -22,7 +22,7 @@ from click.testing import CliRunner, Result
 from conftest import read_tensors, write_tiny_checkpoint
 
 from shardsurgeon.cli import cli
-from shardsurgeon.verify import verify_checkpoint
+from shardsurgeon.verify.checker import verify_checkpoint
 
 pytest.importorskip("obstore", reason="the remote extra (obstore) is not installed")
 

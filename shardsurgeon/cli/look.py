@@ -14,8 +14,6 @@ from typing import Any
 import click
 
 from shardsurgeon.api import plan_expand
-from shardsurgeon.arch import StackHint
-from shardsurgeon.checkpoint import open_checkpoint
 from shardsurgeon.cli import show
 from shardsurgeon.cli.base import cli, reports_errors, verbosity
 from shardsurgeon.cli.params import (
@@ -23,9 +21,11 @@ from shardsurgeon.cli.params import (
 )
 from shardsurgeon.cli.write import expand
 from shardsurgeon.errors import safe_text
-from shardsurgeon.inspect import describe_checkpoint
+from shardsurgeon.model.arch import StackHint
+from shardsurgeon.model.checkpoint import open_checkpoint
+from shardsurgeon.model.describe import describe_checkpoint
 from shardsurgeon.units import Progress, format_bytes
-from shardsurgeon.verify import VerifyReport, compare_with_plan, verify_checkpoint
+from shardsurgeon.verify.checker import VerifyReport, compare_with_plan, verify_checkpoint
 
 
 @cli.command()

@@ -12,16 +12,16 @@ import click
 
 from shardsurgeon.cli.base import F, verbosity
 from shardsurgeon.errors import RecipeError, safe_text
-from shardsurgeon.execute import REFLINK_MODES
 from shardsurgeon.format import CAST_TARGETS
-from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES
-from shardsurgeon.mergekit_options import MERGEKIT_FLAGS, MergekitFlag
-from shardsurgeon.recipe import parse_dup, parse_filters
-from shardsurgeon.remote import EXTRA_HINT, is_url, obstore_available
-from shardsurgeon.runners import Processes, Runner
-from shardsurgeon.s3 import EXTRA_HINT as S3_EXTRA_HINT
-from shardsurgeon.s3 import boto3_available
+from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES
+from shardsurgeon.plan.mergekit_options import MERGEKIT_FLAGS, MergekitFlag
+from shardsurgeon.plan.recipe import parse_dup, parse_filters
+from shardsurgeon.storage.remote import EXTRA_HINT, is_url, obstore_available
+from shardsurgeon.storage.s3 import EXTRA_HINT as S3_EXTRA_HINT
+from shardsurgeon.storage.s3 import boto3_available
 from shardsurgeon.units import parse_size
+from shardsurgeon.write.executor import REFLINK_MODES
+from shardsurgeon.write.runners import Processes, Runner
 
 
 class ParsedParam(click.ParamType):
@@ -163,7 +163,7 @@ def runner(jobs: int, ray_address: str | None) -> Runner | None:
     if ray_address is not None and jobs > 1:
         raise click.UsageError("--jobs and --ray: give one of them (Ray decides how many tasks run at once)")
     if ray_address is not None:
-        from shardsurgeon.raytasks import RayTasks
+        from shardsurgeon.write.raytasks import RayTasks
 
         return RayTasks(ray_address)
     return Processes(jobs) if jobs > 1 else None

@@ -12,7 +12,6 @@ import click
 from click.core import ParameterSource
 
 from shardsurgeon.api import Job, card_of, plan_expand, plan_merge, run_job
-from shardsurgeon.arch import StackHint
 from shardsurgeon.cli import params, show
 from shardsurgeon.cli.base import cli, reports_errors, verbosity
 from shardsurgeon.cli.params import (
@@ -29,14 +28,15 @@ from shardsurgeon.cli.params import (
     writing_options,
 )
 from shardsurgeon.errors import safe_text
-from shardsurgeon.execute import Reflink
-from shardsurgeon.layout import DEFAULT_MAX_SHARD_BYTES
-from shardsurgeon.mergekit_options import MergekitFlag, parse_out_shard_size
-from shardsurgeon.planfile import PlannedJob, load_plan_file, plan_file_bytes, plan_key, write_plan_file
-from shardsurgeon.report import dry_run_text
-from shardsurgeon.rewrite import finalize_checkpoint, write_some_shards
-from shardsurgeon.runners import Runner, select_shards
+from shardsurgeon.model.arch import StackHint
+from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES
+from shardsurgeon.plan.mergekit_options import MergekitFlag, parse_out_shard_size
+from shardsurgeon.plan.planfile import PlannedJob, load_plan_file, plan_file_bytes, plan_key, write_plan_file
+from shardsurgeon.plan.report import dry_run_text
 from shardsurgeon.units import format_bytes
+from shardsurgeon.write.executor import Reflink
+from shardsurgeon.write.run import finalize_checkpoint, write_some_shards
+from shardsurgeon.write.runners import Runner, select_shards
 
 
 @cli.command()

@@ -1,0 +1,94 @@
+"""A model of a recipe, resolved once: its checkpoint, layer stack, per-layer tensors and the rest.
+
+:func:`open_source` is the front door for every model the tool reads: it opens the checkpoint
+(headers and JSON only), finds the layer stack once, with the user's ``StackHint`` when detection
+needs help, and sorts every tensor into its layer or into the tensors before and after the stack,
+in one pass over the names. The planner, ``inspect``, ``verify`` and the mergekit YAML writer all
+consume this record; nothing downstream sees the hint or splits a name again. Never reads tensor
+data and never writes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shardsurgeon.model.arch import NO_HINT, LayerStack, StackHint, find_layer_stack, outside_rank
+from shardsurgeon.model.checkpoint import Checkpoint, TensorRef, open_checkpoint
+from shardsurgeon.model.hfcache import base_model_id
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTensor:
+    """A tensor of the stack: ``rest`` is its name after ``{prefix}.{layer}.``."""
+
+    rest: str
+    ref: TensorRef
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One model: ``layers[i]`` holds layer i's tensors in source order; ``before`` and ``after``
+    hold the tensors outside the stack in output order (embeddings first; final norm, then head)."""
+
+    reference: str
+    """The model as the recipe names it: a path or a Hugging Face id."""
+    checkpoint: Checkpoint
+    stack: LayerStack
+    layers: tuple[tuple[LayerTensor, ...], ...]
+    before: tuple[TensorRef, ...]
+    after: tuple[TensorRef, ...]
+    published_name: str
+    """The name a model card gives it: the Hugging Face id where known, else the folder name."""
+
+    @property
+    def folder(self) -> Path | str:
+        return self.checkpoint.folder
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.checkpoint.config
+
+    @property
+    def layer_count(self) -> int:
+        return self.stack.count
+
+    @property
+    def outside(self) -> tuple[TensorRef, ...]:
+        return self.before + self.after
+
+    def layer_rests(self, layer: int = 0) -> list[str]:
+        return [t.rest for t in self.layers[layer]]
+
+
+def open_source(folder: str | os.PathLike[str], hint: StackHint = NO_HINT, reference: str | None = None) -> Source:
+    """Open the checkpoint in ``folder`` and resolve its layer stack; ``reference`` defaults to the path."""
+    checkpoint = open_checkpoint(folder)
+    return resolve(checkpoint, hint, str(folder) if reference is None else reference)
+
+
+def resolve(checkpoint: Checkpoint, hint: StackHint, reference: str) -> Source:
+    """The :class:`Source` of an opened checkpoint (no files read: tests build checkpoints by hand)."""
+    stack = find_layer_stack(checkpoint.tensors, checkpoint.config, hint)
+    layers: list[list[LayerTensor]] = [[] for _ in range(stack.count)]
+    outside: list[TensorRef] = []
+    for name, ref in checkpoint.tensors.items():
+        split = stack.split(name)
+        if split is None:
+            outside.append(ref)
+        else:
+            layers[split[0]].append(LayerTensor(split[1], ref))
+    ranked = sorted(enumerate(outside), key=lambda item: (outside_rank(item[1].name), item[0]))
+    before = tuple(ref for _, ref in ranked if outside_rank(ref.name)[0] == 0)
+    after = tuple(ref for _, ref in ranked if outside_rank(ref.name)[0] != 0)
+    return Source(
+        reference,
+        checkpoint,
+        stack,
+        tuple(map(tuple, layers)),
+        before,
+        after,
+        base_model_id(checkpoint.folder, checkpoint.config),
+    )

@@ -1,0 +1,1 @@
+"""What to write, decided before writing (pure): recipes, mergekit configs, the plan, the layout, plan files."""

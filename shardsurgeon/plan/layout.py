@@ -1,0 +1,313 @@
+"""Plan -> Layout: shard file names, header bytes and every tensor's offset, fixed before writing.
+
+The data order is chosen so that a reflink filesystem (XFS, btrfs) can share copied tensors with
+their sources instead of storing them again. Such a filesystem shares only whole blocks, and only
+where a range's output offset is congruent to its source offset modulo the block size. safetensors
+allows no gaps between tensors, so the freedoms are the header's trailing spaces, the order of the
+tensors inside a file, and where shards split:
+
+1. Output tensors are grouped by the source file they come from, groups in the order the plan
+   first names them (the embeddings' file first); each group is cut greedily at
+   ``max_shard_bytes``, like huggingface_hub (a tensor larger than the limit gets a shard of its own).
+   Neighbouring parts share a shard only where they fit in one and lose no shareable byte by it.
+2. Inside a group tensors go in source order, one copy instance after the other: the first
+   instances reproduce the source file's data as it is, then the second ones (the first inserted
+   copies) follow, and so on. Copies that lie one after the other in both files are one range.
+3. Each header is padded with spaces so that the data start (a multiple of 8, as the reference
+   writer keeps it) puts the most copied bytes in phase with their source.
+4. Where that leaves large copies (anchors, at least ``ANCHOR_MIN_BYTES``) out of phase, another
+   order is tried: anchors in the same order, each preceded by the fewest of the shard's other
+   tensors (fillers: zeros, conversions, small copies; at most ``MAX_FILLERS``) whose sizes bring
+   the phase back; unused fillers go last. The order that shares more is kept (a tie keeps 2).
+
+The block is a fixed ``BLOCK_BYTES``, never the destination's: the output bytes must not depend on
+where a run writes or resumes. Loaders find tensors by name (header and index), so the order inside
+a file is free; the index's weight_map follows the data order. One header and one ordered tensor
+list per shard drive both the header bytes and the data, so they cannot disagree. Pure: no file is
+read, and the choice depends only on the plan (sort keys, never set or dict iteration of paths).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardsurgeon.errors import PlanError
+from shardsurgeon.format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, encode_header
+from shardsurgeon.model.checkpoint import SINGLE_FILE
+from shardsurgeon.plan.planner import Copy, Plan, PlannedTensor
+from shardsurgeon.units import format_bytes
+
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
+PLAN_METADATA_KEY = "shardsurgeon_plan"
+RECIPE_METADATA_KEY = "shardsurgeon_recipe"
+BLOCK_BYTES = 4096
+"""The sharing granule the layout aims at: the block of XFS and btrfs on x86-64 and arm64 alike."""
+ANCHOR_MIN_BYTES = 64 << 10
+"""Copies smaller than this hold at most 15 shareable blocks: they serve as fillers instead."""
+MAX_FILLERS = 4
+MAX_FILLER_SIZES = 24
+"""Distinct filler sizes (modulo the block) searched for a combination: bounds the search on odd plans."""
+DATA_ALIGN = 8
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedTensor:
+    tensor: PlannedTensor
+    offset: int
+    """Absolute offset of the tensor's first byte in its shard file."""
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRun:
+    """Copied tensors that lie one after the other in both their source file and the shard: one
+    range copy, so the blocks that straddle two of them can be shared too."""
+
+    path: Path | str
+    src_offset: int
+    offset: int
+    nbytes: int
+
+    @property
+    def shareable_bytes(self) -> int:
+        """Whole blocks in phase with the source: what a reflink filesystem can share."""
+        if (self.offset - self.src_offset) % BLOCK_BYTES:
+            return 0
+        return _whole_blocks(self.offset, self.offset + self.nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardLayout:
+    name: str
+    header: bytes
+    tensors: tuple[PlacedTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Final size of the shard file."""
+        return len(self.header) + sum(p.tensor.nbytes for p in self.tensors)
+
+    def segments(self) -> list[PlacedTensor | CopyRun]:
+        """What to write, in data order: copies merged into runs, every other tensor on its own."""
+        segments: list[PlacedTensor | CopyRun] = []
+        for placed in self.tensors:
+            tensor = placed.tensor
+            if not isinstance(tensor.op, Copy):
+                segments.append(placed)
+                continue
+            last = segments[-1] if segments else None
+            if (
+                isinstance(last, CopyRun)
+                and last.path == tensor.source.path
+                and last.src_offset + last.nbytes == tensor.source.data_start
+                and last.offset + last.nbytes == placed.offset
+            ):
+                segments[-1] = CopyRun(last.path, last.src_offset, last.offset, last.nbytes + tensor.nbytes)
+            else:
+                segments.append(CopyRun(tensor.source.path, tensor.source.data_start, placed.offset, tensor.nbytes))
+        return segments
+
+    @property
+    def shareable_bytes(self) -> int:
+        return sum(s.shareable_bytes for s in self.segments() if isinstance(s, CopyRun))
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    shards: tuple[ShardLayout, ...]
+
+    @property
+    def total_size(self) -> int:
+        """Sum of tensor data bytes, as the index's ``metadata.total_size`` reports it."""
+        return sum(p.tensor.nbytes for s in self.shards for p in s.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def copied_bytes(self) -> int:
+        """Bytes of tensors copied unchanged from a source."""
+        return sum(p.tensor.nbytes for s in self.shards for p in s.tensors if isinstance(p.tensor.op, Copy))
+
+    @property
+    def shareable_bytes(self) -> int:
+        """Copied bytes a reflink filesystem with ``BLOCK_BYTES`` blocks can share with the sources."""
+        return sum(s.shareable_bytes for s in self.shards)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """A planned tensor with what the layout sorts it by."""
+
+    tensor: PlannedTensor
+    order: int
+    """Its position in the plan."""
+    instance: int
+    """How many earlier output tensors of the plan are made from the same source tensor."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.nbytes
+
+    @property
+    def src_offset(self) -> int:
+        return self.tensor.source.data_start
+
+    @property
+    def copied(self) -> bool:
+        return isinstance(self.tensor.op, Copy)
+
+    @property
+    def anchor(self) -> bool:
+        return self.copied and self.nbytes >= ANCHOR_MIN_BYTES
+
+
+def plan_layout(
+    plan: Plan, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: Mapping[str, str] | None = None
+) -> Layout:
+    """Split the plan's tensors into shards, order and place them, and encode each shard's header.
+
+    Every shard's ``__metadata__`` holds ``format: pt``, the plan fingerprint and ``metadata``.
+    """
+    metadata = {"format": "pt", PLAN_METADATA_KEY: plan.fingerprint, **(metadata or {})}
+    parts = [part for group in _by_source_file(plan.tensors) for part in _cut(group, max_shard_bytes)]
+    shards = _packed(parts, max_shard_bytes, metadata)
+    named = []
+    for number, shard in enumerate(shards, start=1):
+        name = SINGLE_FILE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        if len(shard.header) - HEADER_LENGTH_BYTES > MAX_HEADER_BYTES:
+            raise PlanError(
+                f"shard {name}: its header would be {format_bytes(len(shard.header) - HEADER_LENGTH_BYTES)}, more "
+                f"than the {format_bytes(MAX_HEADER_BYTES)} safetensors readers accept; give a smaller --max-shard-size"
+            )
+        named.append(ShardLayout(name, shard.header, shard.tensors))
+    return Layout(tuple(named))
+
+
+def _packed(parts: list[list[_Item]], max_shard_bytes: int, metadata: Mapping[str, str]) -> list[ShardLayout]:
+    """Each part arranged as a shard; neighbouring parts share one where they fit in it together and
+    lose no shareable byte by it (tensors too small to share, a source file small enough), so small
+    sources do not give one small output file per source file. Names come later."""
+    shards: list[ShardLayout] = []
+    current: list[_Item] = []
+    for part in parts:
+        alone = _arranged(part, metadata)
+        joined = current + part
+        if current and sum(i.nbytes for i in joined) <= max_shard_bytes:
+            together = _arranged(joined, metadata)
+            if together.shareable_bytes >= shards[-1].shareable_bytes + alone.shareable_bytes:
+                shards[-1], current = together, joined
+                continue
+        shards.append(alone)
+        current = part
+    return shards
+
+
+def _arranged(items: list[_Item], metadata: Mapping[str, str]) -> ShardLayout:
+    """``items`` as one shard (not yet named), in source order or with fillers, whichever shares more
+    (the source order on a tie)."""
+    candidates = [_placed(items, metadata)]
+    filled = _fill_breaks(items)
+    if filled != items:
+        candidates.append(_placed(filled, metadata))
+    return max(candidates, key=lambda shard: shard.shareable_bytes)
+
+
+def _by_source_file(tensors: Sequence[PlannedTensor]) -> list[list[_Item]]:
+    """Tensors grouped by source file (first named first), each group in source order by instance."""
+    seen: dict[tuple[Path | str, str], int] = {}
+    groups: dict[Path | str, list[_Item]] = {}
+    for order, tensor in enumerate(tensors):
+        key = (tensor.source.path, tensor.source.name)
+        instance = seen.get(key, 0)
+        seen[key] = instance + 1
+        groups.setdefault(tensor.source.path, []).append(_Item(tensor, order, instance))
+    return [sorted(group, key=lambda i: (i.instance, i.src_offset, i.order)) for group in groups.values()]
+
+
+def _cut(items: list[_Item], max_shard_bytes: int) -> list[list[_Item]]:
+    """Greedy, like huggingface_hub: a new shard when the next tensor would pass the limit."""
+    parts: list[list[_Item]] = []
+    part_nbytes = 0
+    for item in items:
+        if not parts or (parts[-1] and part_nbytes + item.nbytes > max_shard_bytes):
+            parts.append([])
+            part_nbytes = 0
+        parts[-1].append(item)
+        part_nbytes += item.nbytes
+    return parts
+
+
+def _placed(items: list[_Item], metadata: Mapping[str, str]) -> ShardLayout:
+    """The shard holding ``items`` in this order, its header padded to the phase that shares most."""
+    entries = [(i.tensor.name, i.tensor.dtype, i.tensor.shape, i.nbytes) for i in items]
+    minimal = len(encode_header(entries, metadata))
+    phase = _best_phase(items)
+    padding = 0 if phase is None else (phase - minimal) % BLOCK_BYTES
+    header = encode_header(entries, metadata, data_start=minimal + padding)
+    offset = len(header)
+    placed = []
+    for item in items:
+        placed.append(PlacedTensor(item.tensor, offset))
+        offset += item.nbytes
+    return ShardLayout("", header, tuple(placed))
+
+
+def _best_phase(items: list[_Item]) -> int | None:
+    """The data start modulo the block that puts the most copied bytes in phase (ties: the smallest);
+    None when nothing is copied. Only multiples of 8 qualify, so that the data start stays one."""
+    weight: dict[int, int] = {}
+    offset = 0
+    for item in items:
+        phase = (item.src_offset - offset) % BLOCK_BYTES
+        if item.copied and phase % DATA_ALIGN == 0:
+            weight[phase] = weight.get(phase, 0) + item.nbytes
+        offset += item.nbytes
+    return min(weight, key=lambda phase: (-weight[phase], phase)) if weight else None
+
+
+def _fill_breaks(part: list[_Item]) -> list[_Item]:
+    """Anchors in order, the fewest fillers in front of each that would be out of phase, the rest last."""
+    anchors = [i for i in part if i.anchor]
+    if not anchors:
+        return part
+    pool: dict[int, deque[_Item]] = {}
+    for item in part:
+        if not item.anchor:
+            pool.setdefault(item.nbytes % BLOCK_BYTES, deque()).append(item)
+    ordered: list[_Item] = []
+    phase = anchors[0].src_offset % BLOCK_BYTES  # where the output is, modulo the block, once padded
+    hopeless: set[int] = set()
+    for anchor in anchors:
+        for residue in _fillers_for((anchor.src_offset - phase) % BLOCK_BYTES, pool, hopeless):
+            ordered.append(pool[residue].popleft())
+            phase = (phase + ordered[-1].nbytes) % BLOCK_BYTES
+        ordered.append(anchor)
+        phase = (phase + anchor.nbytes) % BLOCK_BYTES
+    return ordered + sorted((i for items in pool.values() for i in items), key=lambda i: i.order)
+
+
+def _fillers_for(need: int, pool: dict[int, deque[_Item]], hopeless: set[int]) -> tuple[int, ...]:
+    """Sizes modulo the block of the fewest fillers (at most MAX_FILLERS) that add up to ``need``.
+
+    The first combination in sorted order wins. A need found impossible is not searched again in
+    this shard (the pool only shrinks; the bound on sizes searched may then miss a late chance,
+    which costs sharing, never correctness).
+    """
+    if need == 0 or need in hopeless:
+        return ()
+    residues = sorted(r for r, items in pool.items() if r and items)[:MAX_FILLER_SIZES]
+    for count in range(1, MAX_FILLERS + 1):
+        for combo in itertools.combinations_with_replacement(residues, count):
+            if sum(combo) % BLOCK_BYTES == need and all(combo.count(r) <= len(pool[r]) for r in set(combo)):
+                return combo
+    hopeless.add(need)
+    return ()
+
+
+def _whole_blocks(start: int, end: int) -> int:
+    return max(0, (end // BLOCK_BYTES - -(-start // BLOCK_BYTES)) * BLOCK_BYTES)

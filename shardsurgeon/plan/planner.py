@@ -1,0 +1,250 @@
+"""Recipe + sources -> Plan: every output tensor, its op and source, and the patched config.
+
+All checks that can fail before a byte is written happen here or in the recipe builders. Pure: it
+reads only the :class:`~shardsurgeon.source.Source` records, never tensor data, and writes nothing.
+An op is one of three records; every consumer dispatches on them with ``match``, so adding one is
+an error at each place that must learn it (mypy's exhaustiveness check).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+
+from shardsurgeon import __version__
+from shardsurgeon.errors import PlanError, RecipeError
+from shardsurgeon.format import DTYPES, tensor_nbytes, torch_name
+from shardsurgeon.model.arch import LayerStack, SourceLayer, patch_config
+from shardsurgeon.model.checkpoint import TensorRef
+from shardsurgeon.model.source import Source
+from shardsurgeon.plan.recipe import LayerSource, Recipe
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """The source bytes, unchanged."""
+
+    kind: ClassVar[str] = "copy"
+
+
+@dataclass(frozen=True, slots=True)
+class Zeros:
+    """All-zero bytes (+0.0); the source is never read."""
+
+    kind: ClassVar[str] = "zeros"
+
+
+@dataclass(frozen=True, slots=True)
+class Convert:
+    """Cast the source to ``via`` (None: straight to the output dtype), multiply by ``scale`` there,
+    then cast to the output dtype: mergekit's ``dtype`` / ``out_dtype`` sequence."""
+
+    scale: float = 1.0
+    via: str | None = None
+    kind: ClassVar[str] = "convert"
+
+
+Op = Copy | Zeros | Convert
+OP_KINDS = (Copy.kind, Zeros.kind, Convert.kind)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedTensor:
+    """One output tensor, made from ``source`` (a tensor of ``model``) by ``op``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    op: Op
+    source: TensorRef
+    model: str
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything the output will hold, decided before anything is written."""
+
+    recipe: Recipe
+    stack: LayerStack
+    """The donor's stack, which names the output layers."""
+    tensors: tuple[PlannedTensor, ...]
+    config: dict[str, Any]
+    fingerprint: str
+    model_layers: dict[str, int]
+    """Layer count of each model of the recipe."""
+
+    @property
+    def source_layers(self) -> int:
+        return self.stack.count
+
+    @property
+    def layers_in(self) -> str:
+        """The source layer counts in words: ``32``, or ``a: 24, b: 32`` for several models."""
+        if len(self.model_layers) == 1:
+            return str(self.source_layers)
+        return ", ".join(f"{model}: {count}" for model, count in self.model_layers.items())
+
+    @property
+    def output_layers(self) -> int:
+        return len(self.recipe.layers)
+
+
+def make_plan(recipe: Recipe, sources: Mapping[str, Source]) -> Plan:
+    """Plan the output of ``recipe``; ``sources`` maps each model of the recipe to its record.
+
+    The recipe's layer numbers are in range for these sources: its builders check that.
+    """
+    donor = sources[recipe.donor]
+    _check_same_architecture(recipe, sources)
+    matched: set[str] = set()
+    tensors: list[PlannedTensor] = []
+    for ref in sources[recipe.head.model].before:
+        tensors.append(_planned(ref.name, ref, recipe.head, recipe, matched))
+    for position, layer_source in enumerate(recipe.layers):
+        assert layer_source.layer is not None
+        for tensor in sources[layer_source.model].layers[layer_source.layer]:
+            name = donor.stack.name(position, tensor.rest)
+            tensors.append(_planned(name, tensor.ref, layer_source, recipe, matched))
+    for ref in sources[recipe.tail.model].after:
+        tensors.append(_planned(ref.name, ref, recipe.tail, recipe, matched))
+    _check_filters(recipe, matched, sources)
+    _check_unique_names(tensors)
+    layer_sources = [SourceLayer(sources[s.model].config, sources[s.model].stack, s.layer or 0) for s in recipe.layers]
+    config = patch_config(donor.config, donor.stack, layer_sources)
+    if recipe.output_dtype is not None:
+        config = _set_dtype(config, donor.stack, torch_name(recipe.output_dtype))
+    model_layers = {model: sources[model].layer_count for model in recipe.models}
+    return Plan(recipe, donor.stack, tuple(tensors), config, _fingerprint(tensors, config, sources), model_layers)
+
+
+def _planned(name: str, ref: TensorRef, source: LayerSource, recipe: Recipe, matched: set[str]) -> PlannedTensor:
+    factor, _ = source.scale_for(ref.name)
+    # every filter that names the tensor counts as used, even when an earlier one wins (--zero mlp,down_proj)
+    matched.update(r.filter for r in source.scale if r.filter is not None and r.matches(ref.name))
+    is_float = DTYPES[ref.dtype].is_float
+    work = recipe.dtype if recipe.dtype is not None and is_float else ref.dtype
+    final = recipe.output_dtype if recipe.output_dtype is not None and is_float else ref.dtype
+    if factor == 0.0:
+        return PlannedTensor(name, final, ref.shape, Zeros(), ref, source.model)
+    if factor == 1.0 and work == ref.dtype == final:
+        return PlannedTensor(name, final, ref.shape, Copy(), ref, source.model)
+    if factor != 1.0 and not is_float:
+        raise PlanError(
+            f"tensor {ref.name!r} of {source.model} is {ref.dtype}, which cannot be scaled by {factor:g}; "
+            "only BF16, F16, F32 and F64 tensors can be scaled (0 and 1 work for any dtype)"
+        )
+    via = work if work != final else None
+    return PlannedTensor(name, final, ref.shape, Convert(factor, via), ref, source.model)
+
+
+def _check_unique_names(tensors: list[PlannedTensor]) -> None:
+    """Two source tensors may never become one output name: the output header would lose one."""
+    seen: dict[str, PlannedTensor] = {}
+    for tensor in tensors:
+        earlier = seen.setdefault(tensor.name, tensor)
+        if earlier is not tensor:
+            raise PlanError(
+                f"output tensor {tensor.name!r} would be made from both {earlier.source.name!r} and "
+                f"{tensor.source.name!r} of {tensor.model}; rename one of them in the source"
+            )
+
+
+def _check_filters(recipe: Recipe, matched: set[str], sources: Mapping[str, Source]) -> None:
+    for source in (recipe.head, recipe.tail, *recipe.layers):
+        for rule in source.scale:
+            if rule.filter is not None and rule.filter not in matched:
+                names = sources[source.model].layer_rests(source.layer or 0)
+                flag = "--zero" if source.inserted else "scale filter"
+                raise RecipeError(
+                    f"{flag} {rule.filter!r} matches no tensor it applies to (layer tensors: "
+                    f"{_some(names)}); {_spelling_hint(rule.filter, names)}"
+                )
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    """A few names, so that a message stays one short line even for a layer of many experts."""
+    more = f", ... {len(names)} in all" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _spelling_hint(text: str, names: list[str]) -> str:
+    parts = sorted({part for name in names for part in (name, *name.split("."))})
+    close = difflib.get_close_matches(text, parts, n=1)
+    return f"did you mean {close[0]!r}?" if close else "check the spelling"
+
+
+def _check_same_architecture(recipe: Recipe, sources: Mapping[str, Source]) -> None:
+    reference = sources[recipe.head.model]
+    ref_shapes = _shapes_by_role(reference)
+    for model in recipe.models:
+        other = sources[model]
+        if other is reference:
+            continue
+        if other.stack.prefix != reference.stack.prefix:
+            raise PlanError(
+                f"{model}: layers are under {other.stack.prefix}.N but {reference.reference} has them under "
+                f"{reference.stack.prefix}.N; models of one merge must share an architecture"
+            )
+        shapes = _shapes_by_role(other)
+        for key in sorted(set(ref_shapes) | set(shapes)):
+            if ref_shapes.get(key) != shapes.get(key):
+                raise PlanError(
+                    f"tensor {key!r}: {reference.reference} has {_describe(ref_shapes.get(key))} but {model} has "
+                    f"{_describe(shapes.get(key))}; models of one merge must share tensor names and shapes"
+                )
+
+
+def _shapes_by_role(source: Source) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Dtype and shape by name, with layer tensors keyed by ``N.rest`` over layer 0 only."""
+    shapes = {ref.name: (ref.dtype, ref.shape) for ref in source.outside}
+    for tensor in source.layers[0]:
+        shapes[source.stack.name(0, tensor.rest)] = (tensor.ref.dtype, tensor.ref.shape)
+    return shapes
+
+
+def _describe(entry: tuple[str, tuple[int, ...]] | None) -> str:
+    return "no such tensor" if entry is None else f"{entry[0]} {list(entry[1])}"
+
+
+def _set_dtype(config: dict[str, Any], stack: LayerStack, name: str) -> dict[str, Any]:
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    config = {**config, **dict.fromkeys(keys, name)}
+    section = config
+    for key in stack.config_section:
+        section[key] = section = {**section[key]}
+        for k in ("torch_dtype", "dtype"):
+            if k in section:
+                section[k] = name
+    return config
+
+
+def _fingerprint(tensors: list[PlannedTensor], config: dict[str, Any], sources: Mapping[str, Source]) -> str:
+    """A digest of the plan that changes with anything that changes the output bytes.
+
+    Sources enter by their header digest and offsets, not their paths, so the output does not
+    depend on where the source lives.
+    """
+    headers = {str(s.path): s.header_sha256 for source in sources.values() for s in source.checkpoint.shards}
+    described = [
+        [t.name, t.dtype, t.shape, *_op_fields(t.op), headers[str(t.source.path)], t.source.data_start] for t in tensors
+    ]
+    payload = orjson.dumps({"version": __version__, "tensors": described, "config": config})
+    return hashlib.sha256(payload).hexdigest()[:32]
+
+
+def _op_fields(op: Op) -> tuple[str, float, str | None]:
+    """The op as the fingerprint has always described it: kind, scale, working dtype."""
+    match op:
+        case Convert(scale, via):
+            return op.kind, scale, via
+        case Copy() | Zeros():
+            return op.kind, 1.0, None

@@ -1,0 +1,237 @@
+"""Plans in words and as JSON: the dry run, ``--plan-json`` and the model card's description. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from shardsurgeon import __version__
+from shardsurgeon.format import torch_name
+from shardsurgeon.plan.layout import Layout
+from shardsurgeon.plan.planner import OP_KINDS, Convert, Plan
+from shardsurgeon.plan.recipe import LayerSource, ScaleRule
+from shardsurgeon.storage.remote import file_name
+from shardsurgeon.units import format_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LayerGroup:
+    """Output layers ``first`` .. ``first + count - 1``, all from one model with one set of scale rules:
+    source layers ``source.layer``, ``source.layer + step``, ... (``step`` 1: a run of layers, 0: copies)."""
+
+    first: int
+    source: LayerSource
+    count: int = 1
+    step: int = 1
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+
+def layer_groups(layers: Sequence[LayerSource]) -> list[LayerGroup]:
+    """Output layers grouped for reading: runs of consecutive source layers, and runs of copies of one.
+
+    Greedy from the first layer: a group's second layer decides whether it is a run (the next
+    source layer) or copies (the same one).
+    """
+    groups: list[LayerGroup] = []
+    for position, source in enumerate(layers):
+        assert source.layer is not None
+        if groups and _continues(groups[-1], source):
+            group = groups[-1]
+            assert group.source.layer is not None
+            step = source.layer - group.source.layer if group.count == 1 else group.step
+            groups[-1] = replace(group, count=group.count + 1, step=step)
+        else:
+            groups.append(LayerGroup(position, source))
+    return groups
+
+
+def _continues(group: LayerGroup, source: LayerSource) -> bool:
+    start = group.source
+    if (start.model, start.scale, start.inserted) != (source.model, source.scale, source.inserted):
+        return False
+    assert start.layer is not None and source.layer is not None
+    offset = source.layer - start.layer
+    return offset in (0, 1) if group.count == 1 else offset == group.count * group.step
+
+
+def describe_layers(plan: Plan) -> list[str]:
+    """One line per group of output layers: ``output 32-43 <- 12 copies of layer 31 [o_proj, down_proj zero]``."""
+    several_models = len(plan.recipe.models) > 1
+    lines = []
+    for group in layer_groups(plan.recipe.layers):
+        layer = group.source.layer
+        assert layer is not None
+        outputs = f"{group.first}" if group.count == 1 else f"{group.first}-{group.last}"
+        if group.count == 1:
+            what = f"copy of layer {layer}" if group.source.inserted else f"layer {layer}"
+        elif group.step == 0:
+            what = f"{group.count} copies of layer {layer}"
+        else:
+            what = f"{'copies of ' if group.source.inserted else ''}layers {layer}-{layer + group.count - 1}"
+        model = f" of {group.source.model}" if several_models else ""
+        rules = describe_scale(group.source.scale)
+        lines.append(f"output {outputs:>7} <- {what}{model}" + (f" [{rules}]" if rules else ""))
+    return lines
+
+
+def describe_scale(rules: Sequence[ScaleRule]) -> str:
+    """Scale rules in words, in order, neighbours with one value sharing it: ``o_proj, down_proj zero; all x0.5``.
+
+    Trailing rules of 1 are left out: a tensor they match is unchanged, as is one no rule matches.
+    """
+    kept = list(rules)
+    while kept and kept[-1].value == 1:
+        kept.pop()
+    parts: list[tuple[list[str], float]] = []
+    for rule in kept:
+        name = rule.filter or "all"
+        if parts and parts[-1][1] == rule.value:
+            parts[-1][0].append(name)
+        else:
+            parts.append(([name], rule.value))
+    return "; ".join(f"{', '.join(names)} {'zero' if value == 0 else f'x{value:g}'}" for names, value in parts)
+
+
+def describe_expansion(plan: Plan, base_model: str, identity: bool = False) -> str:
+    """The model card's words for ``expand``: the copies inserted and where, what they zero, and,
+    when ``identity`` (every tensor of the copies that writes into the residual stream is zero, as
+    the caller knows from the architecture), that the model's outputs are unchanged."""
+    zeroed = sorted({r.filter for s in plan.recipe.layers if s.inserted for r in s.scale if r.filter})
+    copies = [group for group in layer_groups(plan.recipe.layers) if group.source.inserted]
+    text = (
+        f"Expanded {base_model} from {plan.source_layers} to {plan.output_layers} layers by inserting "
+        f"{_insertions(copies)}"
+    )
+    if zeroed:
+        text += f", with every tensor of the copies whose name contains {' or '.join(zeroed)} set to zero"
+    if zeroed and identity:
+        text += (
+            ", so each new block passes its input through unchanged and the model gives the same outputs as "
+            "the original until it is fine-tuned (LLaMA Pro block expansion)"
+        )
+    if plan.recipe.dtype:
+        text += f". Floating-point tensors were cast to {torch_name(plan.recipe.dtype)}"
+    return text + "."
+
+
+def _insertions(copies: Sequence[LayerGroup]) -> str:
+    """``12 copies of layer 31 after it (output layers 32-43)``; single copies of several layers in one list."""
+    if len(copies) > 1 and all(group.count == 1 for group in copies):
+        layers = _and([str(group.source.layer) for group in copies])
+        outputs = _and([str(group.first) for group in copies])
+        return f"after each of layers {layers} a copy of it (output layers {outputs})"
+    return "; ".join(
+        f"a copy of layer {group.source.layer} after it (output layer {group.first})"
+        if group.count == 1
+        else f"{group.count} copies of layer {group.source.layer} after it (output layers {group.first}-{group.last})"
+        for group in copies
+    )
+
+
+def _and(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def describe_merge(plan: Plan, names: Mapping[str, str], config_name: str | None = None) -> str:
+    """The model card's words for a mergekit passthrough merge: output layers by group, where the
+    tensors outside the stack and the config come from, and the file name the card's command reads
+    its config from (``config_name``)."""
+    parts = []
+    for group in layer_groups(plan.recipe.layers):
+        layer, model = group.source.layer, names[group.source.model]
+        outputs = f"layer {group.first} is" if group.count == 1 else f"layers {group.first}-{group.last} are"
+        if group.count == 1:
+            what = f"layer {layer} of {model}"
+        elif group.step == 0:
+            what = f"{group.count} copies of layer {layer} of {model}"
+        else:
+            assert layer is not None
+            what = f"layers {layer}-{layer + group.count - 1} of {model}"
+        rules = describe_scale(group.source.scale)
+        parts.append(f"{outputs} {what}" + (f" ({rules})" if rules else ""))
+    text = f"A passthrough merge into {plan.output_layers} layers: " + "; ".join(parts) + "."
+    recipe = plan.recipe
+    if len(recipe.models) > 1:
+        text += (
+            f" The tensors before the layers (embeddings) come from {names[recipe.head.model]}, those after them "
+            f"(final norm, output head) from {names[recipe.tail.model]}, and config.json and the tokenizer from "
+            f"{names[recipe.donor]}."
+        )
+    if recipe.output_dtype:
+        text += f" Floating-point tensors are {torch_name(recipe.output_dtype)}."
+    if config_name is not None:
+        text += f" The command below reads the mergekit config at the end of this card, saved as {config_name}."
+    return text
+
+
+def op_bytes(plan: Plan) -> dict[str, int]:
+    """Output tensor bytes by op kind."""
+    totals = dict.fromkeys(OP_KINDS, 0)
+    for tensor in plan.tensors:
+        totals[tensor.op.kind] += tensor.nbytes
+    return totals
+
+
+def dry_run_text(plan: Plan, layout: Layout) -> str:
+    totals = op_bytes(plan)
+    lines = [
+        f"layers: {plan.layers_in} -> {plan.output_layers} (stack {plan.stack.prefix}.N, "
+        f"config {plan.stack.count_path})",
+        *describe_layers(plan),
+        f"tensors: {len(plan.tensors)}: {format_bytes(totals['copy'])} copied, {format_bytes(totals['zeros'])} zeros "
+        f"(holes, not written), {format_bytes(totals['convert'])} converted",
+        f"shards: {len(layout.shards)}, {format_bytes(layout.nbytes)} in all",
+    ]
+    lines += [f"  {s.name}  {len(s.tensors)} tensors  {format_bytes(s.nbytes)}" for s in layout.shards]
+    lines.append("dry run: nothing written")
+    return "\n".join(lines)
+
+
+def plan_dict(plan: Plan, layout: Layout) -> dict[str, Any]:
+    shard_of = {p.tensor.name: (s.name, p.offset) for s in layout.shards for p in s.tensors}
+    return {
+        "shardsurgeon": __version__,
+        "fingerprint": plan.fingerprint,
+        "stack": {
+            "prefix": plan.stack.prefix,
+            "source_layers": plan.source_layers,
+            "output_layers": plan.output_layers,
+        },
+        "layers": [
+            {
+                "output": i,
+                "model": s.model,
+                "source": s.layer,
+                "inserted": s.inserted,
+                "scale": [{"filter": r.filter, "value": r.value} for r in s.scale],
+            }
+            for i, s in enumerate(plan.recipe.layers)
+        ],
+        "tensors": [
+            {
+                "name": t.name,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "nbytes": t.nbytes,
+                "op": t.op.kind,
+                "scale": t.op.scale if isinstance(t.op, Convert) else 1.0,
+                "source": {
+                    "model": t.model,
+                    "name": t.source.name,
+                    "file": file_name(t.source.path),
+                    "dtype": t.source.dtype,
+                    "offset": t.source.data_start,
+                },
+                "shard": shard_of[t.name][0],
+                "offset": shard_of[t.name][1],
+            }
+            for t in plan.tensors
+        ],
+        "shards": [{"name": s.name, "nbytes": s.nbytes, "tensors": len(s.tensors)} for s in layout.shards],
+        "total_size": layout.total_size,
+        "config": plan.config,
+    }

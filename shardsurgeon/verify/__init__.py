@@ -1,0 +1,1 @@
+"""Reads an output back and checks it; its own arithmetic; never imports write/."""

@@ -1,0 +1,1 @@
+"""The one run sequence over a destination: executor, runners, small files."""

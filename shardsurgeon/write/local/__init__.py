@@ -1,0 +1,1 @@
+"""The local folder destination: lock, staging, crash-safe publish."""

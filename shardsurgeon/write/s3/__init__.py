@@ -1,0 +1,1 @@
+"""The S3 folder destination: claim object, multipart parts, config.json last."""
