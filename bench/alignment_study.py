@@ -381,7 +381,7 @@ def phase_layout(tensors: Sequence[Out], max_shard_bytes: int = MAX_SHARD_BYTES)
        the mirror, which keeps the source's order).
 
     Deterministic: every choice is by sort keys of the plan. Pure; no file is read. Now
-    shardsurgeon.layout, with a fixed 4096-byte block so outputs never depend on the destination.
+    shardsurgeon.plan.layout, with a fixed 4096-byte block so outputs never depend on the destination.
     """
     shards = []
     for group in by_source_file(list(tensors)):
@@ -549,7 +549,7 @@ def print_per_tensor() -> None:
 def measure_on(folder: Path) -> None:
     """Check the model against a real filesystem: GPT-2's seed recipe, copied tensor by tensor with
     fileio into files in ``folder`` (XFS or btrfs for sharing), shared bytes read back with FIEMAP."""
-    from shardsurgeon import fileio  # only this mode needs the package
+    from shardsurgeon.storage import fileio  # only this mode needs the package
 
     model = gpt2()
     where = source_offsets(model)

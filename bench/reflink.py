@@ -17,7 +17,7 @@ its name) and the image deleted, also on errors and SIGTERM.
 
 Also prints, for the synthesized checkpoints of ``alignment_study.py`` (Llama-2, Mistral, Qwen2,
 Gemma, Mixtral, GPT-2), the study's own figures and the fraction of copied bytes that
-``shardsurgeon.layout`` makes shareable, and appends all of it to ``bench/RESULTS.md``.
+``shardsurgeon.plan.layout`` makes shareable, and appends all of it to ``bench/RESULTS.md``.
 
     PYTHONPATH=. python bench/reflink.py --shape 1b [--pairs 3] [--workdir DIR] [--filesystems xfs,btrfs]
     PYTHONPATH=. python bench/reflink.py --figures-only
@@ -261,7 +261,7 @@ def summarize(
 
 def study_figures() -> tuple[str, list[tuple[str, str, int, int, int, int]]]:
     """The study's printout, and per model and recipe: copied bytes, shareable by the study's
-    prototype layout e, by shardsurgeon.layout, and layout.py's shard count."""
+    prototype layout e, by shardsurgeon.plan.layout, and layout.py's shard count."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         alignment_study.main()
