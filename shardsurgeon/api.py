@@ -10,10 +10,9 @@ after consumes. The CLI is a thin layer over these functions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from shardsurgeon.errors import RecipeError
+from shardsurgeon.errors import DestinationError, RecipeError, safe_text
 from shardsurgeon.format import CAST_TARGETS, cast_target
 from shardsurgeon.model.arch import (
     DEFAULT_RESIDUAL_OUTPUTS,
@@ -23,52 +22,21 @@ from shardsurgeon.model.arch import (
     model_type,
     resolve_zero_filters,
 )
-from shardsurgeon.model.hfcache import card_names, hub_id, is_hub_id, resolve_model
-from shardsurgeon.model.source import Source, open_source
-from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, plan_layout
+from shardsurgeon.model.hfcache import hub_id, is_hub_id, resolve_model
+from shardsurgeon.model.license import source_license
+from shardsurgeon.model.source import Source, card_names_of, open_source
+from shardsurgeon.plan.job import Job, job_layout
+from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES
 from shardsurgeon.plan.mergekit import merge_recipe, parse_config, to_mergekit_yaml
-from shardsurgeon.plan.planner import Plan, make_plan
-from shardsurgeon.plan.recipe import Recipe, expand_recipe, recipe_to_json
+from shardsurgeon.plan.planner import make_plan
+from shardsurgeon.plan.recipe import Recipe, expand_recipe
 from shardsurgeon.plan.report import describe_expansion, describe_merge
 from shardsurgeon.storage.remote import is_url
 from shardsurgeon.storage.smallfile import MAX_RECIPE_BYTES, read_small
-from shardsurgeon.units import Progress, ShardStarted
-from shardsurgeon.write.executor import Reflink
-from shardsurgeon.write.run import RunResult, write_checkpoint
-from shardsurgeon.write.runners import Runner
-from shardsurgeon.write.smallfiles import CardModel, model_card, source_license
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """A planned rewrite of ``sources`` (by the model references of the recipe)."""
-
-    sources: dict[str, Source]
-    recipe: Recipe
-    plan: Plan
-    layout: Layout
-    description: str
-    mergekit_yaml: str
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-    stack_hint: StackHint = NO_HINT
-
-    @property
-    def card_names(self) -> dict[str, str]:
-        """The name the model card, its command and its mergekit config give each model reference:
-        its Hugging Face id where known, else its folder's name (never a path)."""
-        return _card_names(self.sources)
-
-    def card_models(self) -> list[CardModel]:
-        """The models as the card names them, the config donor first, each with the license its
-        own card (README.md) or config declares."""
-        names, models = self.card_names, {}
-        for reference in self.recipe.models:
-            source = self.sources[reference]
-            if names[reference] not in models:
-                models[names[reference]] = CardModel(
-                    names[reference], hub_id(source.folder, source.config), source_license(source.folder, source.config)
-                )
-        return list(models.values())
+from shardsurgeon.write.card import CardModel, model_card
+from shardsurgeon.write.destination import WHOLE, Destination, Part, RunResult, WriteOptions
+from shardsurgeon.write.local.destination import LocalFolder
+from shardsurgeon.write.run import write_job
 
 
 def plan_expand(
@@ -99,7 +67,7 @@ def plan_expand(
     recipe = expand_recipe(source.reference, source.layer_count, dups, every, filters, cast_to)
     sources = {source.reference: source}
     plan = make_plan(recipe, sources)
-    names = _card_names(sources)
+    names = card_names_of(sources)
     return Job(
         sources,
         recipe,
@@ -132,7 +100,7 @@ def plan_merge(
     }
     recipe = merge_recipe(spec, lambda model: sources[model].layer_count)
     plan = make_plan(recipe, sources)
-    names = _card_names(sources)
+    names = card_names_of(sources)
     return Job(
         sources,
         recipe,
@@ -145,59 +113,49 @@ def plan_merge(
     )
 
 
-def job_layout(recipe: Recipe, plan: Plan, sources: dict[str, Source], max_shard_bytes: int) -> Layout:
-    """The shards, each recording the recipe by published model names so ``verify`` can re-derive it."""
-    names = {model: source.published_name for model, source in sources.items()}
-    return plan_layout(plan, max_shard_bytes, {RECIPE_METADATA_KEY: recipe_to_json(recipe, names)})
+def destination_of(out: str | Path) -> Destination:
+    """The destination ``out`` names: a local folder, or an S3 folder (``s3://bucket/folder``); a web
+    server is read-only."""
+    if not is_url(out):
+        return LocalFolder(Path(out))
+    if not str(out).startswith("s3://"):
+        raise DestinationError(
+            f"--out {safe_text(out)}: a web server is read-only; write to a local folder or to s3://BUCKET/FOLDER"
+        )
+    from shardsurgeon.write.s3.destination import S3Destination  # boto3 loads only for an S3 output
+
+    return S3Destination(str(out))
 
 
 def run_job(
-    job: Job,
-    out: str | Path,
-    *,
-    command: str,
-    force: bool = False,
-    dense: bool = False,
-    reflink: Reflink = "auto",
-    checksums: bool = False,
-    progress: Progress | None = None,
-    on_shard: ShardStarted | None = None,
-    runner: Runner | None = None,
+    job: Job, out: str | Path, *, command: str, options: WriteOptions | None = None, part: Part = WHOLE
 ) -> RunResult:
-    """Write ``job`` to ``out``; ``command`` is the command line recorded in the model card.
-
-    ``progress``, ``on_shard`` and ``runner`` (who writes the shards) are :func:`write_checkpoint`'s.
-    ``reflink`` says whether copies share blocks with the source where the filesystem can
-    (``auto``), must (``always``: refused up front otherwise) or never do; the output bytes are the
-    same.
-    """
-    return write_checkpoint(
-        job.plan,
-        job.layout,
-        out if is_url(out) else Path(out),
-        job.sources,
-        model_card=card_of(job, command),
-        force=force,
-        dense=dense,
-        reflink=reflink,
-        checksums=checksums,
-        progress=progress,
-        on_shard=on_shard,
-        runner=runner,
-    )
+    """Write ``part`` of ``job`` (default: all of it, published) to ``out``; ``command`` is the
+    command line recorded in the model card. ``options`` say how (:class:`WriteOptions`: ``force``,
+    ``dense``, ``reflink``, ``checksums``, the runner and the progress callbacks)."""
+    options = options or WriteOptions()
+    destination = destination_of(out)
+    if options.reflink == "always" and not isinstance(destination, LocalFolder):
+        raise DestinationError(f"--out {safe_text(out)}: --reflink always needs a local XFS or btrfs folder")
+    return write_job(job, destination, model_card=card_of(job, command), part=part, options=options)
 
 
 def card_of(job: Job, command: str) -> str:
     """The model card of ``job``'s output, recording ``command``."""
-    return model_card(job.plan, job.card_models(), command, job.description, job.mergekit_yaml)
+    return model_card(job.plan, card_models(job), command, job.description, job.mergekit_yaml)
 
 
-def _card_names(sources: dict[str, Source]) -> dict[str, str]:
-    return card_names([(ref, _real(source.folder), source.published_name) for ref, source in sources.items()])
-
-
-def _real(folder: Path | str) -> Path | str:
-    return folder.resolve() if isinstance(folder, Path) else folder
+def card_models(job: Job) -> list[CardModel]:
+    """The models as the card names them, the config donor first, each with the license its own card
+    (README.md) or config declares."""
+    names, models = job.card_names, {}
+    for reference in job.recipe.models:
+        source = job.sources[reference]
+        if names[reference] not in models:
+            models[names[reference]] = CardModel(
+                names[reference], hub_id(source.folder, source.config), source_license(source.folder, source.config)
+            )
+    return list(models.values())
 
 
 def _blocks_are_identities(source: Source, recipe: Recipe, zero: Sequence[str]) -> bool:

@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from shardsurgeon.format import encode_header, tensor_nbytes
+from shardsurgeon import encode_header, tensor_nbytes
 
 Spec = tuple[str, str, tuple[int, ...]]
 """A tensor to write: ``(name, dtype, shape)``."""

@@ -6,7 +6,7 @@ Once N bytes of tensor data are done (as the progress callback counts them, kept
 or at N = total + 1 just before the finished output is moved into place, the process sends itself
 SIGKILL (or the signal named, such as SIGINT for a Ctrl-C); with ``@PID``, it sends it to that
 process instead (an S3 server killed under a running upload) and goes on. The library has no hook for this: the
-wrapper passes its own progress callback to the writer and wraps the commit, from outside.
+wrapper passes its own progress callback to the run sequence and wraps the commit, from outside.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import replace
 from typing import Any
 
 from shardsurgeon import api
 from shardsurgeon.cli import main
-from shardsurgeon.write.local import folder as output
+from shardsurgeon.write.local import publish
 
 
 def install(limit: int, sent: signal.Signals, pid: int | None = None) -> None:
@@ -31,22 +32,24 @@ def install(limit: int, sent: signal.Signals, pid: int | None = None) -> None:
             limit = 0
             os.kill(pid or os.getpid(), sent)
 
-    write_checkpoint, commit = api.write_checkpoint, output.Destination.commit
+    write_job, commit = api.write_job, publish.commit
 
-    def counted_write(*args: Any, progress: Any = None, **kwargs: Any) -> Any:
+    def counted_write(*args: Any, options: Any, **kwargs: Any) -> Any:
+        progress = options.progress
+
         def both(nbytes: int) -> None:
             if progress is not None:
                 progress(nbytes)
             count(nbytes)
 
-        return write_checkpoint(*args, progress=both, **kwargs)
+        return write_job(*args, options=replace(options, progress=both), **kwargs)
 
     def counted_commit(*args: Any, **kwargs: Any) -> Any:
         count(1)  # the final rename counts as one more byte
         return commit(*args, **kwargs)
 
-    api.write_checkpoint = counted_write  # type: ignore[assignment]
-    output.Destination.commit = counted_commit  # type: ignore[method-assign]
+    api.write_job = counted_write  # type: ignore[assignment]
+    publish.commit = counted_commit  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

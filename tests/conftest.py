@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from shardsurgeon import mistral_config
 from shardsurgeon.cli import cli
-from shardsurgeon.demo import mistral_config
 
 pytest_plugins = ["_platforms", "_mounts"]
 """SHARDSURGEON_EMULATE=macos|windows runs any test as on that platform (_platforms.py); the XFS and

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from conftest import folder_bytes, read_tensors, run_cli, write_tiny_checkpoint
 
-from shardsurgeon.model.hfcache import card_names
+from shardsurgeon import card_names
 
 SEED = ["--dup", "3x2", "--zero", "o_proj,down_proj"]
 

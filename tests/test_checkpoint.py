@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 from _craft import make_checkpoint, raw_file, write_config, write_index, write_safetensors
 
-from shardsurgeon.errors import CheckpointError, FormatError, ShardSurgeonError
-from shardsurgeon.model.checkpoint import Checkpoint, TensorRef, open_checkpoint, resolve_cache_entry
+from shardsurgeon import (
+    Checkpoint,
+    CheckpointError,
+    FormatError,
+    ShardSurgeonError,
+    TensorRef,
+    open_checkpoint,
+    resolve_cache_entry,
+)
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"

@@ -21,7 +21,7 @@ def expand(src: Path, out: Path, *args: str) -> Path:
 def test_the_record_holds_each_tensors_crc_of_its_bytes(tmp_path, tiny):
     src, _ = tiny
     out = expand(src, tmp_path / "out", *SHARDED, "--checksums")
-    record = json.loads((out / "shardsurgeon.storage.checksums.json").read_text())
+    record = json.loads((out / "shardsurgeon.checksums.json").read_text())
     assert record["algorithm"] == "crc32"
     expected = {}
     for name, (_, _, blob, shard, _) in read_tensors(out).items():
@@ -54,7 +54,7 @@ def test_without_the_flag_there_is_no_record_and_the_bytes_are_the_same(tmp_path
     src, _ = tiny
     plain = expand(src, tmp_path / "plain", *SHARDED)
     checked = expand(src, tmp_path / "checked", *SHARDED, "--checksums")
-    assert not (plain / "shardsurgeon.storage.checksums.json").exists()
+    assert not (plain / "shardsurgeon.checksums.json").exists()
     shards = sorted(p.name for p in plain.glob("*.safetensors"))
     assert shards == sorted(p.name for p in checked.glob("*.safetensors"))
     assert all((plain / s).read_bytes() == (checked / s).read_bytes() for s in shards)

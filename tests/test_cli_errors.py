@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import folder_bytes, run_cli, write_tiny_checkpoint
 
-from shardsurgeon.write import finish
+from shardsurgeon.write import smallfiles
 from shardsurgeon.write.executor import ShardWriter
 
 USAGE, DATA = 2, 1
@@ -112,7 +112,7 @@ def test_leftover_of_another_recipe_is_not_reused(tmp_path, tiny, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finish.hfdir, "write_index", interrupt)
+    monkeypatch.setattr(smallfiles, "write_index", interrupt)
     assert run_cli("expand", "--src", src, "--dup", "3x1", "--max-shard-size", "2KB", "--out", out).exit_code == 130
     monkeypatch.undo()
     result = run_cli("expand", "--src", src, "--dup", "2x1", "--max-shard-size", "2KB", "--out", out)

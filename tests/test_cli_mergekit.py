@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import folder_bytes, read_tensors, run_cli, write_tiny_checkpoint
 
+from shardsurgeon import MERGEKIT_FLAGS
 from shardsurgeon.cli import cli
-from shardsurgeon.plan.mergekit_options import MERGEKIT_FLAGS
 
 USAGE = 2
 CONFIG = """\

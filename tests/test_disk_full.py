@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import folder_bytes, run_cli, write_tiny_checkpoint
 
-from shardsurgeon.write.local import folder as output
+from shardsurgeon.write.local import destination as output
 
 RECIPE = ["--dup", "7x1", "--max-shard-size", "300KB"]
 """About 2.6 MB in ten shards: more than the 2 MiB disk below holds."""

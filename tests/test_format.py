@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from shardsurgeon.errors import FormatError
-from shardsurgeon.format import (
+from shardsurgeon import (
     DTYPES,
     MAX_HEADER_BYTES,
+    FormatError,
     Header,
     HeaderEntry,
     decode_header,

@@ -43,8 +43,8 @@ from conftest import folder_bytes, run_cli, write_tiny_checkpoint
 from safetensors import safe_open
 
 import shardsurgeon
-from shardsurgeon.demo import mistral_config
-from shardsurgeon.write.local import folder as output
+from shardsurgeon import mistral_config
+from shardsurgeon.write.local import destination as output
 from shardsurgeon.write.local import publish
 
 USAGE, DATA = 2, 1
@@ -761,8 +761,7 @@ def test_8_a_source_changed_during_the_run_is_not_published(tmp_path, src, chang
 def test_8_a_source_changed_between_planning_and_writing_is_not_published(tmp_path, src, change):
     """The identity checked before publishing is the one seen when the header was read, not a
     later one: a library user who plans, waits, then writes is protected too."""
-    from shardsurgeon.api import plan_expand, run_job
-    from shardsurgeon.errors import CheckpointError
+    from shardsurgeon import CheckpointError, plan_expand, run_job
 
     job = plan_expand(src, dups=[(3, 1)])
     change(src / "model-00002-of-00002.safetensors")

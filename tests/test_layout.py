@@ -16,13 +16,27 @@ from pathlib import Path
 import pytest
 from safetensors import deserialize
 
-from shardsurgeon.format import decode_header, encode_header, tensor_nbytes
-from shardsurgeon.model.arch import NO_HINT
-from shardsurgeon.model.checkpoint import Checkpoint, Shard, TensorRef
-from shardsurgeon.model.source import Source, resolve
-from shardsurgeon.plan.layout import BLOCK_BYTES, CopyRun, Layout, plan_layout
-from shardsurgeon.plan.planner import Copy, make_plan
-from shardsurgeon.plan.recipe import LayerSource, Recipe, expand_recipe
+from shardsurgeon import (
+    BLOCK_BYTES,
+    NO_HINT,
+    Checkpoint,
+    Copy,
+    CopyRun,
+    LayerSource,
+    Layout,
+    Recipe,
+    Shard,
+    Source,
+    SourceVersion,
+    TensorRef,
+    decode_header,
+    encode_header,
+    expand_recipe,
+    make_plan,
+    plan_layout,
+    resolve,
+    tensor_nbytes,
+)
 
 Spec = tuple[str, str, tuple[int, ...]]
 
@@ -96,7 +110,7 @@ def fake_source(specs: list[Spec], config: dict, shard_bytes: int = 5_000_000_00
         for name, dtype, shape, nbytes in entries:
             tensors[name] = TensorRef(name, path, dtype, shape, offset, nbytes)
             offset += nbytes
-        shards.append(Shard(path, offset, f"{number:064d}"))
+        shards.append(Shard(path, SourceVersion(str(path), offset, f"{number:064d}")))
     return resolve(Checkpoint(Path(folder), tensors, tuple(shards), config), NO_HINT, "m")
 
 

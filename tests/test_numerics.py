@@ -21,9 +21,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from shardsurgeon.format import FLOAT_DTYPES
-from shardsurgeon.plan.planner import Convert
-from shardsurgeon.verify.checker import by_definition
+from shardsurgeon import FLOAT_DTYPES, Convert, by_definition
 from shardsurgeon.write.numerics import CHUNK_ELEMENTS, ChunkConverter
 
 DTYPES = ("BF16", "F16", "F32", "F64")

@@ -20,11 +20,9 @@ from pathlib import Path
 import pytest
 from conftest import folder_bytes, run_cli, write_tiny_checkpoint
 
-from shardsurgeon.errors import RecipeError
-from shardsurgeon.plan.layout import ShardLayout
-from shardsurgeon.write.local import folder as output
+from shardsurgeon import RecipeError, ShardLayout, WriteOptions, balanced_groups, select_shards
+from shardsurgeon.write.local import destination as output
 from shardsurgeon.write.local import lock
-from shardsurgeon.write.runners import balanced_groups, select_shards
 
 RECIPE = ["--dup", "5x2", "--zero", "o_proj,down_proj", "--dtype", "float16", "--max-shard-size", "40KB"]
 
@@ -94,7 +92,10 @@ def test_finalize_before_every_shard_is_written_is_refused(tmp_path, source):
     result = cli_in(run, "apply", "plan.json", "out", "--finalize", check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert "shards are missing or incomplete" in lines[0] and "write them with apply PLAN --shards" in lines[0]
+    assert (
+        "shards are missing, incomplete or not the planned bytes" in lines[0]
+        and "write them with apply PLAN --shards" in lines[0]
+    )
     assert not (run / "out").exists()
 
 
@@ -106,8 +107,8 @@ def test_a_source_changed_since_the_plan_is_refused(tmp_path, source):
     result = cli_in(run, "apply", "plan.json", "out", "--shards", "1/2", check=False)
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"shardsurgeon: error: {shard}: changed since the plan plan.json was made (size, modification time or "
-        "header); make the plan again"
+        f"shardsurgeon: error: {shard}: changed since the plan plan.json was made (rewritten in place); make the "
+        "plan again"
     )
     assert not (run / "out").exists() and not any(p.name.startswith(".out") for p in run.iterdir())
 
@@ -115,8 +116,8 @@ def test_a_source_changed_since_the_plan_is_refused(tmp_path, source):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"{", "not a plan file of this shardsurgeon version"),
-        (json.dumps({"fingerprint": "x"}).encode(), "not a plan file of this shardsurgeon version ('job')"),
+        (b"{", "not a plan file: not JSON"),
+        (json.dumps({"fingerprint": "x"}).encode(), "plan.json: job: missing; the file was edited"),
     ],
 )
 def test_a_damaged_plan_file_is_refused_in_one_line(tmp_path, content, message):
@@ -208,16 +209,16 @@ def test_ray_tasks_give_the_bytes_of_one_process(tmp_path, source, reference, ra
 
 def test_progress_of_processes_covers_the_whole_job(tmp_path, source):
     """Worker processes report their bytes and shards to the one progress of the run."""
-    from shardsurgeon.api import plan_expand, run_job
-    from shardsurgeon.write.runners import Processes
+    from shardsurgeon import Processes, plan_expand, run_job
 
     job = plan_expand(source, dups=[(5, 2)], zero=["o_proj"], dtype="float16", max_shard_bytes=40_000)
     done: list[int] = []
     started: list[tuple[str, int, int]] = []
-    result = run_job(
-        job, tmp_path / "out", command="test", progress=done.append,
-        on_shard=lambda name, number, count: started.append((name, number, count)), runner=Processes(2),
+    options = WriteOptions(
+        progress=done.append, on_shard=lambda name, number, count: started.append((name, number, count)),
+        runner=Processes(2),
     )  # fmt: skip
+    result = run_job(job, tmp_path / "out", command="test", options=options)
     assert sum(done) == job.layout.total_size
     assert sorted(started) == [(s.name, n, len(job.layout.shards)) for n, s in enumerate(job.layout.shards, 1)]
     assert result.shards == len(job.layout.shards) and result.written > 0

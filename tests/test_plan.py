@@ -8,7 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from shardsurgeon.errors import PlanError, RecipeError
+from shardsurgeon import (
+    Checkpoint,
+    Convert,
+    Copy,
+    PlanError,
+    RecipeError,
+    Shard,
+    Source,
+    SourceVersion,
+    TensorRef,
+    Zeros,
+    make_plan,
+    parse_size,
+    plan_layout,
+    resolve,
+)
 from shardsurgeon.model.arch import (
     NO_HINT,
     SourceLayer,
@@ -17,10 +32,6 @@ from shardsurgeon.model.arch import (
     patch_config,
     resolve_zero_filters,
 )
-from shardsurgeon.model.checkpoint import Checkpoint, Shard, TensorRef
-from shardsurgeon.model.source import Source, resolve
-from shardsurgeon.plan.layout import plan_layout
-from shardsurgeon.plan.planner import Convert, Copy, Zeros, make_plan
 from shardsurgeon.plan.recipe import (
     LayerSource,
     Recipe,
@@ -30,7 +41,6 @@ from shardsurgeon.plan.recipe import (
     recipe_from_json,
     recipe_to_json,
 )
-from shardsurgeon.units import parse_size
 
 FAKE = Path("/fake/model.safetensors")
 
@@ -40,7 +50,7 @@ def fake_checkpoint(names: list[str], config: dict, dtype: str = "BF16", shape=(
     for name in names:
         tensors[name] = TensorRef(name, FAKE, dtype, shape, offset, 2 * shape[0] * shape[1])
         offset += 32
-    return Checkpoint(Path("/fake"), tensors, (Shard(FAKE, offset, "0" * 64),), config)
+    return Checkpoint(Path("/fake"), tensors, (Shard(FAKE, SourceVersion(str(FAKE), offset, "0" * 64)),), config)
 
 
 def fake_source(names: list[str], config: dict, dtype: str = "BF16", shape=(4, 4), reference: str = "m") -> Source:

@@ -20,8 +20,7 @@ from conftest import data_order, read_tensors, run_cli, write_tiny_checkpoint
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from shardsurgeon.api import plan_expand, run_job
-from shardsurgeon.errors import ShardSurgeonError
+from shardsurgeon import ShardSurgeonError, plan_expand, run_job
 
 # Mutated sources: only the project's errors, or a run that succeeds
 

@@ -44,7 +44,7 @@ from test_hostile_classes import (
 )
 
 import shardsurgeon
-from shardsurgeon.demo import mistral_config
+from shardsurgeon import mistral_config
 
 ROOT = str(Path(shardsurgeon.__file__).parents[1])
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
@@ -406,8 +406,7 @@ def test_c5_an_already_full_disk_gets_one_clear_line(tmp_path, src):
 
 
 def test_c6_a_source_removed_between_planning_and_writing_is_a_checkpoint_error(tmp_path, src):
-    from shardsurgeon.api import plan_expand, run_job
-    from shardsurgeon.errors import CheckpointError
+    from shardsurgeon import CheckpointError, plan_expand, run_job
 
     job = plan_expand(src, dups=[(3, 1)])
     (src / "model-00002-of-00002.safetensors").unlink()

@@ -22,12 +22,19 @@ from _servers import SeaweedFS, create_bucket, s3_environment, upload_folder
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
 
-from shardsurgeon import api
+from shardsurgeon import (
+    CheckpointError,
+    Copy,
+    OutputError,
+    PlacedTensor,
+    PlannedTensor,
+    ShardLayout,
+    TensorRef,
+    WriteOptions,
+    api,
+)
 from shardsurgeon.cli import cli
-from shardsurgeon.errors import CheckpointError, OutputError
-from shardsurgeon.model.checkpoint import TensorRef
-from shardsurgeon.plan.layout import PlacedTensor, ShardLayout
-from shardsurgeon.plan.planner import Copy, PlannedTensor
+from shardsurgeon.write import run as run_module
 from shardsurgeon.write.s3 import destination as s3output
 from shardsurgeon.write.s3 import objects as s3folder
 from shardsurgeon.write.s3.parts import MADE_PART_BYTES, MIN_PART_BYTES, Copied, Joined, Made, plan_parts, sent_nbytes
@@ -141,8 +148,8 @@ def test_force_interrupted_then_rerun_does_not_keep_the_replaced_checkpoints_sha
     api.run_job(first, url, command="expand")
     second = api.plan_expand(src2, dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
     with pytest.raises(KeyboardInterrupt):
-        api.run_job(second, url, command="expand", force=True, progress=stop_after(1))
-    api.run_job(second, url, command="expand", force=True)
+        api.run_job(second, url, command="expand", options=WriteOptions(force=True, progress=stop_after(1)))
+    api.run_job(second, url, command="expand", options=WriteOptions(force=True))
     want = local_shards(src2, SEED, tmp_path / "want")
     got = objects(s3, "out", "forced/")
     assert [name for name in want if got[f"forced/{name}"] != want[name]] == []
@@ -153,7 +160,7 @@ def test_an_s3_source_replaced_between_runs_is_not_mixed_into_the_output(s3, ser
     url = "s3://out/fine-tuned"
     job = api.plan_expand(f"s3://{name}/m", dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
     with pytest.raises(KeyboardInterrupt):
-        api.run_job(job, url, command="expand", progress=stop_after(60_000_000))
+        api.run_job(job, url, command="expand", options=WriteOptions(progress=stop_after(60_000_000)))
     upload_folder(server[0].endpoint, name, "m", src2)  # the newer weights, same shapes
     job = api.plan_expand(f"s3://{name}/m", dups=[(1, 2)], zero=["o_proj", "down_proj"], max_shard_bytes=30_000_000)
     api.run_job(job, url, command="expand")
@@ -174,7 +181,7 @@ def test_a_run_taken_over_while_writing_its_small_files_leaves_the_winners_files
         "raced2/model.safetensors.index.json": b'{"winner": true}',
         "raced2/README.md": b"the winner's card",
     }
-    write_small_files = s3output.write_small_files
+    write_small_files = run_module.write_small_files
 
     def taken_over_meanwhile(*args: Any, **kwargs: Any) -> None:
         claim = {"run": "the-other-run", "host": "elsewhere", "pid": 1, "renewed": "now"}
@@ -183,7 +190,7 @@ def test_a_run_taken_over_while_writing_its_small_files_leaves_the_winners_files
             s3.put_object(Bucket="out", Key=key, Body=body)
         write_small_files(*args, **kwargs)
 
-    monkeypatch.setattr(s3output, "write_small_files", taken_over_meanwhile)
+    monkeypatch.setattr(run_module, "write_small_files", taken_over_meanwhile)
     with pytest.raises(OutputError, match="another run"):
         api.run_job(job, "s3://out/raced2", command="expand")
     left = objects(s3, "out", "raced2/")
@@ -396,5 +403,5 @@ def test_an_s3_source_replaced_during_a_run_stops_it_before_anything_mixed_is_pu
     with pytest.raises(
         CheckpointError, match=r"s3://midrun/m/model-0000\d-of-00002\.safetensors: changed during the run"
     ):
-        api.run_job(job, url, command="expand", progress=upload_new_weights)
+        api.run_job(job, url, command="expand", options=WriteOptions(progress=upload_new_weights))
     assert "config.json" not in objects(s3, "out", "midrun/") and uploads(s3, "out", "midrun/") == []

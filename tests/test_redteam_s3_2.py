@@ -21,11 +21,9 @@ from _servers import SeaweedFS, s3_environment
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
 
-from shardsurgeon import api
+from shardsurgeon import CHECKSUMS_FILE, OutputError, WriteOptions, api
 from shardsurgeon.cli import cli
-from shardsurgeon.errors import OutputError
 from shardsurgeon.storage import s3
-from shardsurgeon.storage.checksums import CHECKSUMS_FILE
 from shardsurgeon.write.s3 import destination as s3output
 from shardsurgeon.write.s3 import objects as s3folder
 from shardsurgeon.write.s3 import uploads as s3shards
@@ -121,7 +119,7 @@ def test_a_rerun_with_checksums_after_a_stopped_publish_writes_the_manifest(s3c,
     with pytest.raises(KeyboardInterrupt):
         api.run_job(job, "s3://out/g1", command="expand")
     monkeypatch.setattr(s3folder.S3Folder, "put", put)
-    result = api.run_job(job, "s3://out/g1", command="expand", checksums=True)
+    result = api.run_job(job, "s3://out/g1", command="expand", options=WriteOptions(checksums=True))
     assert result.notes  # "this job was published by an earlier run..."
     assert CHECKSUMS_FILE in objects(s3c, "out", "g1/")
 
@@ -139,7 +137,7 @@ def test_a_rerun_with_another_layout_of_the_same_names_is_refused_then_forced(s3
     monkeypatch.setattr(s3folder.S3Folder, "put", put)
     with pytest.raises(OutputError, match="already holds a checkpoint"):
         api.run_job(second, "s3://out/g2", command="expand")
-    api.run_job(second, "s3://out/g2", command="expand", force=True)
+    api.run_job(second, "s3://out/g2", command="expand", options=WriteOptions(force=True))
     got = objects(s3c, "out", "g2/")
     want = local_output(src, ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "25MB"), tmp_path / "w")
     assert [n for n in want if n.endswith(".safetensors") and got.get(n) != want[n]] == []
@@ -152,7 +150,7 @@ def test_force_stopped_after_publish_then_rerun_leaves_no_old_shards(s3c, src, m
     put = stop_after_config(monkeypatch)
     new = api.plan_expand(src, **SEED_KW)  # five shards: other names
     with pytest.raises(KeyboardInterrupt):
-        api.run_job(new, "s3://out/g3", command="expand", force=True)
+        api.run_job(new, "s3://out/g3", command="expand", options=WriteOptions(force=True))
     monkeypatch.setattr(s3folder.S3Folder, "put", put)
     api.run_job(new, "s3://out/g3", command="expand")
     left = sorted(n for n in objects(s3c, "out", "g3/") if n.endswith(".safetensors"))
@@ -172,7 +170,7 @@ def test_an_object_written_by_someone_else_during_the_run_is_kept(s3c, src):
             written = True
             s3c.put_object(Bucket="out", Key="g4/eval/results.json", Body=b'{"mmlu": 0.61}')
 
-    api.run_job(job, "s3://out/g4", command="expand", progress=someone_writes)
+    api.run_job(job, "s3://out/g4", command="expand", options=WriteOptions(progress=someone_writes))
     assert objects(s3c, "out", "g4/eval/") == {"results.json": b'{"mmlu": 0.61}'}
 
 
@@ -183,7 +181,7 @@ def test_an_unfinished_runs_folder_keeps_objects_others_added_without_force(s3c,
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        api.run_job(job, "s3://out/g4b", command="expand", progress=stop)
+        api.run_job(job, "s3://out/g4b", command="expand", options=WriteOptions(progress=stop))
     s3c.put_object(Bucket="out", Key="g4b/notes.txt", Body=b"someone's notes")
     result = run("expand", "--src", src, "--dup", "0x1", "--out", "s3://out/g4b", "-q")  # another job
     assert result.exit_code == 1 or objects(s3c, "out", "g4b/").get("notes.txt") == b"someone's notes"
@@ -300,7 +298,7 @@ def test_an_http_source_without_etag_replaced_between_runs_is_not_mixed(s3c, src
     with http_without_etag(tmp_path / "served", monkeypatch) as base:
         url = f"{base}/ok/m/"
         job = api.plan_expand(url, **SEED_KW)
-        versions = {shard.etag for source in job.sources.values() for shard in source.checkpoint.shards}
+        versions = {v.validator for v in job.versions}
         assert all(v is not None and v.startswith("last-modified ") for v in versions), versions
         done = 0
 
@@ -311,7 +309,7 @@ def test_an_http_source_without_etag_replaced_between_runs_is_not_mixed(s3c, src
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            api.run_job(job, "s3://out/g7", command="expand", progress=stop_late)
+            api.run_job(job, "s3://out/g7", command="expand", options=WriteOptions(progress=stop_late))
         time.sleep(1.1)  # a new Last-Modified second
         for path in src2.iterdir():
             (served / path.name).write_bytes(path.read_bytes())
@@ -329,7 +327,7 @@ def test_an_http_source_with_weak_etags_writes_and_resumes(s3c, src, tmp_path, m
         (served / path.name).write_bytes(path.read_bytes())
     with http_without_etag(tmp_path / "served", monkeypatch, weak=True) as base:
         job = api.plan_expand(f"{base}/ok/m/", **SEED_KW)
-        assert all(s.etag.startswith("W/") for source in job.sources.values() for s in source.checkpoint.shards)
+        assert all(v.validator is not None and v.validator.startswith("W/") for v in job.versions)
         done: list[int] = []
 
         def stop_late(nbytes: int) -> None:
@@ -338,7 +336,7 @@ def test_an_http_source_with_weak_etags_writes_and_resumes(s3c, src, tmp_path, m
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            api.run_job(job, "s3://out/weak", command="expand", progress=stop_late)
+            api.run_job(job, "s3://out/weak", command="expand", options=WriteOptions(progress=stop_late))
         assert api.run_job(job, "s3://out/weak", command="expand").shards_reused > 0
     same(objects(s3c, "out", "weak/"), local_output(src, SEED, tmp_path / "want"))
 
@@ -357,7 +355,7 @@ def test_progress_sums_to_the_total_size_with_kept_shards(s3c, src):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        api.run_job(job, "s3://out/totals", command="expand", progress=stop_late)
+        api.run_job(job, "s3://out/totals", command="expand", options=WriteOptions(progress=stop_late))
     counted: list[int] = []
     lock = threading.Lock()
 
@@ -365,7 +363,7 @@ def test_progress_sums_to_the_total_size_with_kept_shards(s3c, src):
         with lock:
             counted.append(nbytes)
 
-    result = api.run_job(job, "s3://out/totals", command="expand", progress=count)
+    result = api.run_job(job, "s3://out/totals", command="expand", options=WriteOptions(progress=count))
     assert result.shards_reused > 0
     assert sum(counted) == total
 
@@ -384,7 +382,7 @@ def test_the_progress_callback_is_never_called_concurrently(s3c, src):
         with guard:
             active -= 1
 
-    api.run_job(job, "s3://out/g8", command="expand", progress=slow)
+    api.run_job(job, "s3://out/g8", command="expand", options=WriteOptions(progress=slow))
     assert most == 1
 
 
@@ -419,7 +417,7 @@ def test_a_single_shard_output_resumes(s3c, tmp_path, monkeypatch):
     def stop(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(s3output, "_publish", stop)
+    monkeypatch.setattr(s3output.S3Area, "publish", stop)
     with pytest.raises(KeyboardInterrupt):
         api.run_job(job, "s3://out/single", command="expand")
     assert "config.json" not in objects(s3c, "out", "single/")
@@ -474,14 +472,14 @@ def test_readers_never_see_a_complete_checkpoint_while_force_replaces_one(s3c, s
             seen.append("config.json" in listed or "model.safetensors.index.json" in listed)
 
     job = api.plan_expand(src2, **SEED_KW)
-    api.run_job(job, "s3://out/readers", command="expand", force=True, progress=look)
+    api.run_job(job, "s3://out/readers", command="expand", options=WriteOptions(force=True, progress=look))
     assert seen and not any(seen)
 
 
 def test_an_s3_source_in_another_bucket_with_weak_looking_etags_holds(s3c, server, src, tmp_path):
     """Cross-bucket UploadPartCopy with CopySourceIfMatch: byte-identical, resumable."""
     job = api.plan_expand("s3://models/src", **SEED_KW)
-    etags = {shard.etag for source in job.sources.values() for shard in source.checkpoint.shards}
+    etags = {v.validator for v in job.versions}
     assert None not in etags and all(e.startswith('"') for e in etags)  # type: ignore[union-attr]
 
     def stop_late(nbytes: int, done: list[int] = []) -> None:  # noqa: B006
@@ -490,7 +488,7 @@ def test_an_s3_source_in_another_bucket_with_weak_looking_etags_holds(s3c, serve
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        api.run_job(job, "s3://out/xbucket", command="expand", progress=stop_late)
+        api.run_job(job, "s3://out/xbucket", command="expand", options=WriteOptions(progress=stop_late))
     result = api.run_job(job, "s3://out/xbucket", command="expand")
     assert result.shards_reused > 0
     want = local_output(src, SEED, tmp_path / "want")
@@ -513,14 +511,20 @@ def test_inspect_of_the_folder_mid_run_is_not_a_checkpoint(s3c, src):
         if not results:
             results.append(CliRunner().invoke(cli, ["inspect", "s3://out/midinspect"]))
 
-    api.run_job(api.plan_expand(src, **SEED_KW), "s3://out/midinspect", command="expand", progress=inspect_once)
+    api.run_job(
+        api.plan_expand(src, **SEED_KW),
+        "s3://out/midinspect",
+        command="expand",
+        options=WriteOptions(progress=inspect_once),
+    )
     assert results[0].exit_code != 0, results[0].output
     assert "Traceback" not in results[0].output
 
 
-def test_an_http_source_with_no_version_at_all_is_never_resumed_from(s3c, src, src2, tmp_path, monkeypatch):
-    """Neither ETag nor Last-Modified: a rerun cannot tell a changed source, so it keeps no shard of
-    the interrupted run (and says why), and the output is the new weights'."""
+def test_an_http_source_with_no_version_at_all_is_checked_by_its_bytes(s3c, src, src2, tmp_path, monkeypatch):
+    """Neither ETag nor Last-Modified: a rerun cannot tell a changed source by its version, so it
+    compares each kept shard with the source's bytes (and says why): none of the interrupted run's
+    shards holds the new weights, so none is kept, and the output is the new weights'."""
     served = tmp_path / "served" / "m"
     served.mkdir(parents=True)
     for path in src.iterdir():
@@ -528,13 +532,14 @@ def test_an_http_source_with_no_version_at_all_is_never_resumed_from(s3c, src, s
     with http_without_etag(tmp_path / "served", monkeypatch, dated=False) as base:
         url = f"{base}/ok/m/"
         job = api.plan_expand(url, **SEED_KW)
-        assert {shard.etag for source in job.sources.values() for shard in source.checkpoint.shards} == {None}
+        assert {v.validator for v in job.versions} == {None}
         with pytest.raises(KeyboardInterrupt):
-            api.run_job(job, "s3://out/g7b", command="expand", progress=stop_after(60_000_000))
+            api.run_job(job, "s3://out/g7b", command="expand", options=WriteOptions(progress=stop_after(60_000_000)))
         for path in src2.iterdir():
             (served / path.name).write_bytes(path.read_bytes())
         result = api.run_job(api.plan_expand(url, **SEED_KW), "s3://out/g7b", command="expand")
-    assert result.shards_reused == 0 and any("give no ETag nor Last-Modified" in note for note in result.notes)
+    assert result.shards_reused == 0
+    assert any("gives neither an ETag nor a Last-Modified time" in note for note in result.notes), result.notes
     want = local_output(src2, SEED, tmp_path / "want")
     got = objects(s3c, "out", "g7b/")
     assert [n for n in want if n.endswith(".safetensors") and got[n] != want[n]] == []

@@ -23,10 +23,8 @@ import pytest
 from _mounts import Mounted, used_bytes
 from conftest import folder_bytes, run_cli, write_checkpoint, write_tiny_checkpoint
 
-from shardsurgeon.api import Job, plan_expand
-from shardsurgeon.demo import mistral_config
+from shardsurgeon import Job, format_bytes, mistral_config, plan_expand
 from shardsurgeon.storage import fileio
-from shardsurgeon.units import format_bytes
 
 KILLABLE = Path(__file__).with_name("_killable.py")
 COPIES = 12

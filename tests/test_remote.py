@@ -24,8 +24,8 @@ from _servers import (
 from click.testing import CliRunner, Result
 from conftest import read_tensors, write_tiny_checkpoint
 
+from shardsurgeon import format_bytes
 from shardsurgeon.cli import cli
-from shardsurgeon.units import format_bytes
 
 pytest.importorskip("obstore", reason="the remote extra (obstore) is not installed")
 
@@ -75,7 +75,7 @@ def test_inspect_over_http_says_what_it_says_locally_and_fetches_only_headers(sr
 
 
 def test_bytes_fetched_are_the_headers_index_and_config(src, http):
-    from shardsurgeon.model.checkpoint import open_checkpoint
+    from shardsurgeon import open_checkpoint
 
     checkpoint = open_checkpoint(f"{http.url}/ok/")
     assert checkpoint.fetched_nbytes == expected_fetch(src)
@@ -233,7 +233,7 @@ def test_inspect_over_s3_says_what_it_says_locally(s3_env):
 
 
 def test_s3_fetches_only_headers_and_dry_run_works(s3_env):
-    from shardsurgeon.model.checkpoint import open_checkpoint
+    from shardsurgeon import open_checkpoint
 
     _, folder = s3_env
     assert open_checkpoint("s3://models/tiny/mistral/").fetched_nbytes == expected_fetch(folder)

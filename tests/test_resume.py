@@ -27,7 +27,8 @@ import pytest
 from _scratch import scratch_folder
 from conftest import folder_bytes, read_tensors, write_tiny_checkpoint
 
-from shardsurgeon.write.local.folder import PARTIAL_SUFFIX, RESUME_FILE
+from shardsurgeon import PARTIAL_SUFFIX
+from shardsurgeon import RESUME_NAME as RESUME_FILE
 
 RECIPE = ["--dup", "5x2", "--zero", "o_proj,down_proj", "--max-shard-size", "100KB"]
 OTHER_RECIPE = ["--dup", "2x1,4x1", "--zero", "mlp", "--max-shard-size", "100KB"]

@@ -26,9 +26,8 @@ from _servers import SeaweedFS, create_bucket, s3_environment, seaweedfs, weed_b
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
 
-from shardsurgeon import api
+from shardsurgeon import OutputError, WriteOptions, api
 from shardsurgeon.cli import cli
-from shardsurgeon.errors import OutputError
 from shardsurgeon.write.s3.parts import MIN_PART_BYTES, Copied, Joined, Made, plan_parts
 
 pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
@@ -238,7 +237,7 @@ def test_a_checkpoint_published_by_another_run_meanwhile_is_kept(s3, src):
             s3.put_object(Bucket="out", Key="raced/config.json", Body=b"{}")
 
     with pytest.raises(OutputError, match="another run published a checkpoint there during this one"):
-        api.run_job(job, "s3://out/raced", command="expand", progress=other_run_publishes)
+        api.run_job(job, "s3://out/raced", command="expand", options=WriteOptions(progress=other_run_publishes))
     assert objects(s3, "s3://out/raced")["config.json"] == b"{}"
     assert unfinished_uploads(s3, "s3://out/raced") == []
 
@@ -250,7 +249,7 @@ def test_an_interrupted_upload_is_aborted_not_left_to_bill(s3, src):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        api.run_job(job, "s3://out/stopped", command="expand", progress=interrupt)
+        api.run_job(job, "s3://out/stopped", command="expand", options=WriteOptions(progress=interrupt))
     assert unfinished_uploads(s3, "s3://out/stopped") == []
     assert ".shardsurgeon-lock" not in objects(s3, "s3://out/stopped")
 
@@ -259,7 +258,6 @@ def test_an_interrupted_upload_is_aborted_not_left_to_bill(s3, src):
     "args, message",
     [
         (("--out", "https://example.com/out/"), "https://example.com/out/: a web server is read-only"),
-        (("--out", "s3://out/p", "--jobs", "2"), "parallel writers (--jobs, --ray) write to a local folder"),
         (("--out", "s3://no-such-bucket/p"), "bucket 'no-such-bucket' not found"),
     ],
 )
@@ -269,14 +267,33 @@ def test_outputs_that_cannot_be_are_one_line(s3, src, args, message):
     assert message in result.output and result.output.count("\n") == 1, result.output
 
 
-def test_apply_shards_to_s3_is_a_usage_error(s3, src, tmp_path):
+@pytest.mark.parametrize("source", ["local", "s3"])
+def test_writer_processes_to_s3_give_the_bytes_of_one_process(s3, src, tmp_path, source):
+    local = local_output(src, SEED, tmp_path / f"jobs-{source}")
+    origin = src if source == "local" else "s3://models/src"
+    result = run("expand", "--src", origin, *SEED, "--out", f"s3://out/jobs-{source}", "--jobs", "3")
+    assert result.exit_code == 0, result.output
+    same_output(s3, f"s3://out/jobs-{source}", local)
+
+
+@pytest.mark.parametrize("source", ["local", "s3"])
+def test_plan_writers_then_finalize_to_s3_give_the_bytes_of_one_process(s3, src, tmp_path, source):
+    """apply --shards K/N by several writers, then --finalize: the bytes of one process, nothing left."""
+    local = local_output(src, SEED, tmp_path / f"applied-{source}")
+    origin = src if source == "local" else "s3://models/src"
     plan = tmp_path / "plan.json"
-    assert run("expand", "--src", src, "--dup", "1x1", "--plan-json", plan).exit_code == 0
-    result = run("apply", plan, "s3://out/applied", "--shards", "1/2")
-    assert result.exit_code == 2
-    assert "--shards and --finalize write to a shared local folder" in result.output
-    whole = run("apply", plan, "s3://out/applied", "-q")
-    assert whole.exit_code == 0, whole.output
+    assert run("expand", "--src", origin, *SEED, "--plan-json", plan).exit_code == 0
+    url = f"s3://out/applied-{source}"
+    early = run("apply", plan, url, "--finalize")
+    assert early.exit_code == 1 and "shards are missing" in early.output, early.output
+    for part in ("1/3", "2/3", "3/3"):
+        written = run("apply", plan, url, "--shards", part, "-q")
+        assert written.exit_code == 0, written.output
+    again = run("apply", plan, url, "--shards", "2/3")  # a writer run again keeps what it proves
+    assert again.exit_code == 0 and "already there" in again.output, again.output
+    final = run("apply", plan, url, "--finalize", "-q")
+    assert final.exit_code == 0, final.output
+    same_output(s3, url, local)
 
 
 def test_the_s3_server_killed_mid_upload_then_the_rerun_is_byte_identical(tmp_path, monkeypatch):
@@ -341,7 +358,7 @@ def test_checksums_of_an_output_in_s3_are_of_the_bytes_there(s3, src, tmp_path):
     result = run("expand", "--src", "s3://models/src", *SEED, "--checksums", "--out", "s3://out/summed", "-q")
     assert result.exit_code == 0, result.output
     remote = objects(s3, "s3://out/summed")
-    assert remote["shardsurgeon.storage.checksums.json"] == (local / "shardsurgeon.storage.checksums.json").read_bytes()
+    assert remote["shardsurgeon.checksums.json"] == (local / "shardsurgeon.checksums.json").read_bytes()
     checked = run("verify", "s3://out/summed")
     assert checked.exit_code == 0 and "checked against their recorded checksums" in checked.output, checked.output
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardsurgeon.errors import PlanError
-from shardsurgeon.model.arch import LayerStack, SourceLayer, patch_config
+from shardsurgeon import LayerStack, PlanError, SourceLayer, patch_config
 
 
 def patched(config: dict, layers: list[int]) -> dict:

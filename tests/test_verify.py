@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import read_tensors, run_cli, write_tiny_checkpoint
 
-from shardsurgeon.verify.checker import verify_checkpoint
+from shardsurgeon import verify_checkpoint
 
 SHARDED = ["--dup", "3x2", "--zero", "o_proj", "--max-shard-size", "2KB"]
 

@@ -21,8 +21,8 @@ from _servers import HttpServer, create_bucket, s3_environment, seaweedfs, serve
 from click.testing import CliRunner, Result
 from conftest import read_tensors, write_tiny_checkpoint
 
+from shardsurgeon import verify_checkpoint
 from shardsurgeon.cli import cli
-from shardsurgeon.verify.checker import verify_checkpoint
 
 pytest.importorskip("obstore", reason="the remote extra (obstore) is not installed")
 

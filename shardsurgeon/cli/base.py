@@ -11,8 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from shardsurgeon import __version__
-from shardsurgeon.errors import DestinationError, RecipeError, ShardSurgeonError, safe_text
+from shardsurgeon import DestinationError, RecipeError, ShardSurgeonError, __version__, safe_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -13,19 +13,24 @@ from typing import Any
 
 import click
 
-from shardsurgeon.api import plan_expand
+from shardsurgeon import (
+    Progress,
+    StackHint,
+    VerifyReport,
+    compare_with_plan,
+    describe_checkpoint,
+    format_bytes,
+    open_checkpoint,
+    plan_expand,
+    safe_text,
+    verify_checkpoint,
+)
 from shardsurgeon.cli import show
 from shardsurgeon.cli.base import cli, reports_errors, verbosity
 from shardsurgeon.cli.params import (
     SOURCE,
 )
 from shardsurgeon.cli.write import expand
-from shardsurgeon.errors import safe_text
-from shardsurgeon.model.arch import StackHint
-from shardsurgeon.model.checkpoint import open_checkpoint
-from shardsurgeon.model.describe import describe_checkpoint
-from shardsurgeon.units import Progress, format_bytes
-from shardsurgeon.verify.checker import VerifyReport, compare_with_plan, verify_checkpoint
 
 
 @cli.command()
@@ -54,7 +59,7 @@ def inspect(folder: Path | str, layer_prefix: str | None, layers_key: str | None
 @reports_errors
 def demo(keep: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
     """Build a small 32-layer Mistral-shaped checkpoint, expand it with the seed recipe, check it."""
-    from shardsurgeon.demo import demo_folders, make_demo_checkpoint  # numpy loads only for the demo
+    from shardsurgeon import demo_folders, make_demo_checkpoint  # numpy loads only for the demo
 
     with tempfile.TemporaryDirectory(prefix="shardsurgeon-demo-") as scratch:
         src, out = demo_folders(keep or Path(scratch), force)

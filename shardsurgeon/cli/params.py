@@ -10,18 +10,26 @@ from typing import Any
 
 import click
 
+from shardsurgeon import (
+    CAST_TARGETS,
+    DEFAULT_MAX_SHARD_BYTES,
+    MERGEKIT_FLAGS,
+    REFLINK_MODES,
+    REMOTE_EXTRA_HINT,
+    S3_EXTRA_HINT,
+    MergekitFlag,
+    Processes,
+    RecipeError,
+    Runner,
+    boto3_available,
+    is_url,
+    obstore_available,
+    parse_dup,
+    parse_filters,
+    parse_size,
+    safe_text,
+)
 from shardsurgeon.cli.base import F, verbosity
-from shardsurgeon.errors import RecipeError, safe_text
-from shardsurgeon.format import CAST_TARGETS
-from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES
-from shardsurgeon.plan.mergekit_options import MERGEKIT_FLAGS, MergekitFlag
-from shardsurgeon.plan.recipe import parse_dup, parse_filters
-from shardsurgeon.storage.remote import EXTRA_HINT, is_url, obstore_available
-from shardsurgeon.storage.s3 import EXTRA_HINT as S3_EXTRA_HINT
-from shardsurgeon.storage.s3 import boto3_available
-from shardsurgeon.units import parse_size
-from shardsurgeon.write.executor import REFLINK_MODES
-from shardsurgeon.write.runners import Processes, Runner
 
 
 class ParsedParam(click.ParamType):
@@ -52,7 +60,7 @@ class SourceParam(click.ParamType):
             return Path(value)
         if not obstore_available():
             flag = param.opts[0] if param is not None and param.opts[0].startswith("-") else None
-            raise click.UsageError(f"{flag + ' ' if flag else ''}{safe_text(value)}: {EXTRA_HINT}", ctx)
+            raise click.UsageError(f"{flag + ' ' if flag else ''}{safe_text(value)}: {REMOTE_EXTRA_HINT}", ctx)
         return value
 
 
@@ -163,7 +171,7 @@ def runner(jobs: int, ray_address: str | None) -> Runner | None:
     if ray_address is not None and jobs > 1:
         raise click.UsageError("--jobs and --ray: give one of them (Ray decides how many tasks run at once)")
     if ray_address is not None:
-        from shardsurgeon.write.raytasks import RayTasks
+        from shardsurgeon import RayTasks  # Ray loads only when a job runs
 
         return RayTasks(ray_address)
     return Processes(jobs) if jobs > 1 else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from shardsurgeon.units import format_bytes
+from shardsurgeon import format_bytes
 
 LINE_INTERVAL_SECONDS = 5.0
 """Often enough that a long job's log shows it moving; rare enough that a 20-minute job logs a few hundred lines."""

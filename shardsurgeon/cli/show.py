@@ -11,13 +11,8 @@ from time import monotonic
 
 import click
 
+from shardsurgeon import Checkpoint, Layout, Plan, Progress, RunResult, ShardStarted, format_bytes, safe_text
 from shardsurgeon.cli.progress import LINE_INTERVAL_SECONDS, advance, begin_shard, figures, start_tally
-from shardsurgeon.errors import safe_text
-from shardsurgeon.model.checkpoint import Checkpoint
-from shardsurgeon.plan.layout import Layout
-from shardsurgeon.plan.planner import Plan
-from shardsurgeon.units import Progress, ShardStarted, format_bytes
-from shardsurgeon.write.run import RunResult
 
 
 def report(plan: Plan, result: RunResult, quiet: bool) -> None:

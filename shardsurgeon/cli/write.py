@@ -5,13 +5,37 @@ from __future__ import annotations
 
 import os
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from shardsurgeon.api import Job, card_of, plan_expand, plan_merge, run_job
+from shardsurgeon import (
+    DEFAULT_MAX_SHARD_BYTES,
+    FINALIZE,
+    WHOLE,
+    Job,
+    MergekitFlag,
+    Part,
+    PlannedJob,
+    Reflink,
+    RunResult,
+    StackHint,
+    WriteOptions,
+    dry_run_text,
+    format_bytes,
+    load_plan_file,
+    parse_out_shard_size,
+    plan_expand,
+    plan_file_bytes,
+    plan_merge,
+    run_job,
+    select_shards,
+    write_plan_file,
+    writer,
+)
 from shardsurgeon.cli import params, show
 from shardsurgeon.cli.base import cli, reports_errors, verbosity
 from shardsurgeon.cli.params import (
@@ -27,16 +51,6 @@ from shardsurgeon.cli.params import (
     runner_options_of,
     writing_options,
 )
-from shardsurgeon.errors import safe_text
-from shardsurgeon.model.arch import StackHint
-from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES
-from shardsurgeon.plan.mergekit_options import MergekitFlag, parse_out_shard_size
-from shardsurgeon.plan.planfile import PlannedJob, load_plan_file, plan_file_bytes, plan_key, write_plan_file
-from shardsurgeon.plan.report import dry_run_text
-from shardsurgeon.units import format_bytes
-from shardsurgeon.write.executor import Reflink
-from shardsurgeon.write.run import finalize_checkpoint, write_some_shards
-from shardsurgeon.write.runners import Runner, select_shards
 
 
 @cli.command()
@@ -113,8 +127,8 @@ def expand(
         layer_prefix=layer_prefix,
         layers_key=layers_key,
     )
-    runner = params.runner(jobs, ray_address)
-    plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner, reflink, checksums)
+    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
+    plan_or_run(job, out, command, dry_run, plan_json, quiet, options)
 
 
 def plan_or_run(
@@ -123,12 +137,8 @@ def plan_or_run(
     command: str,
     dry_run: bool,
     plan_json_path: Path | None,
-    force: bool,
-    dense: bool,
     quiet: bool,
-    runner: Runner | None,
-    reflink: Reflink,
-    checksums: bool,
+    options: WriteOptions,
 ) -> None:
     """``command`` is the model card's command line without the output (models and the config by
     name, no local path): the plan file records it so, and a run adds the output's folder name."""
@@ -143,13 +153,20 @@ def plan_or_run(
         if not quiet:
             show.report_fetched([source.checkpoint for source in job.sources.values()])
         return
-    planned = PlannedJob(job, command)
+    write(PlannedJob(job, command), out, WHOLE, options, quiet)
+
+
+def write(planned: PlannedJob, out: Path | str, part: Part, options: WriteOptions, quiet: bool) -> RunResult:
+    """Do ``part`` of the job to ``out``, drawing its progress, and report it."""
+    job = planned.job
     with show.progress(job.layout, quiet) as (progress, on_shard):
         result = run_job(
-            job, out, command=planned.command_to(out), force=force, dense=dense, reflink=reflink,
-            checksums=checksums, progress=progress, on_shard=on_shard, runner=runner,
+            job, out, command=planned.command_to(out), part=part,
+            options=replace(options, progress=progress, on_shard=on_shard),
         )  # fmt: skip
-    show.report(job.plan, result, quiet)
+    if part.publish:
+        show.report(job.plan, result, quiet)
+    return result
 
 
 @cli.command()
@@ -227,8 +244,8 @@ def merge(
         layer_prefix=layer_prefix,
         layers_key=layers_key,
     ).replace("--config ", "")
-    runner = params.runner(jobs, ray_address)
-    plan_or_run(job, out, command, dry_run, plan_json, force, dense, quiet, runner, reflink, checksums)
+    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
+    plan_or_run(job, out, command, dry_run, plan_json, quiet, options)
 
 
 @cli.command()
@@ -281,33 +298,16 @@ def apply(
     if shards is not None and finalize:
         raise click.UsageError("--shards and --finalize: a writer writes, and the finalize step runs once after all")
     planned = load_plan_file(plan_file)
-    job, key = planned.job, plan_key(planned.job)
-    if shards is None and not finalize:
-        with show.progress(job.layout, quiet) as (progress, on_shard):
-            result = run_job(
-                job, out, command=planned.command_to(out), force=force, dense=dense, reflink=reflink,
-                checksums=checksums, progress=progress, on_shard=on_shard, runner=params.runner(jobs, ray_address),
-            )  # fmt: skip
-        show.report(job.plan, result, quiet)
-        return
-    if isinstance(out, str):
-        raise click.UsageError(
-            f"{safe_text(out)}: --shards and --finalize write to a shared local folder; for S3 run the whole plan "
-            "(apply PLAN s3://...): one process sends several parts at once"
-        )
+    job = planned.job
+    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
     if finalize:
-        card = card_of(job, planned.command_to(out))
-        result = finalize_checkpoint(
-            job.plan, job.layout, out, job.sources, plan_key=key, model_card=card, force=force, checksums=checksums
-        )
-        show.report(job.plan, result, quiet)
+        write(planned, out, FINALIZE, options, quiet)
         return
-    chosen = [shard.name for shard in select_shards(shards or "", job.layout.shards)]
-    with show.progress(job.layout, quiet) as (progress, on_shard):
-        result = write_some_shards(
-            job.layout, out, job.sources, chosen, plan_key=key, dense=dense, reflink=reflink, progress=progress,
-            on_shard=on_shard,
-        )  # fmt: skip
+    if shards is None:
+        write(planned, out, WHOLE, options, quiet)
+        return
+    chosen = [shard.name for shard in select_shards(shards, job.layout.shards)]
+    result = write(planned, out, writer(chosen), options, quiet)
     if not quiet:
         kept = f" ({result.shards_reused} already there)" if result.shards_reused else ""
         click.echo(

@@ -13,20 +13,17 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from shardsurgeon.errors import CheckpointError, safe_text
 from shardsurgeon.format import MAX_TENSORS, read_header
 from shardsurgeon.model.hfcache import snapshot
-from shardsurgeon.storage.identity import FileIdentity, check_unchanged, record
+from shardsurgeon.names import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from shardsurgeon.storage.remote import RemoteFolder, file_name, is_url
 from shardsurgeon.storage.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+from shardsurgeon.storage.versions import SourceVersion, describe_change, local_version
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,16 +41,20 @@ class TensorRef:
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    """One source shard file: its size, a digest of its header, which pins its layout, and the file's
-    identity when its header was read, which a run checks again before it publishes (None for a URL)."""
+    """One source shard file, and its version when its header was read: what a run checks again
+    before it keeps or publishes anything made from it."""
 
     path: Path | str
-    nbytes: int
-    header_sha256: str
-    identity: FileIdentity | None = None
-    etag: str | None = None
-    """For a file by URL, its version when its header was read: the server's ETag, else its
-    Last-Modified time (``last-modified ...``); None when it gave neither."""
+    version: SourceVersion
+
+    @property
+    def nbytes(self) -> int:
+        return self.version.nbytes
+
+    @property
+    def header_sha256(self) -> str:
+        """The digest of its header, which pins the file's layout."""
+        return self.version.header_sha256
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +116,8 @@ def _read_remote_shard(remote: RemoteFolder, shard_name: str, missing: str) -> t
     found = remote.read_header(shard_name, missing)
     header = found.header
     refs = [TensorRef(e.name, where, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
-    return Shard(where, header.data_start + header.data_nbytes, found.sha256, etag=found.etag), refs
+    version = SourceVersion(where, header.data_start + header.data_nbytes, found.sha256, validator=found.etag)
+    return Shard(where, version), refs
 
 
 def _collect(
@@ -207,14 +209,18 @@ def _read_shard(root: Path, shard_name: str) -> tuple[Shard, list[TensorRef]]:
         raise CheckpointError(
             f"{path}: shard listed in {INDEX_FILE} is missing; download or copy the complete checkpoint"
         ) from None
-    (seen,) = record([path])
+    seen = local_version(path, "")
     header = read_header(path)
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read(header.data_start)).hexdigest()
-    check_unchanged([seen])  # the header and the digest describe the file that ``seen`` names
+    now = local_version(path, "")
+    if not seen.same_as(now):  # the header and its digest must describe the file that ``seen`` names
+        raise CheckpointError(
+            f"{safe_text(path)}: source file changed while its header was read ({describe_change(seen, now)}); "
+            "run again once the source no longer changes"
+        )
     refs = [TensorRef(e.name, path, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
-    shard = Shard(path, header.data_start + header.data_nbytes, digest, seen)
-    return shard, refs
+    return Shard(path, replace(seen, header_sha256=digest)), refs  # the header pins the size: the file's
 
 
 def _read_config(root: Path) -> dict[str, Any]:
@@ -252,23 +258,3 @@ def _parse_json(raw: bytes, path: Path | str) -> Any:
 
 def _clip(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def check_remote_unchanged(shards: Iterable[Shard]) -> None:
-    """Raise CheckpointError naming the first shard by URL whose size, header or ETag is no longer
-    what the plan read (fetched again: a few kB each)."""
-    folders: dict[str, RemoteFolder] = {}
-    for shard in shards:
-        if not isinstance(shard.path, str):
-            continue
-        folder, _, name = shard.path.rpartition("/")
-        if folder not in folders:
-            folders[folder] = RemoteFolder(folder)
-        remote = folders[folder]
-        found = remote.read_header(name, "")
-        now = (found.header.data_start + found.header.data_nbytes, found.sha256, found.etag)
-        if now != (shard.nbytes, shard.header_sha256, shard.etag):
-            raise CheckpointError(
-                f"{safe_text(shard.path)}: source file changed during the run (size, header or ETag); the output "
-                "was not published: run the same command again"
-            )

@@ -11,13 +11,14 @@ data and never writes.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shardsurgeon.model.arch import NO_HINT, LayerStack, StackHint, find_layer_stack, outside_rank
 from shardsurgeon.model.checkpoint import Checkpoint, TensorRef, open_checkpoint
-from shardsurgeon.model.hfcache import base_model_id
+from shardsurgeon.model.hfcache import base_model_id, card_names
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +93,10 @@ def resolve(checkpoint: Checkpoint, hint: StackHint, reference: str) -> Source:
         after,
         base_model_id(checkpoint.folder, checkpoint.config),
     )
+
+
+def card_names_of(sources: Mapping[str, Source]) -> dict[str, str]:
+    """The name the model card, its command and its mergekit config give each model reference: its
+    Hugging Face id where known, else its folder's name (never a path)."""
+    folders = {ref: s.folder.resolve() if isinstance(s.folder, Path) else s.folder for ref, s in sources.items()}
+    return card_names([(ref, folders[ref], source.published_name) for ref, source in sources.items()])

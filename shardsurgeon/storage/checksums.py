@@ -18,12 +18,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from shardsurgeon.model.checkpoint import TensorRef
+from shardsurgeon.names import CHECKSUMS_FILE, CHUNK_BYTES
 from shardsurgeon.storage import fileio
 from shardsurgeon.storage.remote import SourceFiles
 
-CHECKSUMS_FILE = "shardsurgeon.storage.checksums.json"
 ALGORITHM = "crc32"
-CHUNK_BYTES = 4 << 20
 
 
 def tensor_crcs(refs: Iterable[TensorRef]) -> list[str]:

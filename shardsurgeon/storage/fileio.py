@@ -29,6 +29,7 @@ the executor turns into messages that name the file.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import io
@@ -95,8 +96,12 @@ def open_read(path: str | os.PathLike[str]) -> int:
 
 
 def open_new(path: str | os.PathLike[str]) -> int:
-    """A write-only descriptor of ``path``, created or truncated to 0 bytes, binary, not inherited."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _open_flags(), 0o644)
+    """A write-only descriptor of a new, empty file at ``path``, binary, not inherited. Whatever stood
+    at that name (a file, a link to one) is unlinked first, never truncated or written through: a
+    name that is a hard or symbolic link to a source file cannot lead a write into it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | _open_flags(), 0o644)
 
 
 # --- positional read and write ------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 
 from shardsurgeon.errors import CheckpointError, FormatError, ShardSurgeonError, safe_text
 from shardsurgeon.format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, Header, decode_header
+from shardsurgeon.names import CHUNK_BYTES
 from shardsurgeon.storage import fileio
 from shardsurgeon.units import format_bytes
 
@@ -37,7 +38,7 @@ EXTRA_HINT = "reading models by URL needs the remote extra: pip install 'shardsu
 MAX_RETRIES = 4
 """Retries of one request after a dropped connection, a timeout or a 5xx, with backoff 0.1 s to 2 s."""
 RETRY_TIMEOUT = timedelta(seconds=30)
-STREAM_CHUNK_BYTES = 4 << 20
+STREAM_CHUNK_BYTES = CHUNK_BYTES
 """What a whole file read without keeping it (:meth:`RemoteFolder.sha256`) holds in memory at once."""
 _NOT_FOUND = FileNotFoundError
 """What obstore raises for a missing object (its NotFoundError surfaces as Python's FileNotFoundError)."""
@@ -247,7 +248,9 @@ class RemoteFolder:
             obstore.list_with_delimiter(self._store, None)
         except (obstore.exceptions.BaseError, OSError):
             bucket = self.url.removeprefix("s3://").partition("/")[0]
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+            from shardsurgeon.storage.s3 import endpoint_from_environment
+
+            endpoint = endpoint_from_environment() or "AWS"
             raise CheckpointError(
                 f"{safe_text(self.url)}: bucket {safe_text(bucket)!r} not found at {safe_text(endpoint)} "
                 f"({safe_text(name)} is not there and the bucket cannot be listed); check the bucket name and "
@@ -296,13 +299,13 @@ def _store_for(url: str) -> Any:
     }
     options: Any = {"connect_timeout": "10s", "timeout": "60s"}
     if url.startswith("s3://"):
-        from shardsurgeon.storage.s3 import obstore_config
+        from shardsurgeon.storage.s3 import endpoint_from_environment, obstore_config
 
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         config: Any
         config, credentials = obstore_config()  # with boto3 installed: profiles and config files too
         config = dict(config)  # the resolution is shared: this store's changes stay its own
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or config.get("endpoint")
+        endpoint = endpoint_from_environment() or config.get("endpoint")
         if endpoint:
             config["endpoint"] = endpoint
         if endpoint and endpoint.startswith("http://"):

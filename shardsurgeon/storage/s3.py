@@ -64,6 +64,12 @@ class S3Location:
         return S3Location(self.bucket, self.folder().key + name)
 
 
+def endpoint_from_environment() -> str | None:
+    """The endpoint the environment names for S3 (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``),
+    as every AWS tool reads it; None when it names none (a profile may still: see :func:`client`)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def boto3_available() -> bool:
     import importlib.util
 
@@ -133,7 +139,7 @@ def _resolved(environment: tuple[object, ...]) -> tuple[Any, Any]:
     try:
         return session, session.client("s3", config=config)
     except ValueError as e:  # botocore's word for an endpoint URL it cannot use
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the endpoint_url"
+        endpoint = endpoint_from_environment() or "the endpoint_url"
         raise DestinationError(
             f"AWS_ENDPOINT_URL {safe_text(endpoint)}: not a usable endpoint ({safe_text(e, 120)}); write it as "
             "http://HOST:PORT or https://HOST"

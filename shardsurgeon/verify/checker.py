@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from shardsurgeon.errors import FormatError, PlanError, RecipeError, VerifyError, safe_text
-from shardsurgeon.format import DTYPES, Header
+from shardsurgeon.format import Header
 from shardsurgeon.model.arch import NO_HINT, StackHint, find_layer_stack
 from shardsurgeon.model.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TensorRef
 from shardsurgeon.model.source import open_source
-from shardsurgeon.plan.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout, ShardLayout
-from shardsurgeon.plan.planner import Convert, Copy, Plan, PlannedTensor, Zeros, make_plan
+from shardsurgeon.plan.expected import describe_expected, differing_tensors, first_difference
+from shardsurgeon.plan.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout
+from shardsurgeon.plan.planner import Plan, make_plan
 from shardsurgeon.plan.recipe import recipe_from_json, recorded_models
 from shardsurgeon.storage.checksums import CHECKSUMS_FILE, tensor_crcs
 from shardsurgeon.storage.remote import SourceFiles, file_name, is_url, join_name
@@ -37,10 +38,6 @@ from shardsurgeon.storage.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PAR
 from shardsurgeon.units import Progress
 from shardsurgeon.verify.folders import CheckpointFolder, file_sha256, open_folder
 from shardsurgeon.write.smallfiles import other_files, remote_other_files
-
-CHUNK_BYTES = 4 << 20
-CHUNK_ELEMENTS = 1 << 19
-_ZEROS = bytes(CHUNK_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,9 +379,11 @@ def _compare_with_sources(
                     f"is {ref.dtype} {list(ref.shape)}, expected {tensor.dtype} {list(tensor.shape)}",
                 )
                 continue
-            difference = _first_difference(tensor, reader, ref.path, ref.data_start, progress)
+            difference = first_difference(tensor, reader.read, ref.path, ref.data_start, progress)
             if difference is not None:
-                found.add(file_name(ref.path), tensor.name, f"{_describe(tensor)} at byte {difference} of the tensor")
+                found.add(
+                    file_name(ref.path), tensor.name, f"{describe_expected(tensor)} at byte {difference} of the tensor"
+                )
             compared += 1
     return compared
 
@@ -399,127 +398,19 @@ def _donor_files(donor: Path | str) -> Iterator[tuple[str, str, Path | str]]:
         yield source.name, file_sha256(source), source
 
 
-def _describe(tensor: PlannedTensor) -> str:
-    source = f"{tensor.source.name} of {tensor.source.path}"
-    match tensor.op:
-        case Zeros():
-            return "holds other bytes than the zeros the recipe gives"
-        case Copy():
-            return f"differs from the source bytes ({source})"
-        case Convert(scale, via):
-            scaled = f" scaled by {scale:g}" if scale != 1.0 else ""
-            if via is not None:
-                return f"differs from {source} cast to {via}{scaled}, then to {tensor.dtype}"
-            return f"differs from {source} cast to {tensor.dtype}{scaled}"
-
-
 def compare_with_plan(layout: Layout, folder: Path) -> list[Mismatch]:
     """Every way the shards in ``folder`` differ from ``layout``; empty when they match exactly."""
     mismatches: list[Mismatch] = []
     with SourceFiles() as files:
         for shard in layout.shards:
-            mismatches += _shard_mismatches(shard, folder / shard.name, files, first_only=False)
+            path = folder / shard.name
+            if not path.is_file():
+                mismatches.append(Mismatch(shard.name, "", "shard file is missing"))
+            elif files.read(path, 0, len(shard.header)) != shard.header:
+                mismatches.append(Mismatch(shard.name, "", "header differs from the plan's"))
+            elif path.stat().st_size != shard.nbytes:
+                mismatches.append(Mismatch(shard.name, "", f"is {path.stat().st_size} bytes, expected {shard.nbytes}"))
+            else:
+                differing = differing_tensors(shard, files.read, path, first_only=False)
+                mismatches += [Mismatch(shard.name, tensor.name, describe_expected(tensor)) for tensor in differing]
     return mismatches
-
-
-def shard_holds(shard: ShardLayout, path: Path) -> bool:
-    """Whether the file at ``path`` holds exactly the bytes ``shard`` plans: its header, its size, and
-    every tensor recomputed from its source by the definition. Stops at the first difference."""
-    with SourceFiles() as files:
-        return not _shard_mismatches(shard, path, files, first_only=True)
-
-
-def _shard_mismatches(shard: ShardLayout, path: Path, files: SourceFiles, *, first_only: bool) -> list[Mismatch]:
-    if not path.is_file():
-        return [Mismatch(shard.name, "", "shard file is missing")]
-    with open(path, "rb") as f:
-        if f.read(len(shard.header)) != shard.header:
-            return [Mismatch(shard.name, "", "header differs from the plan's")]
-    if path.stat().st_size != shard.nbytes:
-        return [Mismatch(shard.name, "", f"is {path.stat().st_size} bytes, expected {shard.nbytes}")]
-    mismatches = []
-    for placed in shard.tensors:
-        if _first_difference(placed.tensor, files, path, placed.offset) is not None:
-            mismatches.append(Mismatch(shard.name, placed.tensor.name, _describe(placed.tensor)))
-            if first_only:
-                break
-    return mismatches
-
-
-def _first_difference(
-    tensor: PlannedTensor,
-    files: SourceFiles,
-    out_path: Path | str,
-    out_offset: int,
-    progress: Progress = _ignore,
-) -> int | None:
-    """The first byte of the tensor at ``out_offset`` of the file at ``out_path`` (a path or URL) that
-    differs from what ``tensor`` says, or None."""
-    done = 0
-    for expected in _expected_chunks(tensor, files):
-        actual = files.read(out_path, out_offset + done, len(expected))
-        if actual != expected:
-            return done + _first_unequal(actual, bytes(expected))
-        done += len(expected)
-        progress(len(expected))
-    return None if done == tensor.nbytes else done
-
-
-def _first_unequal(a: bytes, b: bytes) -> int:
-    """The first index where ``a`` and ``b`` differ, by bisection: a few compares in C, no loop per byte."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while hi - lo > 1:  # a[:lo] == b[:lo] and a[lo:hi] != b[lo:hi]
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def _expected_chunks(tensor: PlannedTensor, files: SourceFiles) -> Iterator[bytes | memoryview]:
-    """The bytes ``tensor`` must hold, in chunks of at most a few MiB."""
-    match tensor.op:
-        case Zeros():
-            for start in range(0, tensor.nbytes, CHUNK_BYTES):
-                yield memoryview(_ZEROS)[: min(CHUNK_BYTES, tensor.nbytes - start)]
-        case Copy():
-            for start in range(0, tensor.nbytes, CHUNK_BYTES):
-                yield files.read(
-                    tensor.source.path, tensor.source.data_start + start, min(CHUNK_BYTES, tensor.nbytes - start)
-                )
-        case Convert() as op:
-            step = CHUNK_ELEMENTS * DTYPES[tensor.source.dtype].itemsize
-            for start in range(0, tensor.source.nbytes, step):
-                raw = files.read(
-                    tensor.source.path, tensor.source.data_start + start, min(step, tensor.source.nbytes - start)
-                )
-                yield by_definition(raw, tensor.source.dtype, op, tensor.dtype).tobytes()
-
-
-def by_definition(raw: bytes, src_dtype: str, op: Convert, dst_dtype: str) -> Any:
-    """``raw`` elements of ``src_dtype`` converted as DESIGN.md defines it, as a numpy array.
-
-    Cast to the working dtype (``op.via``, else the output dtype), rounding to nearest even; a
-    16-bit target is reached through float32, so float64 rounds twice, as torch does. Then the scale:
-    float64 arithmetic for F64, else ``float32(x) * float32(k)`` rounded back. Then the cast to the
-    output dtype. Plain numpy and ml_dtypes on one chunk: the specification, not the fast path.
-    """
-    import numpy as np
-
-    def cast(values: Any, dtype: str) -> Any:
-        target = DTYPES[dtype].numpy
-        if dtype in ("BF16", "F16") and values.dtype != target:
-            values = values.astype(np.float32)
-        return values.astype(target)
-
-    work = op.via or dst_dtype
-    with np.errstate(all="ignore"):
-        values = cast(np.frombuffer(raw, DTYPES[src_dtype].numpy), work)
-        if op.scale != 1.0 and work == "F64":
-            values = values * np.float64(op.scale)
-        elif op.scale != 1.0:
-            values = (values.astype(np.float32) * np.float32(op.scale)).astype(DTYPES[work].numpy)
-        return cast(values, dst_dtype) if op.via is not None else values

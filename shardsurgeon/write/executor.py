@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from shardsurgeon.errors import CheckpointError, DestinationError, OutputError
-from shardsurgeon.plan.layout import CopyRun, Layout, PlacedTensor, ShardLayout
+from shardsurgeon.names import CHUNK_BYTES
+from shardsurgeon.plan.layout import CopyRun, PlacedTensor, ShardLayout
 from shardsurgeon.plan.planner import Convert, Copy, PlannedTensor, Zeros
 from shardsurgeon.storage import fileio
 from shardsurgeon.storage.fileio import CopiedPiece, CopyCounts
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 
     from shardsurgeon.write.numerics import ChunkConverter
 
-CHUNK_BYTES = 4 << 20
 KEPT_CONVERTERS = 8
 """Converter sets kept for reuse (two lanes each): about 1-4 MiB apiece."""
 
@@ -76,15 +77,15 @@ class ShardStats:
         )
 
 
-def check_reflink(layout: Layout, out: Path, reflink: Reflink) -> None:
+def check_reflink(shards: Sequence[ShardLayout], out: Path, reflink: Reflink) -> None:
     """With ``reflink="always"``, refuse before anything is written unless files written beside
-    ``out`` can share blocks with every source file the layout copies from (one probe clone each)."""
+    ``out`` can share blocks with every source file ``shards`` copy from (one probe clone each)."""
     if reflink != "always":
         return
     folder = out.parent.absolute()
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent  # the output's parents are made later: probe where they will be
-    paths = dict.fromkeys(s.path for shard in layout.shards for s in shard.segments() if isinstance(s, CopyRun))
+    paths = dict.fromkeys(s.path for shard in shards for s in shard.segments() if isinstance(s, CopyRun))
     for path in paths:
         try:
             shares = fileio.can_reflink(path, folder)

@@ -1,7 +1,8 @@
 """Shards written as tasks on a Ray cluster (the optional ``ray`` extra): one task per shard.
 
-The tasks write into the staging folder as any writer does, so every machine of the cluster must
-see the sources and the output at the same paths (a shared filesystem). A task that fails is tried
+The tasks write where the run's destination says (a staging folder, an S3 folder), as any writer
+does: every machine of the cluster must see the sources at the same paths or URLs, and the output
+too (a shared filesystem, or the same S3 store with the same AWS configuration). A task that fails is tried
 again by Ray (``max_retries``); the driver reports each shard as it completes and publishes after
 the last, as a one-process run would: the bytes do not depend on who wrote them. Tasks work in the
 driver's working folder, so relative paths mean the same everywhere. Imports Ray only when a job
@@ -13,14 +14,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from shardsurgeon.errors import OutputError, RecipeError, ShardSurgeonError
 from shardsurgeon.plan.layout import ShardLayout
 from shardsurgeon.units import Progress
-from shardsurgeon.write.executor import Reflink, ShardStats
-from shardsurgeon.write.runners import ShardBegins, write_shards
+from shardsurgeon.write.destination import ShardBegins, ShardTarget
+from shardsurgeon.write.executor import ShardStats
 
 TASK_RETRIES = 3
 
@@ -32,13 +32,7 @@ class RayTasks:
     address: str = "auto"
 
     def run(
-        self,
-        shards: Sequence[ShardLayout],
-        staging: Path,
-        dense: bool,
-        reflink: Reflink,
-        progress: Progress,
-        begins: ShardBegins,
+        self, shards: Sequence[ShardLayout], target: ShardTarget, progress: Progress, begins: ShardBegins
     ) -> ShardStats:
         ray = _import_ray()
         started_here = not ray.is_initialized()
@@ -50,7 +44,7 @@ class RayTasks:
         try:
             task = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=True)(_write_one)
             here = os.getcwd()  # relative source and output paths mean the same on every node
-            pending = {task.remote(shard, staging, dense, reflink, here): shard for shard in shards}
+            pending = {task.remote(shard, target, here): shard for shard in shards}
             for shard in shards:
                 begins(shard)
             total = ShardStats()
@@ -65,9 +59,9 @@ class RayTasks:
                 ray.shutdown()
 
 
-def _write_one(shard: ShardLayout, staging: Path, dense: bool, reflink: Reflink, cwd: str) -> ShardStats:
+def _write_one(shard: ShardLayout, target: ShardTarget, cwd: str) -> ShardStats:
     os.chdir(cwd)
-    return write_shards([shard], staging, dense, reflink, lambda nbytes: None, lambda shard: None)
+    return target.write([shard], lambda nbytes: None, lambda shard: None)
 
 
 def _result(ray: Any, ref: Any) -> ShardStats:

@@ -1,263 +1,100 @@
-"""Write a planned checkpoint: staging, resume, shards, the other files, and the atomic commit.
+"""The one run sequence: every way of writing a checkpoint, to every destination, goes through it.
 
-This is the library's entry point for writing; it sequences :mod:`output`, :mod:`execute` and
-:mod:`hfdir` and reports progress through a callback. The CLI calls it; so can any program.
+    claim the output -> keep finished shards that are proven -> write the rest -> small files
+      -> sources unchanged? -> publish -> clean up
+
+A whole run does every step; a writer of a distributed job (``apply --shards``) stops after its
+shards; the finalize (``apply --finalize``) writes nothing and requires every shard finished and
+proven. Any runner (this process, ``--jobs``, Ray) writes the shards; the destination (a local
+folder, an S3 folder: :mod:`write.local.destination`, :mod:`write.s3.destination`) decides only how
+the output is claimed, where shards wait and how it is published. The rules between the steps
+live here and in :mod:`write.proof`, once:
+
+- the sources are the versions the plan saw: checked as each writer starts, and right before
+  anything is published (:mod:`storage.versions`);
+- a finished shard is kept only when proven to hold exactly the planned bytes (:mod:`write.proof`);
+- nothing that is a source is written, replaced or removed (each destination's claim asks
+  :mod:`storage.overlap` before it touches anything).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import shutil
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable
 
-from shardsurgeon.errors import DestinationError, OutputError, safe_text
-from shardsurgeon.model.source import Source
+from shardsurgeon.errors import OutputError, safe_text
+from shardsurgeon.plan.job import Job
 from shardsurgeon.plan.layout import Layout, ShardLayout
-from shardsurgeon.plan.planner import Plan, Zeros
-from shardsurgeon.units import Progress, ShardStarted
-from shardsurgeon.verify.checker import shard_holds
-from shardsurgeon.write.executor import Reflink, check_reflink
-from shardsurgeon.write.finish import RunResult, announcer, check_sources_unchanged, resume_key, write_small_files
-from shardsurgeon.write.local import folder as output
-from shardsurgeon.write.local import publish
-from shardsurgeon.write.runners import InProcess, Runner, worker_tag, write_shards
-
-SMALL_FILES_ALLOWANCE = 64 << 20
-"""Room kept free for the config, index, tokenizer and model card when checking disk space."""
+from shardsurgeon.storage.versions import check_unchanged, weak_sources
+from shardsurgeon.units import ShardStarted
+from shardsurgeon.write.destination import WHOLE, Destination, Part, RunResult, WriteOptions
+from shardsurgeon.write.executor import ShardStats
+from shardsurgeon.write.proof import proven_shards
+from shardsurgeon.write.runners import InProcess
+from shardsurgeon.write.smallfiles import write_small_files
 
 
-def write_checkpoint(
-    plan: Plan,
-    layout: Layout,
-    out: Path | str,
-    sources: Mapping[str, Source],
-    *,
-    model_card: str,
-    force: bool = False,
-    dense: bool = False,
-    reflink: Reflink = "auto",
-    checksums: bool = False,
-    progress: Progress | None = None,
-    on_shard: ShardStarted | None = None,
-    runner: Runner | None = None,
+def write_job(
+    job: Job, destination: Destination, *, model_card: str, part: Part = WHOLE, options: WriteOptions | None = None
 ) -> RunResult:
-    """Write the output of ``plan`` laid out as ``layout`` to ``out``, resuming an interrupted run.
-
-    ``out`` is a local folder, or an S3 folder given as an ``s3://`` URL (:mod:`s3output`; there a
-    zero tensor is never a hole, ``dense`` changes nothing, and ``runner`` must be None).
-
-    With ``checksums``, the output also holds every tensor's CRC-32 (:mod:`checksums`).
-
-    ``progress`` counts tensor bytes (those of shards kept from an interrupted run first);
-    ``on_shard`` is told each shard that is written, as it begins; ``runner`` writes the shards
-    (default: this process). The output is claimed for the whole run (checked, locked, recovered:
-    see ``output.Destination``) and published only if no source file changed meanwhile.
-    """
-    if isinstance(out, str):
-        return _write_s3(plan, layout, out, sources, model_card, force, reflink, checksums, progress, on_shard, runner)
-    out = _named(out)
-    with output.Destination(out, _folders(sources), force, files=_shard_paths(sources)) as destination:
-        result = _write(
-            plan, layout, destination, sources, model_card, dense, reflink, checksums, progress, on_shard, runner
-        )  # fmt: skip
-    return dataclasses.replace(result, notes=destination.notes)
-
-
-def _write_s3(
-    plan: Plan,
-    layout: Layout,
-    out: str,
-    sources: Mapping[str, Source],
-    model_card: str,
-    force: bool,
-    reflink: Reflink,
-    checksums: bool,
-    progress: Progress | None,
-    on_shard: ShardStarted | None,
-    runner: Runner | None,
-) -> RunResult:
-    if not out.startswith("s3://"):
-        raise DestinationError(
-            f"--out {safe_text(out)}: a web server is read-only; write to a local folder or to s3://BUCKET/FOLDER"
-        )
-    if runner is not None and not isinstance(runner, InProcess):
-        raise DestinationError(
-            f"--out {safe_text(out)}: parallel writers (--jobs, --ray) write to a local folder; on S3 one process "
-            "already sends several parts at once: drop the flag"
-        )
-    if reflink == "always":
-        raise DestinationError(f"--out {safe_text(out)}: --reflink always needs a local XFS or btrfs folder")
-    from shardsurgeon.write.s3.destination import write_checkpoint_s3  # boto3 loads only for an S3 output
-
-    return write_checkpoint_s3(
-        plan, layout, out, sources, resume_key=resume_key(plan, layout, sources), model_card=model_card,
-        force=force, checksums=checksums, progress=progress, on_shard=on_shard,
-    )  # fmt: skip
-
-
-def write_some_shards(
-    layout: Layout,
-    out: Path,
-    sources: Mapping[str, Source],
-    names: Sequence[str],
-    *,
-    plan_key: str,
-    dense: bool = False,
-    reflink: Reflink = "auto",
-    progress: Progress | None = None,
-    on_shard: ShardStarted | None = None,
-) -> RunResult:
-    """Write the shards ``names`` of ``layout`` into ``out``'s staging folder, for a later
-    :func:`finalize_checkpoint`; shards already complete there are kept.
-
-    One of many writers of a distributed job, on this machine or another sharing the folder: it
-    takes the output's lock shared with the others (a run or a finalize, which lock it alone, is
-    refused meanwhile), and its staging folder is the one of ``plan_key``, the same on every
-    machine. Nothing is published.
-    """
-    out = _named(out)
+    """Do ``part`` of ``job`` at ``destination``; ``model_card`` is the output's README.md."""
+    options = options or WriteOptions()
     started = time.monotonic()
-    progress = progress or (lambda nbytes: None)
-    with output.Workers(out, _folders(sources), files=_shard_paths(sources), plan_key=plan_key) as staging:
-        check_reflink(layout, out, reflink)
-        wanted = [shard for shard in layout.shards if shard.name in set(names)]
-        done = [s for s in wanted if output.completed_shard(staging / s.name, s)]
-        todo = [s for s in wanted if s not in done]
-        output.check_room(staging, sum(_bytes_to_write(s, dense) for s in todo))
-        for shard in done:
+    progress = options.progress or (lambda nbytes: None)
+    if part.kind == "writer":  # each writer, wherever and whenever it starts, sees the planned sources
+        check_unchanged(job.versions, when="since the plan was made", before="nothing was written")
+    with destination.claim(job, part, options) as area:
+        wanted = part.wanted(job.layout.shards)
+        kept = proven_shards(area, wanted, job)
+        if not part.write and len(kept) < len(wanted):
+            raise OutputError(_missing(destination.shown, [s for s in wanted if s not in kept], len(wanted)))
+        todo = [s for s in wanted if s not in kept] if part.write else []
+        area.prepare(kept, todo, options)
+        for shard in kept:
             progress(shard.nbytes - len(shard.header))
-        begins = announcer(layout, on_shard)
-        stats = write_shards(todo, staging, dense, reflink, progress, begins, worker_tag())
+        stats = ShardStats()
+        if todo:
+            runner = options.runner or InProcess()
+            stats = runner.run(todo, area.target(todo, options), progress, announcer(job.layout, options.on_shard))
+        if part.publish:
+            with area.small_files() as folder:
+                write_small_files(folder, job, model_card, options.checksums, area.location)
+                area.publish(folder, lambda: check_unchanged(job.versions))
+    notes = area.notes + _weak_notes(job, kept)
+    stats += area.stats
     return RunResult(
-        out, sum(len(s.tensors) for s in wanted), len(wanted), len(done), stats.written, stats.holes,
-        time.monotonic() - started, stats=stats,
+        out=destination.out, tensors=sum(len(s.tensors) for s in wanted), shards=len(wanted), shards_reused=len(kept),
+        written=stats.written, holes=stats.holes, seconds=time.monotonic() - started, notes=notes, stats=stats,
     )  # fmt: skip
 
 
-def finalize_checkpoint(
-    plan: Plan,
-    layout: Layout,
-    out: Path,
-    sources: Mapping[str, Source],
-    *,
-    plan_key: str,
-    model_card: str,
-    force: bool = False,
-    checksums: bool = False,
-) -> RunResult:
-    """Publish what :func:`write_some_shards` wrote under ``plan_key``: every shard must be there,
-    complete; then the small files are written and the folder is moved into place as a run would."""
-    out = _named(out)
-    started = time.monotonic()
-    with output.Destination(out, _folders(sources), force, files=_shard_paths(sources)) as destination:
-        staging = output.staging_folder(out)
-        if not output.staging_matches(out, plan_key):
-            raise OutputError(
-                f"--out {safe_text(out)}: no shards of this plan are waiting in {safe_text(staging.name)}; "
-                "write them first with apply PLAN --shards ..."
-            )
-        missing = [s.name for s in layout.shards if not output.completed_shard(staging / s.name, s)]
-        if missing:
-            raise OutputError(
-                f"--out {safe_text(out)}: {len(missing)} of {len(layout.shards)} shards are missing or incomplete "
-                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); write them with apply PLAN "
-                "--shards, then finalize again"
-            )
-        seen = publish.folder_identity(staging)
-        output.remove_strays(staging, {s.name for s in layout.shards})
-        _publish(plan, layout, destination, staging, sources, model_card, seen, checksums)
-    return RunResult(
-        out, len(plan.tensors), len(layout.shards), len(layout.shards), 0, 0, time.monotonic() - started,
-        destination.notes,
-    )  # fmt: skip
-
-
-def _named(out: Path) -> Path:
-    """``out`` with a name to give its siblings (``.`` and ``..`` become absolute paths)."""
-    return Path(os.path.abspath(out)) if out.name in ("", ".", "..") else out
-
-
-def _folders(sources: Mapping[str, Source]) -> list[Path]:
-    """The local source folders, which the output must stay out of (a URL has no such place)."""
-    return [source.folder for source in sources.values() if isinstance(source.folder, Path)]
-
-
-def _shard_paths(sources: Mapping[str, Source]) -> list[Path]:
-    return [
-        shard.path for source in sources.values() for shard in source.checkpoint.shards if isinstance(shard.path, Path)
-    ]
-
-
-def _write(
-    plan: Plan,
-    layout: Layout,
-    destination: output.Destination,
-    sources: Mapping[str, Source],
-    model_card: str,
-    dense: bool,
-    reflink: Reflink,
-    checksums: bool,
-    progress: Progress | None,
-    on_shard: ShardStarted | None,
-    runner: Runner | None,
-) -> RunResult:
-    started = time.monotonic()
-    out = destination.out
-    progress = progress or (lambda nbytes: None)
-    check_reflink(layout, out, reflink)
-    staging, _ = output.open_staging(out, resume_key(plan, layout, sources))
-    seen = publish.folder_identity(staging)
-    # a shard an interrupted run finished is kept only if every byte is what the plan says: checked
-    # against the sources, not trusted by its size and header (a disk error, a stray edit)
-    done = {
-        s.name
-        for s in layout.shards
-        if output.completed_shard(staging / s.name, s) and shard_holds(s, staging / s.name)
-    }
-    output.remove_strays(staging, done)
-    todo = [s for s in layout.shards if s.name not in done]
-    try:
-        output.check_room(staging, sum(_bytes_to_write(s, dense) for s in todo) + SMALL_FILES_ALLOWANCE)
-    except OutputError:
-        if not done:  # nothing worth keeping for a resume: leave nothing behind
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    for shard in layout.shards:
-        if shard.name in done:
-            progress(shard.nbytes - len(shard.header))
-    stats = (runner or InProcess()).run(todo, staging, dense, reflink, progress, announcer(layout, on_shard))
-    _publish(plan, layout, destination, staging, sources, model_card, seen, checksums)
-    return RunResult(
-        out, len(plan.tensors), len(layout.shards), len(done), stats.written, stats.holes,
-        time.monotonic() - started, stats=stats,
-    )  # fmt: skip
-
-
-def _publish(
-    plan: Plan,
-    layout: Layout,
-    destination: output.Destination,
-    staging: Path,
-    sources: Mapping[str, Source],
-    model_card: str,
-    seen: publish.Identity | None,
-    checksums: bool,
-) -> None:
-    """The small files, a last check that no source changed since it was read, and the commit; the
-    staging folder must still be the one ``seen`` when the run took it."""
-    output.check_staging(staging, seen)
-    donor = sources[plan.recipe.donor].folder
-    write_small_files(staging, plan, layout, donor, model_card, checksums, lambda name: staging / name)
-    output.check_staging(staging, seen)
-    # as the plan saw them: a source that changed between planning and writing is caught too
-    check_sources_unchanged(sources)
-    destination.commit(staging)
-
-
-def _bytes_to_write(shard: ShardLayout, dense: bool) -> int:
-    return len(shard.header) + sum(
-        p.tensor.nbytes for p in shard.tensors if dense or not isinstance(p.tensor.op, Zeros)
+def _missing(shown: str, missing: list[ShardLayout], count: int) -> str:
+    names = ", ".join(s.name for s in missing[:3]) + (", ..." if len(missing) > 3 else "")
+    return (
+        f"--out {safe_text(shown)}: {len(missing)} of {count} shards are missing, incomplete or not the planned bytes "
+        f"({names}); write them with apply PLAN --shards, then finalize again"
     )
+
+
+def _weak_notes(job: Job, kept: list[ShardLayout]) -> tuple[str, ...]:
+    """Say which sources' versions prove nothing of their bytes, and what that cost."""
+    weak = weak_sources(job.versions)
+    if not weak:
+        return ()
+    where, why = next(iter(weak.items()))
+    others = f" (and {len(weak) - 1} more source files)" if len(weak) > 1 else ""
+    checked = f"; the {len(kept)} shards kept were compared with it byte for byte" if kept else ""
+    return (
+        f"{safe_text(where)}{others}: {why}, which does not prove its bytes unchanged{checked}; "
+        "verify --src checks a finished output against it",
+    )
+
+
+def announcer(layout: Layout, on_shard: ShardStarted | None) -> Callable[[ShardLayout], None]:
+    numbers = {shard.name: number for number, shard in enumerate(layout.shards, start=1)}
+
+    def begins(shard: ShardLayout) -> None:
+        if on_shard is not None:
+            on_shard(shard.name, numbers[shard.name], len(layout.shards))
+
+    return begins

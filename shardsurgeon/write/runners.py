@@ -1,75 +1,34 @@
 """Who writes the shards of one output: this process, several processes, or tasks elsewhere.
 
-Every runner writes each shard it is given into the staging folder as ``NAME`` + a partial suffix,
-fsynced, then renames it to ``NAME``: a shard file under its own name is always complete, whoever
-wrote it, so runners need no coordination beyond the disjoint lists they are given (and two
-writers of one shard write the same bytes). The bytes of a shard do not depend on the runner: the
-layout fixed them. Runners report progress in bytes, and each shard as it begins.
+A runner is given the shards to write and a :class:`~shardsurgeon.write.destination.ShardTarget`
+(where they go: a staging folder, an S3 folder), and hands each of its processes a share to write
+there. Every target makes a shard appear whole or not at all, so runners need no coordination
+beyond the disjoint lists they are given (and two writers of one shard write the same bytes). The
+bytes of a shard do not depend on the runner: the layout fixed them. Runners report progress in
+bytes, and each shard as it begins.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import os
 import queue
-import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from shardsurgeon.errors import RecipeError
 from shardsurgeon.plan.layout import ShardLayout
-from shardsurgeon.storage.remote import SourceFiles
 from shardsurgeon.units import Progress
-from shardsurgeon.write.executor import Reflink, ShardStats, ShardWriter
-from shardsurgeon.write.local import publish
-from shardsurgeon.write.local.folder import PARTIAL_SUFFIX, check_staging
-
-ShardBegins = Callable[[ShardLayout], None]
+from shardsurgeon.write.destination import ShardBegins, ShardTarget
+from shardsurgeon.write.executor import ShardStats
 
 
 class Runner(Protocol):
     def run(
-        self,
-        shards: Sequence[ShardLayout],
-        staging: Path,
-        dense: bool,
-        reflink: Reflink,
-        progress: Progress,
-        begins: ShardBegins,
+        self, shards: Sequence[ShardLayout], target: ShardTarget, progress: Progress, begins: ShardBegins
     ) -> ShardStats: ...
-
-
-def write_shards(
-    shards: Sequence[ShardLayout],
-    staging: Path,
-    dense: bool,
-    reflink: Reflink,
-    progress: Progress,
-    begins: ShardBegins,
-    partial_tag: str = "",
-) -> ShardStats:
-    """Write ``shards`` one after the other in this process (the work of every runner)."""
-    total = ShardStats()
-    seen = publish.folder_identity(staging)
-    with SourceFiles() as files, ShardWriter(files, dense=dense, reflink=reflink, progress=progress) as writer:
-        for shard in shards:
-            begins(shard)
-            partial = staging / f"{shard.name}{partial_tag}{PARTIAL_SUFFIX}"
-            check_staging(staging, seen)
-            total += writer.write(shard, partial)
-            check_staging(staging, seen)
-            partial.rename(staging / shard.name)
-    return total
-
-
-def worker_tag() -> str:
-    """A partial-file tag unique to this process on this host, for writers that may overlap."""
-    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:40]
-    return f".{host}-{os.getpid()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +36,9 @@ class InProcess:
     """One writer, here."""
 
     def run(
-        self,
-        shards: Sequence[ShardLayout],
-        staging: Path,
-        dense: bool,
-        reflink: Reflink,
-        progress: Progress,
-        begins: ShardBegins,
+        self, shards: Sequence[ShardLayout], target: ShardTarget, progress: Progress, begins: ShardBegins
     ) -> ShardStats:
-        return write_shards(shards, staging, dense, reflink, progress, begins)
+        return target.write(shards, progress, begins)
 
 
 def balanced_groups(shards: Sequence[ShardLayout], count: int) -> list[list[ShardLayout]]:
@@ -109,17 +62,11 @@ class Processes:
     jobs: int
 
     def run(
-        self,
-        shards: Sequence[ShardLayout],
-        staging: Path,
-        dense: bool,
-        reflink: Reflink,
-        progress: Progress,
-        begins: ShardBegins,
+        self, shards: Sequence[ShardLayout], target: ShardTarget, progress: Progress, begins: ShardBegins
     ) -> ShardStats:
         groups = balanced_groups(shards, self.jobs)
         if len(groups) <= 1:
-            return write_shards(shards, staging, dense, reflink, progress, begins)
+            return target.write(shards, progress, begins)
         context = multiprocessing.get_context("spawn")  # no fork of a process that has threads
         events: Any = context.Queue()
         by_name = {shard.name: shard for shard in shards}
@@ -130,7 +77,7 @@ class Processes:
             with ProcessPoolExecutor(
                 len(groups), mp_context=context, initializer=_child_init, initargs=(events,)
             ) as pool:
-                futures = [pool.submit(_child_write, group, staging, dense, reflink) for group in groups]
+                futures = [pool.submit(_child_write, group, target) for group in groups]
                 for future in as_completed(futures):
                     total += future.result()
         finally:
@@ -147,7 +94,7 @@ def _child_init(events: Any) -> None:
     _events = events
 
 
-def _child_write(shards: Sequence[ShardLayout], staging: Path, dense: bool, reflink: Reflink) -> ShardStats:
+def _child_write(shards: Sequence[ShardLayout], target: ShardTarget) -> ShardStats:
     pending = 0
 
     def progress(nbytes: int) -> None:
@@ -161,7 +108,7 @@ def _child_write(shards: Sequence[ShardLayout], staging: Path, dense: bool, refl
         _events.put(("shard", shard.name))
 
     try:
-        return write_shards(shards, staging, dense, reflink, progress, begins)
+        return target.write(shards, progress, begins)
     finally:
         if pending:
             _events.put(("bytes", pending))

@@ -1,46 +1,51 @@
-"""Write a planned checkpoint to an S3 folder (``--out s3://bucket/prefix``): claim, resume, shards,
-the small files, and publishing by writing the completing files last.
+"""An S3 folder (``--out s3://bucket/prefix``) as a destination of the run sequence: the claim, what
+the folder may hold, shards uploaded under their final names, and publishing by writing the
+completing files last.
 
 S3 has no rename, so nothing can appear at once: shards are written under their final names (each
 appears whole when its multipart upload completes), and the folder holds a checkpoint only once
 ``config.json`` is there with the index or the single shard. They are written last, after every
 shard, and ``config.json`` with ``If-None-Match: *``, so of two runs racing to one folder only one
-can publish. A run:
+can publish. Claiming the folder for a job:
 
-1. claims the folder (:mod:`s3lock`);
-2. looks at what the folder holds: a complete checkpoint, or anything else not left by an
-   unfinished run of shardsurgeon, is refused without ``force`` (with it, the old ``config.json``
-   and index go first, so that no reader sees old and new mixed); an unfinished run's shards are
-   kept if its resume record names this very run and each one's size and header are right, else
-   removed; unfinished multipart uploads under the folder are aborted;
-3. writes the resume record ``.shardsurgeon-resume``, then the missing shards (:mod:`s3shards`);
-4. uploads the small files, checks that no source changed, writes the index, then ``config.json``;
-5. removes what is not part of the output: the record, the zeros and scratch objects, and with
-   ``force`` what is left of the old checkpoint.
+1. nothing the run may touch is a source: not the folder by any URL of the same store, and no object
+   in it with a source file's size and ETag (:mod:`storage.overlap`);
+2. the claim (:mod:`write.s3.claim`): alone for a run or a finalize, shared by a job's writers;
+3. what the folder holds: a complete checkpoint, or any object not written by this tool (each
+   object it writes carries its job's key in its metadata) and not listed by the resume record, is
+   refused without ``force``; a job found published whose cleanup did not happen is finished.
+
+Then, once the run sequence has proven what it keeps: with ``force`` the old ``config.json`` and
+index go first (no reader sees old and new mixed), other jobs' objects are removed, a run alone
+aborts the unfinished uploads under the folder, and the resume record names the job (and what is
+being replaced). Each shard's upload, when complete, leaves a record of its ETag
+(``.shardsurgeon-done/NAME``): that and the object's ETag now are a kept shard's proof. After
+publishing: the run's own work objects are removed, and with ``force`` what is left of the replaced
+checkpoint; nothing another client writes meanwhile.
 """
 
 from __future__ import annotations
 
 import tempfile
-import time
-import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardsurgeon.errors import DestinationError, OutputError, safe_text
-from shardsurgeon.model.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Shard
-from shardsurgeon.model.source import Source
-from shardsurgeon.plan.layout import Layout, ShardLayout
-from shardsurgeon.plan.planner import Plan, Zeros
+from shardsurgeon.errors import OutputError, safe_text
+from shardsurgeon.names import CONFIG_FILE, DONE_PREFIX, INDEX_FILE, RESUME_NAME, SINGLE_FILE, WORK_PREFIX, ZEROS_NAME
+from shardsurgeon.plan.job import Job
+from shardsurgeon.plan.layout import ShardLayout
+from shardsurgeon.plan.planner import Zeros
 from shardsurgeon.storage import s3
+from shardsurgeon.storage.overlap import check_folder_outside_sources, check_objects_hold_no_source
 from shardsurgeon.storage.remote import SourceFiles
 from shardsurgeon.storage.s3 import S3Location
-from shardsurgeon.units import Progress, ShardStarted
+from shardsurgeon.units import Progress
+from shardsurgeon.write.destination import Part, ShardBegins, WriteOptions
 from shardsurgeon.write.executor import ShardStats
-from shardsurgeon.write.finish import RunResult, announcer, check_sources_unchanged, write_small_files
-from shardsurgeon.write.s3.claim import LOCK_NAME, S3Claim
-from shardsurgeon.write.s3.objects import RESUME_NAME, ZEROS_NAME, ResumeRecord, S3Folder, check_bucket
+from shardsurgeon.write.s3.claim import ClaimToken, S3Claim
+from shardsurgeon.write.s3.objects import ResumeRecord, S3Folder, check_bucket
 from shardsurgeon.write.s3.parts import ZEROS_NBYTES
 from shardsurgeon.write.s3.uploads import SCRATCH, S3ShardWriter
 
@@ -51,191 +56,173 @@ MAX_CHECKED = 1_000
 """Objects of a folder an unfinished run left whose metadata is read to tell the run's from others'."""
 
 
-def write_checkpoint_s3(
-    plan: Plan,
-    layout: Layout,
-    out: str,
-    sources: Mapping[str, Source],
-    *,
-    resume_key: str,
-    model_card: str,
-    force: bool = False,
-    checksums: bool = False,
-    progress: Progress | None = None,
-    on_shard: ShardStarted | None = None,
-) -> RunResult:
-    """Write ``plan`` laid out as ``layout`` to the S3 folder ``out``, resuming an interrupted run
-    whose resume record is ``resume_key``."""
-    started = time.monotonic()
-    progress = progress or (lambda nbytes: None)
-    folder = S3Location.parse(out).folder()
-    _check_outside_sources(folder, sources)
-    client = s3.client()
-    check_bucket(client, folder)
-    notes: tuple[str, ...] = ()
-    unpinned = sorted({str(s.path) for src in sources.values() for s in src.checkpoint.shards if _unpinned(s)})
-    if unpinned:  # their content may change unseen: no shard of an earlier run can be trusted
-        resume_key += ":" + uuid.uuid4().hex
-        notes += (
-            f"{safe_text(unpinned[0])} and the like give no ETag nor Last-Modified: a rerun cannot tell whether they "
-            "changed, so it keeps no shard of this one",
-        )
-    with S3Claim(client, folder) as claim:
-        store = S3Folder(client, folder, resume_key)
-        start = _prepare(store, layout, force)
-        # a published job's shards were all checked already: not fetched twice
-        done = (
-            list(layout.shards)
-            if start.published
-            else [s for s in layout.shards if s.name in start.kept and store.holds(s)]
-        )
-        for shard in done:
-            progress(shard.nbytes - len(shard.header))
-        stats = ShardStats()
-        if start.published:
-            notes += ("this job was published by an earlier run that stopped before its cleanup; finished it",)
-        else:
-            todo = [s for s in layout.shards if s not in done]
-            stats = _write_shards(store, todo, layout, sources, claim, progress, on_shard)
-        published, sent = _publish(store, plan, layout, sources, model_card, checksums, claim, start.published)
-        stats += ShardStats(sent=sent)
-        # the run's work objects, and with force what is left of the checkpoint it replaced; nothing
-        # that someone else writes into the folder meanwhile
-        store.remove([RESUME_NAME, ZEROS_NAME, *store.names(SCRATCH), *(start.replacing - published)])
-    return RunResult(
-        folder.url, len(plan.tensors), len(layout.shards), len(done), stats.written, 0, time.monotonic() - started,
-        notes, stats,
-    )  # fmt: skip
+class S3Destination:
+    """An S3 folder given as ``s3://bucket/prefix``."""
 
+    def __init__(self, url: str):
+        self.location = S3Location.parse(url).folder()
+        self.out = self.shown = self.location.url
 
-def _unpinned(shard: Shard) -> bool:
-    return isinstance(shard.path, str) and shard.etag is None
-
-
-def _write_shards(
-    store: S3Folder,
-    todo: list[ShardLayout],
-    layout: Layout,
-    sources: Mapping[str, Source],
-    claim: S3Claim,
-    progress: Progress,
-    on_shard: ShardStarted | None,
-) -> ShardStats:
-    etags = {
-        shard.path: shard.etag
-        for source in sources.values()
-        for shard in source.checkpoint.shards
-        if isinstance(shard.path, str) and shard.etag
-    }
-    zeros = None
-    if any(isinstance(p.tensor.op, Zeros) for s in todo for p in s.tensors):
-        zeros, etags[zeros] = store.zeros_object()
-    stats = ShardStats(sent=ZEROS_NBYTES if zeros else 0)
-    begins = announcer(layout, on_shard)
-    with (
-        SourceFiles() as files,
-        S3ShardWriter(
-            store.client, store.folder, files, zeros_url=zeros, etags=etags, run_key=store.run_key, progress=progress
-        ) as writer,
-    ):
-        for shard in todo:
-            claim.check()
-            begins(shard)
-            stats += writer.write(shard, claim.check, claim.confirm)
-    return stats
+    @contextmanager
+    def claim(self, job: Job, part: Part, options: WriteOptions) -> Iterator[S3Area]:
+        client = s3.client()
+        endpoint = client.meta.endpoint_url
+        sources = [str(source.folder) for source in job.sources.values() if isinstance(source.folder, str)]
+        check_folder_outside_sources(self.location.bucket, self.location.key, safe_text(self.shown), sources, endpoint)
+        check_bucket(client, self.location)
+        with S3Claim(client, self.location, shared=not part.exclusive) as claim:
+            yield S3Area(S3Folder(client, self.location, job.key), job, part, options, claim)
 
 
 @dataclass(frozen=True, slots=True)
-class _Start:
-    kept: frozenset[str] = frozenset()
-    """Shards an unfinished run of this very job left: kept once checked."""
-    replacing: frozenset[str] = frozenset()
-    """With force, what the folder held of another checkpoint: removed once the new one is published."""
-    published: bool = False
-    """This job is published already (every shard checked): a run stopped after config.json,
-    before its cleanup; the small files are written again (``--checksums`` may differ), no shard."""
+class S3Shards:
+    """Shards uploaded into an S3 folder by any process that reaches the store: each upload completes
+    only while the run's claim holds, and leaves the record of its ETag."""
+
+    folder: S3Location
+    key: str
+    claim: ClaimToken
+    zeros_url: str | None
+    etags: dict[str, str] = field(default_factory=dict)
+    """The versions of the objects copied from (sources, the zeros object) as the run saw them."""
+
+    def write(self, shards: Sequence[ShardLayout], progress: Progress, begins: ShardBegins) -> ShardStats:
+        client = s3.client()
+        store = S3Folder(client, self.folder, self.key)
+        total = ShardStats()
+
+        def confirm() -> None:
+            self.claim.confirm(client)
+
+        with (
+            SourceFiles() as files,
+            S3ShardWriter(
+                client, self.folder, files, zeros_url=self.zeros_url, etags=self.etags, run_key=self.key,
+                progress=progress,
+            ) as writer,
+        ):  # fmt: skip
+            for shard in shards:
+                begins(shard)
+                stats, etag = writer.write(shard, lambda: None, confirm)
+                store.record_done(shard.name, etag)
+                total += stats
+        return total
 
 
-def _prepare(store: S3Folder, layout: Layout, force: bool) -> _Start:
-    """Check the folder and ready it for this run. What is this tool's is known by the resume
-    record (a run that did not finish its cleanup) and the run key every object written carries in
-    its metadata; anything else is another's: refused without ``force``, replaced with it."""
-    names = store.names("", limit=MAX_LISTED)
-    work = {LOCK_NAME, RESUME_NAME, ZEROS_NAME}
-    others = [name for name in names if name not in work and not name.startswith(SCRATCH)]
-    # asked one by one, not read from a listing that may be cut short
-    complete = store.exists(CONFIG_FILE) and (store.exists(INDEX_FILE) or store.exists(SINGLE_FILE))
-    record = store.read_record() if RESUME_NAME in names else None
-    replacing = frozenset(record.replacing) if record is not None else frozenset()
-    written = {name: store.run_of(name) for name in others[:MAX_CHECKED]} if record is not None else {}
-    ours = {name for name, run in written.items() if run is not None}
-    foreign = [name for name in others if name not in ours and name not in replacing]
-    if complete and record is not None and not foreign and all(store.holds(s) for s in layout.shards):
-        return _Start(frozenset(s.name for s in layout.shards), replacing, published=True)
-    if (foreign or complete) and not force:
-        shown = ", ".join(safe_text(name, 60) for name in (foreign or others)[:3])
-        shown += ", ..." if len(foreign or others) > 3 else ""
-        what = "a checkpoint" if complete else f"{len(foreign)}{'+' if len(names) > MAX_LISTED else ''} objects"
-        raise OutputError(
-            f"--out {safe_text(store.folder.url)}: already holds {what} ({shown}); pass --force to replace it, or "
-            "choose an empty folder"
-        )
-    shard_names = {s.name for s in layout.shards}
-    kept = frozenset(name for name in ours if written[name] == store.run_key and name in shard_names)
-    replacing |= frozenset(foreign) | (frozenset(others) if complete else frozenset())
-    store.remove([name for name in COMPLETING if name not in kept])  # no reader sees a checkpoint here now
-    store.remove(sorted(name for name in ours - kept if name not in replacing))  # an earlier job's own work
-    store.abort_uploads()
-    store.write_record(ResumeRecord(store.run_key, tuple(sorted(replacing - kept))))
-    return _Start(kept, replacing - kept)
+class S3Area:
+    """The S3 folder claimed for one part of one job."""
 
+    def __init__(self, store: S3Folder, job: Job, part: Part, options: WriteOptions, claim: S3Claim):
+        self.notes: tuple[str, ...] = ()
+        self._store = store
+        self._job = job
+        self._part = part
+        self._options = options
+        self._claim = claim
+        self._heads: dict[str, tuple[int, str, str | None] | None] = {}
+        self.stats = ShardStats()
+        """What the area itself sent: the zeros object and the small files."""
+        self._look()
 
-def _publish(
-    store: S3Folder,
-    plan: Plan,
-    layout: Layout,
-    sources: Mapping[str, Source],
-    model_card: str,
-    checksums: bool,
-    claim: S3Claim,
-    again: bool,
-) -> tuple[frozenset[str], int]:
-    """The small files, then the index, then config.json: the folder is a checkpoint from then on
-    (``again``: this job's config.json is there already, and is written over). Returns the names of
-    the output's files and the bytes sent."""
-    donor = sources[plan.recipe.donor].folder
-    sent = 0
-    with tempfile.TemporaryDirectory(prefix="shardsurgeon-") as scratch:
-        local = Path(scratch)
-        write_small_files(local, plan, layout, donor, model_card, checksums, lambda name: store.folder.child(name).url)
-        last = [name for name in (INDEX_FILE, CONFIG_FILE) if (local / name).exists()]
-        claim.confirm()  # nothing of the publishing is written by a run that lost the folder
-        for path in sorted(local.iterdir()):
+    def _look(self) -> None:
+        """What the folder holds: refused without ``force`` unless it is this tool's unfinished work;
+        this job found published and not cleaned up."""
+        store, shards = self._store, self._job.layout.shards
+        listing = store.listing("", limit=MAX_LISTED)
+        names = [name for name, _, _ in listing]
+        touched = [item for item in listing if not item[0].startswith(WORK_PREFIX)]
+        check_objects_hold_no_source(touched, self._job.versions, safe_text(store.folder.url))
+        others = [name for name, _, _ in touched]
+        # asked one by one, not read from a listing that may be cut short
+        self._complete = store.exists(CONFIG_FILE) and (store.exists(INDEX_FILE) or store.exists(SINGLE_FILE))
+        record = store.read_record() if RESUME_NAME in names else None
+        self._replacing = frozenset(record.replacing) if record is not None else frozenset()
+        written = {name: store.run_of(name) for name in others[:MAX_CHECKED]} if record is not None else {}
+        self._ours = {name for name, run in written.items() if run is not None}
+        self._mine = {name for name in self._ours if written[name] == store.run_key}
+        foreign = [name for name in others if name not in self._ours and name not in self._replacing]
+        self._published = bool(
+            self._complete and record is not None and record.key == store.run_key and not foreign
+            and all(self.finished(s) for s in shards)
+        )  # fmt: skip
+        if (foreign or self._complete) and not self._published and not self._options.force:
+            shown = ", ".join(safe_text(name, 60) for name in (foreign or others)[:3])
+            shown += ", ..." if len(foreign or others) > 3 else ""
+            what = (
+                "a checkpoint" if self._complete else f"{len(foreign)}{'+' if len(names) > MAX_LISTED else ''} objects"
+            )
+            raise OutputError(
+                f"--out {safe_text(store.folder.url)}: already holds {what} ({shown}); pass --force to replace it, or "
+                "choose an empty folder"
+            )
+        self._replacing |= frozenset(foreign) | (frozenset(others) if self._complete and not self._published else set())
+        self._replacing -= self._mine
+
+    # --- what the run sequence asks -------------------------------------------------------------
+
+    def _head(self, name: str) -> tuple[int, str, str | None] | None:
+        if name not in self._heads:
+            self._heads[name] = self._store.head(name)
+        return self._heads[name]
+
+    def finished(self, shard: ShardLayout) -> bool:
+        found = self._head(shard.name)
+        if found is None or found[0] != shard.nbytes or found[2] != self._store.run_key:
+            return False
+        return self._store.holds(shard)
+
+    def recorded(self, shard: ShardLayout) -> bool:
+        found = self._head(shard.name)
+        return found is not None and self._store.done_etag(shard.name) == found[1]
+
+    def location(self, shard: ShardLayout) -> str:
+        return self._store.folder.child(shard.name).url
+
+    def prepare(self, kept: Sequence[ShardLayout], todo: Sequence[ShardLayout], options: WriteOptions) -> None:
+        store = self._store
+        self._claim.confirm()
+        if self._published and not todo:
+            self.notes += ("this job was published by an earlier run that stopped before its cleanup; finished it",)
+            return
+        self._published = False
+        keep = {s.name for s in kept}
+        if self._part.exclusive:
+            store.remove([name for name in COMPLETING if name not in keep])  # no reader sees a checkpoint here now
+            store.remove(sorted(name for name in self._ours - keep if name not in self._replacing))
+            store.abort_uploads()
+        else:  # a writer: never what another writer of this job wrote or is writing
+            store.remove([name for name in COMPLETING if name not in keep and name not in self._mine])
+            store.remove(sorted(name for name in self._ours - self._mine if name not in self._replacing))
+        store.write_record(ResumeRecord(store.run_key, tuple(sorted(self._replacing))))
+
+    def target(self, todo: Sequence[ShardLayout], options: WriteOptions) -> S3Shards:
+        etags = {v.where: v.validator for v in self._job.versions if not v.is_local and v.validator}
+        zeros = None
+        if any(isinstance(p.tensor.op, Zeros) for s in todo for p in s.tensors):
+            zeros, etags[zeros] = self._store.zeros_object()
+            self.stats += ShardStats(sent=ZEROS_NBYTES)
+        return S3Shards(self._store.folder, self._store.run_key, self._claim.token, zeros, etags)
+
+    @contextmanager
+    def small_files(self) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="shardsurgeon-") as scratch:
+            yield Path(scratch)
+
+    def publish(self, small: Path, sources_unchanged: Callable[[], None]) -> None:
+        """The small files, then the index, then config.json: the folder is a checkpoint from then
+        on; then the run's own work objects go, and with force what is left of the replaced one."""
+        store = self._store
+        last = [name for name in (INDEX_FILE, CONFIG_FILE) if (small / name).exists()]
+        self._claim.confirm()  # nothing of the publishing is written by a run that lost the folder
+        sent = 0
+        for path in sorted(small.iterdir()):
             if path.name not in last:
                 sent += store.put(path.name, path.read_bytes())
-        check_sources_unchanged(sources)
-        claim.confirm()
+        sources_unchanged()
+        self._claim.confirm()
         for name in last:
-            sent += store.put(name, (local / name).read_bytes(), create=name == CONFIG_FILE and not again)
-        return frozenset({s.name for s in layout.shards} | {path.name for path in local.iterdir()}), sent
-
-
-def _check_outside_sources(folder: S3Location, sources: Mapping[str, Source]) -> None:
-    """Refuse an output folder that is, holds or lies inside a source folder in S3: the source is
-    never written to (a run removes what is not its output)."""
-    for source in sources.values():
-        if not (isinstance(source.folder, str) and source.folder.startswith("s3://")):
-            continue
-        other = S3Location.parse(source.folder).folder()
-        if other.bucket != folder.bucket:
-            continue
-        shown = f"--out {safe_text(folder.url)}"
-        if other.key == folder.key:
-            raise DestinationError(f"{shown}: is the source folder; the source is never written to, choose another")
-        if folder.key.startswith(other.key):
-            raise DestinationError(
-                f"{shown}: is inside the source folder {safe_text(other.url)}; the source is never written to, choose "
-                "an output folder outside it"
-            )
-        if other.key.startswith(folder.key):
-            raise DestinationError(f"{shown}: contains the source folder {safe_text(other.url)}; choose another")
+            sent += store.put(name, (small / name).read_bytes(), create=name == CONFIG_FILE and not self._published)
+        self.stats += ShardStats(sent=sent)
+        published = {s.name for s in self._job.layout.shards} | {path.name for path in small.iterdir()}
+        work = [RESUME_NAME, ZEROS_NAME, *store.names(SCRATCH), *store.names(DONE_PREFIX)]
+        store.remove([*work, *sorted(self._replacing - published)])

@@ -1,7 +1,7 @@
-"""The objects of one S3 folder as one job of the S3 output sees them (:mod:`s3output`): listing,
-writing with the job's key in each object's metadata, the resume record, the zeros object, and
-whether a finished shard is this job's; every failure as one line. Owns no policy: what to keep,
-refuse or remove is :mod:`s3output`'s.
+"""The objects of one S3 folder as one job sees them: listing, writing with the job's key in each
+object's metadata, the resume record, the zeros object, the record of each finished shard (the ETag
+its upload completed with), and whether a finished shard is this job's; every failure as one line.
+Owns no policy: what to keep, refuse or remove is :mod:`write.s3.destination`'s.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardsurgeon.errors import OutputError, safe_text
+from shardsurgeon.names import DONE_PREFIX, RESUME_NAME, ZEROS_NAME
 from shardsurgeon.plan.layout import ShardLayout
 from shardsurgeon.storage.s3 import S3Location, describe, error_code, failed_condition
 from shardsurgeon.write.s3.parts import ZEROS_NBYTES
 from shardsurgeon.write.s3.uploads import RUN_METADATA_KEY, SCRATCH, ZerosReader
 
-RESUME_NAME = ".shardsurgeon-resume"
-ZEROS_NAME = ".shardsurgeon-zeros"
 RECORD_MAX_BYTES = 16 << 20
 
 
@@ -51,18 +50,24 @@ class S3Folder:
     def names(self, under: str, limit: int | None = None) -> list[str]:
         """The objects under the folder whose names start with ``under``, in order; with ``limit``,
         only the first ``limit + 1`` are looked for."""
+        return [name for name, _, _ in self.listing(under, limit)]
+
+    def listing(self, under: str, limit: int | None = None) -> list[tuple[str, int, str]]:
+        """:meth:`names` with each object's size and ETag, as the listing gives them."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         prefix = self.folder.key + under
-        names: list[str] = []
+        found: list[tuple[str, int, str]] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.folder.bucket, Prefix=prefix):
-                names += [item["Key"].removeprefix(self.folder.key) for item in page.get("Contents", [])]
-                if limit is not None and len(names) > limit:
+                for item in page.get("Contents", []):
+                    name = item["Key"].removeprefix(self.folder.key)
+                    found.append((name, int(item.get("Size", 0)), str(item.get("ETag", ""))))
+                if limit is not None and len(found) > limit:
                     break
         except (ClientError, BotoCoreError) as e:
             raise describe(self.folder, "listing the folder", e) from None
-        return sorted(names)
+        return sorted(found)
 
     def abort_uploads(self) -> None:
         """Abort the unfinished multipart uploads a killed run left under the folder: of its shards
@@ -157,13 +162,22 @@ class S3Folder:
             raise describe(where, f"looking for {name}", e) from None
         return True
 
+    def head(self, name: str) -> tuple[int, str, str | None] | None:
+        """The object's size, ETag and the job key in its metadata; None when there is none."""
+        try:
+            head = self._call(name, f"looking at {name}", self.client.head_object)
+        except OutputError:
+            return None
+        run = head.get("Metadata", {}).get(RUN_METADATA_KEY)
+        return int(head["ContentLength"]), str(head["ETag"]), str(run) if run else None
+
     def holds(self, shard: ShardLayout) -> bool:
         """Whether the object of ``shard`` was written by a run of this very job (its metadata says
         so) and has the size and header the layout gives it."""
+        found = self.head(shard.name)
+        if found is None or found[0] != shard.nbytes or found[2] != self.run_key:
+            return False
         try:
-            head = self._call(shard.name, "checking a finished shard", self.client.head_object)
-            if head["ContentLength"] != shard.nbytes or head.get("Metadata", {}).get(RUN_METADATA_KEY) != self.run_key:
-                return False
             answer = self._call(
                 shard.name,
                 "checking a finished shard",
@@ -173,6 +187,21 @@ class S3Folder:
             return bool(answer["Body"].read() == shard.header)
         except OutputError:
             return False
+
+    def record_done(self, name: str, etag: str) -> None:
+        """Record that this job's upload of ``name`` completed as the object of ``etag``."""
+        self.put(DONE_PREFIX + name, json.dumps({"key": self.run_key, "etag": etag}).encode())
+
+    def done_etag(self, name: str) -> str | None:
+        """The ETag this job's writer recorded for ``name``, or None (no record, or another job's)."""
+        try:
+            answer = self._call(DONE_PREFIX + name, "reading a finished shard's record", self.client.get_object)
+            record = json.loads(answer["Body"].read(RECORD_MAX_BYTES))
+        except (OutputError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("key") != self.run_key or not isinstance(record.get("etag"), str):
+            return None
+        return str(record["etag"])
 
 
 def check_bucket(client: Any, folder: S3Location) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shardsurgeon.errors import CheckpointError, safe_text
+from shardsurgeon.names import SCRATCH_PREFIX
 from shardsurgeon.plan.layout import CopyRun, PlacedTensor, ShardLayout
 from shardsurgeon.plan.planner import Convert, Zeros
 from shardsurgeon.storage.remote import SourceFiles
@@ -40,9 +41,9 @@ THREADS = 4
 MADE_IN_FLIGHT = 2
 """Parts made here at once: each holds a :class:`Workspace` (a buffer of a part's size)."""
 ZERO_CHUNK = bytes(1 << 20)
-SCRATCH = ".shardsurgeon-scratch/"
+SCRATCH = SCRATCH_PREFIX
 RUN_METADATA_KEY = "shardsurgeon-run"
-"""User metadata of each shard object: the key of the run that wrote it (see finish.resume_key)."""
+"""User metadata of each object the tool writes: the key of the job that wrote it (plan.job.Job.key)."""
 
 
 class Workspace:
@@ -175,9 +176,12 @@ class S3ShardWriter:
         for _ in range(MADE_IN_FLIGHT):
             self._workspaces.put(Workspace())
 
-    def write(self, shard: ShardLayout, check: Callable[[], None], confirm: Callable[[], None]) -> ShardStats:
+    def write(
+        self, shard: ShardLayout, check: Callable[[], None], confirm: Callable[[], None]
+    ) -> tuple[ShardStats, str]:
         """Upload ``shard``; ``check`` is called before each part and ``confirm`` before the upload
-        completes (they raise if the run must stop: another run took the folder over)."""
+        completes (they raise if the run must stop: another run took the folder over). Returns what
+        it did and the ETag of the object completed."""
         parts = plan_parts(shard, self._zeros_url)
         target = self._folder.child(shard.name)
         fetched_before = self._sources.remote.fetched_nbytes
@@ -191,14 +195,14 @@ class S3ShardWriter:
             ]
             _wait_all(futures)
             confirm()
-            upload.complete([future.result() for future in futures])
+            etag = upload.complete([future.result() for future in futures])
         except BaseException:
             upload.abort()
             raise
         finally:
             self._remove(scratch)
         sent = sum(sent_nbytes(part) for part in parts)
-        return ShardStats(
+        stats = ShardStats(
             written=shard.nbytes,
             copied=sum(s.nbytes for s in shard.segments() if isinstance(s, CopyRun)),
             converted=sum(p.tensor.nbytes for p in shard.tensors if isinstance(p.tensor.op, Convert)),
@@ -206,6 +210,7 @@ class S3ShardWriter:
             sent=sent,
             server_copied=shard.nbytes - sent,
         )
+        return stats, etag
 
     def _send(
         self, upload: _Upload, number: int, part: Part, made: ShardBytes, shard: ShardLayout,
@@ -318,12 +323,14 @@ class _Upload:
             raise describe(self._shown, f"copying {what or source.url} into part {number} on the server", e) from None
         return _Uploaded(number, answer["CopyPartResult"]["ETag"])
 
-    def complete(self, parts: list[_Uploaded]) -> None:
+    def complete(self, parts: list[_Uploaded]) -> str:
+        """Complete the upload; returns the ETag of the object it made."""
         done = [{"PartNumber": part.number, "ETag": part.etag} for part in sorted(parts, key=lambda p: p.number)]
-        self._call(
+        answer = self._call(
             "completing the upload", self._client.complete_multipart_upload,
             MultipartUpload={"Parts": done}, UploadId=self._upload_id(),
         )  # fmt: skip
+        return str(answer["ETag"])
 
     def abort(self) -> None:
         """Abort the upload (it would be billed otherwise); a failure here is left to the next run."""

@@ -1,0 +1,132 @@
+"""The bytes a planned tensor must hold, by definition, and where a file differs from them.
+
+The definition of every op (DESIGN.md): a copy is the source's bytes; zeros are +0.0; a convert is
+the source cast to its working dtype with round to nearest even (a 16-bit target through float32,
+so float64 rounds twice, as torch does), scaled in float32 (float64 for F64) and cast to the
+output dtype. Plain numpy and ml_dtypes on one chunk at a time: the specification, never the
+executor's fast converters, so a bug in those cannot pass. Both the write path (a kept shard's
+proof) and ``verify`` use it; it reads only through the reader its caller gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from shardsurgeon.format import DTYPES
+from shardsurgeon.names import CHUNK_BYTES
+from shardsurgeon.plan.layout import ShardLayout
+from shardsurgeon.plan.planner import Convert, Copy, PlannedTensor, Zeros
+from shardsurgeon.units import Progress
+
+Read = Callable[[Path | str, int, int], bytes]
+"""Bytes ``offset`` to ``offset + nbytes`` of the file at a path or URL; fewer only past its end."""
+CHUNK_ELEMENTS = 1 << 19
+_ZEROS = bytes(CHUNK_BYTES)
+
+
+def _ignore(nbytes: int) -> None:
+    pass
+
+
+def expected_chunks(tensor: PlannedTensor, read: Read) -> Iterator[bytes | memoryview]:
+    """The bytes ``tensor`` must hold, in chunks of at most a few MiB."""
+    match tensor.op:
+        case Zeros():
+            for start in range(0, tensor.nbytes, CHUNK_BYTES):
+                yield memoryview(_ZEROS)[: min(CHUNK_BYTES, tensor.nbytes - start)]
+        case Copy():
+            for start in range(0, tensor.nbytes, CHUNK_BYTES):
+                yield read(
+                    tensor.source.path, tensor.source.data_start + start, min(CHUNK_BYTES, tensor.nbytes - start)
+                )
+        case Convert() as op:
+            step = CHUNK_ELEMENTS * DTYPES[tensor.source.dtype].itemsize
+            for start in range(0, tensor.source.nbytes, step):
+                raw = read(
+                    tensor.source.path, tensor.source.data_start + start, min(step, tensor.source.nbytes - start)
+                )
+                yield by_definition(raw, tensor.source.dtype, op, tensor.dtype).tobytes()
+
+
+def first_difference(
+    tensor: PlannedTensor, read: Read, out_path: Path | str, out_offset: int, progress: Progress = _ignore
+) -> int | None:
+    """The first byte of the tensor at ``out_offset`` of the file at ``out_path`` that differs from
+    what ``tensor`` must hold, or None."""
+    done = 0
+    for expected in expected_chunks(tensor, read):
+        actual = read(out_path, out_offset + done, len(expected))
+        if actual != expected:
+            return done + _first_unequal(actual, bytes(expected))
+        done += len(expected)
+        progress(len(expected))
+    return None if done == tensor.nbytes else done
+
+
+def differing_tensors(shard: ShardLayout, read: Read, where: Path | str, *, first_only: bool) -> list[PlannedTensor]:
+    """The tensors of ``shard`` whose bytes in the file at ``where`` differ from the definition (the
+    header and size are the caller's to check); with ``first_only``, stops at the first."""
+    differing = []
+    for placed in shard.tensors:
+        if first_difference(placed.tensor, read, where, placed.offset) is not None:
+            differing.append(placed.tensor)
+            if first_only:
+                break
+    return differing
+
+
+def describe_expected(tensor: PlannedTensor) -> str:
+    """How ``tensor``'s bytes differ from what they must be, in words."""
+    source = f"{tensor.source.name} of {tensor.source.path}"
+    match tensor.op:
+        case Zeros():
+            return "holds other bytes than the zeros the recipe gives"
+        case Copy():
+            return f"differs from the source bytes ({source})"
+        case Convert(scale, via):
+            scaled = f" scaled by {scale:g}" if scale != 1.0 else ""
+            if via is not None:
+                return f"differs from {source} cast to {via}{scaled}, then to {tensor.dtype}"
+            return f"differs from {source} cast to {tensor.dtype}{scaled}"
+
+
+def _first_unequal(a: bytes, b: bytes) -> int:
+    """The first index where ``a`` and ``b`` differ, by bisection: a few compares in C, no loop per byte."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:lo] == b[:lo] and a[lo:hi] != b[lo:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def by_definition(raw: bytes, src_dtype: str, op: Convert, dst_dtype: str) -> Any:
+    """``raw`` elements of ``src_dtype`` converted as DESIGN.md defines it, as a numpy array.
+
+    Cast to the working dtype (``op.via``, else the output dtype), rounding to nearest even; a
+    16-bit target is reached through float32, so float64 rounds twice, as torch does. Then the scale:
+    float64 arithmetic for F64, else ``float32(x) * float32(k)`` rounded back. Then the cast to the
+    output dtype. Plain numpy and ml_dtypes on one chunk: the specification, not the fast path.
+    """
+    import numpy as np
+
+    def cast(values: Any, dtype: str) -> Any:
+        target = DTYPES[dtype].numpy
+        if dtype in ("BF16", "F16") and values.dtype != target:
+            values = values.astype(np.float32)
+        return values.astype(target)
+
+    work = op.via or dst_dtype
+    with np.errstate(all="ignore"):
+        values = cast(np.frombuffer(raw, DTYPES[src_dtype].numpy), work)
+        if op.scale != 1.0 and work == "F64":
+            values = values * np.float64(op.scale)
+        elif op.scale != 1.0:
+            values = (values.astype(np.float32) * np.float32(op.scale)).astype(DTYPES[work].numpy)
+        return cast(values, dst_dtype) if op.via is not None else values

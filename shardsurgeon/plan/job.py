@@ -1,0 +1,69 @@
+"""A job: everything decided before writing, and the key that names its work wherever it runs.
+
+:class:`Job` holds the resolved sources, the recipe, the plan, the layout and the texts of the
+model card. Its :attr:`Job.key` names the work of the job on any destination, in any mode (a whole
+run, each writer of a distributed job, the finalize) and on any machine that sees the same source
+files: the plan's fingerprint, the shards' names and sizes, and every source file's version
+(:mod:`storage.versions`). A staging folder, an S3 folder's resume record, each shard's metadata
+and a plan file's writers all carry it, so work left by one run is found by another of the very
+same job, and by no other. Pure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+
+from shardsurgeon.model.arch import NO_HINT, StackHint
+from shardsurgeon.model.source import Source, card_names_of
+from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, ShardLayout, plan_layout
+from shardsurgeon.plan.planner import Plan
+from shardsurgeon.plan.recipe import Recipe, recipe_to_json
+from shardsurgeon.storage.versions import SourceVersion
+
+
+@dataclass(frozen=True)
+class Job:
+    """A planned rewrite of ``sources`` (by the model references of the recipe)."""
+
+    sources: dict[str, Source]
+    recipe: Recipe
+    plan: Plan
+    layout: Layout
+    description: str
+    mergekit_yaml: str
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    stack_hint: StackHint = NO_HINT
+
+    @cached_property
+    def versions(self) -> tuple[SourceVersion, ...]:
+        """Every source file as the plan saw it."""
+        return tuple(shard.version for source in self.sources.values() for shard in source.checkpoint.shards)
+
+    @cached_property
+    def key(self) -> str:
+        """Names this job's work: the plan, its shards, and its source files' versions."""
+        digest = hashlib.sha256(b"job:" + self.plan.fingerprint.encode())
+        for shard in self.layout.shards:
+            digest.update(f"{shard.name}:{shard.nbytes};".encode())
+        for version in self.versions:
+            digest.update(version.key().encode())
+        return digest.hexdigest()
+
+    @property
+    def card_names(self) -> dict[str, str]:
+        """The name the model card gives each model reference (see :func:`model.source.card_names_of`)."""
+        return card_names_of(self.sources)
+
+    def versions_of(self, shard: ShardLayout) -> tuple[SourceVersion, ...]:
+        """The versions of the source files ``shard``'s bytes are made from."""
+        by_where = {version.where: version for version in self.versions}
+        paths = dict.fromkeys(str(placed.tensor.source.path) for placed in shard.tensors)
+        return tuple(by_where[path] for path in paths if path in by_where)
+
+
+def job_layout(recipe: Recipe, plan: Plan, sources: dict[str, Source], max_shard_bytes: int) -> Layout:
+    """The shards, each recording the recipe by published model names so ``verify`` can re-derive it."""
+    names = {model: source.published_name for model, source in sources.items()}
+    return plan_layout(plan, max_shard_bytes, {RECIPE_METADATA_KEY: recipe_to_json(recipe, names)})
