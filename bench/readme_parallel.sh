@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Runs the command lines of README.md's "Parallel and distributed writing" section, as written
-# there, on a tiny Mistral-shaped checkpoint (the demo's, `shardsurgeon demo --keep`), and checks
-# each output with `shardsurgeon verify OUT --src SRC` and against a one-process run's bytes.
+# Runs the command lines of docs/parallel.md's Slurm and Ray sections (until the docs moved there,
+# README.md's "Parallel and distributed writing"), as written there, on a tiny Mistral-shaped
+# checkpoint (the demo's, `shardsurgeon demo --keep`), and checks each output with
+# `shardsurgeon verify OUT --src SRC` and against a one-process run's bytes.
 #
-# - The Slurm array: write.sbatch and finalize.sbatch are the README's files (with the demo source
+# - The Slurm array: write.sbatch and finalize.sbatch are the docs' files (with the demo source
 #   in place of /shared/Meta-Llama-3.1-405B); there is no Slurm here, so each array task runs as
 #   `SLURM_ARRAY_TASK_ID=K bash write.sbatch`, all N at once, then finalize.sbatch once they end.
 # - Ray: a local head (`ray start --head`, two CPUs, its own session, stopped by its process group),
-#   then the README's `shardsurgeon apply plan.json OUT --ray` with RAY_ADDRESS naming it.
+#   then the docs' `shardsurgeon apply plan.json OUT --ray` with RAY_ADDRESS naming it.
 #
 #   bash bench/readme_parallel.sh          (from the checkout; PYTHON defaults to the venv's)
 set -euo pipefail
@@ -31,7 +32,7 @@ SRC=$work/demo/$(ls demo | grep -v -- -expanded | head -1)
 layers=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['num_hidden_layers'])" "$SRC/config.json")
 echo "source: $SRC ($layers layers)"
 
-# --- the README's commands, SRC standing for /shared/Meta-Llama-3.1-405B ---------------------------
+# --- the docs' commands, SRC standing for /shared/Meta-Llama-3.1-405B ---------------------------
 N=4
 shardsurgeon expand --src "$SRC" --every 4 --zero residual --max-shard-size 200KB --plan-json plan.json
 cat > write.sbatch <<EOF

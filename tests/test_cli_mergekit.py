@@ -234,9 +234,9 @@ def test_help_shows_out_argument_and_the_shard_size_reading():
     assert "noted as having no effect" in " ".join(result.output.split())
 
 
-def test_readme_lists_every_mergekit_flag():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    table = readme.split("| mergekit-yaml flag |")[1].split("\n\n")[0]
+def test_docs_list_every_mergekit_flag():
+    page = (Path(__file__).parents[1] / "docs" / "formats.md").read_text()
+    table = page.split("| mergekit-yaml flag |")[1].split("\n\n")[0]
     for flag in MERGEKIT_FLAGS:
         assert f"`{flag.flag}" in table, flag.flag
 
