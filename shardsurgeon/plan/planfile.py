@@ -127,7 +127,7 @@ class _FieldError(Exception):
 def _load(record: Any, shown: str) -> PlannedJob:
     top = _object(record, "the file")
     job = _object(_get(top, "job", "job"), "job")
-    if (found := job.get("format")) != FORMAT:
+    if (found := _get(job, "format", "job.format")) != FORMAT:
         raise _FieldError("job.format", f"expected {FORMAT}, found {_shown(found)}")
     hint_record = _object(_get(job, "stack_hint", "job.stack_hint"), "job.stack_hint")
     hint = StackHint(

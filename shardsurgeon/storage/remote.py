@@ -80,6 +80,29 @@ class RemoteHeader:
     etag: str | None
 
 
+def check_url(url: str) -> None:
+    """Refuse, in one line, a URL no client could use (no host or bucket, a bad port or address)
+    before any client sees it: a client may fail on such a URL in ways that are not errors."""
+    from urllib.parse import urlsplit
+
+    from shardsurgeon.storage.s3 import BUCKET_NAME
+
+    shown = safe_text(url)
+    if url.startswith("s3://"):
+        bucket = url.removeprefix("s3://").partition("/")[0]
+        if not BUCKET_NAME.fullmatch(bucket):
+            raise CheckpointError(f"{shown}: {safe_text(bucket, 80)!r} is not a bucket name; write s3://BUCKET/FOLDER")
+        return
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port  # the port is checked when read
+        (host or "").encode("idna")
+    except (ValueError, UnicodeError) as e:
+        raise CheckpointError(f"{shown}: not a usable URL ({safe_text(e, 80)}); write it as https://HOST/FOLDER/") from None
+    if not host or any(c.isspace() or c in "\\<>^`{|}" for c in host):
+        raise CheckpointError(f"{shown}: no usable host in the URL; write it as https://HOST/FOLDER/")
+
+
 class RemoteFolder:
     """The files under one folder URL; counts the bytes fetched. Holds a client, no open files."""
 
@@ -88,6 +111,7 @@ class RemoteFolder:
             import obstore  # noqa: F401  (optional extra: imported only when a URL is opened)
         except ImportError:
             raise CheckpointError(f"{safe_text(url)}: {EXTRA_HINT}") from None
+        check_url(url)
         self.url = folder_url(url)
         self.fetched_nbytes = 0
         self._counting = threading.Lock()  # the S3 writer reads from several threads

@@ -223,8 +223,6 @@ class LocalArea:
         if now is not None and not force and _non_empty(self.out):
             raise OutputError(self._changed("the empty folder there was filled"))
         self._check()
-        if now is not None:
-            check_tree_holds_no_source(self.out, self._folders, self._job.versions, "--out")
         publish.commit(self.staging, self.out, RESUME_NAME)
 
     # --- the claim ------------------------------------------------------------------------------
@@ -247,6 +245,7 @@ class LocalArea:
         check_outside_sources(self.out, self._folders, "--out", files=self._files, beside=beside)
         if self._part.exclusive:
             check_destination(self.out, self._options.force)
+            check_tree_holds_no_source(self.out, self._folders, self._job.versions, "--out")
 
     def release(self, *, failed: bool) -> None:
         """Release the output's lock and, after a failure, remove the parent folders the claim
