@@ -200,9 +200,7 @@ def interrupted(*args: str | Path) -> None:
 
 
 @pytest.mark.parametrize("out_kind", ["local", "s3"])
-def test_a_resume_from_a_source_with_time_and_size_etags_checks_its_bytes(
-    s3, server, tmp_path, monkeypatch, out_kind
-):
+def test_a_resume_from_a_source_with_time_and_size_etags_checks_its_bytes(s3, server, tmp_path, monkeypatch, out_kind):
     """A rerun after the source was rewritten with its times put back (its ETag unchanged) keeps no
     shard made from the old bytes; one after no change keeps them, having compared them."""
     _, src, src2 = server
@@ -224,9 +222,7 @@ def test_a_resume_from_a_source_with_time_and_size_etags_checks_its_bytes(
     assert [name for name in want if got[name] != want[name]] == []
 
 
-def test_a_resume_from_an_unchanged_source_with_time_and_size_etags_keeps_its_shards(
-    s3, server, tmp_path, monkeypatch
-):
+def test_a_resume_from_an_unchanged_source_with_time_and_size_etags_keeps_its_shards(s3, server, tmp_path, monkeypatch):
     _, src, _ = server
     shutil.copytree(src, tmp_path / "served" / "m")
     with nginx_like(tmp_path / "served", monkeypatch) as base:

@@ -98,7 +98,8 @@ def check_url(url: str) -> None:
         host, _ = parts.hostname, parts.port  # the port is checked when read
         (host or "").encode("idna")
     except (ValueError, UnicodeError) as e:
-        raise CheckpointError(f"{shown}: not a usable URL ({safe_text(e, 80)}); write it as https://HOST/FOLDER/") from None
+        problem = safe_text(e, 80)
+        raise CheckpointError(f"{shown}: not a usable URL ({problem}); write it as https://HOST/FOLDER/") from None
     if not host or any(c.isspace() or c in "\\<>^`{|}" for c in host):
         raise CheckpointError(f"{shown}: no usable host in the URL; write it as https://HOST/FOLDER/")
 
