@@ -18,6 +18,7 @@ import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shardsurgeon.errors import FormatError
@@ -142,6 +143,19 @@ class Header:
     tensors: tuple[HeaderEntry, ...]
     data_start: int
     data_nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    """Where one source tensor's bytes live: ``data_start`` is an absolute offset in ``path``, a local
+    file or (a ``str``) the URL of a remote one."""
+
+    name: str
+    path: Path | str
+    dtype: str
+    shape: tuple[int, ...]
+    data_start: int
+    nbytes: int
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -18,25 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from shardsurgeon.errors import CheckpointError, safe_text
-from shardsurgeon.format import MAX_TENSORS, read_header
+from shardsurgeon.format import MAX_TENSORS, TensorRef, read_header
 from shardsurgeon.model.hfcache import snapshot
 from shardsurgeon.names import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from shardsurgeon.storage.remote import RemoteFolder, file_name, is_url
 from shardsurgeon.storage.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
 from shardsurgeon.storage.versions import SourceVersion, describe_change, local_version
-
-
-@dataclass(frozen=True, slots=True)
-class TensorRef:
-    """Where one source tensor's bytes live: ``data_start`` is an absolute offset in ``path``, a local
-    file or (a ``str``) the URL of a remote one."""
-
-    name: str
-    path: Path | str
-    dtype: str
-    shape: tuple[int, ...]
-    data_start: int
-    nbytes: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from shardsurgeon.model.checkpoint import TensorRef
+from shardsurgeon.format import TensorRef
 from shardsurgeon.names import CHECKSUMS_FILE, CHUNK_BYTES
 from shardsurgeon.storage import fileio
 from shardsurgeon.storage.remote import SourceFiles

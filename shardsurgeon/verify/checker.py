@@ -27,6 +27,7 @@ from shardsurgeon.errors import FormatError, PlanError, RecipeError, VerifyError
 from shardsurgeon.format import Header
 from shardsurgeon.model.arch import NO_HINT, StackHint, find_layer_stack
 from shardsurgeon.model.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TensorRef
+from shardsurgeon.model.otherfiles import other_files, remote_other_files
 from shardsurgeon.model.source import open_source
 from shardsurgeon.plan.expected import describe_expected, differing_tensors, first_difference
 from shardsurgeon.plan.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout
@@ -37,7 +38,6 @@ from shardsurgeon.storage.remote import SourceFiles, file_name, is_url, join_nam
 from shardsurgeon.storage.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS
 from shardsurgeon.units import Progress
 from shardsurgeon.verify.folders import CheckpointFolder, file_sha256, open_folder
-from shardsurgeon.write.smallfiles import other_files, remote_other_files
 
 
 @dataclass(frozen=True, slots=True)
