@@ -98,7 +98,7 @@ def test_interrupted_run_leaves_no_output_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(ShardWriter, "write", real_write)
     result = run_cli(*args, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    assert "(2 kept from an interrupted run)" in result.output
+    assert "(2 kept from an earlier run)" in result.output
     reference, resumed = folder_bytes(tmp_path / "reference"), folder_bytes(tmp_path / "out")
     reference["README.md"] = reference["README.md"].replace(b"--out reference\n", b"--out out\n")
     assert resumed == reference

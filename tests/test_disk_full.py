@@ -108,7 +108,7 @@ def test_disk_filling_up_while_writing_then_resume_after_freeing_space(tmp_path,
     subprocess.run(["mount", "-o", "remount,size=100m", str(disk)], check=True)
     result = expand_in(monkeypatch, disk, source)
     assert result.exit_code == 0, result.output
-    assert f"({len(completed)} kept from an interrupted run)" in result.output
+    assert f"({len(completed)} kept from an earlier run)" in result.output
     assert folder_bytes(disk / "out") == reference
     assert sorted(p.name for p in disk.iterdir()) == ["out"]
     assert folder_bytes(source) == before
@@ -142,7 +142,7 @@ def test_disk_full_after_the_shards_while_writing_the_small_files(tmp_path, moun
     (disk / "filler").unlink()
     result = expand_in(monkeypatch, disk, source)
     assert result.exit_code == 0, result.output
-    assert "(10 kept from an interrupted run), 0 B written" in result.output
+    assert "(10 kept from an earlier run), 0 B written" in result.output
     assert folder_bytes(disk / "out") == reference
 
 

@@ -238,7 +238,7 @@ def reference(tmp_path: Path, src: Path, recipe: tuple[str, ...] = RECIPE) -> di
 
 
 def kept(stderr: str) -> int:
-    found = re.search(r"\((\d+) kept from an interrupted run\)", stderr)
+    found = re.search(r"\((\d+) kept from an earlier run\)", stderr)
     return int(found[1]) if found else 0
 
 

@@ -105,7 +105,7 @@ def resumed(cwd: Path, src: Path, recipe: list[str], *extra: str) -> str:
 
 
 def kept(summary: str) -> int:
-    marker = " kept from an interrupted run)"
+    marker = " kept from an earlier run)"
     if marker not in summary:
         return 0
     return int(summary.split(marker)[0].rsplit("(", 1)[1])

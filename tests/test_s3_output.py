@@ -205,7 +205,7 @@ def test_a_killed_run_resumes_keeps_its_finished_shards_and_leaves_nothing_behin
     assert ".shardsurgeon-lock" in left and ".shardsurgeon-resume" in left and "config.json" not in left
     resumed = cli_process(args, s3_environment(weed.endpoint))
     assert resumed.returncode == 0, resumed.stderr
-    assert "kept from an interrupted run" in resumed.stderr
+    assert "kept from an earlier run" in resumed.stderr
     same_output(s3, url, local)
 
 

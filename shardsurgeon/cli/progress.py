@@ -45,7 +45,7 @@ def start_tally(total: int, now: float) -> Tally:
 def begin_shard(tally: Tally, name: str, nbytes: int, now: float) -> Tally:
     """Writing shard ``name`` of ``nbytes`` tensor bytes begins.
 
-    The rate is measured from the first shard written: shards kept from an interrupted run are
+    The rate is measured from the first shard written: shards kept from an earlier run are
     counted as done before it, in no time, and would make the rate a fiction.
     """
     origin = tally.rate_origin or (now, tally.done)

@@ -70,7 +70,7 @@ def progress(
 
 
 def summary(plan: Plan, result: RunResult) -> str:
-    reused = f" ({result.shards_reused} kept from an interrupted run)" if result.shards_reused else ""
+    reused = f" ({result.shards_reused} kept from an earlier run)" if result.shards_reused else ""
     shards = "1 shard" if result.shards == 1 else f"{result.shards} shards"
     if isinstance(result.out, str):  # an object store: no holes, and the bytes that crossed the network
         stats = result.stats
