@@ -42,7 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-CHUNK_BYTES = 4 << 20
+from shardsurgeon.names import CHUNK_BYTES
+
 """Size of the reused buffer of the portable copy path."""
 KERNEL_CALL_BYTES = 64 << 20
 """Largest single ``copy_file_range`` call: keeps progress smooth and Ctrl-C prompt. A multiple of

@@ -27,9 +27,8 @@ from pathlib import Path
 from types import TracebackType
 
 from shardsurgeon.errors import OutputError, safe_text
+from shardsurgeon.names import HOLDER_MAX_BYTES
 
-HOLDER_MAX_BYTES = 4096
-"""Most bytes read from a lock file: it holds a short JSON object, whatever another process wrote."""
 _NO_LOCKING = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
 _ATTEMPTS = 10
 
