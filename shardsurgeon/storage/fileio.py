@@ -44,7 +44,6 @@ from typing import Literal
 
 from shardsurgeon.names import CHUNK_BYTES
 
-"""Size of the reused buffer of the portable copy path."""
 KERNEL_CALL_BYTES = 64 << 20
 """Largest single ``copy_file_range`` call: keeps progress smooth and Ctrl-C prompt. A multiple of
 every block size, so a body split into calls stays aligned."""
