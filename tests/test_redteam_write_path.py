@@ -365,7 +365,7 @@ def test_writers_of_two_plans_in_one_s3_folder_never_mix_their_bytes(s3, server,
     def write(index: int) -> None:
         try:
             run_job(jobs[index], "s3://out/twoplans", command="shardsurgeon expand", part=writer([shard]))
-        except BaseException as e:  # noqa: BLE001 (reported below)
+        except BaseException as e:
             errors.append(e)
         finally:
             if index == 1:
@@ -523,7 +523,7 @@ def test_an_s3_url_in_capitals_is_the_bucket_or_refused(s3, tmp_path, local_src,
 
 # --- 7. published bytes: a rerun while the writer processes of a killed run still write -------------
 
-ORPHAN_HOOK = '''
+ORPHAN_HOOK = """
 import os, time
 from pathlib import Path
 if os.environ.get("REDTEAM_ORPHAN"):
@@ -542,7 +542,7 @@ if os.environ.get("REDTEAM_ORPHAN"):
         time.sleep(8)
 
     executor.ShardWriter.write, fileio.set_size = write, set_size
-'''
+"""
 
 
 @pytest.mark.xfail(
@@ -581,11 +581,15 @@ def test_a_rerun_after_kill_9_of_a_jobs_run_publishes_only_finished_shards(tmp_p
         def write(self, shard, path):  # the rerun's first shard, written, is renamed once an orphan starts it
             stats = real_write(self, shard, path)
             if not seen:
-                seen.append(os.stat(path).st_ino)
+                seen.append(os.open(path, os.O_RDONLY))  # held open: its inode number is not reused
                 (control / "go").touch()
                 until = time.monotonic() + 20
-                while os.stat(path).st_ino == seen[0] and time.monotonic() < until:
+                while time.monotonic() < until:
+                    with contextlib.suppress(FileNotFoundError):
+                        if os.stat(path).st_ino != os.fstat(seen[0]).st_ino:
+                            break
                     time.sleep(0.02)
+                os.close(seen[0])
             return stats
 
         with pytest.MonkeyPatch.context() as patch:
@@ -603,3 +607,79 @@ def test_a_rerun_after_kill_9_of_a_jobs_run_publishes_only_finished_shards(tmp_p
         want = reference(local_src, tmp_path / "ref" / "out", *LOCAL)
         assert [name for name in want if published.get(name) != want[name]] == []
         assert sorted(published) == sorted(want)
+
+
+# --- attacks that held (coverage beyond tests/test_published_bytes.py) -----------------------------
+
+
+def test_a_commit_journal_linked_to_a_source_file_is_unlinked_not_followed(tmp_path, local_src):
+    shard = sorted(local_src.glob("*.safetensors"))[0]
+    before = folder_bytes(local_src)
+    (tmp_path / ".out.shardsurgeon-commit").symlink_to(shard)  # a torn journal, as recovery sees it
+    result = run("expand", "--src", local_src, *LOCAL, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert folder_bytes(local_src) == before
+    assert not os.path.lexists(tmp_path / ".out.shardsurgeon-commit")  # the link removed, not what it names
+    assert folder_bytes(tmp_path / "out") == reference(local_src, tmp_path / "ref" / "out", *LOCAL)
+
+
+def test_a_plan_file_pointed_at_a_copy_of_its_source_is_refused(tmp_path, local_src):
+    plan = plan_of(local_src, tmp_path / "plan.json")
+    copy = copy_tree(local_src, tmp_path / "copy")
+    for path in copy.iterdir():  # the very bytes and times: only the files' identities differ
+        stat = (local_src / path.name).stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    record = json.loads(plan.read_text())
+    record["job"]["sources"][0]["folder"] = str(copy)
+    plan.write_text(json.dumps(record))
+    one_line_error(run("apply", plan, tmp_path / "out"), 1, "changed since the plan", "replaced by another file")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "http://LOCALHOST:{port}/models//{name}/",
+        "http://127.1:{port}/models/./{name}/",
+        "http://127.0.0.1:{port}/models/{name}//",
+        "http://127.0.0.1:{port}/models/%7B{name}/../{name}/",
+    ],
+)
+def test_more_spellings_of_the_stores_url_are_never_the_output(s3, server, small, spelling):
+    weed = server[0]
+    name = "spell" + str(abs(hash(spelling)) % 10_000)
+    upload_folder(weed.endpoint, "models", name, small)
+    before = objects(s3, "models", f"{name}/")
+    url = spelling.format(port=weed.endpoint.rpartition(":")[2], name=name)
+    for out in (f"s3://models/{name}", f"s3://models/{name}/inside", "s3://models"):
+        one_line_error(run("expand", "--src", url, *LOCAL, "--out", out, "--force"), 2)
+    assert objects(s3, "models", f"{name}/") == before
+
+
+def test_an_s3_writer_and_a_finalize_of_one_plan_exclude_each_other(s3, tmp_path, local_src, monkeypatch):
+    """A finalize started while a writer holds its lease steps back, and the other way round."""
+    from shardsurgeon import FINALIZE, load_plan_file, run_job, writer
+    from shardsurgeon.write.s3 import destination
+
+    plan = plan_of(local_src, tmp_path / "plan.json")
+    job = load_plan_file(plan).job
+    url = "s3://out/exclude"
+    assert run("apply", plan, url, "--shards", "1/2", "-q").exit_code == 0
+    real_claim = destination.S3Destination.claim
+    results: list[Result] = []
+
+    @contextlib.contextmanager
+    def claim(self, job_, part, options):
+        with real_claim(self, job_, part, options) as area:
+            if not results:  # while this one holds its claim, the other kind of run starts
+                other = ("--finalize",) if part.kind == "writer" else ("--shards", "2/2")
+                results.append(run("apply", plan, url, *other, "-q"))
+            yield area
+
+    monkeypatch.setattr(destination.S3Destination, "claim", claim)
+    run_job(job, url, command="shardsurgeon expand", part=writer([job.layout.shards[-1].name]))
+    one_line_error(results.pop(), 1, "is writing there")
+    names = [s.name for s in job.layout.shards if s.name != job.layout.shards[-1].name]
+    run_job(job, url, command="shardsurgeon expand", part=writer(names))
+    run_job(job, url, command="shardsurgeon expand", part=FINALIZE)
+    one_line_error(results.pop(), 1, "is writing there")
