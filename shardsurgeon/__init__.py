@@ -59,7 +59,7 @@ from shardsurgeon.plan.planner import Convert, Copy, Plan, PlannedTensor, Zeros,
 from shardsurgeon.plan.recipe import LayerSource, Recipe, ScaleRule, expand_recipe, parse_dup, parse_filters
 from shardsurgeon.plan.report import dry_run_text, plan_dict
 from shardsurgeon.storage.remote import EXTRA_HINT as REMOTE_EXTRA_HINT
-from shardsurgeon.storage.remote import is_url, obstore_available
+from shardsurgeon.storage.remote import is_url, normal_url, obstore_available
 from shardsurgeon.storage.s3 import EXTRA_HINT as S3_EXTRA_HINT
 from shardsurgeon.storage.s3 import boto3_available
 from shardsurgeon.storage.versions import SourceVersion
@@ -176,6 +176,7 @@ __all__ = [
     "make_demo_checkpoint",
     "make_plan",
     "mistral_config",
+    "normal_url",
     "obstore_available",
     "open_checkpoint",
     "open_source",

@@ -31,7 +31,7 @@ from shardsurgeon.plan.mergekit import merge_recipe, parse_config, to_mergekit_y
 from shardsurgeon.plan.planner import make_plan
 from shardsurgeon.plan.recipe import Recipe, expand_recipe
 from shardsurgeon.plan.report import describe_expansion, describe_merge
-from shardsurgeon.storage.remote import is_url
+from shardsurgeon.storage.remote import is_url, normal_url
 from shardsurgeon.storage.smallfile import MAX_RECIPE_BYTES, read_small
 from shardsurgeon.write.card import CardModel, model_card
 from shardsurgeon.write.destination import WHOLE, Destination, Part, RunResult, WriteOptions
@@ -118,7 +118,8 @@ def destination_of(out: str | Path) -> Destination:
     server is read-only."""
     if not is_url(out):
         return LocalFolder(Path(out))
-    if not str(out).startswith("s3://"):
+    out = normal_url(str(out))
+    if not out.startswith("s3://"):
         raise DestinationError(
             f"--out {safe_text(out)}: a web server is read-only; write to a local folder or to s3://BUCKET/FOLDER"
         )

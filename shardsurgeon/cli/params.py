@@ -23,6 +23,7 @@ from shardsurgeon import (
     Runner,
     boto3_available,
     is_url,
+    normal_url,
     obstore_available,
     parse_dup,
     parse_filters,
@@ -61,7 +62,7 @@ class SourceParam(click.ParamType):
         if not obstore_available():
             flag = param.opts[0] if param is not None and param.opts[0].startswith("-") else None
             raise click.UsageError(f"{flag + ' ' if flag else ''}{safe_text(value)}: {REMOTE_EXTRA_HINT}", ctx)
-        return value
+        return normal_url(value)
 
 
 class OutputParam(click.ParamType):
@@ -73,6 +74,7 @@ class OutputParam(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str) or not is_url(value):
             return Path(value) if isinstance(value, str) else value
+        value = normal_url(value)
         if not value.startswith("s3://"):
             raise click.UsageError(
                 f"{safe_text(value)}: a web server is read-only; write to a local folder or to s3://BUCKET/FOLDER", ctx

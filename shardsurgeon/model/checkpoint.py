@@ -21,7 +21,7 @@ from shardsurgeon.errors import CheckpointError, safe_text
 from shardsurgeon.format import MAX_TENSORS, TensorRef, read_header
 from shardsurgeon.model.hfcache import snapshot
 from shardsurgeon.names import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
-from shardsurgeon.storage.remote import RemoteFolder, file_name, is_url
+from shardsurgeon.storage.remote import RemoteFolder, file_name, is_url, normal_url
 from shardsurgeon.storage.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
 from shardsurgeon.storage.versions import SourceVersion, describe_change, local_version
 
@@ -65,7 +65,7 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     index, config and shard headers are read by range requests); raises CheckpointError or
     FormatError with the file named."""
     if is_url(folder):
-        return _open_remote(RemoteFolder(str(folder)))
+        return _open_remote(RemoteFolder(normal_url(str(folder))))
     root = resolve_cache_entry(Path(folder))
     if not root.exists():
         raise CheckpointError(f"{root}: no such folder; pass the folder that holds config.json and the shards")

@@ -4,7 +4,7 @@ never by how a path or URL is spelled. The one home of the rule "the source is n
 Local places are compared by their real paths (links and ``..`` resolved, Hugging Face cache
 entries included) and by device and inode, which also sees a source reached through a bind mount
 or a hard link: :func:`check_outside_sources` for an output folder or a file to write, and
-:func:`check_tree_holds_no_source` for a folder about to be removed or replaced.
+:meth:`SourceIdentities.check_removable` for anything about to be removed or replaced.
 
 Objects are compared by store, bucket and key: an ``s3://`` URL and the HTTP URLs of the same
 endpoint (path-style ``http://HOST/BUCKET/KEY`` and virtual-host ``http://BUCKET.HOST/KEY``, any
@@ -18,11 +18,12 @@ or overwritten whose size and ETag are those of a source file is taken to be tha
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import posixpath
 import re
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -68,14 +69,6 @@ def check_outside_sources(
     shown = f"{flag} {safe_text(path)}"
     article = "an" if what[0] in "aeiou" else "a"
     protected = _protected(list(sources), files)
-    for sibling in beside:
-        real_sibling = _resolved(sibling, flag)
-        for item in protected:
-            if item.path == real_sibling or item.path.is_relative_to(real_sibling):
-                raise DestinationError(
-                    f"{shown}: {item} is {safe_text(sibling.name)}, which this output uses for its work and "
-                    "may remove; move the source, or choose another output name"
-                )
     for item in protected:
         if real == item.path and item.is_folder_of_source:
             raise DestinationError(
@@ -99,30 +92,52 @@ def check_outside_sources(
                 f"{shown}: is {item} under another name (the same folder or file by device and inode: a bind mount "
                 f"or a hard link); the source is never written to, choose another {what}"
             )
-
-
-def check_tree_holds_no_source(
-    tree: Path, sources: Iterable[Path], versions: Iterable[SourceVersion], flag: str
-) -> None:
-    """Refuse to remove or replace ``tree`` when anything in it is, by device and inode, a source
-    file or folder (a hard link, a bind mount): removing it would take the source with it."""
-    wanted: dict[tuple[int, int], str] = {}
-    for folder in sources:
-        if (found := _identity(folder)) is not None:
-            wanted[found] = f"the source folder {safe_text(folder)}"
-    for version in versions:
-        if version.is_local and (found := _identity(Path(version.where))) is not None:
-            wanted[found] = f"the source file {safe_text(version.where)}"
-    if not wanted or not os.path.isdir(tree) or os.path.islink(tree):
-        return
-    for here, subfolders, names in os.walk(tree):
-        for name in [*subfolders, *names]:
-            entry = Path(here) / name
-            found = _identity(entry, follow=False)
-            if found in wanted:
+    identities = {found: item for item in protected if (found := _identity(item.path)) is not None}
+    for sibling in beside:
+        real_sibling = _resolved(sibling, flag)
+        for item in protected:
+            inside = real_sibling.is_relative_to(item.path)
+            if item.path == real_sibling or item.path.is_relative_to(real_sibling) or inside:
+                where = "leads into" if inside and item.path != real_sibling else "is"
                 raise DestinationError(
-                    f"{flag} {safe_text(tree)}: {safe_text(entry)} is {wanted[found]} (the same by device and inode: a "
-                    "hard link or a bind mount), and the run would remove it; take it out of there first"
+                    f"{shown}: {safe_text(sibling.name)}, which this output uses for its work and may remove, "
+                    f"{where} {item}; move the source, or choose another output name"
+                )
+        same = _identity(sibling) if os.path.lexists(sibling) else None
+        if same is not None and same in identities:
+            raise DestinationError(
+                f"{shown}: {safe_text(sibling.name)}, which this output uses for its work and may remove, is "
+                f"{identities[same]} under another name (a bind mount or a hard link); move the source, or choose "
+                "another output name"
+            )
+
+
+class SourceIdentities:
+    """The source folders and files by device and inode: what no removal may take with it."""
+
+    def __init__(self, folders: Iterable[Path], versions: Iterable[SourceVersion]):
+        self._wanted: dict[tuple[int, int], str] = {}
+        for folder in folders:
+            if (found := _identity(folder)) is not None:
+                self._wanted[found] = f"the source folder {safe_text(folder)}"
+        for version in versions:
+            if version.is_local and (found := _identity(Path(version.where))) is not None:
+                self._wanted[found] = f"the source file {safe_text(version.where)}"
+
+    def check_removable(self, path: Path, flag: str) -> None:
+        """Refuse to remove or replace ``path`` when it, or anything in it, is by device and inode a
+        source file or folder (a hard link, a bind mount): removing it would take the source along."""
+        if not self._wanted or not os.path.lexists(path):
+            return
+        entries = [path]
+        if os.path.isdir(path) and not os.path.islink(path):
+            entries += [Path(here) / name for here, folders, names in os.walk(path) for name in [*folders, *names]]
+        for entry in entries:
+            found = _identity(entry, follow=False)
+            if found in self._wanted:
+                raise DestinationError(
+                    f"{flag} {safe_text(path)}: {safe_text(entry)} is {self._wanted[found]} (the same by device and "
+                    "inode: a hard link or a bind mount), and the run would remove it; take it out of there first"
                 )
 
 
@@ -231,15 +246,41 @@ def _normal_key(key: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _addresses(host: str) -> frozenset[str]:
+    """The addresses ``host`` resolves to, each as one spelling: an IPv4 address mapped into IPv6 as
+    the IPv4 address, and every address of this machine (loopback, unspecified such as 0.0.0.0, an
+    interface's) as ``this host``."""
     try:
-        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None))
+        found = {str(info[4][0]).partition("%")[0] for info in socket.getaddrinfo(host.strip("[]"), None)}
+    except (OSError, UnicodeError, ValueError):
+        return frozenset()
+    return frozenset(_canonical(address) for address in found)
+
+
+def _canonical(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or ip.is_unspecified or str(ip) in _local_addresses():
+        return "this host"
+    return str(ip)
+
+
+@functools.lru_cache(maxsize=1)
+def _local_addresses() -> frozenset[str]:
+    """The addresses of this machine's interfaces, as its host name resolves them."""
+    try:
+        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None))
     except (OSError, UnicodeError):
         return frozenset()
 
 
 def _same_host(a: str, b: str) -> bool:
-    """Whether two host names reach the same machine: the same name, or a shared address."""
-    if a == b:
+    """Whether two host names reach the same machine: the same name, or a shared address (all the
+    addresses of this machine count as one: a server on one port of it is the same server)."""
+    if a.strip("[]") == b.strip("[]"):
         return True
     return bool(_addresses(a) & _addresses(b))
 
@@ -270,19 +311,32 @@ def check_folder_outside_sources(
 
 
 def check_objects_hold_no_source(
-    objects: Iterable[tuple[str, int, str]], versions: Iterable[SourceVersion], shown: str
+    objects: Iterable[tuple[str, int, str]],
+    versions: Iterable[SourceVersion],
+    shown: str,
+    header_digest: Callable[[str], str | None],
 ) -> None:
-    """Refuse when an object about to be removed or overwritten (name, size, ETag) is, by its size and
-    ETag, a source file read by URL: the same object reached under another name (a CDN, a proxy)."""
-    by_content = {
-        (v.nbytes, _bare(v.validator)): v.where for v in versions if not v.is_local and v.validator is not None
-    }
+    """Refuse when an object about to be removed or overwritten (name, size, ETag) holds a source
+    file's bytes: the same size, and the same ETag or the same header (read by ``header_digest``,
+    which pins every offset). The object is then that file reached by another name (the store's
+    filer or another address, a CDN, a FUSE mount of the bucket read as a local folder), or a copy
+    of it, which is not ours to remove either. Only objects of a source file's size are read."""
+    by_size: dict[int, list[SourceVersion]] = {}
+    for version in versions:
+        by_size.setdefault(version.nbytes, []).append(version)
     for name, nbytes, etag in objects:
-        source = by_content.get((nbytes, _bare(etag)))
-        if source is not None:
+        candidates = by_size.get(nbytes, [])
+        if not candidates:
+            continue
+        same = next((v for v in candidates if v.validator and _bare(v.validator) == _bare(etag)), None)
+        if same is None:
+            digest = header_digest(name)
+            same = next((v for v in candidates if v.header_sha256 == digest), None)
+        if same is not None:
             raise DestinationError(
-                f"--out {shown}: {safe_text(name)} there has the size and ETag of the source file {safe_text(source)}: "
-                "it is that file under another URL, and the run would remove or overwrite it; choose another output"
+                f"--out {shown}: {safe_text(name)} there holds the bytes of the source file {safe_text(same.where)} "
+                "(the same size and header): it is that file under another name, or a copy of it, and the run "
+                "would remove or overwrite it; choose another output"
             )
 
 

@@ -45,8 +45,17 @@ _NOT_FOUND = FileNotFoundError
 
 
 def is_url(value: object) -> bool:
-    """Whether ``value`` names a remote folder (``s3://``, ``http://``, ``https://``) rather than a path."""
-    return isinstance(value, str) and value.startswith(URL_SCHEMES)
+    """Whether ``value`` names a remote folder (``s3://``, ``http://``, ``https://``, in any case, as
+    schemes are) rather than a path."""
+    return isinstance(value, str) and value[:8].lower().startswith(URL_SCHEMES)
+
+
+def normal_url(value: str) -> str:
+    """``value`` with the scheme of a URL in lower case (``S3://b/k`` is ``s3://b/k``); a path as it is."""
+    if not is_url(value):
+        return value
+    scheme, _, rest = value.partition("://")
+    return f"{scheme.lower()}://{rest}"
 
 
 def file_name(where: Path | str) -> str:
@@ -112,6 +121,7 @@ class RemoteFolder:
             import obstore  # noqa: F401  (optional extra: imported only when a URL is opened)
         except ImportError:
             raise CheckpointError(f"{safe_text(url)}: {EXTRA_HINT}") from None
+        url = normal_url(url)
         check_url(url)
         self.url = folder_url(url)
         self.fetched_nbytes = 0
@@ -354,15 +364,23 @@ def _version(meta: Any) -> str | None:
     return f"last-modified {modified.isoformat()}" if modified is not None and modified.timestamp() > 0 else None
 
 
+def is_hub_url(url: str) -> bool:
+    """Whether ``url`` is on the Hugging Face Hub: the host of ``HF_ENDPOINT``, else huggingface.co."""
+    from urllib.parse import urlsplit
+
+    hub = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        return (urlsplit(url).scheme, urlsplit(url).netloc) == (hub.scheme, hub.netloc)
+    except ValueError:
+        return False
+
+
 def hub_token(url: str) -> str | None:
     """The Hugging Face token for a URL on the Hub (the host of ``HF_ENDPOINT``, else
     huggingface.co), as the Hub's own tools find it: ``HF_TOKEN``, else the file ``hf auth login``
     writes (``HF_TOKEN_PATH``, else ``HF_HOME/token``). None for any other host: a token is never
     sent to a server it was not made for."""
-    from urllib.parse import urlsplit
-
-    hub = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    if (urlsplit(url).scheme, urlsplit(url).netloc) != (hub.scheme, hub.netloc):
+    if not is_hub_url(url):
         return None
     if token := os.environ.get("HF_TOKEN", "").strip():
         return token

@@ -9,11 +9,12 @@ host; on a shared filesystem every machine sees the same inode and change time, 
 compared only on the host that recorded it.
 
 A file by URL is its size, header digest and the validator its server gives: the ETag, else the
-Last-Modified time. Only an ETag that is a digest of the content proves the bytes: an S3 store's
-(an MD5, or an MD5 of the parts' MD5s; a new one on every write), the Hub's (a SHA-256), or any
-strong ETag of 32, 40 or 64 hex digits. A weak ETag (``W/"..."``), one made from the file's time and
-size as nginx and Apache make them, or a Last-Modified time changes only when the server sees a
-change, and a file rewritten with its times put back keeps it. Such a version is recorded and
+Last-Modified time. An ETag proves the bytes only where the server is known to make it from them:
+an S3 store, read as ``s3://`` (an MD5, an MD5 of the parts' MD5s, or with KMS a new one on every
+write), and the Hugging Face Hub (a SHA-256 of the content). Web servers make theirs from the
+file's time and size (nginx and Apache in hex, FastAPI as an MD5 of them: it looks like a digest
+and is none), and a weak ETag (``W/"..."``) or a Last-Modified time changes only when the server
+sees a change: a file rewritten with its times put back keeps it. Such a version is recorded and
 compared like any other, but :attr:`SourceVersion.proves_bytes` is False: what is kept from it is
 checked against its bytes instead (``write.proof``).
 """
@@ -31,9 +32,8 @@ from typing import Any
 
 from shardsurgeon.errors import CheckpointError, safe_text
 
-_DIGEST_ETAG = re.compile(r'"?(?:[0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64})(?:-[0-9]{1,5})?"?')
-"""An ETag that is a content digest: MD5 (S3, GCS, most stores), MD5 of parts plus their count (S3
-multipart), SHA-1 (git), SHA-256 (the Hub's large files)."""
+_HUB_ETAG = re.compile(r'"?(?:[0-9a-f]{40}|[0-9a-f]{64})"?')
+"""The Hub's ETags: the SHA-256 of a large file's content, the git SHA-1 of a small one."""
 MAX_VALIDATOR_CHARS = 512
 
 
@@ -77,11 +77,15 @@ class SourceVersion:
             return "its server gives only a Last-Modified time"
         if self.validator.startswith("W/"):
             return f"its ETag {safe_text(self.validator, 60)} is weak (W/)"
-        if self.where.startswith("s3://") or _DIGEST_ETAG.fullmatch(self.validator):
+        if self.where.startswith("s3://"):
+            return None
+        from shardsurgeon.storage.remote import is_hub_url
+
+        if is_hub_url(self.where) and _HUB_ETAG.fullmatch(self.validator):
             return None
         return (
-            f"its ETag {safe_text(self.validator, 60)} is no digest of the content (servers such as nginx make it "
-            "from the file's time and size)"
+            f"its ETag {safe_text(self.validator, 60)} is not known to be a digest of the content (web servers "
+            "make theirs from the file's time and size)"
         )
 
     def key(self) -> str:

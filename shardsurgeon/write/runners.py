@@ -10,8 +10,11 @@ bytes, and each shard as it begins.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import queue
+import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -75,7 +78,7 @@ class Processes:
         total = ShardStats()
         try:
             with ProcessPoolExecutor(
-                len(groups), mp_context=context, initializer=_child_init, initargs=(events,)
+                len(groups), mp_context=context, initializer=_child_init, initargs=(events, os.getpid())
             ) as pool:
                 futures = [pool.submit(_child_write, group, target) for group in groups]
                 for future in as_completed(futures):
@@ -89,9 +92,27 @@ class Processes:
 _events: Any = None
 
 
-def _child_init(events: Any) -> None:
+def _child_init(events: Any, parent: int) -> None:
     global _events  # the one queue of this worker process, set once when it starts
     _events = events
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: be killed when the run that started this writer dies (``kill -9``, the OOM killer),
+    rather than write on unseen beside its rerun."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _child_write(shards: Sequence[ShardLayout], target: ShardTarget) -> ShardStats:

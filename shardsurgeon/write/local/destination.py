@@ -29,8 +29,9 @@ from shardsurgeon.names import PARTIAL_SUFFIX, RESUME_NAME
 from shardsurgeon.plan.job import Job
 from shardsurgeon.plan.layout import ShardLayout
 from shardsurgeon.plan.planner import Zeros
-from shardsurgeon.storage.overlap import check_outside_sources, check_tree_holds_no_source
+from shardsurgeon.storage.overlap import SourceIdentities, check_outside_sources
 from shardsurgeon.storage.remote import SourceFiles
+from shardsurgeon.storage.smallfile import read_small
 from shardsurgeon.units import Progress, format_bytes
 from shardsurgeon.write.destination import Part, ShardBegins, WriteOptions
 from shardsurgeon.write.executor import Reflink, ShardStats, ShardWriter, check_reflink
@@ -78,19 +79,20 @@ class LocalShards:
     seen: publish.Identity | None
     dense: bool
     reflink: Reflink
-    partial_tag: str = ""
 
     def write(self, shards: Sequence[ShardLayout], progress: Progress, begins: ShardBegins) -> ShardStats:
-        """Each shard written as ``NAME`` + a partial suffix, fsynced, then renamed to ``NAME``: a shard
-        file under its own name is always complete, whoever wrote it."""
+        """Each shard written as ``NAME`` + this process's tag + a partial suffix, fsynced, then
+        renamed to ``NAME``: a shard file under its own name is always complete, whoever wrote it, and
+        no two processes ever write one file (a writer of another run, one left by a killed run)."""
         total = ShardStats()
+        tag = worker_tag()
         with (
             SourceFiles() as files,
             ShardWriter(files, dense=self.dense, reflink=self.reflink, progress=progress) as out,
         ):
             for shard in shards:
                 begins(shard)
-                partial = self.staging / f"{shard.name}{self.partial_tag}{PARTIAL_SUFFIX}"
+                partial = self.staging / f"{shard.name}{tag}{PARTIAL_SUFFIX}"
                 check_staging(self.staging, self.seen)
                 total += out.write(shard, partial)
                 check_staging(self.staging, self.seen)
@@ -111,6 +113,7 @@ class LocalArea:
         self._options = options
         self._folders = [s.folder for s in job.sources.values() if isinstance(s.folder, Path)]
         self._files = [Path(v.where) for v in job.versions if v.is_local]
+        self._identities = SourceIdentities(self._folders, job.versions)
         self._created: list[Path] = []
         self._lock: lock.Lock | None = None
         self._at_start: publish.Identity | None = None
@@ -123,7 +126,7 @@ class LocalArea:
             shown = f"--out {safe_text(self.out)}"
             self._lock = lock.acquire(lock_file(self.out), shown, shared=not self._part.exclusive)
             if self._part.exclusive:
-                self.notes = tuple(publish.recover(self.out, RESUME_NAME))
+                self.notes = tuple(publish.recover(self.out, RESUME_NAME, self._guard))
             elif publish.sibling(self.out, "commit").exists():
                 raise OutputError(
                     f"{shown}: a commit was interrupted here; run apply PLAN --finalize (or the run that made it) to "
@@ -152,8 +155,12 @@ class LocalArea:
             return
         try:
             if self._part.kind == "run" and os.path.lexists(self.staging) and not staging_matches(self.out, key):
-                check_tree_holds_no_source(self.staging, self._folders, self._job.versions, "--out")
-                _remove(self.staging)
+                self._remove(self.staging)
+            if self.staging.is_symlink():
+                raise OutputError(
+                    f"{shown}: {safe_text(self.staging.name)} is a link; the run writes its work only in a folder of "
+                    "its own there: remove the link"
+                )
             self.staging.mkdir(exist_ok=True)
             try:
                 fd = os.open(self.staging / RESUME_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -202,8 +209,7 @@ class LocalArea:
             raise
 
     def target(self, todo: Sequence[ShardLayout], options: WriteOptions) -> LocalShards:
-        tag = "" if self._part.exclusive else worker_tag()  # writers of one job may overlap
-        return LocalShards(self.staging, self._seen, options.dense, options.reflink, tag)
+        return LocalShards(self.staging, self._seen, options.dense, options.reflink)
 
     @contextmanager
     def small_files(self) -> Iterator[Path]:
@@ -223,7 +229,7 @@ class LocalArea:
         if now is not None and not force and _non_empty(self.out):
             raise OutputError(self._changed("the empty folder there was filled"))
         self._check()
-        publish.commit(self.staging, self.out, RESUME_NAME)
+        publish.commit(self.staging, self.out, RESUME_NAME, self._guard)
 
     # --- the claim ------------------------------------------------------------------------------
 
@@ -231,7 +237,16 @@ class LocalArea:
         """Delete what an earlier run left that this job does not keep (other shards, partial files)."""
         for entry in self.staging.iterdir():
             if entry.name not in keep and entry.name != RESUME_NAME:
-                _remove(entry)
+                self._remove(entry)
+
+    def _guard(self, path: Path) -> None:
+        """Refuse to remove or replace ``path`` if it holds a source by device and inode."""
+        self._identities.check_removable(path, "--out")
+
+    def _remove(self, path: Path) -> None:
+        """Remove what the run may remove: never a source, however it came to be there."""
+        self._guard(path)
+        _remove(path)
 
     def _changed(self, change: str) -> str:
         return (
@@ -245,7 +260,7 @@ class LocalArea:
         check_outside_sources(self.out, self._folders, "--out", files=self._files, beside=beside)
         if self._part.exclusive:
             check_destination(self.out, self._options.force)
-            check_tree_holds_no_source(self.out, self._folders, self._job.versions, "--out")
+            self._guard(self.out)
 
     def release(self, *, failed: bool) -> None:
         """Release the output's lock and, after a failure, remove the parent folders the claim
@@ -289,11 +304,11 @@ def check_staging(staging: Path, seen: publish.Identity | None) -> None:
 def staging_matches(out: Path, key: str) -> bool:
     """Whether ``out``'s staging folder holds the work of the job ``key``."""
     marker = staging_folder(out) / RESUME_NAME
-    try:
-        if marker.is_symlink() or staging_folder(out).is_symlink():
-            return False
-        return marker.read_text() == key
-    except (OSError, UnicodeDecodeError):
+    if marker.is_symlink() or staging_folder(out).is_symlink():
+        return False
+    try:  # a regular file only, read without blocking: a FIFO put there is no marker
+        return read_small(marker, len(key) + 1, OutputError, "a resume marker").decode() == key
+    except (OutputError, UnicodeDecodeError):
         return False
 
 

@@ -58,11 +58,20 @@ def folder_identity(path: Path) -> Identity | None:
     return stat.st_dev, stat.st_ino
 
 
-def commit(staging: Path, out: Path, marker: str) -> None:
+Guard = Callable[[Path], None]
+"""Called with each folder about to be removed; raises to keep it (it holds a source)."""
+
+
+def _no_guard(path: Path) -> None:
+    pass
+
+
+def commit(staging: Path, out: Path, marker: str, guard: Guard = _no_guard) -> None:
     """Move the finished ``staging`` folder to ``out``, replacing whatever ``out`` holds.
 
     ``marker`` names the staging folder's resume file: its key moves into the journal, so the
-    published folder never holds it and an interrupted move can still be resumed.
+    published folder never holds it and an interrupted move can still be resumed. ``guard`` sees
+    the replaced folder before it is removed.
     """
     journal, old = sibling(out, "commit"), sibling(out, "old")
     try:
@@ -74,11 +83,13 @@ def commit(staging: Path, out: Path, marker: str) -> None:
             _rename_no_replace(staging, out)
         elif _renameat2(staging, out, _RENAME_EXCHANGE):
             fsync_dir(out.parent)
+            guard(staging)
             shutil.rmtree(staging)  # the staging name now holds what was at out
         else:
             os.rename(out, old)
             os.rename(staging, out)
             fsync_dir(out.parent)
+            guard(old)
             shutil.rmtree(old)
         fsync_dir(out.parent)
         journal.unlink()
@@ -96,10 +107,11 @@ def commit(staging: Path, out: Path, marker: str) -> None:
         ) from None
 
 
-def recover(out: Path, marker: str) -> list[str]:
-    """Finish or undo a move that a killed run left half done; returns what was done, in words."""
+def recover(out: Path, marker: str, guard: Guard = _no_guard) -> list[str]:
+    """Finish or undo a move that a killed run left half done; returns what was done, in words.
+    ``guard`` sees each folder before it is removed."""
     try:
-        return _recover(out, marker)
+        return _recover(out, marker, guard)
     except OSError as e:
         raise OutputError(
             f"--out {safe_text(out)}: cannot recover from an interrupted run: {e.strerror or e}; "
@@ -107,19 +119,19 @@ def recover(out: Path, marker: str) -> list[str]:
         ) from None
 
 
-def _recover(out: Path, marker: str) -> list[str]:
+def _recover(out: Path, marker: str, guard: Guard) -> list[str]:
     staging, old, journal = sibling(out, "partial"), sibling(out, "old"), sibling(out, "commit")
     if not os.path.lexists(journal):
         if not os.path.lexists(old):
             return []
         # A replacement without a journal (an earlier version): NAME missing means it was cut short.
-        return [_restore(old, out)] if not os.path.lexists(out) else [_remove_replaced(old, out)]
+        return [_restore(old, out)] if not os.path.lexists(out) else [_remove_replaced(old, out, guard)]
     published, key = _read_journal(journal)
     notes = []
     if published is None:  # torn while being written: no rename had started
         pass
     elif folder_identity(out) == published:
-        notes += [_remove_replaced(leftover, out) for leftover in (staging, old) if os.path.lexists(leftover)]
+        notes += [_remove_replaced(leftover, out, guard) for leftover in (staging, old) if os.path.lexists(leftover)]
     elif os.path.lexists(old):
         if os.path.lexists(out):
             raise OutputError(
@@ -143,7 +155,8 @@ def _restore(old: Path, out: Path) -> str:
     )
 
 
-def _remove_replaced(leftover: Path, out: Path) -> str:
+def _remove_replaced(leftover: Path, out: Path, guard: Guard) -> str:
+    guard(leftover)
     if os.path.isdir(leftover) and not os.path.islink(leftover):
         shutil.rmtree(leftover)
     else:
@@ -157,7 +170,7 @@ def _remove_replaced(leftover: Path, out: Path) -> str:
 def _write_journal(journal: Path, staging: Path, key: str) -> None:
     stat = os.stat(staging)
     record = json.dumps({"staging": [stat.st_dev, stat.st_ino], "resume": key}).encode()
-    fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    fd = fileio.open_new(journal)  # never written through whatever stood at that name
     try:
         view = memoryview(record)
         while view:

@@ -68,9 +68,10 @@ class ClaimToken:
 class S3Claim:
     """The claim of one run on an S3 folder; a context manager that renews it until exit."""
 
-    def __init__(self, client: Any, folder: S3Location, *, shared: bool = False):
+    def __init__(self, client: Any, folder: S3Location, *, job: str, shared: bool = False):
         self._client = client
         self._folder = folder
+        self._job = job
         self._shared = shared
         self._run = uuid.uuid4().hex
         self._where = folder.child(WRITERS_PREFIX + self._run if shared else LOCK_NAME)
@@ -118,7 +119,10 @@ class S3Claim:
 
     def _body(self) -> bytes:
         renewed = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        holder = {"run": self._run, "host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace()}
+        holder = {
+            "run": self._run, "job": self._job, "host": socket.gethostname(), "pid": os.getpid(),
+            "pidns": _pid_namespace(),
+        }  # fmt: skip
         return json.dumps(holder | {"renewed": renewed}).encode()
 
     def _put(self, **condition: str) -> bool:
@@ -158,13 +162,23 @@ class S3Claim:
             raise OutputError(self._busy(holder, age, "a writer of a distributed job (apply --shards)"))
 
     def _join(self) -> None:
-        """Write this writer's lease, then make sure no run holds the folder alone."""
+        """Write this writer's lease, then make sure no run holds the folder alone and no writer of
+        another job is at work there (the writers of one job share a folder, never two jobs)."""
         self._put()
         holder, etag, age = read_holder(self._client, self._folder.child(LOCK_NAME))
         if etag and not _stale(holder, age):
             with contextlib.suppress(Exception):
                 self._release()
             raise OutputError(self._busy(holder, age, "another shardsurgeon run"))
+        for lease in self._names(WRITERS_PREFIX):
+            where = self._folder.child(lease)
+            if where == self._where:
+                continue
+            holder, etag, age = read_holder(self._client, where)
+            if etag and holder.get("job") != self._job and not _stale(holder, age):
+                with contextlib.suppress(Exception):
+                    self._release()
+                raise OutputError(self._busy(holder, age, "a writer of another plan (apply --shards)"))
 
     def _busy(self, holder: dict[str, Any], age: float | None, who: str) -> str:
         process = f"pid {holder.get('pid')} on {safe_text(holder.get('host'))}" if holder else "unknown"

@@ -70,7 +70,7 @@ class S3Destination:
         sources = [str(source.folder) for source in job.sources.values() if isinstance(source.folder, str)]
         check_folder_outside_sources(self.location.bucket, self.location.key, safe_text(self.shown), sources, endpoint)
         check_bucket(client, self.location)
-        with S3Claim(client, self.location, shared=not part.exclusive) as claim:
+        with S3Claim(client, self.location, job=job.key, shared=not part.exclusive) as claim:
             yield S3Area(S3Folder(client, self.location, job.key), job, part, options, claim)
 
 
@@ -131,11 +131,17 @@ class S3Area:
         listing = store.listing("", limit=MAX_LISTED)
         names = [name for name, _, _ in listing]
         touched = [item for item in listing if not item[0].startswith(WORK_PREFIX)]
-        check_objects_hold_no_source(touched, self._job.versions, safe_text(store.folder.url))
+        check_objects_hold_no_source(touched, self._job.versions, safe_text(store.folder.url), store.header_digest)
         others = [name for name, _, _ in touched]
         # asked one by one, not read from a listing that may be cut short
         self._complete = store.exists(CONFIG_FILE) and (store.exists(INDEX_FILE) or store.exists(SINGLE_FILE))
         record = store.read_record() if RESUME_NAME in names else None
+        if record is not None and record.key != store.run_key and not self._part.exclusive:
+            raise OutputError(
+                f"--out {safe_text(store.folder.url)}: holds the unfinished work of another plan or run; finalize "
+                "or finish that one, or run this whole plan there (apply PLAN OUT) to replace it, then write this "
+                "plan's shards"
+            )
         self._replacing = frozenset(record.replacing) if record is not None else frozenset()
         written = {name: store.run_of(name) for name in others[:MAX_CHECKED]} if record is not None else {}
         self._ours = {name for name, run in written.items() if run is not None}
@@ -214,6 +220,14 @@ class S3Area:
         store = self._store
         last = [name for name in (INDEX_FILE, CONFIG_FILE) if (small / name).exists()]
         self._claim.confirm()  # nothing of the publishing is written by a run that lost the folder
+        for shard in self._job.layout.shards:  # still what was proven or written: no late upload replaced one
+            found, seen = store.head(shard.name), self._heads.get(shard.name)
+            expected = store.done_etag(shard.name) or (seen[1] if seen is not None else None)
+            if found is None or found[1] != expected:
+                raise OutputError(
+                    f"--out {safe_text(store.folder.url)}: {shard.name} was replaced while this run was finishing "
+                    "(another run's late upload?); nothing was published: run the same command again"
+                )
         sent = 0
         for path in sorted(small.iterdir()):
             if path.name not in last:

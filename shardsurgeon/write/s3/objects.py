@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardsurgeon.errors import OutputError, safe_text
+from shardsurgeon.format import MAX_HEADER_BYTES
 from shardsurgeon.names import DONE_PREFIX, RESUME_NAME, ZEROS_NAME
 from shardsurgeon.plan.layout import ShardLayout
 from shardsurgeon.storage.s3 import S3Location, describe, error_code, failed_condition
@@ -187,6 +188,24 @@ class S3Folder:
             return bool(answer["Body"].read() == shard.header)
         except OutputError:
             return False
+
+    def header_digest(self, name: str) -> str | None:
+        """The SHA-256 of the object's safetensors header (its length field included), as a source's
+        version records it; None when it holds no such header."""
+        import hashlib
+        import struct
+
+        try:
+            first = self._call(name, "reading a header", self.client.get_object, Range="bytes=0-7")["Body"].read()
+            (length,) = struct.unpack("<Q", first)
+            if not 0 < length <= MAX_HEADER_BYTES:
+                return None
+            rest = self._call(name, "reading a header", self.client.get_object, Range=f"bytes=8-{7 + length}")[
+                "Body"
+            ].read()
+        except (OutputError, struct.error):
+            return None
+        return hashlib.sha256(first + rest).hexdigest()
 
     def record_done(self, name: str, etag: str) -> None:
         """Record that this job's upload of ``name`` completed as the object of ``etag``."""

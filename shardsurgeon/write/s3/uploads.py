@@ -16,6 +16,7 @@ import contextlib
 import io
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -169,6 +170,7 @@ class S3ShardWriter:
         self._zeros_url = zeros_url
         self._etags = etags
         self._metadata = {RUN_METADATA_KEY: run_key}
+        self._scratch_tag = uuid.uuid4().hex
         self._progress = progress
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="shardsurgeon-s3")
@@ -218,8 +220,8 @@ class S3ShardWriter:
     ) -> _Uploaded:  # fmt: skip
         check()
         if isinstance(part, Joined):
-            source = self._assemble(part, f"{shard.name}.{number}", scratch, made)
-            uploaded = upload.copy(number, source, 0, part.nbytes, what="a part assembled")
+            source, etag = self._assemble(part, f"{shard.name}.{number}", scratch, made)
+            uploaded = upload.copy(number, source, 0, part.nbytes, what="a part assembled", if_match=etag)
         else:
             uploaded = self._put(upload, number, part, made)
         header = len(shard.header)
@@ -241,18 +243,22 @@ class S3ShardWriter:
         finally:
             self._workspaces.put(workspace)
 
-    def _assemble(self, joined: Joined, name: str, scratch: list[S3Location], made: ShardBytes) -> S3Location:
-        """The object ``joined`` stands for, assembled by the server under a scratch name."""
-        target = self._folder.child(f"{SCRATCH}{name}")
+    def _assemble(
+        self, joined: Joined, name: str, scratch: list[S3Location], made: ShardBytes
+    ) -> tuple[S3Location, str]:
+        """The object ``joined`` stands for, assembled by the server under a scratch name of this
+        writer's own (another writer's never collides with it), and its ETag, which the copy of it
+        names: nothing but what was assembled here can be copied into the shard."""
+        target = self._folder.child(f"{SCRATCH}{self._scratch_tag}/{name}")
         upload = _Upload(self._client, target, self._folder.child(name.partition(".safetensors")[0] + ".safetensors"))
         try:
-            upload.complete([self._put(upload, 1, joined.base, made), self._put(upload, 2, joined.tail, made)])
+            etag = upload.complete([self._put(upload, 1, joined.base, made), self._put(upload, 2, joined.tail, made)])
         except BaseException:
             upload.abort()
             raise
         with self._lock:
             scratch.append(target)
-        return target
+        return target, etag
 
     def _remove(self, scratch: list[S3Location]) -> None:
         for location in scratch:
