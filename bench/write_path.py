@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     src = work / "src"
     output = checkpoint_nbytes(shape) + COPIES * layer_nbytes(shape)
-    check_free_space(work, (0 if src.exists() else checkpoint_nbytes(shape)) + 3 * output, "the benchmark")
+    check_free_space(work, (0 if src.exists() else checkpoint_nbytes(shape)) + 2 * output, "the benchmark")
     if not src.exists():
         make_checkpoint(shape, src)
     where = machine(work)
