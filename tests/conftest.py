@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,10 @@ from click.testing import CliRunner, Result
 from shardsurgeon.cli import cli
 from shardsurgeon.demo import mistral_config
 
-pytest_plugins = ["_platforms", "_mounts"]
+pytest_plugins = ["_platforms", "_mounts", "_s3kit"]
 """SHARDSURGEON_EMULATE=macos|windows runs any test as on that platform (_platforms.py); the XFS and
-btrfs loop mounts (_mounts.py) are made only for the tests that ask for them."""
+btrfs loop mounts (_mounts.py) are made only for the tests that ask for them; the session's one
+SeaweedFS (_s3kit.py) is started by the first test that needs it."""
 
 LAYER_PARTS = {
     "input_layernorm.weight": lambda h, i, kv: (h,),
@@ -37,10 +41,13 @@ LAYER_PARTS = {
 }
 
 
+_FINITE_HIGH_BYTE = bytes(b & 0x3F for b in range(256))
+
+
 def origin_bytes(name: str, nbytes: int) -> bytes:
     """Bytes that name their tensor; the low byte of every bf16 value is random, the high is finite."""
     raw = bytearray(hashlib.shake_256(name.encode()).digest(nbytes))
-    raw[1::2] = bytes(b & 0x3F for b in raw[1::2])  # exponent below 0x7F: finite, no NaN or inf
+    raw[1::2] = raw[1::2].translate(_FINITE_HIGH_BYTE)  # exponent below 0x7F: finite, no NaN or inf
     return bytes(raw)
 
 
@@ -166,6 +173,24 @@ def tiny(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
         },
     )
     return src, data
+
+
+_RUNNER_PID = os.getpid()
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    if os.getpid() != _RUNNER_PID:  # a forked child: die as it would have
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI timeout, ``kill``) stops the run as Ctrl-C does: pytest then tears the fixtures
+    down, and with them every server they started. Without this, Python dies at once on SIGTERM."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 def pytest_report_header() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _servers import kill_server, start_server
 from conftest import folder_bytes, run_cli, write_tiny_checkpoint
 
 from shardsurgeon.errors import RecipeError
@@ -170,7 +172,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
-    """A local Ray head with two worker CPUs, started for these tests and stopped by its process id."""
+    """A local Ray head with two worker CPUs, started for these tests in a session of its own and
+    stopped by SIGKILL to every process of that session (the head's, by the process id started):
+    a SIGTERM makes each of Ray's processes shut down politely, for half a minute. If the test
+    process dies first, the head gets SIGTERM from the kernel and takes its processes down."""
     pytest.importorskip("ray")
     ray_exe = Path(sys.executable).with_name("ray")
     if not ray_exe.exists():
@@ -181,21 +186,16 @@ def ray_cluster() -> Iterator[str]:
         str(ray_exe), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
     ]  # fmt: skip
-    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = start_server(command, temp / "head.log", new_session=True, death_signal=signal.SIGTERM)
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while subprocess.run([str(ray_exe), "status", f"--address={address}"], capture_output=True).returncode:
             assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
-            time.sleep(1)
+            time.sleep(0.1)
         yield address
     finally:
-        os.killpg(head.pid, 15)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, 9)
-            head.wait()
+        kill_server(head, session=True)
         shutil.rmtree(temp, ignore_errors=True)
 
 
