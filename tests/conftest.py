@@ -211,6 +211,50 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, _interrupted)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which turns these options into workers
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """With pytest-xdist installed (the ``test`` extra), the suite runs in a process per CPU (at most
+    4), a module at a time each (``--dist loadfile``: module fixtures, such as a module's buckets
+    or its Ray head, are made once). ``-n 0`` runs it in this one process; so do ``--pdb``, ``-s``
+    and any ``-n``/``--dist`` given on the command line, which are left as given."""
+    option = config.option
+    if (
+        config.pluginmanager.has_plugin("xdist")
+        and not hasattr(config, "workerinput")  # a worker of such a run
+        and getattr(option, "numprocesses", None) is None
+        and getattr(option, "dist", "no") == "no"
+        and not option.usepdb
+        and option.capture != "no"
+        and not option.collectonly
+    ):
+        option.numprocesses = "auto"
+        option.maxprocesses = option.maxprocesses or 4
+        option.dist = "loadfile"
+
+
+SLOWEST_MODULES_FIRST = (
+    "test_redteam_s3_2.py",
+    "test_s3_output.py",
+    "test_redteam_s3.py",
+    "test_parallel.py",
+    "test_numerics.py",
+    "test_reflink.py",
+    "test_compat_transformers.py",
+    "test_hostile_classes.py",
+    "test_remote.py",
+    "test_memory.py",
+    "test_resume.py",
+)
+"""Modules of half a minute to a minute and more, run first (then the rest in their usual order):
+with the suite spread over processes a module at a time (``-n``, ``--dist loadfile``), a long
+one handed out last would keep one process busy alone at the end."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
+
+
 def pytest_report_header() -> str:
     import shardsurgeon
 
