@@ -230,6 +230,7 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         option.numprocesses = "auto"
         option.maxprocesses = option.maxprocesses or 4
         option.dist = "loadfile"
+        option.loadscopereorder = False  # hand modules out in the order below, not by test count
 
 
 SLOWEST_MODULES_FIRST = (
