@@ -178,14 +178,33 @@ def tiny(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
 
 
 _RUNNER_PID = os.getpid()
+_stopped_by: list[int] = []
+_workers_started_here: list[bool] = []
 
 
-def _interrupted(signum: int, frame: object) -> None:
+def _terminated(signum: int, frame: object) -> None:
+    """Nothing is raised (a test or the code under test could catch it): the run stops after the
+    test under way (pytest_runtest_protocol below). A second signal ends the process at once."""
+    signal.signal(signum, signal.SIG_DFL)
     if os.getpid() != _RUNNER_PID:  # a forked child: die as it would have
-        signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
-    raise KeyboardInterrupt(f"signal {signum}")
+    _stopped_by.append(signum)
+    if _workers_started_here:  # pytest-xdist's controller: its workers run the tests; pass it on
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rpartition(")")[2].split()[1]) == _RUNNER_PID:  # our children
+                    os.kill(int(stat.parent.name), signum)
+            except (OSError, ValueError, IndexError):
+                continue
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> object:
+    result = yield
+    if _stopped_by:
+        item.session.shouldstop = f"stopped by signal {_stopped_by[0]}"
+    return result
 
 
 def _cache_bytecode_outside_the_tree() -> None:
@@ -204,11 +223,12 @@ def _cache_bytecode_outside_the_tree() -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """SIGTERM (a CI timeout, ``kill``) stops the run as Ctrl-C does: pytest then tears the fixtures
-    down, and with them every server they started. Without this, Python dies at once on SIGTERM."""
+    """SIGTERM (a CI timeout, ``kill``) ends the run in order after the test under way: pytest tears
+    the fixtures down, and with them every server they started and every loop mount. Without this,
+    Python dies on SIGTERM leaving them behind."""
     _cache_bytecode_outside_the_tree()
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _interrupted)
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which turns these options into workers
@@ -231,6 +251,7 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         option.maxprocesses = option.maxprocesses or 4
         option.dist = "loadfile"
         option.loadscopereorder = False  # hand modules out in the order below, not by test count
+        _workers_started_here.append(True)
 
 
 SLOWEST_MODULES_FIRST = (
