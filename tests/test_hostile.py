@@ -487,7 +487,9 @@ def test_hostile_input(tmp_path, case):
     assert snapshot(tmp_path) == beside, "nothing created beside the output, nothing changed"
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("unknown dtype", "missing shard")], ids=str)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.id in ("unknown dtype", "missing shard")], ids=lambda case: case.id
+)
 def test_verbose_shows_the_traceback(tmp_path, case):
     src = tmp_path / "src"
     write_tiny_checkpoint(src, layers=4, shards=2)

@@ -6,9 +6,11 @@ runs use the same --out text, relative to their own working folder).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _servers import kill_server, start_server
 from conftest import folder_bytes, run_cli, write_tiny_checkpoint
 
 from shardsurgeon import RecipeError, ShardLayout, WriteOptions, balanced_groups, select_shards
@@ -46,7 +49,12 @@ def cli_in(cwd: Path, *args: str | Path, check: bool = True) -> subprocess.Compl
 
 @pytest.fixture
 def reference(tmp_path: Path, source: Path) -> dict[str, bytes]:
-    cli_in(tmp_path / "reference", "expand", "--src", source, *RECIPE, "--out", "out", "-q")
+    """The files of a one-process run, made in this process (the same bytes as ``cli_in`` gives,
+    without starting an interpreter that imports everything again)."""
+    (tmp_path / "reference").mkdir()
+    with contextlib.chdir(tmp_path / "reference"):  # --out is relative, as in the other runs
+        result = run_cli("expand", "--src", source, *RECIPE, "--out", "out", "-q")
+    assert result.exit_code == 0, result.output
     files = folder_bytes(tmp_path / "reference" / "out")
     assert sum(name.endswith(".safetensors") for name in files) >= 4
     return files
@@ -171,7 +179,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
-    """A local Ray head with two worker CPUs, started for these tests and stopped by its process id."""
+    """A local Ray head with two worker CPUs, started for these tests in a session of its own and
+    stopped by SIGKILL to every process of that session (the head's, by the process id started):
+    a SIGTERM makes each of Ray's processes shut down politely, for half a minute. If the test
+    process dies first, the head gets SIGTERM from the kernel and takes its processes down."""
     pytest.importorskip("ray")
     ray_exe = Path(sys.executable).with_name("ray")
     if not ray_exe.exists():
@@ -182,21 +193,16 @@ def ray_cluster() -> Iterator[str]:
         str(ray_exe), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
     ]  # fmt: skip
-    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = start_server(command, temp / "head.log", new_session=True, death_signal=signal.SIGTERM)
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while subprocess.run([str(ray_exe), "status", f"--address={address}"], capture_output=True).returncode:
             assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
-            time.sleep(1)
+            time.sleep(0.1)
         yield address
     finally:
-        os.killpg(head.pid, 15)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, 9)
-            head.wait()
+        kill_server(head, session=True)
         shutil.rmtree(temp, ignore_errors=True)
 
 

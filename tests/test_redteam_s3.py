@@ -49,8 +49,8 @@ MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path, Path]]:
-    with server_with_a_model(tmp_path_factory.mktemp("s3red")) as served:
+def server(seaweed_session, tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path, Path]]:
+    with server_with_a_model(seaweed_session, tmp_path_factory.mktemp("s3red")) as served:
         yield served
 
 

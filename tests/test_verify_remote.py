@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _servers import HttpServer, create_bucket, s3_environment, seaweedfs, serve_http, upload_folder, weed_binary
+from _s3kit import own_buckets
+from _servers import HttpServer, s3_environment, serve_http, upload_folder, weed_binary
 from click.testing import CliRunner, Result
 from conftest import read_tensors, write_tiny_checkpoint
 
@@ -81,15 +82,15 @@ def made(tmp_path_factory) -> Made:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory) -> Iterator[Servers]:
+def servers(request, tmp_path_factory) -> Iterator[Servers]:
+    """Our HTTP server, and the session's SeaweedFS with a bucket ``out`` of this module's own."""
     served = tmp_path_factory.mktemp("served")
     with serve_http(served) as http:
         if weed_binary() is None:
             yield Servers(served, http, None)
             return
-        with seaweedfs(tmp_path_factory.mktemp("s3"), volume_mb=64, volumes=16) as s3:
-            create_bucket(s3.endpoint, "out")
-            yield Servers(served, http, s3.endpoint)
+        s3 = own_buckets(request.getfixturevalue("seaweed_session"), "out")
+        yield Servers(served, http, s3.endpoint)
 
 
 @pytest.fixture
