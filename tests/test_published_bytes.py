@@ -32,8 +32,8 @@ pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[tuple[Any, Path, Path]]:
-    with server_with_a_model(tmp_path_factory.mktemp("published")) as served:
+def server(seaweed_session, tmp_path_factory) -> Iterator[tuple[Any, Path, Path]]:
+    with server_with_a_model(seaweed_session, tmp_path_factory.mktemp("published")) as served:
         yield served
 
 
