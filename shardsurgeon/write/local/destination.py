@@ -17,6 +17,7 @@ run writes, replaces or removes (:mod:`storage.overlap`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ from shardsurgeon.names import PARTIAL_SUFFIX, RESUME_NAME
 from shardsurgeon.plan.job import Job
 from shardsurgeon.plan.layout import ShardLayout
 from shardsurgeon.plan.planner import Zeros
+from shardsurgeon.storage import fileio
 from shardsurgeon.storage.overlap import SourceIdentities, check_outside_sources
 from shardsurgeon.storage.remote import SourceFiles
 from shardsurgeon.storage.smallfile import read_small
@@ -162,13 +164,7 @@ class LocalArea:
                     "its own there: remove the link"
                 )
             self.staging.mkdir(exist_ok=True)
-            try:
-                fd = os.open(self.staging / RESUME_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(key)
+            _mark(self.staging / RESUME_NAME, key)
         except OSError as e:
             raise OutputError(f"{safe_text(self.staging)}: cannot prepare the output: {e.strerror or e}") from None
         if not staging_matches(self.out, key):
@@ -281,6 +277,29 @@ class LocalArea:
         if not self.notes or not isinstance(error, ShardSurgeonError):
             return error
         return type(error)(f"{error} (first, {'; '.join(self.notes)})")
+
+
+def _mark(marker: Path, key: str) -> None:
+    """Write the resume marker, appearing whole with its key or not at all (a writer starting at the
+    same moment reads the key, never an empty file); an existing marker is left as it is."""
+    partial = marker.with_name(f"{marker.name}{worker_tag()}{PARTIAL_SUFFIX}")
+    fd = fileio.open_new(partial)
+    try:
+        fileio.write_all_at(fd, key.encode(), 0)
+    finally:
+        os.close(fd)
+    try:
+        os.link(partial, marker)
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links here (some FUSE and network filesystems): create it in place
+        with (
+            contextlib.suppress(FileExistsError),
+            os.fdopen(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as f,
+        ):
+            f.write(key)
+    finally:
+        partial.unlink()
 
 
 def worker_tag() -> str:
