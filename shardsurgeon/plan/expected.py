@@ -10,6 +10,7 @@ proof) and ``verify`` use it; it reads only through the reader its caller gives.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from shardsurgeon.format import DTYPES
 from shardsurgeon.names import CHUNK_BYTES
 from shardsurgeon.plan.layout import ShardLayout
-from shardsurgeon.plan.planner import Convert, Copy, PlannedTensor, Zeros
+from shardsurgeon.plan.planner import Convert, Copy, Normal, Pieces, PlannedTensor, Zeros, pieces_of
 from shardsurgeon.units import Progress
 
 Read = Callable[[Path | str, int, int], bytes]
@@ -31,23 +32,60 @@ def _ignore(nbytes: int) -> None:
 
 
 def expected_chunks(tensor: PlannedTensor, read: Read) -> Iterator[bytes | memoryview]:
-    """The bytes ``tensor`` must hold, in chunks of at most a few MiB."""
-    match tensor.op:
-        case Zeros():
-            for start in range(0, tensor.nbytes, CHUNK_BYTES):
-                yield memoryview(_ZEROS)[: min(CHUNK_BYTES, tensor.nbytes - start)]
-        case Copy():
-            for start in range(0, tensor.nbytes, CHUNK_BYTES):
-                yield read(
-                    tensor.source.path, tensor.source.data_start + start, min(CHUNK_BYTES, tensor.nbytes - start)
-                )
-        case Convert() as op:
-            step = CHUNK_ELEMENTS * DTYPES[tensor.source.dtype].itemsize
-            for start in range(0, tensor.source.nbytes, step):
-                raw = read(
-                    tensor.source.path, tensor.source.data_start + start, min(step, tensor.source.nbytes - start)
-                )
-                yield by_definition(raw, tensor.source.dtype, op, tensor.dtype).tobytes()
+    """The bytes ``tensor`` must hold, in chunks of at most a few MiB, piece after piece."""
+    out_itemsize = DTYPES[tensor.dtype].itemsize
+    for piece in pieces_of(tensor):
+        match piece.op:
+            case Zeros():
+                for start in range(0, piece.nbytes, CHUNK_BYTES):
+                    yield memoryview(_ZEROS)[: min(CHUNK_BYTES, piece.nbytes - start)]
+            case Copy():
+                assert piece.source is not None
+                first = piece.source.data_start + piece.first * DTYPES[piece.source.dtype].itemsize
+                for start in range(0, piece.nbytes, CHUNK_BYTES):
+                    yield read(piece.source.path, first + start, min(CHUNK_BYTES, piece.nbytes - start))
+            case Convert() as op:
+                source = piece.source
+                assert source is not None
+                itemsize = DTYPES[source.dtype].itemsize
+                first, count = source.data_start + piece.first * itemsize, piece.nbytes // out_itemsize
+                for start in range(0, count, CHUNK_ELEMENTS):
+                    raw = read(source.path, first + start * itemsize, min(CHUNK_ELEMENTS, count - start) * itemsize)
+                    yield by_definition(raw, source.dtype, op, tensor.dtype).tobytes()
+            case Normal() as op:
+                count = piece.nbytes // out_itemsize
+                for start in range(0, count, CHUNK_ELEMENTS):
+                    yield generated_bytes(op, tensor.dtype, piece.first + start, min(CHUNK_ELEMENTS, count - start))
+            case Pieces():
+                raise AssertionError(f"{tensor.name}: pieces inside a piece")
+
+
+GENERATOR_BLOCK = 4096
+"""Elements drawn from one seeding of the generator: element i of a stream is in block i // 4096."""
+
+
+def generated_bytes(op: Normal, dtype: str, first: int, count: int) -> bytes:
+    """Elements ``first`` to ``first + count`` of ``op``'s stream, rounded to ``dtype``.
+
+    The rule, the same on every machine: the stream's block b (elements 4096 b to 4096 b + 4095) is
+    ``numpy.random.Generator(PCG64(SeedSequence([seed, S, b]))).standard_normal(4096, float32)``,
+    where S is the first 8 bytes (little-endian) of the SHA-256 of the stream's name; each value is
+    multiplied by ``float32(std)`` and rounded to nearest even into ``dtype``.
+    """
+    import numpy as np
+
+    stream = int.from_bytes(hashlib.sha256(op.stream.encode()).digest()[:8], "little")
+    values = np.empty(count, np.float32)
+    done = 0
+    while done < count:
+        block, skip = divmod(first + done, GENERATOR_BLOCK)
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([op.seed, stream, block])))
+        drawn = rng.standard_normal(GENERATOR_BLOCK, dtype=np.float32)
+        take = min(GENERATOR_BLOCK - skip, count - done)
+        values[done : done + take] = drawn[skip : skip + take]
+        done += take
+    values *= np.float32(op.std)
+    return bytes(values.astype(DTYPES[dtype].numpy).tobytes())
 
 
 def first_difference(
@@ -79,7 +117,7 @@ def differing_tensors(shard: ShardLayout, read: Read, where: Path | str, *, firs
 
 def describe_expected(tensor: PlannedTensor) -> str:
     """How ``tensor``'s bytes differ from what they must be, in words."""
-    source = f"{tensor.source.name} of {tensor.source.path}"
+    source = f"{tensor.source.name} of {tensor.source.path}" if tensor.source is not None else ""
     match tensor.op:
         case Zeros():
             return "holds other bytes than the zeros the recipe gives"
@@ -90,6 +128,10 @@ def describe_expected(tensor: PlannedTensor) -> str:
             if via is not None:
                 return f"differs from {source} cast to {via}{scaled}, then to {tensor.dtype}"
             return f"differs from {source} cast to {tensor.dtype}{scaled}"
+        case Normal(seed, std, stream):
+            return f"differs from the numbers drawn with seed {seed} for {stream} (std {std:g})"
+        case Pieces(parts):
+            return f"differs from the {len(parts)} pieces the plan makes it of"
 
 
 def _first_unequal(a: bytes, b: bytes) -> int:

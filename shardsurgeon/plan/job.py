@@ -18,7 +18,7 @@ from functools import cached_property
 from shardsurgeon.model.arch import NO_HINT, StackHint
 from shardsurgeon.model.source import Source, card_names_of
 from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, ShardLayout, plan_layout
-from shardsurgeon.plan.planner import Plan
+from shardsurgeon.plan.planner import Plan, source_files
 from shardsurgeon.plan.recipe import Recipe, recipe_to_json
 from shardsurgeon.storage.versions import SourceVersion
 
@@ -59,7 +59,7 @@ class Job:
     def versions_of(self, shard: ShardLayout) -> tuple[SourceVersion, ...]:
         """The versions of the source files ``shard``'s bytes are made from."""
         by_where = {version.where: version for version in self.versions}
-        paths = dict.fromkeys(str(placed.tensor.source.path) for placed in shard.tensors)
+        paths = dict.fromkeys(str(path) for placed in shard.tensors for path in source_files(placed.tensor))
         return tuple(by_where[path] for path in paths if path in by_where)
 
 

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardsurgeon.errors import PlanError
-from shardsurgeon.format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, encode_header
+from shardsurgeon.format import DTYPES, HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, encode_header
 from shardsurgeon.model.checkpoint import SINGLE_FILE
-from shardsurgeon.plan.planner import Copy, Plan, PlannedTensor
+from shardsurgeon.plan.planner import Copy, Piece, Plan, PlannedTensor, pieces_of
 from shardsurgeon.units import format_bytes
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
@@ -59,6 +59,16 @@ class PlacedTensor:
     tensor: PlannedTensor
     offset: int
     """Absolute offset of the tensor's first byte in its shard file."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedPiece:
+    """A run of a tensor's bytes that is not a copy (zeros, a conversion, generated numbers), at the
+    absolute offset ``offset`` of its shard."""
+
+    tensor: PlannedTensor
+    piece: Piece
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,24 +100,28 @@ class ShardLayout:
         """Final size of the shard file."""
         return len(self.header) + sum(p.tensor.nbytes for p in self.tensors)
 
-    def segments(self) -> list[PlacedTensor | CopyRun]:
-        """What to write, in data order: copies merged into runs, every other tensor on its own."""
-        segments: list[PlacedTensor | CopyRun] = []
+    def segments(self) -> list[PlacedPiece | CopyRun]:
+        """What to write, in data order: copied pieces merged into runs where they lie one after the
+        other in both files, every other piece on its own."""
+        segments: list[PlacedPiece | CopyRun] = []
         for placed in self.tensors:
-            tensor = placed.tensor
-            if not isinstance(tensor.op, Copy):
-                segments.append(placed)
-                continue
-            last = segments[-1] if segments else None
-            if (
-                isinstance(last, CopyRun)
-                and last.path == tensor.source.path
-                and last.src_offset + last.nbytes == tensor.source.data_start
-                and last.offset + last.nbytes == placed.offset
-            ):
-                segments[-1] = CopyRun(last.path, last.src_offset, last.offset, last.nbytes + tensor.nbytes)
-            else:
-                segments.append(CopyRun(tensor.source.path, tensor.source.data_start, placed.offset, tensor.nbytes))
+            offset = placed.offset
+            for piece in pieces_of(placed.tensor):
+                if isinstance(piece.op, Copy) and piece.source is not None:
+                    src_offset = piece.source.data_start + piece.first * DTYPES[piece.source.dtype].itemsize
+                    last = segments[-1] if segments else None
+                    if (
+                        isinstance(last, CopyRun)
+                        and last.path == piece.source.path
+                        and last.src_offset + last.nbytes == src_offset
+                        and last.offset + last.nbytes == offset
+                    ):
+                        segments[-1] = CopyRun(last.path, last.src_offset, last.offset, last.nbytes + piece.nbytes)
+                    else:
+                        segments.append(CopyRun(piece.source.path, src_offset, offset, piece.nbytes))
+                else:
+                    segments.append(PlacedPiece(placed.tensor, piece, offset))
+                offset += piece.nbytes
         return segments
 
     @property
@@ -131,7 +145,8 @@ class Layout:
     @property
     def copied_bytes(self) -> int:
         """Bytes of tensors copied unchanged from a source."""
-        return sum(p.tensor.nbytes for s in self.shards for p in s.tensors if isinstance(p.tensor.op, Copy))
+        return sum(piece.nbytes for s in self.shards for p in s.tensors for piece in pieces_of(p.tensor)
+                   if isinstance(piece.op, Copy))  # fmt: skip
 
     @property
     def shareable_bytes(self) -> int:
@@ -155,10 +170,11 @@ class _Item:
 
     @property
     def src_offset(self) -> int:
-        return self.tensor.source.data_start
+        return self.tensor.source.data_start if self.tensor.source is not None else 0
 
     @property
     def copied(self) -> bool:
+        """A whole tensor copied: what the layout puts in phase with its source."""
         return isinstance(self.tensor.op, Copy)
 
     @property
@@ -218,14 +234,18 @@ def _arranged(items: list[_Item], metadata: Mapping[str, str]) -> ShardLayout:
 
 
 def _by_source_file(tensors: Sequence[PlannedTensor]) -> list[list[_Item]]:
-    """Tensors grouped by source file (first named first), each group in source order by instance."""
-    seen: dict[tuple[Path | str, str], int] = {}
-    groups: dict[Path | str, list[_Item]] = {}
+    """Tensors grouped by source file (first named first), each group in source order by instance;
+    a tensor made from no source (a router of zeros, one drawn from a seed) joins the group of the
+    tensor before it in the plan."""
+    seen: dict[tuple[Path | str | None, str], int] = {}
+    groups: dict[Path | str | None, list[_Item]] = {}
+    path: Path | str | None = None
     for order, tensor in enumerate(tensors):
-        key = (tensor.source.path, tensor.source.name)
+        path = tensor.source.path if tensor.source is not None else path
+        key = (path, tensor.source.name if tensor.source is not None else tensor.name)
         instance = seen.get(key, 0)
         seen[key] = instance + 1
-        groups.setdefault(tensor.source.path, []).append(_Item(tensor, order, instance))
+        groups.setdefault(path, []).append(_Item(tensor, order, instance))
     return [sorted(group, key=lambda i: (i.instance, i.src_offset, i.order)) for group in groups.values()]
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from shardsurgeon import __version__
-from shardsurgeon.format import torch_name
+from shardsurgeon.format import TensorRef, torch_name
 from shardsurgeon.plan.layout import Layout
-from shardsurgeon.plan.planner import OP_KINDS, Convert, Plan
+from shardsurgeon.plan.planner import OP_KINDS, Convert, Normal, Piece, Pieces, Plan, Zeros
 from shardsurgeon.plan.recipe import LayerSource, ScaleRule
 from shardsurgeon.storage.remote import file_name
 from shardsurgeon.units import format_bytes
@@ -219,13 +219,8 @@ def plan_dict(plan: Plan, layout: Layout) -> dict[str, Any]:
                 "nbytes": t.nbytes,
                 "op": t.op.kind,
                 "scale": t.op.scale if isinstance(t.op, Convert) else 1.0,
-                "source": {
-                    "model": t.model,
-                    "name": t.source.name,
-                    "file": file_name(t.source.path),
-                    "dtype": t.source.dtype,
-                    "offset": t.source.data_start,
-                },
+                "source": _source_dict(t.model, t.source),
+                **({"pieces": [_piece_dict(p) for p in t.op.parts]} if isinstance(t.op, Pieces) else {}),
                 "shard": shard_of[t.name][0],
                 "offset": shard_of[t.name][1],
             }
@@ -235,3 +230,20 @@ def plan_dict(plan: Plan, layout: Layout) -> dict[str, Any]:
         "total_size": layout.total_size,
         "config": plan.config,
     }
+
+
+def _source_dict(model: str, ref: TensorRef | None) -> dict[str, Any] | None:
+    if ref is None:
+        return None
+    return {"model": model, "name": ref.name, "file": file_name(ref.path), "dtype": ref.dtype, "offset": ref.data_start}
+
+
+def _piece_dict(piece: Piece) -> dict[str, Any]:
+    record: dict[str, Any] = {"op": piece.op.kind, "nbytes": piece.nbytes}
+    if piece.source is not None and not isinstance(piece.op, Zeros):
+        record |= {"source": piece.source.name, "file": file_name(piece.source.path), "first_element": piece.first}
+    if isinstance(piece.op, Convert):
+        record |= {"scale": piece.op.scale}
+    if isinstance(piece.op, Normal):
+        record |= {"seed": piece.op.seed, "std": piece.op.std, "stream": piece.op.stream, "first_element": piece.first}
+    return record

@@ -20,9 +20,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from shardsurgeon.errors import CheckpointError, DestinationError, OutputError
+from shardsurgeon.format import DTYPES
 from shardsurgeon.names import CHUNK_BYTES
-from shardsurgeon.plan.layout import CopyRun, PlacedTensor, ShardLayout
-from shardsurgeon.plan.planner import Convert, Copy, PlannedTensor, Zeros
+from shardsurgeon.plan.layout import CopyRun, PlacedPiece, ShardLayout
+from shardsurgeon.plan.planner import Convert, Copy, Normal, Pieces, Zeros
 from shardsurgeon.storage import fileio
 from shardsurgeon.storage.fileio import CopiedPiece, CopyCounts
 from shardsurgeon.storage.remote import SourceFiles
@@ -136,8 +137,8 @@ class ShardWriter:
                 match segment:
                     case CopyRun() as run:
                         stats += self._copy(run, fd)
-                    case PlacedTensor() as placed:
-                        stats += self._write_tensor(placed, fd)
+                    case PlacedPiece() as placed:
+                        stats += self._write_piece(placed, fd)
             fileio.durable_sync(fd)
         except OSError as e:
             raise OutputError(_describe_write_error(path, e)) from None
@@ -170,22 +171,24 @@ class ShardWriter:
         fileio.start_writeback(fd, offset, nbytes)
         self._progress(nbytes)
 
-    def _write_tensor(self, placed: PlacedTensor, fd: int) -> ShardStats:
-        tensor = placed.tensor
-        match tensor.op:
+    def _write_piece(self, placed: PlacedPiece, fd: int) -> ShardStats:
+        piece = placed.piece
+        match piece.op:
             case Zeros() if not self._dense:
-                self._progress(tensor.nbytes)
-                return ShardStats(holes=tensor.nbytes)
+                self._progress(piece.nbytes)
+                return ShardStats(holes=piece.nbytes)
             case Zeros():
-                self._write_zeros(fd, placed.offset, tensor.nbytes)
-                return ShardStats(written=tensor.nbytes)
-            case Copy():
-                run = CopyRun(tensor.source.path, tensor.source.data_start, placed.offset, tensor.nbytes)
-                return self._copy(run, fd)
+                self._write_zeros(fd, placed.offset, piece.nbytes)
+                return ShardStats(written=piece.nbytes)
             case Convert() as op:
-                self._convert(placed, op, fd)
-                fetched = tensor.source.nbytes if isinstance(tensor.source.path, str) else 0
-                return ShardStats(written=tensor.nbytes, converted=tensor.nbytes, fetched=fetched)
+                assert piece.source is not None
+                fetched = self._convert(placed, op, fd)
+                return ShardStats(written=piece.nbytes, converted=piece.nbytes, fetched=fetched)
+            case Normal() as op:
+                self._generate(placed, op, fd)
+                return ShardStats(written=piece.nbytes, converted=piece.nbytes)
+            case Copy() | Pieces():
+                raise AssertionError(f"{placed.tensor.name}: a copy outside a copy run, or pieces in a piece")
 
     def _copy(self, run: CopyRun, fd: int) -> ShardStats:
         if isinstance(run.path, str):
@@ -217,31 +220,37 @@ class ShardWriter:
             fileio.write_all_at(fd, zeros[:count], offset + start)
             self._wrote(fd, offset + start, count)
 
-    def _convert(self, placed: PlacedTensor, op: Convert, fd: int) -> None:
-        """Read, convert and write in chunks, with the I/O of neighbouring chunks overlapping.
+    def _convert(self, placed: PlacedPiece, op: Convert, fd: int) -> int:
+        """Read, convert and write in chunks, with the I/O of neighbouring chunks overlapping;
+        returns the source bytes fetched by URL.
 
         While the main thread converts chunk k, the I/O thread writes chunk k-1 and reads chunk k+1.
         Two lanes of buffers and converters alternate, so no buffer is filled while in use; numpy,
         pread and pwrite all release the GIL, so the two cores share the work.
         """
-        tensor = placed.tensor
-        lanes = [self._lane(tensor, op, lane) for lane in (0, 1)]
-        url = tensor.source.path if isinstance(tensor.source.path, str) else None
-        src = -1 if url is not None else self._sources.fd(tensor.source.path)
+        tensor, piece = placed.tensor, placed.piece
+        source = piece.source
+        assert source is not None
+        lanes = [self._lane(source.dtype, tensor.dtype, op, lane) for lane in (0, 1)]
+        url = source.path if isinstance(source.path, str) else None
+        src = -1 if url is not None else self._sources.fd(source.path)
         chunk = lanes[0][0].chunk_src_bytes
         if len(self._read_buffers[0]) < chunk:
             self._read_buffers = (bytearray(chunk), bytearray(chunk))
-        starts = range(0, tensor.source.nbytes, chunk)
+        itemsize = DTYPES[source.dtype].itemsize
+        first = source.data_start + piece.first * itemsize
+        src_nbytes = piece.nbytes // DTYPES[tensor.dtype].itemsize * itemsize
+        starts = range(0, src_nbytes, chunk)
 
         def read(number: int) -> memoryview:
             start = starts[number]
-            view = memoryview(self._read_buffers[number % 2])[: min(chunk, tensor.source.nbytes - start)]
+            view = memoryview(self._read_buffers[number % 2])[: min(chunk, src_nbytes - start)]
             if url is not None:
-                view[:] = self._sources.remote.read(url, tensor.source.data_start + start, len(view))
+                view[:] = self._sources.remote.read(url, first + start, len(view))
                 return view
-            got = fileio.read_at(src, view, tensor.source.data_start + start)
+            got = fileio.read_at(src, view, first + start)
             if got != len(view):
-                raise _source_truncated(tensor.source.path, tensor.source.data_start + start + got)
+                raise _source_truncated(source.path, first + start + got)
             return view
 
         # On an error or interrupt, write() drains the I/O thread before the buffers or fd go away.
@@ -259,17 +268,29 @@ class ShardWriter:
             written = (io.submit(fileio.write_all_at, fd, out, dst_offset), dst_offset, len(out))
             dst_offset += len(out)
         self._finish(written, fd)
+        return src_nbytes if url is not None else 0
 
-    def _lane(self, tensor: PlannedTensor, op: Convert, lane: int) -> list[ChunkConverter]:
+    def _generate(self, placed: PlacedPiece, op: Normal, fd: int) -> None:
+        """Numbers drawn by ``op``'s rule (plan/expected.py, the one definition), a chunk at a time."""
+        from shardsurgeon.plan.expected import generated_bytes  # numpy loads only when a run generates
+
+        itemsize = DTYPES[placed.tensor.dtype].itemsize
+        count, step = placed.piece.nbytes // itemsize, CHUNK_BYTES // itemsize
+        for start in range(0, count, step):
+            data = generated_bytes(op, placed.tensor.dtype, placed.piece.first + start, min(step, count - start))
+            fileio.write_all_at(fd, data, placed.offset + start * itemsize)
+            self._wrote(fd, placed.offset + start * itemsize, len(data))
+
+    def _lane(self, src_dtype: str, dst_dtype: str, op: Convert, lane: int) -> list[ChunkConverter]:
         """The converters of one lane, reused across tensors; only the few most recent are kept, so
         memory does not grow with the number of distinct scales in a merge."""
-        key = (tensor.source.dtype, tensor.dtype, op.scale, op.via, lane)
+        key = (src_dtype, dst_dtype, op.scale, op.via, lane)
         if key in self._converters:
             self._converters[key] = self._converters.pop(key)  # most recently used last
         else:
             if len(self._converters) >= KEPT_CONVERTERS:
                 del self._converters[next(iter(self._converters))]
-            self._converters[key] = converters_for(tensor.source.dtype, tensor.dtype, op)
+            self._converters[key] = converters_for(src_dtype, dst_dtype, op)
         return self._converters[key]
 
     def _finish(self, pending: tuple[Future[Any], int, int] | None, fd: int) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from shardsurgeon.errors import DestinationError, OutputError, ShardSurgeonError, safe_text
 from shardsurgeon.names import PARTIAL_SUFFIX, RESUME_NAME
 from shardsurgeon.plan.job import Job
-from shardsurgeon.plan.layout import ShardLayout
+from shardsurgeon.plan.layout import PlacedPiece, ShardLayout
 from shardsurgeon.plan.planner import Zeros
 from shardsurgeon.storage import fileio
 from shardsurgeon.storage.overlap import SourceIdentities, check_outside_sources
@@ -402,9 +402,10 @@ def check_room(staging: Path, needed: int) -> None:
 
 
 def _bytes_to_write(shard: ShardLayout, dense: bool) -> int:
-    return len(shard.header) + sum(
-        p.tensor.nbytes for p in shard.tensors if dense or not isinstance(p.tensor.op, Zeros)
+    holes = sum(
+        s.piece.nbytes for s in shard.segments() if isinstance(s, PlacedPiece) and isinstance(s.piece.op, Zeros)
     )
+    return shard.nbytes - (0 if dense else holes)
 
 
 __all__ = ["PARTIAL_SUFFIX", "LocalArea", "LocalFolder", "LocalShards", "check_staging", "staging_folder"]

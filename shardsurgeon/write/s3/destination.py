@@ -35,7 +35,7 @@ from pathlib import Path
 from shardsurgeon.errors import OutputError, safe_text
 from shardsurgeon.names import CONFIG_FILE, DONE_PREFIX, INDEX_FILE, RESUME_NAME, SINGLE_FILE, WORK_PREFIX, ZEROS_NAME
 from shardsurgeon.plan.job import Job
-from shardsurgeon.plan.layout import ShardLayout
+from shardsurgeon.plan.layout import PlacedPiece, ShardLayout
 from shardsurgeon.plan.planner import Zeros
 from shardsurgeon.storage import s3
 from shardsurgeon.storage.overlap import check_folder_outside_sources, check_objects_hold_no_source
@@ -204,7 +204,9 @@ class S3Area:
     def target(self, todo: Sequence[ShardLayout], options: WriteOptions) -> S3Shards:
         etags = {v.where: v.validator for v in self._job.versions if not v.is_local and v.validator}
         zeros = None
-        if any(isinstance(p.tensor.op, Zeros) for s in todo for p in s.tensors):
+        if any(
+            isinstance(s, PlacedPiece) and isinstance(s.piece.op, Zeros) for shard in todo for s in shard.segments()
+        ):
             zeros, etags[zeros] = self._store.zeros_object()
             self.stats += ShardStats(sent=ZEROS_NBYTES)
         return S3Shards(self._store.folder, self._store.run_key, self._claim.token, zeros, etags)

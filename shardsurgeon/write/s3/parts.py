@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from shardsurgeon.errors import OutputError
-from shardsurgeon.plan.layout import CopyRun, PlacedTensor, ShardLayout
-from shardsurgeon.plan.planner import Zeros
+from shardsurgeon.plan.layout import CopyRun, PlacedPiece, ShardLayout
+from shardsurgeon.plan.planner import Piece, Zeros
 
 MIN_PART_BYTES = 5 << 20
 """S3's smallest part but the last."""
@@ -117,13 +117,13 @@ def _pieces(shard: ShardLayout, zeros_url: str | None) -> Iterator[Made | Copied
         match segment:
             case CopyRun(path=str() as url) if url.startswith("s3://"):
                 copied: list[Copied] = [Copied(segment.offset, segment.nbytes, url, segment.src_offset)]
-            case PlacedTensor(tensor=tensor) if zeros_url is not None and isinstance(tensor.op, Zeros):
-                count = -(-tensor.nbytes // ZEROS_NBYTES)  # equal shares: each at least 5 MiB if the whole is
-                bounds = [segment.offset + tensor.nbytes * number // count for number in range(count + 1)]
+            case PlacedPiece(piece=Piece(op=Zeros(), nbytes=nbytes)) if zeros_url is not None:
+                count = -(-nbytes // ZEROS_NBYTES)  # equal shares: each at least 5 MiB if the whole is
+                bounds = [segment.offset + nbytes * number // count for number in range(count + 1)]
                 copied = [Copied(start, end - start, zeros_url, 0) for start, end in itertools.pairwise(bounds)]
             case _:
-                nbytes = segment.nbytes if isinstance(segment, CopyRun) else segment.tensor.nbytes
-                pending = Made(pending.offset, pending.nbytes + nbytes)
+                made = segment.nbytes if isinstance(segment, CopyRun) else segment.piece.nbytes
+                pending = Made(pending.offset, pending.nbytes + made)
                 continue
         if pending.nbytes:
             yield pending

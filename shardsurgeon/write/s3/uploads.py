@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shardsurgeon.errors import CheckpointError, safe_text
+from shardsurgeon.format import DTYPES
 from shardsurgeon.names import SCRATCH_PREFIX
-from shardsurgeon.plan.layout import CopyRun, PlacedTensor, ShardLayout
-from shardsurgeon.plan.planner import Convert, Zeros
+from shardsurgeon.plan.layout import CopyRun, PlacedPiece, ShardLayout
+from shardsurgeon.plan.planner import Convert, Normal, Piece, Zeros
 from shardsurgeon.storage.remote import SourceFiles
 from shardsurgeon.storage.s3 import S3Location, describe, failed_condition
 from shardsurgeon.units import Progress
@@ -91,16 +92,18 @@ class ShardBytes:
             if low < high:
                 self._fill_segment(segment, low - start, view[low - offset : high - offset], workspace)
 
-    def _fill_segment(self, segment: PlacedTensor | CopyRun, skip: int, view: memoryview, workspace: Workspace) -> None:
+    def _fill_segment(self, segment: PlacedPiece | CopyRun, skip: int, view: memoryview, workspace: Workspace) -> None:
         match segment:
             case CopyRun():
                 self._read(segment.path, segment.src_offset + skip, view)
-            case PlacedTensor(tensor=tensor) if isinstance(tensor.op, Zeros):
+            case PlacedPiece(piece=Piece(op=Zeros())):
                 for start in range(0, len(view), len(ZERO_CHUNK)):
                     piece = view[start : start + len(ZERO_CHUNK)]
                     piece[:] = ZERO_CHUNK[: len(piece)]
-            case PlacedTensor(tensor=tensor) if isinstance(tensor.op, Convert):
-                self._convert(segment, tensor.op, skip, view, workspace)
+            case PlacedPiece(piece=Piece(op=Convert() as op)):
+                self._convert(segment, op, skip, view, workspace)
+            case PlacedPiece(piece=Piece(op=Normal() as op)):
+                self._generate(segment, op, skip, view)
             case _:
                 raise AssertionError(f"{segment}: a copy outside a copy run")
 
@@ -114,11 +117,21 @@ class ShardBytes:
                     "source changed or was truncated while running"
                 )
 
-    def _convert(self, placed: PlacedTensor, op: Convert, skip: int, view: memoryview, workspace: Workspace) -> None:
-        """The converted bytes ``skip`` to ``skip + len(view)`` of the tensor: the source elements
+    def _generate(self, placed: PlacedPiece, op: Normal, skip: int, view: memoryview) -> None:
+        """Bytes ``skip`` to ``skip + len(view)`` of generated numbers, by the one definition."""
+        from shardsurgeon.plan.expected import generated_bytes
+
+        size = DTYPES[placed.tensor.dtype].itemsize
+        first, last = skip // size, -(-(skip + len(view)) // size)
+        data = generated_bytes(op, placed.tensor.dtype, placed.piece.first + first, last - first)
+        view[:] = data[skip - first * size : skip - first * size + len(view)]
+
+    def _convert(self, placed: PlacedPiece, op: Convert, skip: int, view: memoryview, workspace: Workspace) -> None:
+        """The converted bytes ``skip`` to ``skip + len(view)`` of the piece: the source elements
         that cover them are read and converted a chunk at a time."""
-        tensor = placed.tensor
-        stages = workspace.stages(tensor.source.dtype, tensor.dtype, op)
+        tensor, source = placed.tensor, placed.piece.source
+        assert source is not None
+        stages = workspace.stages(source.dtype, tensor.dtype, op)
         src_size, dst_size = stages[0].src_itemsize, stages[-1].dst_itemsize
         first, last = skip // dst_size, -(-(skip + len(view)) // dst_size)
         step = stages[0].chunk_elements
@@ -127,7 +140,7 @@ class ShardBytes:
         for element in range(first, last, step):
             count = min(step, last - element)
             chunk = memoryview(workspace.chunk)[: count * src_size]
-            self._read(tensor.source.path, tensor.source.data_start + element * src_size, chunk)
+            self._read(source.path, source.data_start + (placed.piece.first + element) * src_size, chunk)
             out: memoryview = chunk
             for stage in stages:
                 out = stage.convert(out)
@@ -136,8 +149,8 @@ class ShardBytes:
             view[low - skip : high - skip] = out[low - element * dst_size : high - element * dst_size]
 
 
-def _span(segment: PlacedTensor | CopyRun) -> tuple[int, int]:
-    nbytes = segment.nbytes if isinstance(segment, CopyRun) else segment.tensor.nbytes
+def _span(segment: PlacedPiece | CopyRun) -> tuple[int, int]:
+    nbytes = segment.nbytes if isinstance(segment, CopyRun) else segment.piece.nbytes
     return segment.offset, segment.offset + nbytes
 
 
@@ -207,7 +220,11 @@ class S3ShardWriter:
         stats = ShardStats(
             written=shard.nbytes,
             copied=sum(s.nbytes for s in shard.segments() if isinstance(s, CopyRun)),
-            converted=sum(p.tensor.nbytes for p in shard.tensors if isinstance(p.tensor.op, Convert)),
+            converted=sum(
+                s.piece.nbytes
+                for s in shard.segments()
+                if isinstance(s, PlacedPiece) and not isinstance(s.piece.op, Zeros)
+            ),
             fetched=self._sources.remote.fetched_nbytes - fetched_before,
             sent=sent,
             server_copied=shard.nbytes - sent,
