@@ -36,8 +36,8 @@ pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[tuple[Any, Path, Path]]:
-    with server_with_a_model(tmp_path_factory.mktemp("redteam-write-2")) as served:
+def server(seaweed_session, tmp_path_factory) -> Iterator[tuple[Any, Path, Path]]:
+    with server_with_a_model(seaweed_session, tmp_path_factory.mktemp("redteam-write-2")) as served:
         yield served
 
 
