@@ -255,9 +255,12 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 
 
 SLOWEST_MODULES_FIRST = (
-    "test_redteam_s3_2.py",
+    "test_s3_output_recovery.py",
     "test_s3_output.py",
-    "test_redteam_s3.py",
+    "test_s3_output_edges.py",
+    "test_write_path_sources_and_names.py",
+    "test_published_bytes.py",
+    "test_write_path_claims_and_versions.py",
     "test_parallel.py",
     "test_numerics.py",
     "test_reflink.py",

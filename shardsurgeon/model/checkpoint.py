@@ -103,7 +103,9 @@ def _read_remote_shard(remote: RemoteFolder, shard_name: str, missing: str) -> t
     found = remote.read_header(shard_name, missing)
     header = found.header
     refs = [TensorRef(e.name, where, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
-    version = SourceVersion(where, header.data_start + header.data_nbytes, found.sha256, validator=found.etag)
+    version = SourceVersion(
+        where, header.data_start + header.data_nbytes, found.sha256, validator=found.etag, modified=found.modified
+    )
     return Shard(where, version), refs
 
 

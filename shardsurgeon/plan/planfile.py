@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,12 @@ def _reopen(record: dict[str, Any], at: str, hint: StackHint, shown: str) -> Sou
                 f"{safe_text(join_name(folder, version.name))}: changed since the plan {shown} was made "
                 f"({describe_change(version, now[version.name])}); make the plan again"
             )
-    return source
+    racy = {version.name for version in recorded if version.racy}  # as the plan saw it: still no proof
+    shards = tuple(
+        replace(shard, version=replace(shard.version, racy=True)) if file_name(shard.path) in racy else shard
+        for shard in source.checkpoint.shards
+    )
+    return replace(source, checkpoint=replace(source.checkpoint, shards=shards))
 
 
 def _get(record: dict[str, Any], key: str, field: str) -> Any:

@@ -12,7 +12,7 @@ spelling of the host that resolves to the same address, dot segments and doubled
 percent-escapes decoded) name the same object (:func:`object_place`). And since a store reached
 some other way (a CDN, a proxy) cannot be recognized by its address, an object about to be removed
 or overwritten whose size and ETag are those of a source file is taken to be that file
-(:func:`check_objects_hold_no_source`). Reads metadata only.
+(:func:`source_among`). Reads metadata only.
 """
 
 from __future__ import annotations
@@ -310,17 +310,17 @@ def check_folder_outside_sources(
             raise DestinationError(f"--out {shown}: contains the source folder {name}; choose another")
 
 
-def check_objects_hold_no_source(
+def source_among(
     objects: Iterable[tuple[str, int, str]],
     versions: Iterable[SourceVersion],
-    shown: str,
     header_digest: Callable[[str], str | None],
-) -> None:
-    """Refuse when an object about to be removed or overwritten (name, size, ETag) holds a source
-    file's bytes: the same size, and the same ETag or the same header (read by ``header_digest``,
-    which pins every offset). The object is then that file reached by another name (the store's
-    filer or another address, a CDN, a FUSE mount of the bucket read as a local folder), or a copy
-    of it, which is not ours to remove either. Only objects of a source file's size are read."""
+) -> tuple[str, SourceVersion] | None:
+    """The first of ``objects`` (name, size, ETag) that holds a source file's bytes, with that
+    source's version: the same size, and the same ETag or the same header (read by
+    ``header_digest``, which pins every offset). Such an object is that file reached by another
+    name (the store's filer or another address, a CDN, a FUSE mount of the bucket read as a local
+    folder), or a copy of it; either way not the run's to remove or to write beside. Only objects of
+    a source file's size are read."""
     by_size: dict[int, list[SourceVersion]] = {}
     for version in versions:
         by_size.setdefault(version.nbytes, []).append(version)
@@ -333,11 +333,8 @@ def check_objects_hold_no_source(
             digest = header_digest(name)
             same = next((v for v in candidates if v.header_sha256 == digest), None)
         if same is not None:
-            raise DestinationError(
-                f"--out {shown}: {safe_text(name)} there holds the bytes of the source file {safe_text(same.where)} "
-                "(the same size and header): it is that file under another name, or a copy of it, and the run "
-                "would remove or overwrite it; choose another output"
-            )
+            return name, same
+    return None
 
 
 def _bare(etag: str | None) -> str:

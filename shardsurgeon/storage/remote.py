@@ -82,11 +82,13 @@ def obstore_available() -> bool:
 @dataclass(frozen=True, slots=True)
 class RemoteHeader:
     """A shard's header read by URL: validated, the SHA-256 of its bytes, and the file's version
-    (its ETag, else its Last-Modified time; None when the server gives neither)."""
+    (its ETag, else its Last-Modified time; None when the server gives neither) with its
+    Last-Modified time when the server gives one."""
 
     header: Header
     sha256: str
     etag: str | None
+    modified: str | None = None
 
 
 def check_url(url: str) -> None:
@@ -186,7 +188,7 @@ class RemoteFolder:
         first = self._get(name, 0, HEADER_LENGTH_BYTES, want_size=True)
         if first is None:
             return None
-        prefix, file_nbytes, etag = first
+        prefix, file_nbytes, (etag, modified) = first
         (header_nbytes,) = struct.unpack("<Q", prefix)
         if header_nbytes > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + header_nbytes > file_nbytes:
             raise FormatError(
@@ -195,7 +197,7 @@ class RemoteFolder:
             )
         raw = self.read_range(name, HEADER_LENGTH_BYTES, HEADER_LENGTH_BYTES + header_nbytes)
         header = decode_header(raw, file_nbytes, safe_text(where))
-        return RemoteHeader(header, hashlib.sha256(prefix + raw).hexdigest(), etag)
+        return RemoteHeader(header, hashlib.sha256(prefix + raw).hexdigest(), etag, modified)
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         """Bytes ``start`` to ``end`` (exclusive) of ``name``."""
@@ -247,18 +249,20 @@ class RemoteFolder:
             "does not have this shard: check the URL and that the upload is complete"
         )
 
-    def _get(self, name: str, start: int, end: int, want_size: bool) -> tuple[bytes, int, str | None] | None:
-        """Bytes ``start`` to ``end`` of ``name`` and, with ``want_size``, the file's size and ETag
-        (else -1 and None); None when there is no such file."""
+    def _get(
+        self, name: str, start: int, end: int, want_size: bool
+    ) -> tuple[bytes, int, tuple[str | None, str | None]] | None:
+        """Bytes ``start`` to ``end`` of ``name`` and, with ``want_size``, the file's size and its
+        versions (see :func:`_versions`; else -1 and Nones); None when there is no such file."""
         import obstore
 
         try:
             if want_size:
                 result = obstore.get(self._store, name, options={"range": (start, end)})
-                size, etag = int(result.meta["size"]), _version(result.meta)
+                size, etag = int(result.meta["size"]), _versions(result.meta)
                 data = bytes(result.bytes())
             else:
-                data, size, etag = bytes(obstore.get_range(self._store, name, start=start, end=end)), -1, None
+                data, size, etag = bytes(obstore.get_range(self._store, name, start=start, end=end)), -1, (None, None)
         except _NOT_FOUND:
             self._check_folder(name)
             return None
@@ -356,12 +360,15 @@ def _store_for(url: str) -> Any:
     return HTTPStore.from_url(url.rstrip("/"), client_options=options, retry_config=retry)
 
 
-def _version(meta: Any) -> str | None:
-    """What tells one version of a file from another: its ETag, else its Last-Modified time."""
+def _versions(meta: Any) -> tuple[str | None, str | None]:
+    """What tells one version of a file from another: its ETag, else its Last-Modified time; and
+    the Last-Modified time itself, where the server gives one (a store whose ETag stays when the
+    object is changed some other way, through its filer or a FUSE mount, still moves that)."""
+    last = meta.get("last_modified")  # obstore says 1970 when the server gave none
+    modified = last.isoformat() if last is not None and last.timestamp() > 0 else None
     if meta.get("e_tag"):
-        return str(meta["e_tag"])
-    modified = meta.get("last_modified")  # obstore says 1970 when the server gave none
-    return f"last-modified {modified.isoformat()}" if modified is not None and modified.timestamp() > 0 else None
+        return str(meta["e_tag"]), modified
+    return (f"last-modified {modified}" if modified else None), modified
 
 
 def is_hub_url(url: str) -> bool:

@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import socket
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -52,6 +53,12 @@ class SourceVersion:
     """The host whose device numbers ``device`` is in (local files)."""
     validator: str | None = None
     """By URL: the ETag, else ``last-modified ...``; None when the server gave neither."""
+    modified: str | None = None
+    """By URL: the Last-Modified time too, where the server gives one."""
+    racy: bool = False
+    """A local file changed so shortly before it was recorded (within :data:`RACY_NS`) that a change
+    in the same tick of a coarse clock (whole seconds on some filesystems) would leave its times as
+    they are: recorded, but no proof of the bytes (as git's "racily clean" entries)."""
 
     @property
     def is_local(self) -> bool:
@@ -69,6 +76,8 @@ class SourceVersion:
     @property
     def weakness(self) -> str | None:
         """Why this version does not prove the bytes, in words; None when it does."""
+        if self.racy:
+            return "it was changed less than 2 s before it was read, too recently for its times to tell a later change"
         if self.is_local:
             return None
         if self.validator is None:
@@ -90,9 +99,8 @@ class SourceVersion:
 
     def key(self) -> str:
         """What a job key takes of this version: the same on every machine that sees the file."""
-        return repr(
-            (self.name, self.nbytes, self.header_sha256, self.inode, self.mtime_ns, self.ctime_ns, self.validator)
-        )
+        fields = (self.name, self.nbytes, self.header_sha256, self.inode, self.mtime_ns, self.ctime_ns, self.validator)
+        return repr(fields + ((self.modified,) if self.modified is not None else ()))
 
     def same_as(self, now: SourceVersion) -> bool:
         """Whether ``now`` is this version again: the device is compared on the recording host only."""
@@ -109,14 +117,16 @@ class SourceVersion:
             raise ValueError(shown, f"expected an object, found {_kind(record)}")
         values: dict[str, Any] = {}
         for field in fields(cls):
-            value = record.get(field.name, None if field.name == "validator" else ...)
+            value = record.get(field.name, _OPTIONAL.get(field.name, ...))
             if value is ...:
                 raise ValueError(f"{shown}.{field.name}", "missing")
             if field.name in ("where", "header_sha256", "host") and not isinstance(value, str):
                 raise ValueError(f"{shown}.{field.name}", f"expected text, found {_kind(value)}")
-            if field.name == "validator" and not (value is None or isinstance(value, str)):
+            if field.name in ("validator", "modified") and not (value is None or isinstance(value, str)):
                 raise ValueError(f"{shown}.{field.name}", f"expected text or null, found {_kind(value)}")
             whole = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+            if field.name == "racy" and not isinstance(value, bool):
+                raise ValueError(f"{shown}.{field.name}", f"expected true or false, found {_kind(value)}")
             if field.type == "int" and not whole:
                 raise ValueError(
                     f"{shown}.{field.name}", f"expected a whole number from 0 to 2**64, found {_kind(value)}"
@@ -125,6 +135,12 @@ class SourceVersion:
                 raise ValueError(f"{shown}.{field.name}", "longer than 4096 characters")
             values[field.name] = value
         return cls(**values)
+
+
+_OPTIONAL: dict[str, Any] = {"validator": None, "modified": None, "racy": False}
+RACY_NS = 2_000_000_000
+"""A local file whose change time is this close to the moment it was recorded is racy (see
+:attr:`SourceVersion.racy`): two seconds covers filesystems with whole-second times."""
 
 
 def _kind(value: Any) -> str:
@@ -139,9 +155,10 @@ def local_version(path: Path, header_sha256: str) -> SourceVersion:
         stat = os.stat(path)
     except OSError as e:
         raise CheckpointError(f"{safe_text(path)}: cannot read the source file: {e.strerror or e}") from None
+    racy = time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < RACY_NS
     return SourceVersion(
         str(path), stat.st_size, header_sha256, stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns,
-        socket.gethostname(),
+        socket.gethostname(), racy=racy,
     )  # fmt: skip
 
 
@@ -173,7 +190,7 @@ def check_unchanged(
             remote = folders.setdefault(folder, RemoteFolder(folder))
             found = remote.read_header(name, "")
             size = found.header.data_start + found.header.data_nbytes
-            now = SourceVersion(recorded.where, size, found.sha256, validator=found.etag)
+            now = SourceVersion(recorded.where, size, found.sha256, validator=found.etag, modified=found.modified)
         if not recorded.same_as(now):
             change = describe_change(recorded, now)
             raise CheckpointError(

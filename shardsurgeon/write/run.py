@@ -77,8 +77,9 @@ def _missing(shown: str, missing: list[ShardLayout], count: int) -> str:
 
 
 def _weak_notes(job: Job, kept: list[ShardLayout]) -> tuple[str, ...]:
-    """Say which sources' versions prove nothing of their bytes, and what that cost."""
-    weak = weak_sources(job.versions)
+    """Say which sources' versions prove nothing of their bytes, and what that cost (a local file
+    too recently changed only when shards were kept, which is all it changes)."""
+    weak = weak_sources(v for v in job.versions if kept or not v.racy)
     if not weak:
         return ()
     where, why = next(iter(weak.items()))

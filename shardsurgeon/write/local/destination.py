@@ -127,6 +127,12 @@ class LocalArea:
         try:
             shown = f"--out {safe_text(self.out)}"
             self._lock = lock.acquire(lock_file(self.out), shown, shared=not self._part.exclusive)
+            if not self._lock.held:  # a shared lock where there is none (no flock, Windows): nothing keeps out a run
+                raise OutputError(
+                    f"{shown}: files cannot be locked there (the filesystem or platform has no shared locks), so "
+                    "writers of a plan (apply --shards) cannot be kept apart from a run or a finalize; write the "
+                    "whole plan with apply PLAN OUT, or put the output on a filesystem with file locks"
+                )
             if self._part.exclusive:
                 self.notes = tuple(publish.recover(self.out, RESUME_NAME, self._guard))
             elif publish.sibling(self.out, "commit").exists():

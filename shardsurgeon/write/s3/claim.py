@@ -165,8 +165,13 @@ class S3Claim:
         """Write this writer's lease, then make sure no run holds the folder alone and no writer of
         another job is at work there (the writers of one job share a folder, never two jobs)."""
         self._put()
-        holder, etag, age = read_holder(self._client, self._folder.child(LOCK_NAME))
+        lock = self._folder.child(LOCK_NAME)
+        holder, etag, age = read_holder(self._client, lock)
         if etag and not _stale(holder, age):
+            with contextlib.suppress(Exception):
+                self._release()
+            raise OutputError(self._busy(holder, age, "another shardsurgeon run"))
+        if etag and not self._break(lock, etag):  # a stale lock's holder must not wake up to publish
             with contextlib.suppress(Exception):
                 self._release()
             raise OutputError(self._busy(holder, age, "another shardsurgeon run"))
@@ -179,6 +184,22 @@ class S3Claim:
                 with contextlib.suppress(Exception):
                     self._release()
                 raise OutputError(self._busy(holder, age, "a writer of another plan (apply --shards)"))
+
+    def _break(self, lock: S3Location, etag: str) -> bool:
+        """Take a stale lock away from its holder (which then finds it gone when it next confirms),
+        conditionally: False when it was renewed or taken meanwhile."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.put_object(Bucket=lock.bucket, Key=lock.key, Body=b'{"run": "broken"}', IfMatch=etag)
+            self._client.delete_object(Bucket=lock.bucket, Key=lock.key)
+        except ClientError as e:
+            if failed_condition(e):
+                return False
+            raise describe(lock, "taking over a stale claim", e) from None
+        except BotoCoreError as e:
+            raise describe(lock, "taking over a stale claim", e) from None
+        return True
 
     def _busy(self, holder: dict[str, Any], age: float | None, who: str) -> str:
         process = f"pid {holder.get('pid')} on {safe_text(holder.get('host'))}" if holder else "unknown"

@@ -30,15 +30,16 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from shardsurgeon.errors import OutputError, safe_text
+from shardsurgeon.errors import DestinationError, OutputError, safe_text
 from shardsurgeon.names import CONFIG_FILE, DONE_PREFIX, INDEX_FILE, RESUME_NAME, SINGLE_FILE, WORK_PREFIX, ZEROS_NAME
 from shardsurgeon.plan.job import Job
 from shardsurgeon.plan.layout import PlacedPiece, ShardLayout
 from shardsurgeon.plan.planner import Zeros
 from shardsurgeon.storage import s3
-from shardsurgeon.storage.overlap import check_folder_outside_sources, check_objects_hold_no_source
+from shardsurgeon.storage.overlap import check_folder_outside_sources, source_among
 from shardsurgeon.storage.remote import SourceFiles
 from shardsurgeon.storage.s3 import S3Location
 from shardsurgeon.units import Progress
@@ -131,7 +132,7 @@ class S3Area:
         listing = store.listing("", limit=MAX_LISTED)
         names = [name for name, _, _ in listing]
         touched = [item for item in listing if not item[0].startswith(WORK_PREFIX)]
-        check_objects_hold_no_source(touched, self._job.versions, safe_text(store.folder.url), store.header_digest)
+        self._check_no_source_at_or_above(touched)
         others = [name for name, _, _ in touched]
         # asked one by one, not read from a listing that may be cut short
         self._complete = store.exists(CONFIG_FILE) and (store.exists(INDEX_FILE) or store.exists(SINGLE_FILE))
@@ -163,6 +164,28 @@ class S3Area:
             )
         self._replacing |= frozenset(foreign) | (frozenset(others) if self._complete and not self._published else set())
         self._replacing -= self._mine
+
+    def _check_no_source_at_or_above(self, touched: list[tuple[str, int, str]]) -> None:
+        """Refuse when an object in the folder (which the run may remove or overwrite), or directly in
+        a folder above it (which would then hold the output), holds a source file's bytes, however
+        the source was named."""
+        store, versions = self._store, self._job.versions
+        shown = safe_text(store.folder.url)
+        if (found := source_among(touched, versions, store.header_digest)) is not None:
+            name, version = found
+            raise DestinationError(
+                f"--out {shown}: {safe_text(name)} there holds the bytes of the source file {safe_text(version.where)} "
+                "(the same size and header): it is that file under another name, or a copy of it, and the run would "
+                "remove or overwrite it; choose another output"
+            )
+        for above in store.folders_above():
+            found = source_among(store.listing_of(above), versions, partial(store.header_digest, folder=above))
+            if found is not None:
+                raise DestinationError(
+                    f"--out {shown}: lies inside s3://{store.folder.bucket}/{safe_text(above)}, which holds the bytes "
+                    f"of the source file {safe_text(found[1].where)}: the source folder under another name; the "
+                    "source is never written to, choose an output folder outside it"
+                )
 
     # --- what the run sequence asks -------------------------------------------------------------
 

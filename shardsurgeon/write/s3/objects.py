@@ -189,23 +189,54 @@ class S3Folder:
         except OutputError:
             return False
 
-    def header_digest(self, name: str) -> str | None:
+    def header_digest(self, name: str, folder: str | None = None) -> str | None:
         """The SHA-256 of the object's safetensors header (its length field included), as a source's
-        version records it; None when it holds no such header."""
+        version records it; None when it holds no such header. ``folder``: a key prefix of the
+        bucket to find ``name`` in, instead of this folder."""
         import hashlib
         import struct
 
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = (self.folder.key if folder is None else folder) + name
+
+        def get(span: str) -> bytes:
+            return bytes(self.client.get_object(Bucket=self.folder.bucket, Key=key, Range=span)["Body"].read())
+
         try:
-            first = self._call(name, "reading a header", self.client.get_object, Range="bytes=0-7")["Body"].read()
+            first = get("bytes=0-7")
             (length,) = struct.unpack("<Q", first)
             if not 0 < length <= MAX_HEADER_BYTES:
                 return None
-            rest = self._call(name, "reading a header", self.client.get_object, Range=f"bytes=8-{7 + length}")[
-                "Body"
-            ].read()
-        except (OutputError, struct.error):
-            return None
-        return hashlib.sha256(first + rest).hexdigest()
+            return hashlib.sha256(first + get(f"bytes=8-{7 + length}")).hexdigest()
+        except (ClientError, BotoCoreError, struct.error):
+            return None  # no header to compare: not a source's copy
+
+    def folders_above(self) -> list[str]:
+        """The key prefixes of the folders that hold this one, nearest first, the bucket's root last."""
+        parts = self.folder.key.rstrip("/").split("/")[:-1] if self.folder.key else []
+        return [*("/".join(parts[:n]) + "/" for n in range(len(parts), 0, -1)), *([""] if self.folder.key else [])]
+
+    def listing_of(self, prefix: str, limit: int = 10_000) -> list[tuple[str, int, str]]:
+        """The objects directly in the folder ``prefix`` of the bucket (not in its subfolders):
+        name, size and ETag; at most about ``limit``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        found: list[tuple[str, int, str]] = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.folder.bucket, Prefix=prefix, Delimiter="/"
+            )
+            for page in pages:
+                found += [
+                    (item["Key"].removeprefix(prefix), int(item.get("Size", 0)), str(item.get("ETag", "")))
+                    for item in page.get("Contents", [])
+                ]
+                if len(found) > limit:
+                    break
+        except (ClientError, BotoCoreError) as e:
+            raise describe(self.folder, "listing a folder above", e) from None
+        return found
 
     def record_done(self, name: str, etag: str) -> None:
         """Record that this job's upload of ``name`` completed as the object of ``etag``."""

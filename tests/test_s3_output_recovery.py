@@ -1,4 +1,4 @@
-"""Second red-team pass on ``--out s3://...``: the fixes of the first pass (tests/test_redteam_s3.py)
+"""The S3 output's recovery and cleanup (a second red-team pass on ``--out s3://...``: the fixes of the first pass (tests/test_s3_output_edges.py)
 and what is near them. Each test states a promise; those that failed (findings G1-G9) were fixed
 and now guard against their return, beside those that held up.
 

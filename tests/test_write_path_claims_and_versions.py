@@ -1,5 +1,5 @@
 """A second red-team pass on the one write path (write/run.py and its destinations): the fixes of the
-first pass (tests/test_redteam_write_path.py) and what is near them. Each finding is a strict xfail
+first pass (tests/test_write_path_sources_and_names.py) and what is near them. Each finding was a strict xfail
 asserting the promised behaviour, its reason naming what breaks and where; attacks that held are
 plain tests.
 
@@ -108,15 +108,6 @@ def reference(src: Path, out: Path, *flags: str) -> dict[str, bytes]:
 # --- 1. the source: an S3 output inside a source folder reached some other way -------------------
 
 
-INSIDE_REASON = (
-    "touches-source: an S3 output folder inside the source folder is written into when the source is named "
-    "by the store's filer URL or a FUSE mount of the bucket: storage/overlap.py:check_folder_outside_sources "
-    "recognizes only the S3 endpoint's URL forms, and S3Area._look (write/s3/destination.py) compares only the "
-    "objects under the output with the sources, never those of the folders above it"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=INSIDE_REASON)
 def test_an_s3_output_inside_a_source_read_through_the_stores_filer_writes_nothing_there(s3, server, small):
     """As a local ``--out SRC/inside`` is refused, so is the same place named as an S3 folder when the
     source is read through the store's filer: the objects of the folders above the output hold the
@@ -131,11 +122,10 @@ def test_an_s3_output_inside_a_source_read_through_the_stores_filer_writes_nothi
     one_line_error(result, 2)
 
 
-@pytest.mark.xfail(strict=True, reason=INSIDE_REASON)
 def test_an_s3_output_inside_a_source_read_through_a_fuse_mount_writes_nothing_there(s3, server, small, tmp_path):
     """mountpoint-s3, s3fs or goofys users read the model from the mount and write the new one to the
     bucket: ``--out /mnt/b/m/inside`` is refused as inside the source, ``s3://b/m/inside`` is not."""
-    from test_redteam_write_path import weed_mount
+    from test_write_path_sources_and_names import weed_mount
 
     weed = server[0]
     upload_folder(weed.endpoint, "models", "fusedin", small)
@@ -174,13 +164,6 @@ def held_in_prepare(monkeypatch: Any) -> Iterator[tuple[threading.Event, threadi
         go.set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="race: a writer (apply --shards) that finds the S3 lock stale goes to work beside it without taking it "
-    "over, so the run that holds it, once it runs again (Ctrl-Z then fg, a paused VM), still confirms its claim "
-    "and publishes while the writer writes: write/s3/claim.py:S3Claim._join only skips a stale lock, where "
-    "_acquire takes one over with If-Match",
-)
 def test_a_writer_and_a_run_whose_lock_went_stale_never_both_go_on(s3, tmp_path, local_src, monkeypatch):
     from shardsurgeon import load_plan_file, run_job
     from shardsurgeon.write.s3 import claim
@@ -214,57 +197,52 @@ def test_a_writer_and_a_run_whose_lock_went_stale_never_both_go_on(s3, tmp_path,
 # --- 3. local locks where flock is missing: Windows, and filesystems that refuse it ----------------
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "linux",
-        pytest.param(
-            "windows",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="race: where the filesystem or platform has no shared lock (Windows, where msvcrt has none; "
-                "Lustre mounted without flock), an apply --shards writer holds nothing and a run or finalize takes "
-                "the output beside it, removing the writer's work under it: write/local/lock.py:acquire returns "
-                "Lock(held=False) for a shared lock and nothing reads Lock.held, nor does the exclusive fallback "
-                "(_acquire_by_creation) look for writers",
-            ),
-        ),
-    ],
-)
-def test_a_run_never_takes_the_output_while_a_writer_is_at_work(tmp_path, local_src, mode):
-    from _platforms import emulated
-
+def test_a_run_never_takes_the_output_while_a_writer_is_at_work(tmp_path, local_src):
     from shardsurgeon import WriteOptions, load_plan_file, run_job, select_shards, writer
 
     plan = plan_of(local_src, tmp_path / "plan.json")
     out = tmp_path / "out"
-    with emulated(mode):
-        job = load_plan_file(plan).job
-        assert run("apply", plan, out, "--shards", "1/2", "-q").exit_code == 0
-        names = [s.name for s in select_shards("2/2", job.layout.shards)]
-        paused, go, errors = threading.Event(), threading.Event(), []
+    job = load_plan_file(plan).job
+    assert run("apply", plan, out, "--shards", "1/2", "-q").exit_code == 0
+    names = [s.name for s in select_shards("2/2", job.layout.shards)]
+    paused, go, errors = threading.Event(), threading.Event(), []
 
-        def pause(nbytes: int) -> None:
-            paused.set()
-            go.wait(60)
+    def pause(nbytes: int) -> None:
+        paused.set()
+        go.wait(60)
 
-        def write_second_half() -> None:
-            try:
-                options = WriteOptions(progress=pause)
-                run_job(job, out, command="shardsurgeon expand", part=writer(names), options=options)
-            except BaseException as e:
-                errors.append(e)
-
-        thread = threading.Thread(target=write_second_half)
-        thread.start()
+    def write_second_half() -> None:
         try:
-            assert paused.wait(60)
-            result = run("apply", plan, out)
-        finally:
-            go.set()
-            thread.join(60)
+            options = WriteOptions(progress=pause)
+            run_job(job, out, command="shardsurgeon expand", part=writer(names), options=options)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=write_second_half)
+    thread.start()
+    try:
+        assert paused.wait(60)
+        result = run("apply", plan, out)
+    finally:
+        go.set()
+        thread.join(60)
     one_line_error(result, 1, "is writing")
     assert errors == [] and not out.exists()
+
+
+def test_writers_are_refused_where_files_cannot_be_locked(tmp_path, local_src):
+    """Where there is no shared lock (Windows, a filesystem without flock) nothing would keep a run
+    or a finalize away from the writers of a plan: they are refused in one line, and the whole plan
+    is written by one run as ever."""
+    from _platforms import emulated
+
+    plan = plan_of(local_src, tmp_path / "plan.json")
+    out = tmp_path / "out"
+    with emulated("windows"):
+        one_line_error(run("apply", plan, out, "--shards", "1/2"), 1, "files cannot be locked there")
+        assert not os.path.lexists(tmp_path / ".out.shardsurgeon-partial")
+        assert run("apply", plan, out, "-q").exit_code == 0
+    assert folder_bytes(out) == reference(local_src, tmp_path / "ref" / "out")
 
 
 # --- 4. source versions on a filesystem whose times are whole seconds ----------------------------
@@ -304,14 +282,6 @@ def rewrite_in_place(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="publishes-wrong-bytes: on a filesystem with whole-second times, a source rewritten in the second its "
-    "version was recorded keeps that version (inode, size, mtime, ctime, header), so an S3 shard made from the "
-    "old bytes is kept by its done record and published beside shards made from the new ones: "
-    "storage/versions.py:local_version trusts a change time no later than the second it was read in (git's "
-    "'racily clean' entries), and write/proof.py:proven_shards then trusts the record",
-)
 def test_a_source_rewritten_in_the_second_of_its_version_is_never_mixed_into_an_s3_output(s3, tmp_path, small):
     from _s3kit import other_weights
 
@@ -340,17 +310,9 @@ def test_a_source_rewritten_in_the_second_of_its_version_is_never_mixed_into_an_
 # --- 5. source versions: an S3 ETag that is not a digest of the object's bytes now ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="publishes-wrong-bytes: SeaweedFS keeps an object's ETag (the MD5 of its upload) when the file is "
-    "rewritten in place through its FUSE mount or filer, so an s3:// source changed between two writers keeps "
-    "its version and the shards made from the old bytes are kept by their done records beside shards made "
-    "from the new ones: storage/versions.py:SourceVersion.weakness takes every ETag of an s3:// source for a "
-    "digest of its bytes (and the writers' copies' CopySourceIfMatch passes with it)",
-)
 def test_an_s3_source_rewritten_through_a_fuse_mount_is_never_mixed_into_the_output(s3, server, small, tmp_path):
     from _s3kit import other_weights
-    from test_redteam_write_path import weed_mount
+    from test_write_path_sources_and_names import weed_mount
 
     weed = server[0]
     new = other_weights(small, tmp_path / "new")
