@@ -1,4 +1,5 @@
-"""Red-team findings against the fixed code of issue 12 (DESIGN.md's promises, issue 12's classes).
+"""The local output and planning at their edges: a red-team pass against the fixed code of issue 12
+(DESIGN.md's promises, issue 12's classes).
 
 Each test asserts the promised behaviour; each was a strict xfail naming the cause found until its
 fix landed. Letters follow the report's order: A corrupt output or a modified source, B unbounded memory or

@@ -1,6 +1,7 @@
-"""The S3 output's recovery and cleanup (a second red-team pass on ``--out s3://...``: the fixes of the first pass (tests/test_s3_output_edges.py)
-and what is near them. Each test states a promise; those that failed (findings G1-G9) were fixed
-and now guard against their return, beside those that held up.
+"""The S3 output's recovery, cleanup, one-line errors and sources without a usable ETag: a second
+red-team pass on ``--out s3://...`` (the fixes of the first, tests/test_s3_output_edges.py, and
+what is near them). Each test states a promise; those that failed (findings G1-G9) were fixed and
+now guard against their return, beside those that held up.
 
 Against a real SeaweedFS started here (tests/_servers.py); each test uses a prefix of its own.
 """
