@@ -1,6 +1,6 @@
 """The S3 output at its edges (sources, resume, two runs, parts, odd URLs), from a red-team pass on
-``--out s3://...``: each test asserts a promise of the S3 output (DESIGN.md and the issue). Each finding of the pass (F1-F13) failed here before its fix; they now guard against its
-return.
+``--out s3://...``: each test asserts a promise of the S3 output (DESIGN.md and the issue). Each
+finding of the pass (F1-F13) failed here before its fix; they now guard against its return.
 
 Against a real SeaweedFS started here (tests/_servers.py). Each test uses buckets or prefixes of its
 own, so a test that destroys data (the findings) cannot disturb another.
