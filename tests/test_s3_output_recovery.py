@@ -104,9 +104,9 @@ def stop_after_config(monkeypatch) -> Any:
     return put
 
 
-def one_line_error(result: Result) -> None:
-    """Exit status 1, or 2 for what the user typed wrong (a URL, an endpoint)."""
-    assert result.exit_code in (1, 2), (result.exit_code, result.output, result.exception)
+def one_line_error(result: Result, status: int) -> None:
+    """Exit ``status``: 1 for what went wrong, 2 for what the user typed wrong (a URL, an endpoint)."""
+    assert result.exit_code == status, (result.exit_code, result.output, result.exception)
     assert result.output.count("\n") == 1, result.output
     assert "Traceback" not in result.output and "internal error" not in result.output, result.output
 
@@ -226,7 +226,7 @@ def test_a_malformed_endpoint_url_is_one_line(src, monkeypatch, endpoint):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     result = run("expand", "--src", src, "--dup", "0x1", "--out", "s3://out/malformed", catch=True)
-    one_line_error(result)
+    one_line_error(result, 2)
     assert "AWS_ENDPOINT_URL" in result.output
 
 
@@ -244,7 +244,7 @@ def no_credentials(tmp_path: Path, monkeypatch, endpoint: str) -> None:
 def test_no_credentials_at_all_is_one_line(server, src, tmp_path, monkeypatch):
     no_credentials(tmp_path, monkeypatch, server[0].endpoint)
     result = run("expand", "--src", src, "--dup", "0x1", "--out", "s3://out/nocreds", catch=True)
-    one_line_error(result)
+    one_line_error(result, 1)
 
 
 def test_no_credentials_at_all_says_what_to_set(server, src, tmp_path, monkeypatch):
@@ -255,7 +255,7 @@ def test_no_credentials_at_all_says_what_to_set(server, src, tmp_path, monkeypat
 
 def test_an_invalid_bucket_name_is_one_line(s3c, src):
     result = run("expand", "--src", src, "--dup", "0x1", "--out", "s3://Bad_Bucket!/x", catch=True)
-    one_line_error(result)
+    one_line_error(result, 2)
 
 
 def test_an_invalid_bucket_name_is_not_called_a_retried_failure(s3c, src):

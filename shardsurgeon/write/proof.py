@@ -28,14 +28,22 @@ from shardsurgeon.storage.remote import SourceFiles
 from shardsurgeon.write.destination import Area
 
 
-def proven_shards(area: Area, shards: Sequence[ShardLayout], job: Job) -> list[ShardLayout]:
-    """Those of ``shards`` that ``area`` holds finished and proven to be the planned bytes."""
-    kept = []
+def proven_shards(area: Area, shards: Sequence[ShardLayout], job: Job) -> tuple[list[ShardLayout], set[str]]:
+    """Those of ``shards`` that ``area`` holds finished and proven to be the planned bytes, and the
+    sources whose versions made a recorded shard be compared byte for byte (their versions prove
+    nothing of their bytes)."""
+    kept: list[ShardLayout] = []
+    unproven: set[str] = set()
     with SourceFiles() as files:
         for shard in shards:
             if not area.finished(shard):
                 continue
-            vouched = area.recorded(shard) and all(v.proves_bytes for v in job.versions_of(shard))
-            if vouched or not differing_tensors(shard, files.read, area.location(shard), first_only=True):
+            weak = [v.where for v in job.versions_of(shard) if not v.proves_bytes]
+            recorded = area.recorded(shard)
+            if recorded and not weak:
+                kept.append(shard)  # the destination's record vouches for the bytes
+                continue
+            unproven.update(weak if recorded else ())
+            if not differing_tensors(shard, files.read, area.location(shard), first_only=True):
                 kept.append(shard)
-    return kept
+    return kept, unproven

@@ -45,7 +45,7 @@ def write_job(
         check_unchanged(job.versions, when="since the plan was made", before="nothing was written")
     with destination.claim(job, part, options) as area:
         wanted = part.wanted(job.layout.shards)
-        kept = proven_shards(area, wanted, job)
+        kept, unproven = proven_shards(area, wanted, job)
         if not part.write and len(kept) < len(wanted):
             raise OutputError(_missing(destination.shown, [s for s in wanted if s not in kept], len(wanted)))
         todo = [s for s in wanted if s not in kept] if part.write else []
@@ -60,7 +60,7 @@ def write_job(
             with area.small_files() as folder:
                 write_small_files(folder, job, model_card, options.checksums, area.location)
                 area.publish(folder, lambda: check_unchanged(job.versions))
-    notes = area.notes + _weak_notes(job, kept)
+    notes = area.notes + _weak_notes(job, unproven)
     stats += area.stats
     return RunResult(
         out=destination.out, tensors=sum(len(s.tensors) for s in wanted), shards=len(wanted), shards_reused=len(kept),
@@ -76,15 +76,15 @@ def _missing(shown: str, missing: list[ShardLayout], count: int) -> str:
     )
 
 
-def _weak_notes(job: Job, kept: list[ShardLayout]) -> tuple[str, ...]:
-    """Say which sources' versions prove nothing of their bytes, and what that cost (a local file
-    too recently changed only when shards were kept, which is all it changes)."""
-    weak = weak_sources(v for v in job.versions if kept or not v.racy)
+def _weak_notes(job: Job, unproven: set[str]) -> tuple[str, ...]:
+    """Say which sources' versions prove nothing of their bytes: those by URL always (a finished
+    output is best checked against them), and any that made a kept shard be compared byte for byte."""
+    weak = weak_sources(v for v in job.versions if not v.is_local or v.where in unproven)
     if not weak:
         return ()
     where, why = next(iter(weak.items()))
     others = f" (and {len(weak) - 1} more source files)" if len(weak) > 1 else ""
-    checked = f"; the {len(kept)} shards kept were compared with it byte for byte" if kept else ""
+    checked = "; the shards kept were compared with it byte for byte" if unproven else ""
     return (
         f"{safe_text(where)}{others}: {why}, which does not prove its bytes unchanged{checked}; "
         "verify --src checks a finished output against it",
