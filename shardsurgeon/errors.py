@@ -10,7 +10,14 @@ import os
 
 
 class ShardSurgeonError(Exception):
-    """Base class of every error this library raises on purpose."""
+    """Base class of every error this library raises on purpose.
+
+    Its text is one line whatever a message put in it: a name or path from outside that reached a
+    message without :func:`safe_text` still has its line breaks and control characters escaped.
+    """
+
+    def __str__(self) -> str:
+        return safe_text(super().__str__(), limit=None)
 
 
 class FormatError(ShardSurgeonError):

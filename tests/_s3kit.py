@@ -19,6 +19,10 @@ from conftest import write_tiny_checkpoint
 SHAPE = {"hidden": 1024, "intermediate": 2688, "kv": 256, "vocab": 4000}
 """MLP matrices of 5.25 MiB, just over S3's smallest part: both sides of every part rule are met."""
 SEED = ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "30MB")
+SMALL_SHAPE = {"hidden": 64, "intermediate": 168, "kv": 16, "vocab": 250}
+"""SHAPE a 256th the size, for tests of a policy rather than of S3's part rules."""
+SMALL_SEED = ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "120KB")
+"""SEED for SMALL_SHAPE: as many shards."""
 
 
 _LOW_BIT_FLIPPED = bytes(b ^ 0x01 for b in range(256))
@@ -90,13 +94,15 @@ def own_buckets(weed: SeaweedFS, *names: str) -> SeaweedFS:
 
 
 @contextlib.contextmanager
-def server_with_a_model(weed: SeaweedFS, root: Path) -> Iterator[tuple[SeaweedFS, Path, Path]]:
+def server_with_a_model(
+    weed: SeaweedFS, root: Path, shape: dict[str, int] = SHAPE
+) -> Iterator[tuple[SeaweedFS, Path, Path]]:
     """``weed`` (the session's SeaweedFS) emptied, with buckets ``models`` and ``out``,
-    ``s3://models/src`` holding the checkpoint ``src`` (SHAPE, two shards, a tokenizer file, under
+    ``s3://models/src`` holding the checkpoint ``src`` (``shape``, two shards, a tokenizer file, under
     ``root``); yields the server, ``src``, and ``src2``, the same checkpoint with other weights (not
     uploaded)."""
     src = root / "src"
-    write_tiny_checkpoint(src, layers=2, shards=2, extra_files={"tokenizer_config.json": "{}"}, **SHAPE)
+    write_tiny_checkpoint(src, layers=2, shards=2, extra_files={"tokenizer_config.json": "{}"}, **shape)
     src2 = other_weights(src, root / "src2")
     own_buckets(weed, "models", "out")
     upload_folder(weed.endpoint, "models", "src", src)

@@ -231,15 +231,55 @@ def seaweedfs(
     """``weed server -s3`` on free ports (or ``ports``, to restart a server where it was) with its data
     under ``data``, in ``volumes`` volumes of ``volume_mb`` MB; no identities unless ``extra`` passes
     ``-s3.config``, so any credentials are accepted. Yielded once it answers S3 and its volume
-    server has joined (it takes writes); stopped with SIGKILL by the process id started here."""
+    server has joined (it takes writes); stopped with SIGKILL by the process id started here.
+
+    A port found free can be taken before weed binds it (by another test worker's server, or as the
+    local end of any outgoing connection, which comes from the same range): a server that exits
+    while starting on ports chosen here is started again on other ones, up to three times."""
+    chosen = ports is None
+    for attempt in range(3):
+        ports = _free_ports() if chosen else ports
+        assert ports is not None
+        proc = _start_weed(data, extra, volume_mb, volumes, ports)
+        endpoint = f"http://127.0.0.1:{ports['s3']}"
+        try:
+            _wait_for_s3(endpoint, f"http://127.0.0.1:{ports['master']}", proc, data / "weed.log")
+        except _Exited:
+            _stop_weed(proc, ports)
+            if not chosen or attempt == 2:
+                raise
+            for left in data.iterdir():  # what the failed start made, on ports no longer used
+                if left.is_dir() and not left.is_symlink():
+                    shutil.rmtree(left)
+                elif left.name != "weed.log":
+                    left.unlink()
+            continue
+        except BaseException:
+            _stop_weed(proc, ports)
+            raise
+        try:
+            yield SeaweedFS(endpoint, proc.pid, ports)
+        finally:
+            _stop_weed(proc, ports)
+        return
+
+
+_SEAWEED_SERVERS = ("master", "volume", "filer", "s3")
+
+
+def _free_ports() -> dict[str, int]:
+    names = (*_SEAWEED_SERVERS, *(f"{server}.grpc" for server in _SEAWEED_SERVERS))
+    return {name: free_port() for name in names}
+
+
+def _start_weed(
+    data: Path, extra: tuple[str, ...], volume_mb: int, volumes: int, ports: dict[str, int]
+) -> subprocess.Popen[bytes]:
     weed = weed_binary()
     assert weed is not None
-    servers = ("master", "volume", "filer", "s3")
-    ports = ports or {name: free_port() for name in (*servers, *(f"{server}.grpc" for server in servers))}
-    grpc = {name: ports[f"{name}.grpc"] for name in servers}
     args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"]
-    args += [f"-{name}.port={ports[name]}" for name in servers]
-    args += [f"-{name}.port.grpc={port}" for name, port in grpc.items()]
+    args += [f"-{name}.port={ports[name]}" for name in _SEAWEED_SERVERS]
+    args += [f"-{name}.port.grpc={ports[f'{name}.grpc']}" for name in _SEAWEED_SERVERS]
     args += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
     args += [f"-master.volumeSizeLimitMB={volume_mb}", f"-volume.max={volumes}"]
     # A single master (-master.peers=none) skips Raft: no quorum wait at start (a random 1.5-1.8 s,
@@ -247,16 +287,18 @@ def seaweedfs(
     # timeout waited out when a server restarts on its own data.
     args += ["-master.peers=none", *extra]
     data.mkdir(parents=True, exist_ok=True)
-    proc = start_server(args, data / "weed.log")
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    try:
-        _wait_for_s3(endpoint, f"http://127.0.0.1:{ports['master']}", proc, data / "weed.log")
-        yield SeaweedFS(endpoint, proc.pid, ports)
-    finally:
-        kill_server(proc)
-        for port in ports.values():  # weed leaves unix sockets in the temp folder
-            for socket_file in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
-                socket_file.unlink(missing_ok=True)
+    return start_server(args, data / "weed.log")
+
+
+def _stop_weed(proc: subprocess.Popen[bytes], ports: dict[str, int]) -> None:
+    kill_server(proc)
+    for port in ports.values():  # weed leaves unix sockets in the temp folder
+        for socket_file in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+            socket_file.unlink(missing_ok=True)
+
+
+class _Exited(RuntimeError):
+    """weed exited before it answered."""
 
 
 def _wait_for_s3(endpoint: str, master: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -267,7 +309,7 @@ def _wait_for_s3(endpoint: str, master: str, proc: subprocess.Popen[bytes], log:
     s3_up = False
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"weed server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            raise _Exited(f"weed server exited with {proc.returncode}: {log.read_text()[-2000:]}")
         try:
             if not s3_up:
                 with urllib.request.urlopen(f"{endpoint}/", timeout=2):

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _s3kit import SEED, server_with_a_model
+from _s3kit import SMALL_SEED as SEED
+from _s3kit import SMALL_SHAPE, server_with_a_model
 from _servers import s3_environment, upload_folder
 from click.testing import CliRunner, Result
 from conftest import folder_bytes
@@ -33,7 +34,7 @@ pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 
 @pytest.fixture(scope="module")
 def server(seaweed_session, tmp_path_factory) -> Iterator[tuple[Any, Path, Path]]:
-    with server_with_a_model(seaweed_session, tmp_path_factory.mktemp("published")) as served:
+    with server_with_a_model(seaweed_session, tmp_path_factory.mktemp("published"), SMALL_SHAPE) as served:
         yield served
 
 
@@ -183,7 +184,7 @@ def interrupted(*args: str | Path) -> None:
 
     def stop(nbytes: int) -> None:
         done.append(nbytes)
-        if sum(done) > 30_000_000:
+        if sum(done) > 120_000:
             raise KeyboardInterrupt
 
     from shardsurgeon.cli import write as write_command

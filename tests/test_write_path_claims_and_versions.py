@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _s3kit import server_with_a_model
+from _s3kit import SMALL_SHAPE, server_with_a_model
 from _servers import s3_environment, upload_folder
 from click.testing import CliRunner, Result
 from conftest import folder_bytes, write_tiny_checkpoint
@@ -37,7 +37,7 @@ pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 
 @pytest.fixture(scope="module")
 def server(seaweed_session, tmp_path_factory) -> Iterator[tuple[Any, Path, Path]]:
-    with server_with_a_model(seaweed_session, tmp_path_factory.mktemp("redteam-write-2")) as served:
+    with server_with_a_model(seaweed_session, tmp_path_factory.mktemp("redteam-write-2"), SMALL_SHAPE) as served:
         yield served
 
 

@@ -424,6 +424,16 @@ def test_an_s3_url_in_capitals_is_the_bucket(s3, tmp_path, local_src, monkeypatc
 
 # --- 7. published bytes: a rerun while the writer processes of a killed run still write -------------
 
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 ORPHAN_HOOK = """
 import os, time
 from pathlib import Path
@@ -478,7 +488,7 @@ def test_a_rerun_after_kill_9_of_a_jobs_run_publishes_only_finished_shards(tmp_p
                 seen.append(os.open(path, os.O_RDONLY))  # held open: its inode number is not reused
                 (control / "go").touch()
                 until = time.monotonic() + 20
-                while time.monotonic() < until:
+                while time.monotonic() < until and any(map(alive, orphans)):
                     with contextlib.suppress(FileNotFoundError):
                         if os.stat(path).st_ino != os.fstat(seen[0]).st_ino:
                             break

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shardsurgeon.errors import PlanError
+from shardsurgeon.errors import PlanError, safe_text
 from shardsurgeon.model.structure import OutputLayer, fit_structure
 
 KNOWN_PREFIXES = (
@@ -98,7 +98,8 @@ def find_layer_stack(names: Iterable[str], config: Mapping[str, Any], hint: Stac
         prefix = _choose_prefix(layers_by_prefix)
     elif prefix not in layers_by_prefix:
         found = ", ".join(sorted(layers_by_prefix)[:8]) or "none"
-        raise PlanError(f"--layer-prefix {prefix!r}: no tensor is named {prefix}.N.*; numbered prefixes found: {found}")
+        shown = safe_text(prefix)
+        raise PlanError(f"--layer-prefix '{shown}': no tensor is named {shown}.N.*; numbered prefixes found: {found}")
     count = _contiguous_count(prefix, layers_by_prefix[prefix])
     section = _config_section(config, prefix)
     key = _count_key(config, section, hint.count_key)
