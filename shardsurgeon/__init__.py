@@ -12,7 +12,16 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING
 
-from shardsurgeon.api import card_of, destination_of, plan_expand, plan_merge, run_job
+from shardsurgeon.api import (
+    card_of,
+    destination_of,
+    plan_expand,
+    plan_merge,
+    plan_prune_experts,
+    plan_upcycle,
+    read_keep,
+    run_job,
+)
 from shardsurgeon.errors import (
     CheckpointError,
     DestinationError,
@@ -43,6 +52,7 @@ from shardsurgeon.model.hfcache import card_names
 from shardsurgeon.model.source import Source, open_source, resolve
 from shardsurgeon.names import CHECKSUMS_FILE, CONFIG_FILE, INDEX_FILE, PARTIAL_SUFFIX, RESUME_NAME, SINGLE_FILE
 from shardsurgeon.plan.expected import by_definition
+from shardsurgeon.plan.experts import KeepSpec, parse_keep
 from shardsurgeon.plan.job import Job, job_layout
 from shardsurgeon.plan.layout import (
     BLOCK_BYTES,
@@ -55,9 +65,22 @@ from shardsurgeon.plan.layout import (
 )
 from shardsurgeon.plan.mergekit_options import MERGEKIT_FLAGS, MergekitFlag, parse_out_shard_size
 from shardsurgeon.plan.planfile import PlannedJob, load_plan_file, plan_file_bytes, write_plan_file
-from shardsurgeon.plan.planner import Convert, Copy, Plan, PlannedTensor, Zeros, make_plan
-from shardsurgeon.plan.recipe import LayerSource, Recipe, ScaleRule, expand_recipe, parse_dup, parse_filters
+from shardsurgeon.plan.planner import Plan, make_plan
+from shardsurgeon.plan.recipe import (
+    LayerSource,
+    PruneExperts,
+    Recipe,
+    Router,
+    ScaleRule,
+    Upcycle,
+    expand_recipe,
+    parse_dup,
+    parse_filters,
+    parse_layers,
+    parse_router,
+)
 from shardsurgeon.plan.report import dry_run_text, plan_dict
+from shardsurgeon.plan.tensors import Convert, Copy, PlannedTensor, Zeros
 from shardsurgeon.storage.remote import EXTRA_HINT as REMOTE_EXTRA_HINT
 from shardsurgeon.storage.remote import is_url, normal_url, obstore_available
 from shardsurgeon.storage.s3 import EXTRA_HINT as S3_EXTRA_HINT
@@ -120,6 +143,7 @@ __all__ = [
     "HeaderEntry",
     "InProcess",
     "Job",
+    "KeepSpec",
     "LayerSource",
     "LayerStack",
     "Layout",
@@ -134,10 +158,12 @@ __all__ = [
     "PlannedTensor",
     "Processes",
     "Progress",
+    "PruneExperts",
     "RayTasks",
     "Recipe",
     "RecipeError",
     "Reflink",
+    "Router",
     "RunResult",
     "Runner",
     "ScaleRule",
@@ -151,6 +177,7 @@ __all__ = [
     "SourceVersion",
     "StackHint",
     "TensorRef",
+    "Upcycle",
     "VerifyError",
     "VerifyReport",
     "WriteOptions",
@@ -182,7 +209,10 @@ __all__ = [
     "open_source",
     "parse_dup",
     "parse_filters",
+    "parse_keep",
+    "parse_layers",
     "parse_out_shard_size",
+    "parse_router",
     "parse_size",
     "patch_config",
     "plan_dict",
@@ -190,7 +220,10 @@ __all__ = [
     "plan_file_bytes",
     "plan_layout",
     "plan_merge",
+    "plan_prune_experts",
+    "plan_upcycle",
     "read_header",
+    "read_keep",
     "resolve",
     "resolve_cache_entry",
     "run_job",

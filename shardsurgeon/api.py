@@ -25,12 +25,13 @@ from shardsurgeon.model.arch import (
 from shardsurgeon.model.hfcache import hub_id, is_hub_id, resolve_model
 from shardsurgeon.model.license import source_license
 from shardsurgeon.model.source import Source, card_names_of, open_source
+from shardsurgeon.plan.experts import KeepSpec, parse_keep, prune_change, upcycle_change
 from shardsurgeon.plan.job import Job, job_layout
 from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES
 from shardsurgeon.plan.mergekit import merge_recipe, parse_config, to_mergekit_yaml
-from shardsurgeon.plan.planner import make_plan
-from shardsurgeon.plan.recipe import Recipe, expand_recipe
-from shardsurgeon.plan.report import describe_expansion, describe_merge
+from shardsurgeon.plan.planner import Plan, make_plan
+from shardsurgeon.plan.recipe import Recipe, expand_recipe, same_layers_recipe
+from shardsurgeon.plan.report import describe_expansion, describe_merge, describe_pruning, describe_upcycle
 from shardsurgeon.storage.remote import is_url, normal_url
 from shardsurgeon.storage.smallfile import MAX_RECIPE_BYTES, read_small
 from shardsurgeon.write.card import CardModel, model_card
@@ -55,29 +56,96 @@ def plan_expand(
     when no folder has that path. ``zero`` may hold ``residual``, which names the architecture's
     residual-output projections; ``dtype`` is a torch name (``bfloat16``) or a safetensors one (``BF16``).
     """
-    reference = str(src)
-    folder = resolve_model(reference, Path.cwd()) if is_hub_id(reference) and not Path(src).exists() else src
-    source = open_source(folder, stack_hint, reference)
+    source = _open(src, stack_hint)
     filters = resolve_zero_filters(zero, source.config, source.stack, source.layer_rests())
-    cast_to = None
-    if dtype is not None:
-        cast_to = cast_target(dtype)
-        if cast_to is None:
-            raise RecipeError(f"--dtype {dtype!r}: expected one of {', '.join(CAST_TARGETS)}")
-    recipe = expand_recipe(source.reference, source.layer_count, dups, every, filters, cast_to)
+    recipe = expand_recipe(source.reference, source.layer_count, dups, every, filters, _cast_to(dtype))
     sources = {source.reference: source}
     plan = make_plan(recipe, sources)
     names = card_names_of(sources)
-    return Job(
-        sources,
-        recipe,
-        plan,
-        job_layout(recipe, plan, sources, max_shard_bytes),
-        describe_expansion(plan, names[source.reference], _blocks_are_identities(source, recipe, filters)),
-        to_mergekit_yaml(recipe, sources, names),
-        max_shard_bytes,
-        stack_hint,
+    description = describe_expansion(plan, names[source.reference], _blocks_are_identities(source, recipe, filters))
+    return _job(
+        sources, recipe, plan, description, to_mergekit_yaml(recipe, sources, names), max_shard_bytes, stack_hint
     )
+
+
+def plan_upcycle(
+    src: str | Path,
+    *,
+    experts: int,
+    top_k: int,
+    router_seed: int | None = None,
+    layers: Sequence[int] | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    stack_hint: StackHint = NO_HINT,
+) -> Job:
+    """Plan ``upcycle``: each dense MLP of ``layers`` (default: all) becomes ``experts`` copies of
+    itself behind a router of zeros, or of seeded normal numbers (``router_seed``), ``top_k`` of
+    them per token (Llama and Mistral to Mixtral, Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE)."""
+    source = _open(src, stack_hint)
+    change = upcycle_change(experts, top_k, router_seed, layers, source.config, source.stack)
+    recipe = same_layers_recipe(source.reference, source.layer_count, change, _cast_to(dtype))
+    sources = {source.reference: source}
+    plan = make_plan(recipe, sources)
+    names = card_names_of(sources)
+    return _job(sources, recipe, plan, describe_upcycle(plan, names[source.reference]), "", max_shard_bytes, stack_hint)
+
+
+def plan_prune_experts(
+    src: str | Path,
+    *,
+    keep: KeepSpec,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    stack_hint: StackHint = NO_HINT,
+) -> Job:
+    """Plan ``prune-experts``: each layer with experts keeps those ``keep`` names for it (one list
+    for every layer, or one per layer), in that order; routers and routing biases keep their rows."""
+    source = _open(src, stack_hint)
+    change = prune_change(keep, source)
+    recipe = same_layers_recipe(source.reference, source.layer_count, change, _cast_to(dtype))
+    sources = {source.reference: source}
+    plan = make_plan(recipe, sources)
+    names = card_names_of(sources)
+    return _job(sources, recipe, plan, describe_pruning(plan, names[source.reference]), "", max_shard_bytes, stack_hint)
+
+
+def read_keep(text: str) -> KeepSpec:
+    """``--keep``: expert numbers given inline (``0,3,5``, or JSON), or the path of a JSON file of
+    them (a list, a list per layer, or an object of layer numbers to lists, as REAP-style scorers
+    write)."""
+    stripped = text.strip()
+    if stripped[:1].isdigit() or stripped[:1] in ("[", "{"):
+        return parse_keep(text)
+    raw = read_small(Path(text), MAX_RECIPE_BYTES, RecipeError, "a JSON list of the experts to keep")
+    try:
+        return parse_keep(raw.decode("utf-8"), f"--keep {safe_text(text)}")
+    except UnicodeDecodeError:
+        raise RecipeError(f"--keep {safe_text(text)}: is not a text file; expected JSON") from None
+
+
+def _open(src: str | Path, stack_hint: StackHint) -> Source:
+    """The model ``src`` names: a folder, a URL, or a Hugging Face id found in the local cache."""
+    reference = str(src)
+    folder = resolve_model(reference, Path.cwd()) if is_hub_id(reference) and not Path(src).exists() else src
+    return open_source(folder, stack_hint, reference)
+
+
+def _cast_to(dtype: str | None) -> str | None:
+    if dtype is None:
+        return None
+    cast_to = cast_target(dtype)
+    if cast_to is None:
+        raise RecipeError(f"--dtype {dtype!r}: expected one of {', '.join(CAST_TARGETS)}")
+    return cast_to
+
+
+def _job(
+    sources: dict[str, Source], recipe: Recipe, plan: Plan, description: str, mergekit_yaml: str,
+    max_shard_bytes: int, stack_hint: StackHint,
+) -> Job:  # fmt: skip
+    layout = job_layout(recipe, plan, sources, max_shard_bytes)
+    return Job(sources, recipe, plan, layout, description, mergekit_yaml, max_shard_bytes, stack_hint)
 
 
 def plan_merge(
@@ -101,16 +169,8 @@ def plan_merge(
     recipe = merge_recipe(spec, lambda model: sources[model].layer_count)
     plan = make_plan(recipe, sources)
     names = card_names_of(sources)
-    return Job(
-        sources,
-        recipe,
-        plan,
-        job_layout(recipe, plan, sources, max_shard_bytes),
-        describe_merge(plan, names, path.name),
-        to_mergekit_yaml(recipe, sources, names),
-        max_shard_bytes,
-        stack_hint,
-    )
+    yaml = to_mergekit_yaml(recipe, sources, names)
+    return _job(sources, recipe, plan, describe_merge(plan, names, path.name), yaml, max_shard_bytes, stack_hint)
 
 
 def destination_of(out: str | Path) -> Destination:

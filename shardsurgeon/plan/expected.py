@@ -18,7 +18,7 @@ from typing import Any
 from shardsurgeon.format import DTYPES
 from shardsurgeon.names import CHUNK_BYTES
 from shardsurgeon.plan.layout import ShardLayout
-from shardsurgeon.plan.planner import Convert, Copy, Normal, Pieces, PlannedTensor, Zeros, pieces_of
+from shardsurgeon.plan.tensors import Convert, Copy, Normal, Pieces, PlannedTensor, Zeros, pieces_of
 from shardsurgeon.units import Progress
 
 Read = Callable[[Path | str, int, int], bytes]

@@ -18,8 +18,9 @@ from functools import cached_property
 from shardsurgeon.model.arch import NO_HINT, StackHint
 from shardsurgeon.model.source import Source, card_names_of
 from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, ShardLayout, plan_layout
-from shardsurgeon.plan.planner import Plan, source_files
+from shardsurgeon.plan.planner import Plan
 from shardsurgeon.plan.recipe import Recipe, recipe_to_json
+from shardsurgeon.plan.tensors import source_files
 from shardsurgeon.storage.versions import SourceVersion
 
 

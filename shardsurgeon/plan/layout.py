@@ -38,7 +38,8 @@ from pathlib import Path
 from shardsurgeon.errors import PlanError
 from shardsurgeon.format import DTYPES, HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, encode_header
 from shardsurgeon.model.checkpoint import SINGLE_FILE
-from shardsurgeon.plan.planner import Copy, Piece, Plan, PlannedTensor, pieces_of
+from shardsurgeon.plan.planner import Plan
+from shardsurgeon.plan.tensors import Copy, Piece, PlannedTensor, pieces_of
 from shardsurgeon.units import format_bytes
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000

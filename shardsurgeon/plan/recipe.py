@@ -2,8 +2,10 @@
 
 A recipe is pure data in the shape of a mergekit passthrough config: an ordered list of output
 layers, each naming a model and a source layer and carrying scale rules, plus the donors of the
-tensors before and after the stack and an optional dtype to cast to. ``expand`` flags build one
-with :func:`expand_recipe`. No files, no tensors: layer counts come in as plain integers.
+tensors before and after the stack, an optional dtype to cast to, and an optional change of the
+experts (:class:`Upcycle`, :class:`PruneExperts`). ``expand`` flags build one with
+:func:`expand_recipe`, ``upcycle`` and ``prune-experts`` with :func:`same_layers_recipe`. No
+files, no tensors: layer counts come in as plain integers.
 """
 
 from __future__ import annotations
@@ -48,6 +50,40 @@ class LayerSource:
 
 
 @dataclass(frozen=True, slots=True)
+class Router:
+    """How an upcycled router starts: all zeros (``seed`` None: every expert equally likely, so
+    the model computes what the dense one did), or numbers from a normal distribution of the
+    config's ``initializer_range`` drawn with ``seed`` (reproducible on every machine)."""
+
+    seed: int | None = None
+
+    @property
+    def text(self) -> str:
+        return "zeros" if self.seed is None else f"random:{self.seed}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upcycle:
+    """Each dense MLP of ``layers`` (source layer numbers; None: every layer) becomes ``experts``
+    copies of itself behind a router, ``top_k`` of them per token."""
+
+    experts: int
+    top_k: int
+    router: Router = Router()
+    layers: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PruneExperts:
+    """Layer i keeps the experts ``keep[i]``, in that order (None: a layer without experts)."""
+
+    keep: tuple[tuple[int, ...] | None, ...]
+
+
+ExpertChange = Upcycle | PruneExperts
+
+
+@dataclass(frozen=True, slots=True)
 class Recipe:
     """An output checkpoint described layer by layer; models are named by reference strings.
 
@@ -62,6 +98,7 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     base: str | None = None
+    experts: ExpertChange | None = None
 
     @property
     def donor(self) -> str:
@@ -100,6 +137,28 @@ def parse_dup(text: str) -> list[tuple[int, int]]:
             raise RecipeError(f"--dup {part.strip()!r}: the number of copies must be at least 1, found 0")
         pairs.append((layer, copies))
     return pairs
+
+
+def parse_router(text: str) -> int | None:
+    """``--router``: ``zeros`` (None) or ``random:SEED`` (the seed)."""
+    kind, _, seed = text.strip().partition(":")
+    if kind == "zeros" and not seed:
+        return None
+    if kind == "random" and re.fullmatch(r"[0-9]{1,20}", seed) and int(seed) < 1 << 64:
+        return int(seed)
+    raise RecipeError(f"--router {_clip(text)}: expected zeros or random:SEED (a whole number below 2**64)")
+
+
+def parse_layers(text: str, flag: str = "--layers") -> tuple[int, ...]:
+    """A list of layer numbers and ranges, such as ``0,2,4`` or ``0-7,12``."""
+    layers: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*([0-9]{1,6})\s*(?:-\s*([0-9]{1,6})\s*)?", part)
+        if not match or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise RecipeError(f"{flag} {_clip(text)}: expected layer numbers and ranges such as 0,2,4 or 0-7,12")
+        last = int(match[2]) if match[2] is not None else int(match[1])
+        layers.extend(range(int(match[1]), last + 1))
+    return tuple(sorted(set(layers)))
 
 
 def parse_filters(text: str, flag: str = "--zero") -> tuple[str, ...]:
@@ -150,6 +209,16 @@ def expand_recipe(
     return Recipe(tuple(layers), LayerSource(model, None), LayerSource(model, None), dtype)
 
 
+MAX_EXPERTS = 4096
+"""Sixteen times the most routed experts of a published model (DeepSeek-V3: 256)."""
+
+
+def same_layers_recipe(model: str, num_layers: int, experts: ExpertChange, dtype: str | None = None) -> Recipe:
+    """Every layer of ``model`` in place, its experts changed by ``experts``."""
+    layers = tuple(LayerSource(model, layer) for layer in range(num_layers))
+    return Recipe(layers, LayerSource(model, None), LayerSource(model, None), dtype, experts=experts)
+
+
 def recipe_to_json(recipe: Recipe, names: Mapping[str, str]) -> str:
     """A compact JSON record of the recipe, stored in the output so ``verify`` can re-derive the plan.
 
@@ -162,7 +231,7 @@ def recipe_to_json(recipe: Recipe, names: Mapping[str, str]) -> str:
         return [refs.index(s.model), s.layer, rules, s.inserted]
 
     refs = list(dict.fromkeys([*recipe.models, *([recipe.base] if recipe.base is not None else [])]))
-    record = {
+    record: dict[str, Any] = {
         "models": [names.get(m, m) for m in refs],
         "head": source(recipe.head),
         "tail": source(recipe.tail),
@@ -171,7 +240,17 @@ def recipe_to_json(recipe: Recipe, names: Mapping[str, str]) -> str:
         "out_dtype": recipe.out_dtype,
         "base": None if recipe.base is None else refs.index(recipe.base),
     }
+    if recipe.experts is not None:
+        record["experts"] = _experts_record(recipe.experts)
     return json.dumps(record, separators=(",", ":"))
+
+
+def _experts_record(change: ExpertChange) -> dict[str, Any]:
+    match change:
+        case Upcycle(experts, top_k, router, layers):
+            return {"upcycle": {"experts": experts, "top_k": top_k, "router_seed": router.seed, "layers": layers}}
+        case PruneExperts(keep):
+            return {"prune": {"keep": [None if k is None else list(k) for k in keep]}}
 
 
 def recorded_models(text: str) -> list[str]:
@@ -222,12 +301,39 @@ def recipe_from_json(text: str, models: Sequence[str], layer_count: Callable[[st
             _recorded_dtype(record["dtype"]),
             _recorded_dtype(record.get("out_dtype")),
             None if base is None else model(base),
+            _recorded_experts(record.get("experts"), len(record["layers"])),
         )
     except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
         raise RecipeError(
             f"recorded recipe is unreadable ({_clip(str(e))}); the output was not written by this version "
             "or its metadata was edited"
         ) from None
+
+
+def _recorded_experts(record: Any, num_layers: int) -> ExpertChange | None:
+    if record is None:
+        return None
+    (kind, fields), *more = record.items()
+    if more:
+        raise ValueError("more than one change of the experts")
+    if kind == "upcycle":
+        experts, top_k, seed, layers = fields["experts"], fields["top_k"], fields["router_seed"], fields["layers"]
+        if not _is_index(experts - 1, MAX_EXPERTS) or not _is_index(top_k - 1, experts):
+            raise ValueError(f"{experts!r} experts, top {top_k!r}")
+        if seed is not None and not _is_index(seed, 1 << 64):
+            raise ValueError(f"router seed {seed!r}")
+        if layers is not None and not all(_is_index(layer, num_layers) for layer in layers):
+            raise ValueError(f"upcycled layers {layers!r}")
+        return Upcycle(experts, top_k, Router(seed), None if layers is None else tuple(layers))
+    if kind == "prune":
+        keep = fields["keep"]
+        if len(keep) != num_layers:
+            raise ValueError(f"{len(keep)} lists of kept experts for {num_layers} layers")
+        for kept in keep:
+            if kept is not None and not (0 < len(kept) <= MAX_EXPERTS and all(_is_index(e, MAX_EXPERTS) for e in kept)):
+                raise ValueError(f"kept experts {kept!r}")
+        return PruneExperts(tuple(None if k is None else tuple(k) for k in keep))
+    raise ValueError(f"change of the experts {kind!r}")
 
 
 def _is_index(value: Any, length: int) -> bool:

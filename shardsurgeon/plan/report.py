@@ -9,8 +9,9 @@ from typing import Any
 from shardsurgeon import __version__
 from shardsurgeon.format import TensorRef, torch_name
 from shardsurgeon.plan.layout import Layout
-from shardsurgeon.plan.planner import OP_KINDS, Convert, Normal, Piece, Pieces, Plan, Zeros
-from shardsurgeon.plan.recipe import LayerSource, ScaleRule
+from shardsurgeon.plan.planner import Plan
+from shardsurgeon.plan.recipe import LayerSource, PruneExperts, ScaleRule, Upcycle
+from shardsurgeon.plan.tensors import OP_KINDS, Convert, Normal, Piece, Pieces, Zeros
 from shardsurgeon.storage.remote import file_name
 from shardsurgeon.units import format_bytes
 
@@ -113,6 +114,52 @@ def describe_expansion(plan: Plan, base_model: str, identity: bool = False) -> s
             ", so each new block passes its input through unchanged and the model gives the same outputs as "
             "the original until it is fine-tuned (LLaMA Pro block expansion)"
         )
+    if plan.recipe.dtype:
+        text += f". Floating-point tensors were cast to {torch_name(plan.recipe.dtype)}"
+    return text + "."
+
+
+def describe_upcycle(plan: Plan, base_model: str) -> str:
+    """The model card's words for ``upcycle``: what the experts are and how the router starts."""
+    change = plan.recipe.experts
+    assert isinstance(change, Upcycle)
+    layers = "every layer" if change.layers is None else f"layers {_and([str(n) for n in change.layers])}"
+    architecture = plan.config.get("architectures", ["?"])[0]
+    text = (
+        f"Upcycled {base_model} into a mixture of experts ({architecture}): the MLP of {layers} became "
+        f"{change.experts} experts, each a copy of it, {change.top_k} of them chosen per token"
+    )
+    if change.router.seed is None:
+        text += (
+            ", behind a router of zeros, so every expert is equally likely and the model gives the same outputs as "
+            "the original until it is trained (sparse upcycling)"
+        )
+    else:
+        text += f", behind a router of normal numbers drawn with seed {change.router.seed}"
+    if "shared_expert_intermediate_size" in plan.config:
+        text += (
+            ". The shared expert is a copy of the MLP too, its gate zeros (a weight of 1/2), and the routed "
+            "experts' down projections are halved, so the two halves add up to the original MLP"
+        )
+    if plan.recipe.dtype:
+        text += f". Floating-point tensors were cast to {torch_name(plan.recipe.dtype)}"
+    return text + "."
+
+
+def describe_pruning(plan: Plan, base_model: str) -> str:
+    """The model card's words for ``prune-experts``: which experts each layer kept."""
+    change = plan.recipe.experts
+    assert isinstance(change, PruneExperts)
+    kept = [(layer, k) for layer, k in enumerate(change.keep) if k is not None]
+    lists = {k for _, k in kept}
+    if len(lists) == 1:
+        (only,) = lists
+        which = f"experts {_and([str(e) for e in only])} of every layer with experts"
+    else:
+        which = "; ".join(f"layer {layer}: experts {', '.join(map(str, k))}" for layer, k in kept)
+    text = (
+        f"Pruned the experts of {base_model}, keeping {len(kept[0][1])} per layer ({which}), renumbered in that order"
+    )
     if plan.recipe.dtype:
         text += f". Floating-point tensors were cast to {torch_name(plan.recipe.dtype)}"
     return text + "."

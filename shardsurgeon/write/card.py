@@ -10,6 +10,7 @@ from typing import Any
 from shardsurgeon.errors import safe_text
 from shardsurgeon.model.license import License
 from shardsurgeon.plan.planner import Plan
+from shardsurgeon.plan.recipe import PruneExperts, Upcycle
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +30,9 @@ def model_card(plan: Plan, models: Sequence[CardModel], command: str, what: str,
     conventions: ``base_model`` lists Hub ids only, as mergekit's cards do (the Hub links and
     checks the field; a model known only by its folder is named in the text);
     ``base_model_relation: merge``, since a passthrough merge, of one model or several, is neither
-    a fine-tune nor an adapter nor a quantization; and a ``license`` only when every model names
+    a fine-tune nor an adapter nor a quantization, but ``finetune`` for a model whose experts were
+    made or pruned (a model derived from one, to be trained further: the relation the Hub gives
+    upcycled and pruned models); and a ``license`` only when every model names
     the same one: a license taken from one model would claim the others' weights for it, so
     differing or unknown licenses are left to the publisher and the text says which model names
     which.
@@ -41,15 +44,18 @@ def model_card(plan: Plan, models: Sequence[CardModel], command: str, what: str,
     import yaml  # loaded only when a card is written
 
     ids = list(dict.fromkeys(m.hub_id for m in models if m.hub_id))
-    tags = ["shardsurgeon", "mergekit", "merge"] + (
-        ["block-expansion"] if any(s.inserted for s in plan.recipe.layers) else []
-    )
+    experts = plan.recipe.experts
+    tags = ["shardsurgeon"] + (["mergekit", "merge"] if experts is None else ["moe"])
+    tags += ["block-expansion"] if any(s.inserted for s in plan.recipe.layers) else []
+    tags += {None: [], Upcycle: ["sparse-upcycling"], PruneExperts: ["expert-pruning"]}[
+        type(experts) if experts else None
+    ]
     front: dict[str, Any] = {}
     if ids:
         front["base_model"] = ids[0] if len(ids) == 1 else ids
     front["library_name"] = "transformers"
     if ids:
-        front["base_model_relation"] = "merge"
+        front["base_model_relation"] = "merge" if experts is None else "finetune"
     common, license_text = _license(models)
     if common is not None:
         front["license"] = common.id
@@ -72,12 +78,18 @@ Made with [shardsurgeon](https://pypi.org/project/shardsurgeon/) by:
 {_fence(command)}sh
 {command}
 {_fence(command)}
+{_mergekit_section(mergekit_yaml)}"""
 
+
+def _mergekit_section(config: str) -> str:
+    if not config:
+        return ""
+    return f"""
 The same checkpoint as a mergekit passthrough config:
 
-{_fence(mergekit_yaml)}yaml
-{mergekit_yaml}
-{_fence(mergekit_yaml)}
+{_fence(config)}yaml
+{config}
+{_fence(config)}
 """
 
 

@@ -23,7 +23,7 @@ from shardsurgeon.errors import CheckpointError, DestinationError, OutputError
 from shardsurgeon.format import DTYPES
 from shardsurgeon.names import CHUNK_BYTES
 from shardsurgeon.plan.layout import CopyRun, PlacedPiece, ShardLayout
-from shardsurgeon.plan.planner import Convert, Copy, Normal, Pieces, Zeros
+from shardsurgeon.plan.tensors import Convert, Copy, Normal, Pieces, Zeros
 from shardsurgeon.storage import fileio
 from shardsurgeon.storage.fileio import CopiedPiece, CopyCounts
 from shardsurgeon.storage.remote import SourceFiles

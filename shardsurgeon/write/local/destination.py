@@ -29,7 +29,7 @@ from shardsurgeon.errors import DestinationError, OutputError, ShardSurgeonError
 from shardsurgeon.names import PARTIAL_SUFFIX, RESUME_NAME
 from shardsurgeon.plan.job import Job
 from shardsurgeon.plan.layout import PlacedPiece, ShardLayout
-from shardsurgeon.plan.planner import Zeros
+from shardsurgeon.plan.tensors import Zeros
 from shardsurgeon.storage import fileio
 from shardsurgeon.storage.overlap import SourceIdentities, check_outside_sources
 from shardsurgeon.storage.remote import SourceFiles

@@ -37,7 +37,7 @@ from shardsurgeon.errors import DestinationError, OutputError, safe_text
 from shardsurgeon.names import CONFIG_FILE, DONE_PREFIX, INDEX_FILE, RESUME_NAME, SINGLE_FILE, WORK_PREFIX, ZEROS_NAME
 from shardsurgeon.plan.job import Job
 from shardsurgeon.plan.layout import PlacedPiece, ShardLayout
-from shardsurgeon.plan.planner import Zeros
+from shardsurgeon.plan.tensors import Zeros
 from shardsurgeon.storage import s3
 from shardsurgeon.storage.overlap import check_folder_outside_sources, source_among
 from shardsurgeon.storage.remote import SourceFiles

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from shardsurgeon.errors import OutputError
 from shardsurgeon.plan.layout import CopyRun, PlacedPiece, ShardLayout
-from shardsurgeon.plan.planner import Piece, Zeros
+from shardsurgeon.plan.tensors import Piece, Zeros
 
 MIN_PART_BYTES = 5 << 20
 """S3's smallest part but the last."""

@@ -26,7 +26,7 @@ from shardsurgeon.errors import CheckpointError, safe_text
 from shardsurgeon.format import DTYPES
 from shardsurgeon.names import SCRATCH_PREFIX
 from shardsurgeon.plan.layout import CopyRun, PlacedPiece, ShardLayout
-from shardsurgeon.plan.planner import Convert, Normal, Piece, Zeros
+from shardsurgeon.plan.tensors import Convert, Normal, Piece, Zeros
 from shardsurgeon.storage.remote import SourceFiles
 from shardsurgeon.storage.s3 import S3Location, describe, failed_condition
 from shardsurgeon.units import Progress

@@ -1,0 +1,166 @@
+"""The commands that change a model's experts: ``upcycle`` (a dense model into a mixture of
+experts) and ``prune-experts`` (keep some experts of a mixture)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from shardsurgeon import (
+    DEFAULT_MAX_SHARD_BYTES,
+    KeepSpec,
+    Reflink,
+    StackHint,
+    WriteOptions,
+    parse_layers,
+    parse_router,
+    plan_prune_experts,
+    plan_upcycle,
+    read_keep,
+)
+from shardsurgeon.cli import params
+from shardsurgeon.cli.base import cli, reports_errors
+from shardsurgeon.cli.params import DTYPE, SOURCE, ParsedParam, writing_options
+from shardsurgeon.cli.write import command_line, plan_or_run
+
+SRC_HELP = (
+    "Source checkpoint folder, a Hugging Face id (org/name[@REVISION]) in the local cache, or a URL "
+    "(s3://bucket/prefix, https://.../)."
+)
+
+
+@cli.command()
+@click.option("--src", required=True, type=SOURCE, help=SRC_HELP)
+@click.option("--experts", required=True, type=click.IntRange(min=1), help="Experts per layer, each a copy of the MLP.")
+@click.option("--top-k", required=True, type=click.IntRange(min=1), help="Experts each token is routed to.")
+@click.option(
+    "--router",
+    default="zeros",
+    type=ParsedParam("zeros|random:SEED", parse_router),
+    metavar="zeros|random:SEED",
+    help="The routers: zeros (the model computes what the dense one did) or normal numbers of the config's "
+    "initializer_range drawn with SEED.",
+)
+@click.option(
+    "--layers",
+    type=ParsedParam("LIST", parse_layers),
+    metavar="LIST",
+    help="Upcycle only these layers (0,2,4 or 0-7); the others stay dense (Qwen2-MoE, Qwen3-MoE).",
+)
+@click.option("--dtype", type=DTYPE, help="Cast floating-point tensors to this dtype.")
+@writing_options
+@reports_errors
+def upcycle(
+    src: Path | str,
+    experts: int,
+    top_k: int,
+    router: int | None,
+    layers: tuple[int, ...] | None,
+    dtype: str | None,
+    out: Path | str | None,
+    max_shard_size: int,
+    dense: bool,
+    reflink: Reflink,
+    checksums: bool,
+    force: bool,
+    dry_run: bool,
+    plan_json: Path | None,
+    layer_prefix: str | None,
+    layers_key: str | None,
+    jobs: int,
+    ray_address: str | None,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Make a dense model a mixture of experts, each a copy of its MLP (sparse upcycling).
+
+    \b
+    shardsurgeon upcycle --src ./Mistral-7B-v0.1 --experts 8 --top-k 2 --out ./mixtral-8x7b-init
+    shardsurgeon upcycle --src ./Qwen3-1.7B --experts 8 --top-k 2 --layers 0,2,4,6,8,10 --out ./qwen3-moe
+    """
+    if out is None and not dry_run and plan_json is None:
+        raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
+    job = plan_upcycle(
+        src, experts=experts, top_k=top_k, router_seed=router, layers=layers, dtype=dtype,
+        max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key),
+    )  # fmt: skip
+    command = command_line(
+        "upcycle",
+        src=job.card_names[str(src)],
+        experts=experts,
+        top_k=top_k,
+        router=None if router is None else f"random:{router}",
+        layers=None if layers is None else ",".join(map(str, layers)),
+        dtype=dtype,
+        max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
+        dense=dense,
+        checksums=checksums,
+        layer_prefix=layer_prefix,
+        layers_key=layers_key,
+    )
+    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
+    plan_or_run(job, out, command, dry_run, plan_json, quiet, options)
+
+
+def _keep(text: str) -> tuple[str, KeepSpec]:
+    return text, read_keep(text)
+
+
+@cli.command(name="prune-experts")
+@click.option("--src", required=True, type=SOURCE, help=SRC_HELP)
+@click.option(
+    "--keep",
+    required=True,
+    type=ParsedParam("LIST|FILE", _keep),
+    metavar="LIST|FILE",
+    help="Experts to keep, in their new order: 0,3,5 for every layer, or a JSON file (a list, a list per layer, "
+    'or {"LAYER": [...]}).',
+)
+@click.option("--dtype", type=DTYPE, help="Cast floating-point tensors to this dtype.")
+@writing_options
+@reports_errors
+def prune_experts(
+    src: Path | str,
+    keep: tuple[str, KeepSpec],
+    dtype: str | None,
+    out: Path | str | None,
+    max_shard_size: int,
+    dense: bool,
+    reflink: Reflink,
+    checksums: bool,
+    force: bool,
+    dry_run: bool,
+    plan_json: Path | None,
+    layer_prefix: str | None,
+    layers_key: str | None,
+    jobs: int,
+    ray_address: str | None,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Keep some experts of each layer of a mixture of experts (and their router rows).
+
+    \b
+    shardsurgeon prune-experts --src ./Mixtral-8x7B-v0.1 --keep 0,2,5,7 --out ./mixtral-4x7b
+    shardsurgeon prune-experts --src ./Qwen3-30B-A3B --keep reap-keep.json --out ./qwen3-pruned
+    """
+    if out is None and not dry_run and plan_json is None:
+        raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
+    text, spec = keep
+    job = plan_prune_experts(
+        src, keep=spec, dtype=dtype, max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key)
+    )
+    command = command_line(
+        "prune-experts",
+        src=job.card_names[str(src)],
+        keep=text if not Path(text).exists() else Path(text).name,
+        dtype=dtype,
+        max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
+        dense=dense,
+        checksums=checksums,
+        layer_prefix=layer_prefix,
+        layers_key=layers_key,
+    )
+    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
+    plan_or_run(job, out, command, dry_run, plan_json, quiet, options)

@@ -1,0 +1,109 @@
+"""What the tool knows of mixture-of-experts layers: where each architecture keeps its router,
+experts and shared expert, and which config keys count and place them. Pure data and lookups.
+
+Two forms of expert tensors are read. One tensor per expert and projection
+(``{block}.experts.{e}.{projection}.weight``), which ``save_pretrained`` writes, and one fused
+tensor per projection holding every expert (``{block}.experts.gate_up_proj``, ``[E, ...]``), which
+transformers holds in memory and mergekit-moe writes; transformers loads both. Outputs made here
+use the first form, as ``save_pretrained`` does; a pruned checkpoint keeps the form it had.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DENSE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+"""A dense layer's gated MLP, as ``mlp.{name}.weight``: gate, up, down."""
+
+
+@dataclass(frozen=True, slots=True)
+class MoeKind:
+    """One architecture's mixture-of-experts layer."""
+
+    model_type: str
+    architecture: str
+    block: str
+    """Where a layer keeps its router and experts: ``block_sparse_moe`` or ``mlp``."""
+    projections: tuple[str, str, str]
+    """An expert's gate, up and down projections as its tensors name them."""
+    experts_key: str
+    """The config key counting the routed experts."""
+    dense_layers_key: str | None = None
+    """The config key listing the layers that stay dense, where the architecture has one."""
+    shared: str | None = None
+    """The shared expert, which every token passes through (Qwen2-MoE, DeepSeek)."""
+    shared_gate: str | None = None
+    """The shared expert's sigmoid gate (Qwen2-MoE)."""
+    top_k_normalised_key: str | None = None
+    """The key saying whether the top-k routing weights are renormalised to sum to 1."""
+
+    def router(self, block: str | None = None) -> str:
+        return f"{block or self.block}.gate.weight"
+
+    def expert(self, index: int, projection: str) -> str:
+        return f"{self.block}.experts.{index}.{projection}.weight"
+
+
+MIXTRAL = MoeKind("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts")
+QWEN3_MOE = MoeKind(
+    "qwen3_moe", "Qwen3MoeForCausalLM", "mlp", DENSE_PROJECTIONS, "num_experts", "mlp_only_layers",
+    top_k_normalised_key="norm_topk_prob",
+)  # fmt: skip
+QWEN2_MOE = MoeKind(
+    "qwen2_moe", "Qwen2MoeForCausalLM", "mlp", DENSE_PROJECTIONS, "num_experts", "mlp_only_layers",
+    shared="shared_expert", shared_gate="shared_expert_gate", top_k_normalised_key="norm_topk_prob",
+)  # fmt: skip
+DEEPSEEK_V2 = MoeKind(
+    "deepseek_v2", "DeepseekV2ForCausalLM", "mlp", DENSE_PROJECTIONS, "n_routed_experts", shared="shared_experts",
+    top_k_normalised_key="norm_topk_prob",
+)  # fmt: skip
+DEEPSEEK_V3 = MoeKind(
+    "deepseek_v3", "DeepseekV3ForCausalLM", "mlp", DENSE_PROJECTIONS, "n_routed_experts", shared="shared_experts",
+    top_k_normalised_key="norm_topk_prob",
+)  # fmt: skip
+
+MOE_KINDS = {kind.model_type: kind for kind in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3)}
+"""The mixture-of-experts architectures whose experts can be pruned, by ``model_type``."""
+
+UPCYCLE_TARGETS = {"llama": MIXTRAL, "mistral": MIXTRAL, "qwen3": QWEN3_MOE, "qwen2": QWEN2_MOE}
+"""The sparse architecture each dense one is upcycled to, by the dense ``model_type``."""
+
+TOP_K_KEY = "num_experts_per_tok"
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+"""Every key a config may count routed experts by: transformers 5 saves Qwen3-MoE's count as
+``num_local_experts`` (an alias of ``num_experts``), configs of the Hub use the class's own key."""
+
+_PER_EXPERT = re.compile(r"^(?P<block>block_sparse_moe|mlp)\.experts\.(?P<index>[0-9]{1,6})\.(?P<tail>.+)$")
+_FUSED = re.compile(r"^(?P<block>block_sparse_moe|mlp)\.experts\.(?P<name>[A-Za-z_][^.]*)$")
+_ROUTER = re.compile(r"^(?P<block>block_sparse_moe|mlp)\.gate\.(?P<name>weight|bias|e_score_correction_bias)$")
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertTensor:
+    """A layer tensor that holds experts: one expert's (``index``), or every expert's along its
+    first dimension (``index`` None: a fused tensor, or a router's rows and routing bias)."""
+
+    rest: str
+    index: int | None
+    block: str
+    tail: str
+    """The name after ``experts.{index}.``, after ``experts.``, or after ``gate.``."""
+    router: bool = False
+
+
+def expert_tensor(rest: str) -> ExpertTensor | None:
+    """What ``rest`` (a layer tensor's name) holds of the experts, None for any other tensor."""
+    if match := _PER_EXPERT.match(rest):
+        return ExpertTensor(rest, int(match["index"]), match["block"], match["tail"])
+    if match := _FUSED.match(rest):
+        return ExpertTensor(rest, None, match["block"], match["name"])
+    if match := _ROUTER.match(rest):
+        return ExpertTensor(rest, None, match["block"], match["name"], router=True)
+    return None
+
+
+def moe_kind(config: Mapping[str, Any]) -> MoeKind | None:
+    return MOE_KINDS.get(str(config.get("model_type", "")))
