@@ -11,6 +11,7 @@ import struct
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _servers import SeaweedFS, create_bucket, seaweedfs, upload_folder, weed_binary
@@ -107,3 +108,10 @@ def server_with_a_model(
     own_buckets(weed, "models", "out")
     upload_folder(weed.endpoint, "models", "src", src)
     yield weed, src, src2
+
+
+def objects_under(s3: Any, url: str) -> dict[str, bytes]:
+    """Every object under the S3 folder ``url``, by its name in that folder."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/").get("Contents", [])
+    return {o["Key"].rpartition("/")[2]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}

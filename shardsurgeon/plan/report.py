@@ -11,7 +11,7 @@ from shardsurgeon.format import TensorRef, torch_name
 from shardsurgeon.plan.layout import Layout
 from shardsurgeon.plan.planner import Plan
 from shardsurgeon.plan.recipe import LayerSource, PruneExperts, ScaleRule, Upcycle
-from shardsurgeon.plan.tensors import OP_KINDS, Convert, Normal, Piece, Pieces, Zeros
+from shardsurgeon.plan.tensors import OP_KINDS, Convert, Normal, Piece, Pieces, Zeros, pieces_of
 from shardsurgeon.storage.remote import file_name
 from shardsurgeon.units import format_bytes
 
@@ -219,8 +219,24 @@ def op_bytes(plan: Plan) -> dict[str, int]:
     """Output tensor bytes by op kind."""
     totals = dict.fromkeys(OP_KINDS, 0)
     for tensor in plan.tensors:
-        totals[tensor.op.kind] += tensor.nbytes
+        for piece in pieces_of(tensor):
+            totals[piece.op.kind] += piece.nbytes
     return totals
+
+
+def experts_lines(plan: Plan) -> list[str]:
+    """The change of the experts in a line, if the plan makes one."""
+    match plan.recipe.experts:
+        case None:
+            return []
+        case Upcycle(experts, top_k, router, layers):
+            where = "every layer" if layers is None else f"layers {','.join(map(str, layers))}"
+            architecture = plan.config.get("architectures", ["?"])[0]
+            return [f"experts: {where} -> {experts} experts (top {top_k}), router {router.text} ({architecture})"]
+        case PruneExperts(keep):
+            kept = [k for k in keep if k is not None]
+            which = ",".join(map(str, kept[0])) if len(set(kept)) == 1 else "a list per layer"
+            return [f"experts: {len(kept)} layers keep {len(kept[0])} experts each ({which})"]
 
 
 def dry_run_text(plan: Plan, layout: Layout) -> str:
@@ -229,8 +245,10 @@ def dry_run_text(plan: Plan, layout: Layout) -> str:
         f"layers: {plan.layers_in} -> {plan.output_layers} (stack {plan.stack.prefix}.N, "
         f"config {plan.stack.count_path})",
         *describe_layers(plan),
+        *experts_lines(plan),
         f"tensors: {len(plan.tensors)}: {format_bytes(totals['copy'])} copied, {format_bytes(totals['zeros'])} zeros "
-        f"(holes, not written), {format_bytes(totals['convert'])} converted",
+        f"(holes, not written), {format_bytes(totals['convert'])} converted"
+        + (f", {format_bytes(totals['normal'])} generated (random router)" if totals["normal"] else ""),
         f"shards: {len(layout.shards)}, {format_bytes(layout.nbytes)} in all",
     ]
     lines += [f"  {s.name}  {len(s.tensors)} tensors  {format_bytes(s.nbytes)}" for s in layout.shards]
