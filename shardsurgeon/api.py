@@ -110,16 +110,17 @@ def plan_prune_experts(
     return _job(sources, recipe, plan, describe_pruning(plan, names[source.reference]), "", max_shard_bytes, stack_hint)
 
 
-def read_keep(text: str) -> KeepSpec:
+def read_keep(text: str) -> tuple[KeepSpec, Path | None]:
     """``--keep``: expert numbers given inline (``0,3,5``, or JSON), or the path of a JSON file of
     them (a list, a list per layer, or an object of layer numbers to lists, as REAP-style scorers
-    write)."""
+    write); with the file's path, if it was one."""
     stripped = text.strip()
     if stripped[:1].isdigit() or stripped[:1] in ("[", "{"):
-        return parse_keep(text)
-    raw = read_small(Path(text), MAX_RECIPE_BYTES, RecipeError, "a JSON list of the experts to keep")
+        return parse_keep(text), None
+    path = Path(text)
+    raw = read_small(path, MAX_RECIPE_BYTES, RecipeError, "a JSON list of the experts to keep")
     try:
-        return parse_keep(raw.decode("utf-8"), f"--keep {safe_text(text)}")
+        return parse_keep(raw.decode("utf-8"), f"--keep {safe_text(text)}"), path
     except UnicodeDecodeError:
         raise RecipeError(f"--keep {safe_text(text)}: is not a text file; expected JSON") from None
 

@@ -228,3 +228,21 @@ def test_the_summary_says_clone_eligible_where_the_filesystem_cannot_tell(tmp_pa
     assert result.exit_code == 0, result.output
     summary = result.output.splitlines()[-1]
     assert "written (0 B clone-eligible, " in summary and " copied, 0 B converted), " in summary
+
+
+def test_an_upcycle_larger_than_the_free_space_fits_because_its_experts_share_blocks(
+    reflink_mount, on_mount, on_mount_sources, monkeypatch
+):
+    """Experts are copies of the source's MLPs: the room needed is the new disk, not the output's
+    logical size, so 48 experts of a 92 MB model (1.3 GB) are written on a filesystem of 1 GB."""
+    import shutil
+
+    src = on_mount_sources["llama"]
+    free, before = shutil.disk_usage(on_mount).free, used_bytes(on_mount)
+    monkeypatch.chdir(on_mount)
+    result = run_cli("upcycle", "--src", src, "--experts", "48", "--top-k", "2", "--out", "moe", "-q")
+    assert result.exit_code == 0, result.output
+    logical = sum(path.stat().st_size for path in (on_mount / "moe").iterdir())
+    assert logical > free, f"{reflink_mount.kind}: {logical} bytes of output, {free} free: not the case tested"
+    assert used_bytes(on_mount) - before <= 0.01 * logical, reflink_mount.kind
+    assert run_cli("verify", on_mount / "moe", "--src", src).exit_code == 0

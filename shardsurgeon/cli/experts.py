@@ -104,7 +104,9 @@ def upcycle(
 
 
 def _keep(text: str) -> tuple[str, KeepSpec]:
-    return text, read_keep(text)
+    """The keep list, and how the model card's command names it (a file by its name alone)."""
+    spec, path = read_keep(text)
+    return (text if path is None else path.name), spec
 
 
 @cli.command(name="prune-experts")
@@ -154,7 +156,7 @@ def prune_experts(
     command = command_line(
         "prune-experts",
         src=job.card_names[str(src)],
-        keep=text if not Path(text).exists() else Path(text).name,
+        keep=text,
         dtype=dtype,
         max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
         dense=dense,

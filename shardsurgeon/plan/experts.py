@@ -17,7 +17,7 @@ and routing bias become the kept rows (byte ranges of the source). Pure.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from shardsurgeon.errors import PlanError, RecipeError, safe_text
@@ -72,39 +72,52 @@ def experts_kind(change: ExpertChange | None, config: Mapping[str, Any], stack: 
 
 def change_layer(
     change: ExpertChange, kind: MoeKind, stack: LayerStack, position: int, layer: int, tensors: list[PlannedTensor],
-    config: Mapping[str, Any],
+    config: Mapping[str, Any], layer_of: Callable[[str], list[PlannedTensor]],
 ) -> list[PlannedTensor]:  # fmt: skip
     """Output layer ``position`` (source layer ``layer``, whose planned ``tensors`` these are) with
-    its experts changed."""
+    its experts changed; ``layer_of(model)`` plans another model's tensors of the same layer (the
+    experts of a mergekit-moe config)."""
     match change:
         case Upcycle():
             if change.layers is not None and layer not in change.layers:
                 return tensors
-            return _upcycled(change, kind, stack, position, tensors, config)
+            return _upcycled(change, kind, stack, position, tensors, config, layer_of)
         case PruneExperts(keep):
             kept = keep[layer]
             return tensors if kept is None else _pruned(kept, kind, stack, position, tensors)
 
 
-def _upcycled(
-    change: Upcycle, kind: MoeKind, stack: LayerStack, position: int, tensors: list[PlannedTensor],
-    config: Mapping[str, Any],
-) -> list[PlannedTensor]:  # fmt: skip
+def _dense_mlp(
+    tensors: list[PlannedTensor], stack: LayerStack, position: int, kind: MoeKind
+) -> dict[str, PlannedTensor]:
+    """A layer's dense MLP weights by projection (``gate_proj``...): refused where it has others."""
     mlp = {f"mlp.{name}.weight": name for name in DENSE_PROJECTIONS}
-    found = {stack.split(t.name)[1]: t for t in tensors if stack.split(t.name)[1] in mlp}  # type: ignore[index]
+    rests = {t.name: stack.split(t.name)[1] for t in tensors}  # type: ignore[index]
+    found = {mlp[rests[t.name]]: t for t in tensors if rests[t.name] in mlp}
     if len(found) != len(mlp):
-        missing = sorted(set(mlp) - set(found))
+        missing = sorted(f"mlp.{name}.weight" for name in set(DENSE_PROJECTIONS) - set(found))
         raise PlanError(
             f"layer {position}: no dense MLP to upcycle ({', '.join(missing)} missing); upcycle takes a model whose "
             "layers each have mlp.gate_proj, mlp.up_proj and mlp.down_proj"
         )
-    others = [t for t in tensors if stack.split(t.name)[1].startswith("mlp.") and t not in found.values()]  # type: ignore[index]
+    others = [t for t in tensors if rests[t.name].startswith("mlp.") and rests[t.name] not in mlp]
     if others:
         raise PlanError(
             f"tensor {others[0].name!r}: the dense MLP has tensors besides gate, up and down projection weights "
             f"(biases?); {kind.architecture} experts have none, so upcycling would drop them"
         )
-    gate = found["mlp.gate_proj.weight"]
+    return found
+
+
+def _upcycled(
+    change: Upcycle, kind: MoeKind, stack: LayerStack, position: int, tensors: list[PlannedTensor],
+    config: Mapping[str, Any], layer_of: Callable[[str], list[PlannedTensor]],
+) -> list[PlannedTensor]:  # fmt: skip
+    found = _dense_mlp(tensors, stack, position, kind)
+    experts = [_dense_mlp(layer_of(model), stack, position, kind) for model in change.expert_models]
+    experts = experts or [found] * change.experts
+    shared = _dense_mlp(layer_of(change.shared_model), stack, position, kind) if change.shared_model else found
+    gate = found["gate_proj"]
     hidden = gate.shape[1]
     model = gate.model
     std = float(config.get("initializer_range", DEFAULT_INITIALIZER_RANGE))
@@ -115,20 +128,21 @@ def _upcycled(
     else:
         op = Normal(change.router.seed, std, router_name)
         made.append(PlannedTensor(router_name, gate.dtype, (change.experts, hidden), op, None, model))
-    halve = kind.shared_gate is not None  # the shared expert's gate of zeros weighs it by exactly 1/2
-    for index in range(change.experts):
+    # copies of one MLP: the shared expert's gate of zeros weighs it by exactly 1/2, the routed half
+    # is halved; experts of several models are copied as they are (as mergekit-moe does)
+    halve = kind.shared_gate is not None and not change.expert_models
+    for index, mlp in enumerate(experts):
         for dense, projection in zip(DENSE_PROJECTIONS, kind.projections, strict=True):
-            tensor = found[f"mlp.{dense}.weight"]
-            scaled = _halved(tensor) if halve and dense == "down_proj" else tensor
-            made.append(dataclasses.replace(scaled, name=stack.name(position, kind.expert(index, projection))))
+            tensor = _halved(mlp[dense]) if halve and dense == "down_proj" else mlp[dense]
+            made.append(dataclasses.replace(tensor, name=stack.name(position, kind.expert(index, projection))))
     if kind.shared is not None:
         for dense in DENSE_PROJECTIONS:
             name = stack.name(position, f"{kind.block}.{kind.shared}.{dense}.weight")
-            made.append(dataclasses.replace(found[f"mlp.{dense}.weight"], name=name))
+            made.append(dataclasses.replace(shared[dense], name=name))
     if kind.shared_gate is not None:
         name = stack.name(position, f"{kind.block}.{kind.shared_gate}.weight")
         made.append(PlannedTensor(name, gate.dtype, (1, hidden), Zeros(), None, model))
-    first = tensors.index(min(found.values(), key=tensors.index))
+    first = min(tensors.index(t) for t in found.values())
     rest = [t for t in tensors if t not in found.values()]
     return rest[:first] + made + rest[first:]
 

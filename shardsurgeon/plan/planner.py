@@ -76,7 +76,17 @@ def make_plan(recipe: Recipe, sources: Mapping[str, Source]) -> Plan:
             for tensor in sources[layer_source.model].layers[layer_source.layer]
         ]
         if recipe.experts is not None and kind is not None:
-            layer = change_layer(recipe.experts, kind, donor.stack, position, layer_source.layer, layer, donor.config)
+
+            def layer_of(model: str, at: LayerSource = layer_source, position: int = position) -> list[PlannedTensor]:
+                """The planned tensors of ``model``'s layer where ``at`` is (an expert's source)."""
+                source = LayerSource(model, at.layer, at.scale, at.inserted)
+                return [
+                    _planned(donor.stack.name(position, t.rest), t.ref, source, recipe, matched)
+                    for t in sources[model].layers[at.layer or 0]
+                ]
+
+            change = recipe.experts
+            layer = change_layer(change, kind, donor.stack, position, layer_source.layer, layer, donor.config, layer_of)
         tensors.extend(layer)
     for ref in sources[recipe.tail.model].after:
         tensors.append(_planned(ref.name, ref, recipe.tail, recipe, matched))

@@ -65,12 +65,18 @@ class Router:
 @dataclass(frozen=True, slots=True)
 class Upcycle:
     """Each dense MLP of ``layers`` (source layer numbers; None: every layer) becomes ``experts``
-    copies of itself behind a router, ``top_k`` of them per token."""
+    copies of itself behind a router, ``top_k`` of them per token.
+
+    With ``expert_models`` (a mergekit-moe config), expert i is the MLP of ``expert_models[i]`` at
+    the same layer instead, and the shared expert (Qwen2-MoE) that of ``shared_model`` (default:
+    the base model's): experts of several fine-tunes of one base, copied as they are."""
 
     experts: int
     top_k: int
     router: Router = Router()
     layers: tuple[int, ...] | None = None
+    expert_models: tuple[str, ...] = ()
+    shared_model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +116,10 @@ class Recipe:
 
     @property
     def models(self) -> tuple[str, ...]:
-        seen = dict.fromkeys([self.donor, self.head.model, *(s.model for s in self.layers), self.tail.model])
+        experts: list[str] = []
+        if isinstance(self.experts, Upcycle):
+            experts = [*self.experts.expert_models, *([self.experts.shared_model] if self.experts.shared_model else [])]
+        seen = dict.fromkeys([self.donor, self.head.model, *(s.model for s in self.layers), self.tail.model, *experts])
         return tuple(seen)
 
 
@@ -241,14 +250,18 @@ def recipe_to_json(recipe: Recipe, names: Mapping[str, str]) -> str:
         "base": None if recipe.base is None else refs.index(recipe.base),
     }
     if recipe.experts is not None:
-        record["experts"] = _experts_record(recipe.experts)
+        record["experts"] = _experts_record(recipe.experts, refs)
     return json.dumps(record, separators=(",", ":"))
 
 
-def _experts_record(change: ExpertChange) -> dict[str, Any]:
+def _experts_record(change: ExpertChange, refs: list[str]) -> dict[str, Any]:
     match change:
-        case Upcycle(experts, top_k, router, layers):
-            return {"upcycle": {"experts": experts, "top_k": top_k, "router_seed": router.seed, "layers": layers}}
+        case Upcycle(experts, top_k, router, layers, expert_models, shared_model):
+            fields: dict[str, Any] = {"experts": experts, "top_k": top_k, "router_seed": router.seed, "layers": layers}
+            if expert_models:
+                fields["expert_models"] = [refs.index(m) for m in expert_models]
+                fields["shared_model"] = None if shared_model is None else refs.index(shared_model)
+            return {"upcycle": fields}
         case PruneExperts(keep):
             return {"prune": {"keep": [None if k is None else list(k) for k in keep]}}
 
@@ -301,7 +314,7 @@ def recipe_from_json(text: str, models: Sequence[str], layer_count: Callable[[st
             _recorded_dtype(record["dtype"]),
             _recorded_dtype(record.get("out_dtype")),
             None if base is None else model(base),
-            _recorded_experts(record.get("experts"), len(record["layers"])),
+            _recorded_experts(record.get("experts"), len(record["layers"]), model),
         )
     except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
         raise RecipeError(
@@ -310,7 +323,7 @@ def recipe_from_json(text: str, models: Sequence[str], layer_count: Callable[[st
         ) from None
 
 
-def _recorded_experts(record: Any, num_layers: int) -> ExpertChange | None:
+def _recorded_experts(record: Any, num_layers: int, model: Callable[[Any], str]) -> ExpertChange | None:
     if record is None:
         return None
     (kind, fields), *more = record.items()
@@ -324,7 +337,14 @@ def _recorded_experts(record: Any, num_layers: int) -> ExpertChange | None:
             raise ValueError(f"router seed {seed!r}")
         if layers is not None and not all(_is_index(layer, num_layers) for layer in layers):
             raise ValueError(f"upcycled layers {layers!r}")
-        return Upcycle(experts, top_k, Router(seed), None if layers is None else tuple(layers))
+        expert_models = tuple(model(index) for index in fields.get("expert_models", ()))
+        if expert_models and len(expert_models) != experts:
+            raise ValueError(f"{len(expert_models)} expert models for {experts} experts")
+        shared = fields.get("shared_model")
+        return Upcycle(
+            experts, top_k, Router(seed), None if layers is None else tuple(layers), expert_models,
+            None if shared is None else model(shared),
+        )  # fmt: skip
     if kind == "prune":
         keep = fields["keep"]
         if len(keep) != num_layers:

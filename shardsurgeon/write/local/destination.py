@@ -28,7 +28,7 @@ from pathlib import Path
 from shardsurgeon.errors import DestinationError, OutputError, ShardSurgeonError, safe_text
 from shardsurgeon.names import PARTIAL_SUFFIX, RESUME_NAME
 from shardsurgeon.plan.job import Job
-from shardsurgeon.plan.layout import PlacedPiece, ShardLayout
+from shardsurgeon.plan.layout import CopyRun, PlacedPiece, ShardLayout
 from shardsurgeon.plan.tensors import Zeros
 from shardsurgeon.storage import fileio
 from shardsurgeon.storage.overlap import SourceIdentities, check_outside_sources
@@ -201,7 +201,8 @@ class LocalArea:
         check_staging(self.staging, self._seen)
         if self._part.exclusive:
             self._remove_strays({s.name for s in kept})
-        needed = sum(_bytes_to_write(s, options.dense) for s in todo)
+        shared = _shareable_sources(todo, self.staging) if options.reflink != "never" else set()
+        needed = sum(_bytes_to_write(s, options.dense, shared) for s in todo)
         needed += SMALL_FILES_ALLOWANCE if self._part.publish and self._part.write else 0
         try:
             check_room(self.staging, needed)
@@ -407,11 +408,24 @@ def check_room(staging: Path, needed: int) -> None:
         )
 
 
-def _bytes_to_write(shard: ShardLayout, dense: bool) -> int:
-    holes = sum(
-        s.piece.nbytes for s in shard.segments() if isinstance(s, PlacedPiece) and isinstance(s.piece.op, Zeros)
-    )
-    return shard.nbytes - (0 if dense else holes)
+def _bytes_to_write(shard: ShardLayout, dense: bool, shared: set[Path | str]) -> int:
+    """New disk ``shard`` takes: its bytes less its holes (unless ``dense``) and less the whole
+    blocks of its copies from ``shared`` source files, which the filesystem shares instead."""
+    segments = shard.segments()
+    holes = sum(s.piece.nbytes for s in segments if isinstance(s, PlacedPiece) and isinstance(s.piece.op, Zeros))
+    cloned = sum(s.shareable_bytes for s in segments if isinstance(s, CopyRun) and s.path in shared)
+    return shard.nbytes - (0 if dense else holes) - cloned
+
+
+def _shareable_sources(shards: Sequence[ShardLayout], staging: Path) -> set[Path | str]:
+    """The source files that files in ``staging`` can share blocks with (one probe clone each)."""
+    paths = dict.fromkeys(s.path for shard in shards for s in shard.segments() if isinstance(s, CopyRun))
+    shared: set[Path | str] = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if isinstance(path, Path) and fileio.can_reflink(path, staging):
+                shared.add(path)
+    return shared
 
 
 __all__ = ["PARTIAL_SUFFIX", "LocalArea", "LocalFolder", "LocalShards", "check_staging", "staging_folder"]
