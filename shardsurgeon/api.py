@@ -25,10 +25,11 @@ from shardsurgeon.model.arch import (
 from shardsurgeon.model.hfcache import hub_id, is_hub_id, resolve_model
 from shardsurgeon.model.license import source_license
 from shardsurgeon.model.source import Source, card_names_of, open_source
-from shardsurgeon.plan.experts import KeepSpec, parse_keep, prune_change, upcycle_change
+from shardsurgeon.plan.experts import KeepSpec, experts_kind, parse_keep, prune_change, upcycle_change
 from shardsurgeon.plan.job import Job, job_layout
 from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES
 from shardsurgeon.plan.mergekit import merge_recipe, parse_config, to_mergekit_yaml
+from shardsurgeon.plan.mergekit_moe import parse_moe_config
 from shardsurgeon.plan.planner import Plan, make_plan
 from shardsurgeon.plan.recipe import Recipe, expand_recipe, same_layers_recipe
 from shardsurgeon.plan.report import describe_expansion, describe_merge, describe_pruning, describe_upcycle
@@ -108,6 +109,40 @@ def plan_prune_experts(
     plan = make_plan(recipe, sources)
     names = card_names_of(sources)
     return _job(sources, recipe, plan, describe_pruning(plan, names[source.reference]), "", max_shard_bytes, stack_hint)
+
+
+def plan_moe(
+    config_path: str | Path,
+    *,
+    seed: int = 0,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    stack_hint: StackHint = NO_HINT,
+    hub_cache: Path | None = None,
+) -> Job:
+    """Plan a mergekit-moe config: the base model's layers with each MLP made experts, expert i the
+    MLP of the config's i-th expert model (``gate_mode: random``: routers drawn with ``seed``)."""
+    path = Path(config_path)
+    try:
+        text = read_small(path, MAX_RECIPE_BYTES, RecipeError, "a mergekit-moe YAML config").decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: is not a text file; expected a mergekit-moe YAML config") from None
+    spec = parse_moe_config(text, str(path))
+    models = dict.fromkeys([spec.base, *spec.experts, *([spec.shared] if spec.shared else [])])
+    sources = {model: open_source(resolve_model(model, path.parent, hub_cache), stack_hint, model) for model in models}
+    base = sources[spec.base]
+    change = upcycle_change(
+        len(spec.experts), spec.top_k, seed, None, base.config, base.stack, spec.experts, spec.shared
+    )  # fmt: skip
+    made = experts_kind(change, base.config, base.stack)
+    if spec.architecture is not None and made is not None and made.model_type != spec.architecture:
+        raise RecipeError(
+            f"{path}: architecture asks for {spec.architecture} but the base model ({base.config.get('model_type')}) "
+            f"becomes {made.model_type}"
+        )
+    recipe = same_layers_recipe(spec.base, base.layer_count, change, spec.dtype)
+    plan = make_plan(recipe, sources)
+    names = card_names_of(sources)
+    return _job(sources, recipe, plan, describe_upcycle(plan, names[spec.base], names), "", max_shard_bytes, stack_hint)
 
 
 def read_keep(text: str) -> tuple[KeepSpec, Path | None]:

@@ -224,3 +224,69 @@ def test_from_s3_to_s3_resumed_after_a_stop_is_the_local_output(models, tmp_path
     local = folder_bytes(tmp_path / "pruned")
     assert sorted(remote) == sorted(local)
     assert [name for name in local if name != "README.md" and remote[name] != local[name]] == []
+
+
+# --- mergekit-moe configs -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fine_tunes(tmp_path_factory):
+    """A Mistral-shaped base and two "fine-tunes" of it (the same config, other weights)."""
+    root = tmp_path_factory.mktemp("moe-config")
+    config = transformers.MistralConfig(**_LLAMA_LIKE)
+    for name, seed in (("base", 0), ("coder", 1), ("writer", 2)):
+        save_tiny_model(config, root / name, seed=seed)
+    return root
+
+
+def test_a_mergekit_moe_config_takes_each_experts_mlp_from_its_model(fine_tunes, tmp_path):
+    (fine_tunes / "clowncar.yml").write_text(
+        "base_model: ./base\ngate_mode: random\ndtype: bfloat16\nexperts_per_token: 2\nexperts:\n"
+        "  - source_model: ./coder\n    positive_prompts: [code]\n  - source_model: ./writer\n"
+        "  - source_model: ./base\n"
+    )
+    out = tmp_path / "clowncar"
+    result = invoke("moe", fine_tunes / "clowncar.yml", out, "--seed", "3")
+    assert result.exit_code == 0, result.output
+    merged = tensors(out)
+    for index, model in enumerate(("coder", "writer", "base")):
+        dense = tensors(fine_tunes / model)
+        for mine, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            want = dense[f"model.layers.2.mlp.{theirs}.weight"].astype(merged["model.embed_tokens.weight"].dtype)
+            got = merged[f"model.layers.2.block_sparse_moe.experts.{index}.{mine}.weight"]
+            assert got.tobytes() == want.tobytes(), (model, mine)
+    base = tensors(fine_tunes / "base")
+    assert (
+        merged["model.layers.2.self_attn.q_proj.weight"].tobytes()
+        == base["model.layers.2.self_attn.q_proj.weight"].astype(merged["model.embed_tokens.weight"].dtype).tobytes()
+    )
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not {k: v for k, v in info.items() if v}, info
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 3
+    assert "the MLPs of coder, writer and base in that order" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("base_model: ./base\ngate_mode: hidden\nexperts:\n  - source_model: ./coder\n",
+         "gate_mode hidden: its gates come from running the prompts through the models"),
+        ("base_model: ./base\ngate_mode: random\nexperts_per_token: 3\nexperts:\n  - source_model: ./coder\n",
+         "experts_per_token 3: expected between 1 and the number of experts (1)"),
+        ("base_model: ./base\ngate_mode: random\nexperts_per_token: 1\nexperts:\n  - source_model: ./coder\n"
+         "    noise_scale: 0.1\n",
+         "noise_scale adds random noise"),
+        ("base_model: ./base\ngate_mode: random\nexperts: []\n", "experts: expected a list of experts"),
+        ("base_model: ./base\ngate_mode: random\nslices: []\nexperts:\n  - source_model: ./coder\n",
+         "unknown key slices"),
+        ("base_model: ./base\ngate_mode: random\nexperts_per_token: 1\nexperts:\n  - source_model: ./nowhere\n",
+         "nowhere"),
+    ],
+)  # fmt: skip
+def test_mergekit_moe_refusals(fine_tunes, tmp_path, text, message):
+    config = fine_tunes / f"bad-{abs(hash(text))}.yml"
+    config.write_text(text)
+    refused(invoke("moe", config, tmp_path / "o"), message)
+    assert not (tmp_path / "o").exists()

@@ -1,5 +1,5 @@
 """The commands that change a model's experts: ``upcycle`` (a dense model into a mixture of
-experts) and ``prune-experts`` (keep some experts of a mixture)."""
+experts), ``prune-experts`` (keep some experts of a mixture) and ``moe`` (a mergekit-moe config)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ from shardsurgeon import (
     WriteOptions,
     parse_layers,
     parse_router,
+    plan_moe,
     plan_prune_experts,
     plan_upcycle,
     read_keep,
 )
 from shardsurgeon.cli import params
 from shardsurgeon.cli.base import cli, reports_errors
-from shardsurgeon.cli.params import DTYPE, SOURCE, ParsedParam, writing_options
-from shardsurgeon.cli.write import command_line, plan_or_run
+from shardsurgeon.cli.params import DTYPE, OUTPUT, SOURCE, ParsedParam, writing_options
+from shardsurgeon.cli.write import command_line, one_output, plan_or_run
 
 SRC_HELP = (
     "Source checkpoint folder, a Hugging Face id (org/name[@REVISION]) in the local cache, or a URL "
@@ -164,5 +165,68 @@ def prune_experts(
         layer_prefix=layer_prefix,
         layers_key=layers_key,
     )
+    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
+    plan_or_run(job, out, command, dry_run, plan_json, quiet, options)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out_argument", metavar="[OUT]", required=False, type=OUTPUT)
+@click.option(
+    "--seed",
+    default=0,
+    type=click.IntRange(min=0, max=(1 << 64) - 1),
+    help="Seed of the routers of gate_mode: random (the same routers on every machine).",
+)
+@click.option(
+    "--transformers-cache",
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    help="Find Hugging Face ids in this cache folder instead of HF_HUB_CACHE.",
+)
+@writing_options
+@reports_errors
+def moe(
+    config: Path,
+    out_argument: Path | str | None,
+    seed: int,
+    transformers_cache: Path | None,
+    out: Path | str | None,
+    max_shard_size: int,
+    dense: bool,
+    reflink: Reflink,
+    checksums: bool,
+    force: bool,
+    dry_run: bool,
+    plan_json: Path | None,
+    layer_prefix: str | None,
+    layers_key: str | None,
+    jobs: int,
+    ray_address: str | None,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Make a mixture of experts from a mergekit-moe config (gate_mode: random).
+
+    \b
+    shardsurgeon moe clowncar.yml ./clowncar-4x7b
+    """
+    out = one_output(out_argument, out)
+    if out is None and not dry_run and plan_json is None:
+        raise click.UsageError("give the output folder (OUT or --out) unless --dry-run or --plan-json is given")
+    job = plan_moe(
+        config, seed=seed, max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key),
+        hub_cache=transformers_cache,
+    )  # fmt: skip
+    command = command_line(
+        "moe",
+        config=None,
+        seed=seed or None,
+        max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
+        dense=dense,
+        checksums=checksums,
+        layer_prefix=layer_prefix,
+        layers_key=layers_key,
+    ).replace("shardsurgeon moe", f"shardsurgeon moe {config.name}", 1)
     options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
     plan_or_run(job, out, command, dry_run, plan_json, quiet, options)

@@ -312,7 +312,7 @@ empty entry for a layer without experts), or a mapping of layer numbers to lists
 
 def upcycle_change(
     experts: int, top_k: int, router_seed: int | None, layers: Sequence[int] | None, config: Mapping[str, Any],
-    stack: LayerStack,
+    stack: LayerStack, expert_models: Sequence[str] = (), shared_model: str | None = None,
 ) -> Upcycle:  # fmt: skip
     """The :class:`Upcycle` of the user's numbers, checked against the model."""
     if not 1 <= experts <= MAX_EXPERTS:
@@ -322,7 +322,8 @@ def upcycle_change(
     if router_seed is not None and not 0 <= router_seed < 1 << 64:
         raise RecipeError(f"--router random:{router_seed}: expected a seed between 0 and 2**64-1")
     kind = upcycle_kind(config, stack)
-    change = Upcycle(experts, top_k, Router(router_seed), None if layers is None else tuple(sorted(set(layers))))
+    chosen = None if layers is None else tuple(sorted(set(layers)))
+    change = Upcycle(experts, top_k, Router(router_seed), chosen, tuple(expert_models), shared_model)
     check_upcycle(change, kind, stack.count)
     return change
 

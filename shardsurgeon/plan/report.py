@@ -119,24 +119,37 @@ def describe_expansion(plan: Plan, base_model: str, identity: bool = False) -> s
     return text + "."
 
 
-def describe_upcycle(plan: Plan, base_model: str) -> str:
-    """The model card's words for ``upcycle``: what the experts are and how the router starts."""
+def describe_upcycle(plan: Plan, base_model: str, names: Mapping[str, str] | None = None) -> str:
+    """The model card's words for ``upcycle`` and ``moe``: what the experts are and how the router
+    starts; ``names`` are the card names of the expert models, if they are others."""
     change = plan.recipe.experts
     assert isinstance(change, Upcycle)
     layers = "every layer" if change.layers is None else f"layers {_and([str(n) for n in change.layers])}"
     architecture = plan.config.get("architectures", ["?"])[0]
-    text = (
-        f"Upcycled {base_model} into a mixture of experts ({architecture}): the MLP of {layers} became "
-        f"{change.experts} experts, each a copy of it, {change.top_k} of them chosen per token"
-    )
-    if change.router.seed is None:
+    if change.expert_models:
+        names = names or {}
+        models = _and([names.get(m, m) for m in change.expert_models])
+        text = (
+            f"Made a mixture of experts ({architecture}) from {base_model}: the MLP of {layers} became "
+            f"{change.experts} experts, the MLPs of {models} in that order, {change.top_k} of them chosen per token"
+        )
+        if change.shared_model:
+            text += f"; the shared expert is the MLP of {names.get(change.shared_model, change.shared_model)}"
+    else:
+        text = (
+            f"Upcycled {base_model} into a mixture of experts ({architecture}): the MLP of {layers} became "
+            f"{change.experts} experts, each a copy of it, {change.top_k} of them chosen per token"
+        )
+    if change.expert_models:
+        text += f", behind routers of normal numbers drawn with seed {change.router.seed}"
+    elif change.router.seed is None:
         text += (
             ", behind a router of zeros, so every expert is equally likely and the model gives the same outputs as "
             "the original until it is trained (sparse upcycling)"
         )
     else:
         text += f", behind a router of normal numbers drawn with seed {change.router.seed}"
-    if "shared_expert_intermediate_size" in plan.config:
+    if "shared_expert_intermediate_size" in plan.config and not change.expert_models:
         text += (
             ". The shared expert is a copy of the MLP too, its gate zeros (a weight of 1/2), and the routed "
             "experts' down projections are halved, so the two halves add up to the original MLP"

@@ -55,7 +55,8 @@ def model_card(plan: Plan, models: Sequence[CardModel], command: str, what: str,
         front["base_model"] = ids[0] if len(ids) == 1 else ids
     front["library_name"] = "transformers"
     if ids:
-        front["base_model_relation"] = "merge" if experts is None else "finetune"
+        several = isinstance(experts, Upcycle) and bool(experts.expert_models)
+        front["base_model_relation"] = "merge" if experts is None or several else "finetune"
     common, license_text = _license(models)
     if common is not None:
         front["license"] = common.id
