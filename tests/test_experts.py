@@ -290,3 +290,24 @@ def test_mergekit_moe_refusals(fine_tunes, tmp_path, text, message):
     config.write_text(text)
     refused(invoke("moe", config, tmp_path / "o"), message)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_qwen2_moe_config_with_a_shared_expert_loads(tmp_path):
+    config = transformers.Qwen2Config(**{k: v for k, v in _LLAMA_LIKE.items() if k != "head_dim"})
+    for name, seed in (("base", 0), ("math", 1), ("chat", 2)):
+        save_tiny_model(config, tmp_path / name, seed=seed)
+    (tmp_path / "qwen.yml").write_text(
+        "base_model: ./base\ngate_mode: random\narchitecture: qwen\nexperts_per_token: 1\nexperts:\n"
+        "  - source_model: ./math\n  - source_model: ./chat\nshared_experts:\n  - source_model: ./base\n"
+    )
+    result = invoke("moe", tmp_path / "qwen.yml", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    made, chat = tensors(tmp_path / "out"), tensors(tmp_path / "chat")
+    assert made["model.layers.3.mlp.experts.1.down_proj.weight"].tobytes() == (
+        chat["model.layers.3.mlp.down_proj.weight"].tobytes()
+    )  # copied as it is: no halving with experts of several models
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not {k: v for k, v in info.items() if v}, info
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
