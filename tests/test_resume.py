@@ -277,3 +277,29 @@ def test_ctrl_c_stops_with_one_line_and_resumes(scratch, source):
     assert sorted(p.name for p in run.iterdir()) == [STAGING]
     assert kept(resumed(run, src, RECIPE)) == 2
     assert folder_bytes(run / "out") == reference.files
+
+
+def test_a_ctrl_c_that_arrives_while_a_cast_drains_its_writes_stops_the_run(tmp_path, monkeypatch):
+    """Casts are written by a thread of their own, which the run waits for at the end of each
+    shard; a Ctrl-C that lands in that wait (here: the wait's first call raises it, as the signal
+    would) is kept and stops the run once the thread is done, never swallowed (CI saw a run that
+    exited 0 after its Ctrl-C)."""
+    import concurrent.futures
+
+    from shardsurgeon import WriteOptions, api
+
+    src = tmp_path / "src"
+    write_tiny_checkpoint(src, layers=2, shards=1, hidden=256, intermediate=512, kv=64, vocab=300)
+    job = api.plan_expand(src, dups=[(1, 1)], dtype="float16")
+    real_wait, interrupted = concurrent.futures.wait, []
+
+    def wait(*args, **kwargs):
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "wait", wait)
+    with pytest.raises(KeyboardInterrupt):
+        api.run_job(job, tmp_path / "out", command="expand", options=WriteOptions())
+    assert interrupted and not (tmp_path / "out").exists()

@@ -143,27 +143,35 @@ class ShardWriter:
         except OSError as e:
             raise OutputError(_describe_write_error(path, e)) from None
         finally:
-            self._drain_io()
-            os.close(fd)
+            try:
+                self._drain_io()
+            finally:
+                os.close(fd)
         return replace(stats, shared=_shared_bytes(path))
 
     def _drain_io(self) -> None:
-        """Wait until the I/O thread has nothing left for this shard, even through Ctrl-C.
+        """Wait until the I/O thread has nothing left for this shard, even through Ctrl-C, then
+        raise the Ctrl-C that came meanwhile.
 
         Runs before the shard's fd is closed: a write still queued would otherwise land on a
-        closed descriptor, or on another file that reused its number.
+        closed descriptor, or on another file that reused its number. The interrupt is kept, not
+        dropped: a Ctrl-C that arrives while this waits (the I/O thread's progress may be what
+        reported the last bytes) still stops the run.
         """
         if self._io_thread is None:
             return
         from concurrent.futures import wait
 
         barrier = self._io_thread.submit(lambda: None)  # the thread runs jobs in order
+        interrupted = False
         while True:
             try:
                 wait([barrier])
-                return
+                break
             except KeyboardInterrupt:
-                continue
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
 
     def _wrote(self, fd: int, offset: int, nbytes: int) -> None:
         """Bytes are in the page cache: start their writeback now, so the final sync finds little
