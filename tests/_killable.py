@@ -52,9 +52,25 @@ def install(limit: int, sent: signal.Signals, pid: int | None = None) -> None:
     publish.commit = counted_commit  # type: ignore[assignment]
 
 
+def signal_state() -> str:
+    """This process's blocked and ignored signals, as the kernel reports them."""
+    with open("/proc/self/status") as status:
+        return ", ".join(line.strip() for line in status if line.startswith(("SigBlk", "SigIgn", "SigPnd", "ShdPnd")))
+
+
 if __name__ == "__main__":
     when, _, pid_text = sys.argv.pop(1).partition("@")
     limit_text, _, signal_name = when.partition(":")
-    install(int(limit_text), signal.Signals[signal_name or "SIGKILL"], int(pid_text) if pid_text else None)
+    sent = signal.Signals[signal_name or "SIGKILL"]
+    # A Ctrl-C as a terminal delivers it, whatever the test process passed down (a signal ignored
+    # or blocked in the parent stays so in a child: CI saw a SIGINT that never arrived).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    install(int(limit_text), sent, int(pid_text) if pid_text else None)
     sys.argv[0] = "shardsurgeon"
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if e.code in (0, None) and sent is signal.SIGINT and not pid_text:  # the Ctrl-C did not stop it
+            print(f"_killable: finished after its {sent.name}; {signal_state()}", file=sys.stderr)
+        raise

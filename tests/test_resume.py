@@ -272,7 +272,7 @@ def test_ctrl_c_stops_with_one_line_and_resumes(scratch, source):
     src, reference = source
     run = scratch / "run"
     result = expand(run, src, RECIPE, kill_after=f"{reference.before(2) + 1}:SIGINT")
-    assert result.returncode == 130
+    assert result.returncode == 130, result.stderr
     assert result.stderr == "shardsurgeon: interrupted; run the same command again to resume\n"
     assert sorted(p.name for p in run.iterdir()) == [STAGING]
     assert kept(resumed(run, src, RECIPE)) == 2
