@@ -134,6 +134,16 @@ def plan_moe(
         len(spec.experts), spec.top_k, seed, None, base.config, base.stack, spec.experts, spec.shared
     )  # fmt: skip
     made = experts_kind(change, base.config, base.stack)
+    for model in models:
+        if sources[model].layer_count != base.layer_count:
+            raise RecipeError(
+                f"{path}: {safe_text(model)} has {sources[model].layer_count} layers but the base model "
+                f"{safe_text(spec.base)} has {base.layer_count}; experts come from fine-tunes of the base"
+            )
+    if spec.shared is not None and made is not None and made.shared is None:
+        raise RecipeError(
+            f"{path}: shared_experts: {made.architecture} has no shared expert (Qwen2-MoE has one); leave it out"
+        )
     if spec.architecture is not None and made is not None and made.model_type != spec.architecture:
         raise RecipeError(
             f"{path}: architecture asks for {spec.architecture} but the base model ({base.config.get('model_type')}) "
@@ -145,17 +155,22 @@ def plan_moe(
     return _job(sources, recipe, plan, describe_upcycle(plan, names[spec.base], names), "", max_shard_bytes, stack_hint)
 
 
+MAX_KEEP_BYTES = 16 << 20
+"""A keep file of a list per layer, indented, for the largest MoE (61 layers of 256 experts) is
+about 100 kB; 16 MiB stops a wrong file without refusing any real one."""
+
+
 def read_keep(text: str) -> tuple[KeepSpec, Path | None]:
     """``--keep``: expert numbers given inline (``0,3,5``, or JSON), or the path of a JSON file of
     them (a list, a list per layer, or an object of layer numbers to lists, as REAP-style scorers
     write); with the file's path, if it was one."""
     stripped = text.strip()
-    if stripped[:1].isdigit() or stripped[:1] in ("[", "{"):
+    if stripped[:1].isdigit() or stripped[:1] in ("[", "{", "-"):
         return parse_keep(text), None
     path = Path(text)
-    raw = read_small(path, MAX_RECIPE_BYTES, RecipeError, "a JSON list of the experts to keep")
+    raw = read_small(path, MAX_KEEP_BYTES, RecipeError, "a JSON list of the experts to keep")
     try:
-        return parse_keep(raw.decode("utf-8"), f"--keep {safe_text(text)}"), path
+        return parse_keep(raw.decode("utf-8-sig"), f"--keep {safe_text(text)}"), path
     except UnicodeDecodeError:
         raise RecipeError(f"--keep {safe_text(text)}: is not a text file; expected JSON") from None
 

@@ -116,11 +116,15 @@ def test_qwen2_moe_halves_the_routed_down_projections_and_copies_the_shared_expe
 
 def test_pruning_keeps_the_rows_and_experts_named_in_that_order(models, tmp_path):
     out = tmp_path / "pruned"
-    keep = {"1": [7, 0], "2": [2, 3]}
+    keep = {"1": [7, 6, 0, 1], "2": [2, 3, 4, 5]}
     (tmp_path / "keep.json").write_text(json.dumps(keep))
     result = invoke("prune-experts", "--src", models["deepseek_v3"], "--keep", tmp_path / "keep.json", "--out", out)
-    refused(result, "layer 1 keeps [1, 1] experts of its 2 routing groups")
-    keep = {"1": [0, 7], "2": [2, 5]}
+    refused(result, "layer 1 keeps [2, 2] experts of its 2 routing groups", "in ascending order")
+    keep = {"1": [0, 7], "2": [2, 5]}  # one per group: DeepSeek-V3 scores a group by its two best experts
+    (tmp_path / "keep.json").write_text(json.dumps(keep))
+    result = invoke("prune-experts", "--src", models["deepseek_v3"], "--keep", tmp_path / "keep.json", "--out", out)
+    refused(result, "would keep 1 experts in each of its 2 routing groups")
+    keep = {"1": [0, 1, 4, 7], "2": [2, 3, 5, 6]}
     (tmp_path / "keep.json").write_text(json.dumps(keep))
     result = invoke("prune-experts", "--src", models["deepseek_v3"], "--keep", tmp_path / "keep.json", "--out", out)
     assert result.exit_code == 0, result.output
@@ -133,7 +137,7 @@ def test_pruning_keeps_the_rows_and_experts_named_in_that_order(models, tmp_path
         for new, old in enumerate(kept):
             name = f"model.layers.{layer}.mlp.experts.{{}}.up_proj.weight"
             assert after[name.format(new)].tobytes() == before[name.format(old)].tobytes()
-    assert json.loads((out / "config.json").read_text())["n_routed_experts"] == 2
+    assert json.loads((out / "config.json").read_text())["n_routed_experts"] == 4
     assert "model.layers.0.mlp.gate_proj.weight" in after  # first_k_dense_replace: a dense layer, untouched
     checked = invoke("verify", out, "--src", models["deepseek_v3"])
     assert checked.exit_code == 0, checked.output
@@ -311,3 +315,45 @@ def test_a_qwen2_moe_config_with_a_shared_expert_loads(tmp_path):
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not {k: v for k, v in info.items() if v}, info
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
+
+
+def test_a_layer_with_experts_but_no_router_is_refused(models, tmp_path):
+    import shutil
+
+    src = tmp_path / "mixtral"
+    shutil.copytree(models["mixtral"], src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"]["model.layers.1.block_sparse_moe.gate.weight"]
+    from safetensors.numpy import load_file as load
+    from safetensors.numpy import save_file as save
+
+    state = load(shard)
+    del state["model.layers.1.block_sparse_moe.gate.weight"]
+    save(state, shard, metadata={"format": "pt"})
+    del index["weight_map"]["model.layers.1.block_sparse_moe.gate.weight"]
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(
+        invoke("prune-experts", "--src", src, "--keep", "0,1", "--out", tmp_path / "o"),
+        "layer 1 has experts but no router",
+    )
+
+
+def test_shared_experts_for_an_architecture_without_one_are_refused(fine_tunes, tmp_path):
+    (fine_tunes / "shared.yml").write_text(
+        "base_model: ./base\ngate_mode: random\nexperts:\n  - source_model: ./coder\n  - source_model: ./writer\n"
+        "shared_experts:\n  - source_model: ./base\n"
+    )
+    refused(invoke("moe", fine_tunes / "shared.yml", tmp_path / "o"), "MixtralForCausalLM has no shared expert")
+
+
+@pytest.mark.parametrize("experts", [[1, 2], "x", 3, {"prune": {"keep": [[0, 1], [0, 1, 2], None, None]}},
+                                     {"prune": {"keep": [None, None, None, None]}}])  # fmt: skip
+def test_a_plan_files_recorded_experts_edited_is_one_line(models, tmp_path, experts):
+    plan = tmp_path / "plan.json"
+    assert invoke("prune-experts", "--src", models["mixtral"], "--keep", "0,1", "--plan-json", plan).exit_code == 0
+    record = json.loads(plan.read_text())
+    recipe = json.loads(record["job"]["recipe"])
+    recipe["experts"] = experts
+    record["job"]["recipe"] = json.dumps(recipe)
+    plan.write_text(json.dumps(record))
+    refused(invoke("apply", plan, tmp_path / "o"), "recorded recipe is unreadable")

@@ -201,3 +201,55 @@ def test_keeping_fewer_experts_than_the_top_k_is_refused(tmp_path):
     result = CliRunner().invoke(cli, ["prune-experts", "--src", str(src), "--keep", "4", "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "fewer than the 2 each token is routed to" in result.output, result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_float16_qwen2_with_subnormal_weights_is_exact(tmp_path):
+    """float16 weights hold subnormal numbers, which halving rounds: the shared expert's down
+    projection is zeros instead, and the routed copies give the dense logits bit for bit."""
+    src = save_tiny_model(DENSE["qwen2"](), tmp_path / "dense", dtype=torch.float16)
+    from safetensors.torch import load_file, save_file
+
+    for shard in src.glob("*.safetensors"):  # put subnormals in every down projection
+        state = load_file(shard)
+        for name, value in state.items():
+            if "down_proj" in name:
+                value.view(-1)[::7] = torch.tensor(3e-6, dtype=torch.float16)
+        save_file(state, shard, metadata={"format": "pt"})
+    want = logits(load(src, torch.float16))
+    run("upcycle", "--src", src, "--experts", "4", "--top-k", "2", "--out", tmp_path / "moe", "-q")
+    assert torch.equal(logits(load(tmp_path / "moe", torch.float16)), want)
+
+
+# --- configs the red-team pass found mishandled ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("qwen3 with attention biases", lambda: transformers.Qwen3Config(**_LLAMA_LIKE, attention_bias=True)),
+        ("qwen3 sliding from layer 28 of 4", lambda: transformers.Qwen3Config(
+            **_LLAMA_LIKE, use_sliding_window=True, sliding_window=3, max_window_layers=28)),
+        ("qwen2 without layer_types", lambda: transformers.Qwen2Config(
+            **{k: v for k, v in _LLAMA_LIKE.items() if k != "head_dim"}, use_sliding_window=True, sliding_window=3,
+            max_window_layers=2)),
+    ],
+)  # fmt: skip
+def test_dense_configs_whose_sparse_class_reads_them_otherwise(tmp_path, name, make):
+    src = save_tiny_model(make(), tmp_path / "dense")
+    config = json.loads((src / "config.json").read_text())
+    if name == "qwen2 without layer_types":
+        del config["layer_types"]  # Qwen2 decides them by its own rule, Qwen2-MoE by another
+        (src / "config.json").write_text(json.dumps(config))
+    want = logits(load(src, torch.float32))
+    run("upcycle", "--src", src, "--experts", "4", "--top-k", "2", "--out", tmp_path / "moe", "-q")
+    assert torch.equal(logits(load(tmp_path / "moe", torch.float32)), want), name
+
+
+def test_a_llama_config_without_kv_heads_has_as_many_as_attention_heads(tmp_path):
+    src = save_tiny_model(transformers.LlamaConfig(**{**_LLAMA_LIKE, "num_key_value_heads": 4}), tmp_path / "dense")
+    config = json.loads((src / "config.json").read_text())
+    del config["num_key_value_heads"]  # Llama-1 configs leave it out
+    (src / "config.json").write_text(json.dumps(config))
+    want = logits(load(src, torch.float32))
+    run("upcycle", "--src", src, "--experts", "4", "--top-k", "2", "--out", tmp_path / "moe", "-q")
+    assert torch.equal(logits(load(tmp_path / "moe", torch.float32)), want)

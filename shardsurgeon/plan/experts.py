@@ -43,14 +43,23 @@ DEFAULT_INITIALIZER_RANGE = 0.02
 config has none."""
 
 _DENSE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048},
+    "llama": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048, "intermediate_size": 11008},
     "mistral": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 131072, "sliding_window": 4096},
-    "qwen2": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768},
-    "qwen3": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "head_dim": 128},
-}
+    "qwen2": {
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "hidden_size": 4096,
+        "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "max_window_layers": 28,
+    },
+    "qwen3": {
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "head_dim": 128,
+        "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "max_window_layers": 28,
+    },
+}  # fmt: skip
 """What transformers assumes for a key a dense config leaves out, where the sparse class assumes
-otherwise (Mixtral's eps is 1e-5 and its rope theta 1e6; Qwen3-MoE's head size is hidden/heads):
-written out, so the upcycled model computes what the dense one did."""
+otherwise (Mixtral's eps is 1e-5 and its rope theta 1e6; Qwen3-MoE's head size is hidden/heads;
+sizes and head counts): written out, so the upcycled model computes what the dense one did. A
+Llama config without ``num_key_value_heads`` has as many as attention heads (Mixtral's default is 8)."""
 
 
 def experts_kind(change: ExpertChange | None, config: Mapping[str, Any], stack: LayerStack) -> MoeKind | None:
@@ -120,17 +129,27 @@ def _upcycled(
     gate = found["gate_proj"]
     hidden = gate.shape[1]
     model = gate.model
-    std = float(config.get("initializer_range", DEFAULT_INITIALIZER_RANGE))
+    std = config.get("initializer_range", DEFAULT_INITIALIZER_RANGE)
+    if change.router.seed is not None and not (
+        isinstance(std, int | float) and not isinstance(std, bool) and 0 < std < float("inf")
+    ):
+        raise PlanError(
+            f"config.json: initializer_range {safe_text(std)}: expected a positive number (the router's std)"
+        )
     made: list[PlannedTensor] = []
     router_name = stack.name(position, kind.router())
     if change.router.seed is None:
         made.append(PlannedTensor(router_name, gate.dtype, (change.experts, hidden), Zeros(), None, model))
     else:
-        op = Normal(change.router.seed, std, router_name)
+        op = Normal(change.router.seed, float(std), router_name)
         made.append(PlannedTensor(router_name, gate.dtype, (change.experts, hidden), op, None, model))
     # copies of one MLP: the shared expert's gate of zeros weighs it by exactly 1/2, the routed half
     # is halved; experts of several models are copied as they are (as mergekit-moe does)
     halve = kind.shared_gate is not None and not change.expert_models
+    # halving is exact but for subnormal numbers, which float16 weights hold (below 6.1e-5): there the
+    # routed experts stay whole copies and the shared expert's down projection is zeros instead
+    zero_shared_down = halve and found["down_proj"].dtype == "F16"
+    halve = halve and not zero_shared_down
     for index, mlp in enumerate(experts):
         for dense, projection in zip(DENSE_PROJECTIONS, kind.projections, strict=True):
             tensor = _halved(mlp[dense]) if halve and dense == "down_proj" else mlp[dense]
@@ -138,7 +157,10 @@ def _upcycled(
     if kind.shared is not None:
         for dense in DENSE_PROJECTIONS:
             name = stack.name(position, f"{kind.block}.{kind.shared}.{dense}.weight")
-            made.append(dataclasses.replace(shared[dense], name=name))
+            tensor = dataclasses.replace(shared[dense], name=name)
+            made.append(
+                dataclasses.replace(tensor, op=Zeros()) if zero_shared_down and dense == "down_proj" else tensor
+            )
     if kind.shared_gate is not None:
         name = stack.name(position, f"{kind.block}.{kind.shared_gate}.weight")
         made.append(PlannedTensor(name, gate.dtype, (1, hidden), Zeros(), None, model))
@@ -220,15 +242,18 @@ def changed_config(
 def upcycled_config(change: Upcycle, config: Mapping[str, Any], stack: LayerStack, num_layers: int) -> dict[str, Any]:
     dense_type = str(config.get("model_type"))
     kind = upcycle_kind(config, stack)
-    out = {key: value for key, value in config.items() if key not in ("attention_bias", "mlp_bias", "pretraining_tp")}
+    dropped = ("attention_bias", "mlp_bias", "pretraining_tp") if kind is MIXTRAL else ("pretraining_tp",)
+    out = {key: value for key, value in config.items() if key not in dropped}
     for key, value in _DENSE_DEFAULTS[dense_type].items():
         if key == "rope_theta":
             if "rope_theta" not in config and "rope_parameters" not in config and "rope_scaling" not in config:
                 out["rope_parameters"] = {"rope_type": "default", "rope_theta": value}
         elif key not in config:
             out[key] = value
-    if "head_dim" not in out and "hidden_size" in config and "num_attention_heads" in config:
-        out["head_dim"] = int(config["hidden_size"]) // int(config["num_attention_heads"])
+    if dense_type == "llama" and "num_key_value_heads" not in config and "num_attention_heads" in config:
+        out["num_key_value_heads"] = config["num_attention_heads"]
+    if "head_dim" not in out and "hidden_size" in out and "num_attention_heads" in out:
+        out["head_dim"] = int(out["hidden_size"]) // int(out["num_attention_heads"])
     out["model_type"] = kind.model_type
     out["architectures"] = [kind.architecture]
     out[kind.experts_key] = change.experts
@@ -237,18 +262,36 @@ def upcycled_config(change: Upcycle, config: Mapping[str, Any], stack: LayerStac
     if kind is MIXTRAL:
         out["router_jitter_noise"] = 0.0
     else:
-        out["moe_intermediate_size"] = config["intermediate_size"]
+        out["moe_intermediate_size"] = out["intermediate_size"]
         out["decoder_sparse_step"] = 1
         out["mlp_only_layers"] = [] if change.layers is None else sorted(set(range(num_layers)) - set(change.layers))
     if kind.top_k_normalised_key is not None:
         out[kind.top_k_normalised_key] = True  # a zero router then weighs each of the k copies 1/k: the dense MLP
     if kind is QWEN2_MOE:
-        out["shared_expert_intermediate_size"] = config["intermediate_size"]
+        out["shared_expert_intermediate_size"] = out["intermediate_size"]
         out["qkv_bias"] = True
+        out["layer_types"] = _qwen_layer_types(config, num_layers)  # Qwen2-MoE's own rule differs from Qwen2's
     if kind.model_type == "qwen3_moe":
+        types = set(_qwen_layer_types(config, num_layers))
+        out["use_sliding_window"] = types == {"sliding_attention"}  # Qwen3-MoE slides every layer or none
         out.pop("layer_types", None)
         out.pop("max_window_layers", None)
     return out
+
+
+def _qwen_layer_types(config: Mapping[str, Any], num_layers: int) -> list[str]:
+    """The attention of each layer of a Qwen2 or Qwen3 model, as its class decides it: the config's
+    ``layer_types``, else sliding from ``max_window_layers`` on where a sliding window is used."""
+    types = config.get("layer_types")
+    if isinstance(types, list) and len(types) == num_layers and all(isinstance(t, str) for t in types):
+        return list(types)
+    if types is not None:
+        raise RecipeError(
+            f"config.json: layer_types: expected one name per layer ({num_layers}), found {safe_text(types)}"
+        )
+    window = config.get("sliding_window") if config.get("use_sliding_window") else None
+    first = config.get("max_window_layers", 28)
+    return ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(num_layers)]
 
 
 def upcycle_kind(config: Mapping[str, Any], stack: LayerStack) -> MoeKind:
@@ -273,8 +316,7 @@ def upcycle_kind(config: Mapping[str, Any], stack: LayerStack) -> MoeKind:
             f"upcycle: this {dense_type} model has biases in its attention or MLP (attention_bias/mlp_bias in "
             "config.json), which Mixtral has no place for"
         )
-    types = config.get("layer_types")
-    if kind.model_type == "qwen3_moe" and isinstance(types, list) and len(set(types)) > 1:
+    if kind.model_type == "qwen3_moe" and len(set(_qwen_layer_types(config, stack.count))) > 1:
         raise RecipeError(
             "upcycle: this qwen3 model mixes sliding and full attention across layers (layer_types in config.json); "
             "Qwen3-MoE gives every layer the same attention, so its outputs would differ"
@@ -369,10 +411,17 @@ def _expert_counts(source: Source) -> dict[int, int]:
     """The routed expert count of each layer that has a router: its weight's rows."""
     counts = {}
     for layer, tensors in enumerate(source.layers):
+        has_experts = False
         for tensor in tensors:
             found = expert_tensor(tensor.rest)
             if found is not None and found.router and found.tail == "weight" and len(tensor.ref.shape) == 2:
                 counts[layer] = tensor.ref.shape[0]
+            has_experts |= found is not None and not found.router
+        if has_experts and layer not in counts:
+            raise RecipeError(
+                f"{source.reference}: layer {layer} has experts but no router (a 2-D gate.weight); the checkpoint is "
+                "incomplete or of an unknown layout"
+            )
     return counts
 
 
@@ -400,8 +449,25 @@ def _check_groups(per_layer: Mapping[int, Sequence[int]], counts: Mapping[int, i
     groups = config.get("n_group")
     if not isinstance(groups, int) or groups <= 1:
         return
+    top_k, topk_group = config.get(TOP_K_KEY), config.get("topk_group")
     for layer, kept in per_layer.items():
         size = counts[layer] // groups
+        if size == 0:
+            raise RecipeError(
+                f"config.json: n_group {groups} is more than the {counts[layer]} experts of layer {layer}; "
+                "the config is inconsistent"
+            )
+        per_group = len(kept) // groups
+        scored_by_two = config.get("model_type") == "deepseek_v3"  # a group's score: its two best experts
+        scoring = "each scored by its two best experts, " if scored_by_two else ""
+        if per_group < (2 if scored_by_two else 1) or (
+            isinstance(top_k, int) and isinstance(topk_group, int) and topk_group * per_group < top_k
+        ):
+            raise RecipeError(
+                f"--keep: layer {layer} would keep {per_group} experts in each of its {groups} routing groups; "
+                f"DeepSeek routes to the best {topk_group} groups ({scoring}{top_k} experts per token), so keep "
+                "more per group"
+            )
         in_group = [sum(1 for e in kept if e // size == g) for g in range(groups)]
         ordered = list(kept) == sorted(kept)
         if len(set(in_group)) > 1 or not ordered:
@@ -436,9 +502,12 @@ def parse_keep(text: str, where: str = "--keep") -> KeepSpec:
 
     if isinstance(value, dict):
         try:
-            return {int(layer): numbers(kept) for layer, kept in value.items()}
+            layers = {int(layer): numbers(kept) for layer, kept in value.items()}
         except ValueError:
             raise RecipeError(f"{where}: the keys of the JSON object must be layer numbers") from None
+        if len(layers) != len(value):
+            raise RecipeError(f"{where}: a layer is named twice among the keys ({', '.join(map(str, value))[:80]})")
+        return layers
     if isinstance(value, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in value):
         return value
     if isinstance(value, list):

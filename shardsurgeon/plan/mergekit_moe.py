@@ -78,7 +78,7 @@ def parse_moe_config(text: str, where: str) -> MoeConfig:
     if not isinstance(shared, list) or len(shared) > 1:
         raise RecipeError(f"{where}: shared_experts: expected at most one (Qwen2-MoE has one shared expert)")
     architecture = record.get("architecture")
-    if architecture is not None and architecture not in ARCHITECTURES:
+    if architecture is not None and (not isinstance(architecture, str) or architecture not in ARCHITECTURES):
         raise RecipeError(
             f"{where}: architecture {safe_text(architecture)}: expected one of {', '.join(sorted(ARCHITECTURES))}"
         )

@@ -316,7 +316,7 @@ def recipe_from_json(text: str, models: Sequence[str], layer_count: Callable[[st
             None if base is None else model(base),
             _recorded_experts(record.get("experts"), len(record["layers"]), model),
         )
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
         raise RecipeError(
             f"recorded recipe is unreadable ({_clip(str(e))}); the output was not written by this version "
             "or its metadata was edited"
@@ -352,6 +352,10 @@ def _recorded_experts(record: Any, num_layers: int, model: Callable[[Any], str])
         for kept in keep:
             if kept is not None and not (0 < len(kept) <= MAX_EXPERTS and all(_is_index(e, MAX_EXPERTS) for e in kept)):
                 raise ValueError(f"kept experts {kept!r}")
+            if kept is not None and len(set(kept)) != len(kept):
+                raise ValueError(f"kept experts {kept!r} name one twice")
+        if len({len(k) for k in keep if k is not None}) != 1:
+            raise ValueError("lists of kept experts of different lengths, or none")
         return PruneExperts(tuple(None if k is None else tuple(k) for k in keep))
     raise ValueError(f"change of the experts {kind!r}")
 

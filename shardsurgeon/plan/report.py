@@ -150,9 +150,13 @@ def describe_upcycle(plan: Plan, base_model: str, names: Mapping[str, str] | Non
     else:
         text += f", behind a router of normal numbers drawn with seed {change.router.seed}"
     if "shared_expert_intermediate_size" in plan.config and not change.expert_models:
+        halved = not any(isinstance(t.op, Zeros) and "shared_expert.down_proj" in t.name for t in plan.tensors)
         text += (
             ". The shared expert is a copy of the MLP too, its gate zeros (a weight of 1/2), and the routed "
             "experts' down projections are halved, so the two halves add up to the original MLP"
+            if halved
+            else ". The shared expert's gate is zeros and its down projection zeros (float16 weights cannot all be "
+            "halved exactly), so the routed copies alone give the original MLP"
         )
     if plan.recipe.dtype:
         text += f". Floating-point tensors were cast to {torch_name(plan.recipe.dtype)}"
