@@ -336,4 +336,16 @@ def _decode_entry(name: str, value: Any, where: str) -> HeaderEntry:
             f"shape {shape} of {dtype} needs {bits / 8:g} bytes but data_offsets {offsets} span "
             f"{offsets[1] - offsets[0]}"
         )
-    return HeaderEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+    return HeaderEntry(name, _DTYPE_NAMES[dtype], _shared_shape(tuple(shape)), offsets[0], offsets[1])
+
+
+_DTYPE_NAMES = {name: name for name in DTYPES}
+"""Each dtype's one string: a header's 100,000 entries share it instead of holding a copy each."""
+_SHAPES: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+
+def _shared_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One tuple per distinct shape (a model has a few dozen), bounded whatever a header holds."""
+    if len(_SHAPES) > 4096:
+        _SHAPES.clear()
+    return _SHAPES.setdefault(shape, shape)

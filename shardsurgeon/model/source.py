@@ -23,10 +23,16 @@ from shardsurgeon.model.hfcache import base_model_id, card_names
 
 @dataclass(frozen=True, slots=True)
 class LayerTensor:
-    """A tensor of the stack: ``rest`` is its name after ``{prefix}.{layer}.``."""
+    """A tensor of the stack: ``rest`` is its name after ``{prefix}.{layer}.`` (made when asked
+    for: a model of 100,000 tensors would otherwise hold each name twice)."""
 
-    rest: str
+    start: int
+    """Where ``rest`` begins in the tensor's name."""
     ref: TensorRef
+
+    @property
+    def rest(self) -> str:
+        return self.ref.name[self.start :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +86,7 @@ def resolve(checkpoint: Checkpoint, hint: StackHint, reference: str) -> Source:
         if split is None:
             outside.append(ref)
         else:
-            layers[split[0]].append(LayerTensor(split[1], ref))
+            layers[split[0]].append(LayerTensor(len(name) - len(split[1]), ref))
     ranked = sorted(enumerate(outside), key=lambda item: (outside_rank(item[1].name), item[0]))
     before = tuple(ref for _, ref in ranked if outside_rank(ref.name)[0] == 0)
     after = tuple(ref for _, ref in ranked if outside_rank(ref.name)[0] != 0)

@@ -71,10 +71,14 @@ def make_plan(recipe: Recipe, sources: Mapping[str, Source]) -> Plan:
     kind = experts_kind(recipe.experts, donor.config, donor.stack)
     for position, layer_source in enumerate(recipe.layers):
         assert layer_source.layer is not None
+        same_names = position == layer_source.layer and sources[layer_source.model].stack.prefix == donor.stack.prefix
         layer = [
-            _planned(donor.stack.name(position, tensor.rest), tensor.ref, layer_source, recipe, matched)
+            _planned(
+                tensor.ref.name if same_names else donor.stack.name(position, tensor.rest),
+                tensor.ref, layer_source, recipe, matched,
+            )
             for tensor in sources[layer_source.model].layers[layer_source.layer]
-        ]
+        ]  # fmt: skip
         if recipe.experts is not None and kind is not None:
 
             def layer_of(model: str, at: LayerSource = layer_source, position: int = position) -> list[PlannedTensor]:
