@@ -427,7 +427,7 @@ def _expert_counts(source: Source) -> dict[int, int]:
 
 def _keep_per_layer(keep: KeepSpec, counts: Mapping[int, int], num_layers: int) -> dict[int, tuple[int, ...]]:
     if isinstance(keep, Mapping):
-        listed = {int(layer): tuple(kept) for layer, kept in keep.items()}
+        listed = {int(layer): tuple(kept) for layer, kept in keep.items() if kept}  # []: a layer without experts
     elif all(isinstance(e, int) for e in keep):
         return {layer: tuple(keep) for layer in counts}  # type: ignore[arg-type]
     else:
