@@ -189,6 +189,10 @@ def ray_cluster() -> Iterator[str]:
         pytest.skip("the ray command is not installed beside this Python")
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
     port = free_port()
+    # A token in ~/.ray (left by any ray.init() on this machine) turns on token authentication,
+    # under which this head is not reachable the way the test reaches it: a local cluster without.
+    saved_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     command = [
         str(ray_exe), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
@@ -206,6 +210,10 @@ def ray_cluster() -> Iterator[str]:
     finally:
         kill_server(head, session=True)
         shutil.rmtree(temp, ignore_errors=True)
+        if saved_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved_mode
 
 
 def test_ray_tasks_give_the_bytes_of_one_process(tmp_path, source, reference, ray_cluster):
