@@ -17,7 +17,7 @@ import pytest
 from _servers import SeaweedFS, create_bucket, seaweedfs, upload_folder, weed_binary
 from conftest import write_tiny_checkpoint
 
-SHAPE = {"hidden": 1024, "intermediate": 2688, "kv": 256, "vocab": 4000}
+SHAPE = {"hidden": 1024, "intermediate": 2688, "kv": 256, "vocab": 1024}
 """MLP matrices of 5.25 MiB, just over S3's smallest part: both sides of every part rule are met."""
 SEED = ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "30MB")
 SMALL_SHAPE = {"hidden": 64, "intermediate": 168, "kv": 16, "vocab": 250}
