@@ -391,13 +391,12 @@ def test_the_progress_callback_is_never_called_concurrently(s3c, src):
 
 
 @pytest.mark.parametrize(
-    "flags",
+    "origin, flags",
     [
-        ("--every", "1", "--dtype", "float32", "--max-shard-size", "12MB"),
-        ("--dup", "1x2", "--zero", "o_proj", "--dtype", "float16", "--max-shard-size", "7MB"),
+        ("local", ("--every", "1", "--dtype", "float32", "--max-shard-size", "12MB")),
+        ("s3", ("--dup", "1x2", "--zero", "o_proj", "--dtype", "float16", "--max-shard-size", "7MB")),
     ],
-)
-@pytest.mark.parametrize("origin", ["local", "s3"])
+)  # each origin and each cast once (all four pairs took 20 s of the suite)
 def test_casts_in_many_small_made_parts_are_byte_identical(s3c, src, tmp_path, flags, origin, monkeypatch):
     """Two workspaces shared by 4 threads, converters per workspace: many casts made at once."""
     monkeypatch.setattr(s3shards, "READ_BYTES", 1 << 20)  # more, smaller reads interleaved
