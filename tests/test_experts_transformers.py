@@ -253,3 +253,19 @@ def test_a_llama_config_without_kv_heads_has_as_many_as_attention_heads(tmp_path
     want = logits(load(src, torch.float32))
     run("upcycle", "--src", src, "--experts", "4", "--top-k", "2", "--out", tmp_path / "moe", "-q")
     assert torch.equal(logits(load(tmp_path / "moe", torch.float32)), want)
+
+
+def test_a_pruned_deepseek_v3_keeps_its_routing_groups(tmp_path):
+    """Group-limited routing (n_group 2, the best group chosen by its two best experts): keeping as
+    many experts of each group gives the masked original's logits."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, v_head_dim=4,
+        qk_nope_head_dim=4, n_group=2, topk_group=1, num_experts_per_tok=2,
+    )  # fmt: skip
+    src = save_tiny_model(config, tmp_path / "src")
+    keep = [0, 2, 5, 7]
+    run("prune-experts", "--src", src, "--keep", ",".join(map(str, keep)), "--out", tmp_path / "out", "-q")
+    pruned = load(tmp_path / "out", torch.float32)
+    assert torch.allclose(logits(pruned), masked_logits(src, keep, 8), rtol=0, atol=1e-6)
