@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import struct
 import sys
 import tempfile
 from pathlib import Path
 
+from compare_mergekit import read_tensors
 from expand import remove, run_child
 from make_checkpoint import SHAPES, make_checkpoint
 
@@ -37,19 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def emit(record: dict[str, object]) -> None:
     print(json.dumps(record), flush=True)
-
-
-def read_tensors(folder: Path) -> dict[str, tuple[str, list[int], bytes]]:
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        blob = path.read_bytes()
-        (n,) = struct.unpack("<Q", blob[:8])
-        header = json.loads(blob[8 : 8 + n])
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            begin, end = info["data_offsets"]
-            tensors[name] = (info["dtype"], info["shape"], blob[8 + n + begin : 8 + n + end])
-    return tensors
 
 
 def write_tokenizer(folder: Path) -> None:

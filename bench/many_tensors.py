@@ -3,8 +3,8 @@
 A DeepSeek-V3-sized MoE has about 90,000 tensors; what costs memory in a plan is their count, not
 their size. This generates a synthetic Qwen3-MoE checkpoint of tiny tensors (``--layers`` layers of
 ``--experts`` experts, three projections each, a router, attention and norms: 128 x 256 gives
-99,969 tensors in 40 shards), then runs, each as a child process measured by ``os.wait4``
-(``ru_maxrss``: interpreter and imports included):
+99,459 tensors in 40 shards), then runs, each measured as ``bench/expand.py`` measures
+(``run_child``: GNU time's peak RSS of the tool alone, wall time, an untimed sync before):
 
 - ``prune-experts --keep 0..E/2-1 --dry-run`` (planning: headers read, plan and layout made);
 - the same prune written to a folder (planning, writing, publishing);
@@ -12,7 +12,7 @@ their size. This generates a synthetic Qwen3-MoE checkpoint of tiny tensors (``-
 
 ``--pairs`` runs of each, median and spread printed as JSON lines; everything generated is removed.
 
-    PYTHONPATH=. python bench/many_tensors.py [--layers 128] [--experts 256] [--pairs 3] [--workdir DIR]
+    cd bench && PYTHONPATH=.. python many_tensors.py [--layers 128] [--experts 256] [--pairs 3]
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import os
 import shutil
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from expand import run_child
 
 HIDDEN = 8
 INTERMEDIATE = 4
@@ -91,18 +91,6 @@ def make_moe(folder: Path, layers: int, experts: int, shards: int = 40) -> int:
     return len(everything)
 
 
-def child(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS in MB and exit status of ``cmd``, run alone."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        print(stderr, file=sys.stderr)
-    return wall, usage.ru_maxrss * 1024 / 1e6, os.waitstatus_to_exitcode(status)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=128)
@@ -122,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             walls, rss = [], []
             for _ in range(args.pairs):
                 shutil.rmtree(work / "out", ignore_errors=True)
-                wall, peak, status = child(cmd)
-                if status != 0:
-                    return status
-                walls.append(wall)
-                rss.append(peak)
+                done = run_child(cmd)  # GNU time: the tool's own peak, not this generator's
+                if done.exit_code != 0:
+                    print(done.output_tail, file=sys.stderr)
+                    return done.exit_code
+                walls.append(done.wall_s)
+                rss.append(done.peak_rss_mb)
             record = {
                 "run": label, "tensors": count, "wall_s": round(statistics.median(walls), 2),
                 "peak_rss_mb": round(statistics.median(rss), 1), "peak_rss_mb_max": round(max(rss), 1),

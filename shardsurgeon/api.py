@@ -9,7 +9,7 @@ after consumes. The CLI is a thin layer over these functions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from shardsurgeon.errors import DestinationError, RecipeError, safe_text
@@ -31,7 +31,7 @@ from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES
 from shardsurgeon.plan.mergekit import merge_recipe, parse_config, to_mergekit_yaml
 from shardsurgeon.plan.mergekit_moe import parse_moe_config
 from shardsurgeon.plan.planner import Plan, make_plan
-from shardsurgeon.plan.recipe import Recipe, expand_recipe, same_layers_recipe
+from shardsurgeon.plan.recipe import ExpertChange, Recipe, expand_recipe, same_layers_recipe
 from shardsurgeon.plan.report import describe_expansion, describe_merge, describe_pruning, describe_upcycle
 from shardsurgeon.storage.remote import is_url, normal_url
 from shardsurgeon.storage.smallfile import MAX_RECIPE_BYTES, read_small
@@ -85,11 +85,7 @@ def plan_upcycle(
     them per token (Llama and Mistral to Mixtral, Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE)."""
     source = _open(src, stack_hint)
     change = upcycle_change(experts, top_k, router_seed, layers, source.config, source.stack)
-    recipe = same_layers_recipe(source.reference, source.layer_count, change, _cast_to(dtype))
-    sources = {source.reference: source}
-    plan = make_plan(recipe, sources)
-    names = card_names_of(sources)
-    return _job(sources, recipe, plan, describe_upcycle(plan, names[source.reference]), "", max_shard_bytes, stack_hint)
+    return _experts_job(source, change, dtype, describe_upcycle, max_shard_bytes, stack_hint)
 
 
 def plan_prune_experts(
@@ -104,11 +100,19 @@ def plan_prune_experts(
     for every layer, or one per layer), in that order; routers and routing biases keep their rows."""
     source = _open(src, stack_hint)
     change = prune_change(keep, source)
+    return _experts_job(source, change, dtype, describe_pruning, max_shard_bytes, stack_hint)
+
+
+def _experts_job(
+    source: Source, change: ExpertChange, dtype: str | None, describe: Callable[[Plan, str], str],
+    max_shard_bytes: int, stack_hint: StackHint,
+) -> Job:  # fmt: skip
+    """The job of ``change`` to the experts of every layer of ``source``, in place."""
     recipe = same_layers_recipe(source.reference, source.layer_count, change, _cast_to(dtype))
     sources = {source.reference: source}
     plan = make_plan(recipe, sources)
-    names = card_names_of(sources)
-    return _job(sources, recipe, plan, describe_pruning(plan, names[source.reference]), "", max_shard_bytes, stack_hint)
+    description = describe(plan, card_names_of(sources)[source.reference])
+    return _job(sources, recipe, plan, description, "", max_shard_bytes, stack_hint)
 
 
 def plan_moe(

@@ -12,7 +12,6 @@ from shardsurgeon import (
     KeepSpec,
     Reflink,
     StackHint,
-    WriteOptions,
     parse_layers,
     parse_router,
     plan_moe,
@@ -80,8 +79,7 @@ def upcycle(
     shardsurgeon upcycle --src ./Mistral-7B-v0.1 --experts 8 --top-k 2 --out ./mixtral-8x7b-init
     shardsurgeon upcycle --src ./Qwen3-1.7B --experts 8 --top-k 2 --layers 0,2,4,6,8,10 --out ./qwen3-moe
     """
-    if out is None and not dry_run and plan_json is None:
-        raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
+    params.need_output(out, dry_run, plan_json)
     job = plan_upcycle(
         src, experts=experts, top_k=top_k, router_seed=router, layers=layers, dtype=dtype,
         max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key),
@@ -100,7 +98,7 @@ def upcycle(
         layer_prefix=layer_prefix,
         layers_key=layers_key,
     )
-    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
+    options = params.write_options(force, dense, reflink, checksums, jobs, ray_address)
     plan_or_run(job, out, command, dry_run, plan_json, quiet, options)
 
 
@@ -148,8 +146,7 @@ def prune_experts(
     shardsurgeon prune-experts --src ./Mixtral-8x7B-v0.1 --keep 0,2,5,7 --out ./mixtral-4x7b
     shardsurgeon prune-experts --src ./Qwen3-30B-A3B --keep reap-keep.json --out ./qwen3-pruned
     """
-    if out is None and not dry_run and plan_json is None:
-        raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
+    params.need_output(out, dry_run, plan_json)
     text, spec = keep
     job = plan_prune_experts(
         src, keep=spec, dtype=dtype, max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key)
@@ -165,7 +162,7 @@ def prune_experts(
         layer_prefix=layer_prefix,
         layers_key=layers_key,
     )
-    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
+    options = params.write_options(force, dense, reflink, checksums, jobs, ray_address)
     plan_or_run(job, out, command, dry_run, plan_json, quiet, options)
 
 
@@ -212,8 +209,7 @@ def moe(
     shardsurgeon moe clowncar.yml ./clowncar-4x7b
     """
     out = one_output(out_argument, out)
-    if out is None and not dry_run and plan_json is None:
-        raise click.UsageError("give the output folder (OUT or --out) unless --dry-run or --plan-json is given")
+    params.need_output(out, dry_run, plan_json, "give the output folder (OUT or --out)")
     job = plan_moe(
         config, seed=seed, max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key),
         hub_cache=transformers_cache,
@@ -228,5 +224,5 @@ def moe(
         layer_prefix=layer_prefix,
         layers_key=layers_key,
     ).replace("shardsurgeon moe", f"shardsurgeon moe {config.name}", 1)
-    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
+    options = params.write_options(force, dense, reflink, checksums, jobs, ray_address)
     plan_or_run(job, out, command, dry_run, plan_json, quiet, options)

@@ -20,7 +20,9 @@ from shardsurgeon import (
     MergekitFlag,
     Processes,
     RecipeError,
+    Reflink,
     Runner,
+    WriteOptions,
     boto3_available,
     is_url,
     normal_url,
@@ -177,6 +179,19 @@ def runner(jobs: int, ray_address: str | None) -> Runner | None:
 
         return RayTasks(ray_address)
     return Processes(jobs) if jobs > 1 else None
+
+
+def write_options(
+    force: bool, dense: bool, reflink: Reflink, checksums: bool, jobs: int, ray_address: str | None
+) -> WriteOptions:
+    """The one options record of a run, from the writing options every writing command takes."""
+    return WriteOptions(force, dense, reflink, checksums, runner(jobs, ray_address))
+
+
+def need_output(out: object, dry_run: bool, plan_json: object, named: str = "--out is required") -> None:
+    """A command that writes needs its output folder, unless it only plans (--dry-run, --plan-json)."""
+    if out is None and not dry_run and plan_json is None:
+        raise click.UsageError(f"{named} unless --dry-run or --plan-json is given")
 
 
 def mergekit_flags(command: F) -> F:

@@ -103,8 +103,7 @@ def expand(
     shardsurgeon expand --src ./openchat-3.5-0106 --dup 31x12 --zero o_proj,down_proj --out ./openchat-44
     shardsurgeon expand --src ./llama-2-7b --every 4 --zero o_proj,down_proj --out ./llama-pro-8b
     """
-    if out is None and not dry_run and plan_json is None:
-        raise click.UsageError("--out is required unless --dry-run or --plan-json is given")
+    params.need_output(out, dry_run, plan_json)
     job = plan_expand(
         src,
         dups=[pair for group in dups for pair in group],
@@ -127,7 +126,7 @@ def expand(
         layer_prefix=layer_prefix,
         layers_key=layers_key,
     )
-    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
+    options = params.write_options(force, dense, reflink, checksums, jobs, ray_address)
     plan_or_run(job, out, command, dry_run, plan_json, quiet, options)
 
 
@@ -224,8 +223,7 @@ def merge(
     """
     out = one_output(out_argument, out)
     max_shard_size = one_shard_size(out_shard_size, max_shard_size)
-    if out is None and not dry_run and plan_json is None:
-        raise click.UsageError("give the output folder (OUT or --out) unless --dry-run or --plan-json is given")
+    params.need_output(out, dry_run, plan_json, "give the output folder (OUT or --out)")
     job = plan_merge(
         config,
         max_shard_bytes=max_shard_size,
@@ -244,7 +242,7 @@ def merge(
         layer_prefix=layer_prefix,
         layers_key=layers_key,
     ).replace("--config ", "")
-    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
+    options = params.write_options(force, dense, reflink, checksums, jobs, ray_address)
     plan_or_run(job, out, command, dry_run, plan_json, quiet, options)
 
 
@@ -299,7 +297,7 @@ def apply(
         raise click.UsageError("--shards and --finalize: a writer writes, and the finalize step runs once after all")
     planned = load_plan_file(plan_file)
     job = planned.job
-    options = WriteOptions(force, dense, reflink, checksums, params.runner(jobs, ray_address))
+    options = params.write_options(force, dense, reflink, checksums, jobs, ray_address)
     if finalize:
         write(planned, out, FINALIZE, options, quiet)
         return

@@ -30,6 +30,7 @@ from shardsurgeon.model.moe import (
     MOE_KINDS,
     QWEN2_MOE,
     TOP_K_KEY,
+    UPCYCLE_TARGETS,
     MoeKind,
     expert_tensor,
     moe_kind,
@@ -187,7 +188,7 @@ def _pruned(
     for tensor in tensors:
         rest = stack.split(tensor.name)[1]  # type: ignore[index]
         found = expert_tensor(rest)
-        if found is None or (found.router and found.tail == "bias" and tensor.shape[:1] == (1,)):
+        if found is None:
             out.append(tensor)
         elif found.index is not None:
             if found.index in new_index:
@@ -216,16 +217,15 @@ def _rows(tensor: PlannedTensor, keep: Sequence[int]) -> PlannedTensor:
             runs[-1][1] += 1
         else:
             runs.append([e, 1])
+    if runs == [[0, count]]:
+        return tensor  # every row, in order
     op = tensor.op
     assert isinstance(op, Copy | Convert | Zeros)
     parts = tuple(
         Piece(op, row_bytes * length, None if isinstance(op, Zeros) else tensor.source, start * row_elements)
         for start, length in runs
     )
-    shape = (len(keep), *tensor.shape[1:])
-    if runs == [[0, count]]:
-        return tensor  # every row, in order
-    return dataclasses.replace(tensor, shape=shape, op=Pieces(parts))
+    return dataclasses.replace(tensor, shape=(len(keep), *tensor.shape[1:]), op=Pieces(parts))
 
 
 def changed_config(
@@ -297,8 +297,6 @@ def _qwen_layer_types(config: Mapping[str, Any], num_layers: int) -> list[str]:
 def upcycle_kind(config: Mapping[str, Any], stack: LayerStack) -> MoeKind:
     """The sparse architecture the dense model of ``config`` becomes; refused in one line where
     there is none, or where it would compute something else."""
-    from shardsurgeon.model.moe import UPCYCLE_TARGETS
-
     dense_type = config.get("model_type")
     if stack.config_section:
         raise RecipeError(

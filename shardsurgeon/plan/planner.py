@@ -9,6 +9,7 @@ to each layer by :mod:`plan.experts`.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 from collections.abc import Mapping
@@ -69,28 +70,26 @@ def make_plan(recipe: Recipe, sources: Mapping[str, Source]) -> Plan:
     for ref in sources[recipe.head.model].before:
         tensors.append(_planned(ref.name, ref, recipe.head, recipe, matched))
     kind = experts_kind(recipe.experts, donor.config, donor.stack)
+
+    def planned_layer(at: LayerSource, position: int) -> list[PlannedTensor]:
+        """Output layer ``position``, made from the layer ``at`` names (names reused where equal)."""
+        source = sources[at.model]
+        same_names = position == at.layer and source.stack.prefix == donor.stack.prefix
+        return [
+            _planned(t.ref.name if same_names else donor.stack.name(position, t.rest), t.ref, at, recipe, matched)
+            for t in source.layers[at.layer or 0]
+        ]
+
     for position, layer_source in enumerate(recipe.layers):
         assert layer_source.layer is not None
-        same_names = position == layer_source.layer and sources[layer_source.model].stack.prefix == donor.stack.prefix
-        layer = [
-            _planned(
-                tensor.ref.name if same_names else donor.stack.name(position, tensor.rest),
-                tensor.ref, layer_source, recipe, matched,
-            )
-            for tensor in sources[layer_source.model].layers[layer_source.layer]
-        ]  # fmt: skip
+        layer = planned_layer(layer_source, position)
         if recipe.experts is not None and kind is not None:
 
-            def layer_of(model: str, at: LayerSource = layer_source, position: int = position) -> list[PlannedTensor]:
-                """The planned tensors of ``model``'s layer where ``at`` is (an expert's source)."""
-                source = LayerSource(model, at.layer, at.scale, at.inserted)
-                return [
-                    _planned(donor.stack.name(position, t.rest), t.ref, source, recipe, matched)
-                    for t in sources[model].layers[at.layer or 0]
-                ]
+            def same_layer_of(model: str, at: LayerSource = layer_source, here: int = position) -> list[PlannedTensor]:
+                return planned_layer(dataclasses.replace(at, model=model), here)  # an expert's source
 
-            change = recipe.experts
-            layer = change_layer(change, kind, donor.stack, position, layer_source.layer, layer, donor.config, layer_of)
+            change, stack = recipe.experts, donor.stack
+            layer = change_layer(change, kind, stack, position, layer_source.layer, layer, donor.config, same_layer_of)
         tensors.extend(layer)
     for ref in sources[recipe.tail.model].after:
         tensors.append(_planned(ref.name, ref, recipe.tail, recipe, matched))
