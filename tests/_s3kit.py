@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _servers import SeaweedFS, create_bucket, seaweedfs, upload_folder, weed_binary
+from _servers import SeaweedFS, create_bucket, s3_environment, seaweedfs, upload_folder, weed_binary
 from conftest import write_tiny_checkpoint
 
 SHAPE = {"hidden": 1024, "intermediate": 2688, "kv": 256, "vocab": 1024}
@@ -115,3 +115,29 @@ def objects_under(s3: Any, url: str) -> dict[str, bytes]:
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
     listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/").get("Contents", [])
     return {o["Key"].rpartition("/")[2]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+# Fixtures of every module that defines ``server`` (a module's ``server_with_a_model``):
+# registered for the whole suite in conftest.py.
+
+
+@pytest.fixture
+def s3(server: tuple[SeaweedFS, Path, Path], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A boto3 client of the module's server, with the AWS_* environment of a run pointing at it."""
+    import boto3
+
+    for key, value in s3_environment(server[0].endpoint).items():
+        monkeypatch.setenv(key, value)
+    return boto3.client("s3")
+
+
+@pytest.fixture
+def src(server: tuple[SeaweedFS, Path, Path]) -> Path:
+    """The module's model, uploaded to s3://models/src."""
+    return server[1]
+
+
+@pytest.fixture
+def src2(server: tuple[SeaweedFS, Path, Path]) -> Path:
+    """The module's model with other weights (not uploaded)."""
+    return server[2]

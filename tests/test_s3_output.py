@@ -41,21 +41,6 @@ def server(seaweed_session, tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path,
         yield served
 
 
-@pytest.fixture
-def s3(server, monkeypatch) -> Any:
-    import boto3
-
-    weed = server[0]
-    for key, value in s3_environment(weed.endpoint).items():
-        monkeypatch.setenv(key, value)
-    return boto3.client("s3")
-
-
-@pytest.fixture
-def src(server) -> Path:
-    return server[1]
-
-
 def run(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 

@@ -54,25 +54,6 @@ def server(seaweed_session, tmp_path_factory) -> Iterator[tuple[SeaweedFS, Path,
         yield served
 
 
-@pytest.fixture
-def s3(server, monkeypatch) -> Any:
-    import boto3
-
-    for key, value in s3_environment(server[0].endpoint).items():
-        monkeypatch.setenv(key, value)
-    return boto3.client("s3")
-
-
-@pytest.fixture
-def src(server) -> Path:
-    return server[1]
-
-
-@pytest.fixture
-def src2(server) -> Path:
-    return server[2]
-
-
 def bucket(server: Any, name: str, uploads: dict[str, Path] | None = None) -> str:
     """A fresh bucket ``name`` holding ``uploads`` (prefix -> local folder)."""
     endpoint = server[0].endpoint

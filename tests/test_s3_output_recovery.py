@@ -52,16 +52,6 @@ def s3c(server, monkeypatch) -> Any:
     return boto3.client("s3")
 
 
-@pytest.fixture
-def src(server) -> Path:
-    return server[1]
-
-
-@pytest.fixture
-def src2(server) -> Path:
-    return server[2]
-
-
 def run(*args: str | Path, catch: bool = False) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from _s3kit import SEED, server_with_a_model
-from _servers import s3_environment, upload_folder
+from _servers import upload_folder
 from click.testing import CliRunner, Result
 from conftest import folder_bytes, write_tiny_checkpoint
 
@@ -39,15 +39,6 @@ pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 def server(seaweed_session, tmp_path_factory) -> Iterator[tuple[Any, Path, Path]]:
     with server_with_a_model(seaweed_session, tmp_path_factory.mktemp("redteam-write")) as served:
         yield served
-
-
-@pytest.fixture
-def s3(server, monkeypatch) -> Any:
-    import boto3
-
-    for key, value in s3_environment(server[0].endpoint).items():
-        monkeypatch.setenv(key, value)
-    return boto3.client("s3")
 
 
 def run(*args: str | Path) -> Result:
