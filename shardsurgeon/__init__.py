@@ -20,7 +20,10 @@ from shardsurgeon.api import (
     plan_moe,
     plan_prune_experts,
     plan_upcycle,
+    plan_vocab,
     read_keep,
+    read_remap,
+    read_tokens,
     run_job,
 )
 from shardsurgeon.errors import (
@@ -69,11 +72,16 @@ from shardsurgeon.plan.planfile import PlannedJob, load_plan_file, plan_file_byt
 from shardsurgeon.plan.planner import Plan, make_plan
 from shardsurgeon.plan.recipe import (
     LayerSource,
+    NewRows,
+    NewToken,
     PruneExperts,
     Recipe,
     Router,
+    RowInit,
     ScaleRule,
+    SourceRows,
     Upcycle,
+    VocabChange,
     expand_recipe,
     parse_dup,
     parse_filters,
@@ -81,7 +89,8 @@ from shardsurgeon.plan.recipe import (
     parse_router,
 )
 from shardsurgeon.plan.report import dry_run_text, plan_dict
-from shardsurgeon.plan.tensors import Convert, Copy, PlannedTensor, Zeros
+from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, PlannedTensor, Zeros
+from shardsurgeon.plan.vocab import ZERO_INIT, InitSpec, parse_init
 from shardsurgeon.storage.remote import EXTRA_HINT as REMOTE_EXTRA_HINT
 from shardsurgeon.storage.remote import is_url, normal_url, obstore_available
 from shardsurgeon.storage.s3 import EXTRA_HINT as S3_EXTRA_HINT
@@ -133,6 +142,7 @@ __all__ = [
     "S3_EXTRA_HINT",
     "SINGLE_FILE",
     "WHOLE",
+    "ZERO_INIT",
     "Checkpoint",
     "CheckpointError",
     "Convert",
@@ -143,13 +153,17 @@ __all__ = [
     "Header",
     "HeaderEntry",
     "InProcess",
+    "InitSpec",
     "Job",
     "KeepSpec",
     "LayerSource",
     "LayerStack",
     "Layout",
+    "MeanRows",
     "MergekitFlag",
     "Mismatch",
+    "NewRows",
+    "NewToken",
     "OutputError",
     "Part",
     "PlacedTensor",
@@ -165,6 +179,7 @@ __all__ = [
     "RecipeError",
     "Reflink",
     "Router",
+    "RowInit",
     "RunResult",
     "Runner",
     "ScaleRule",
@@ -175,12 +190,14 @@ __all__ = [
     "ShardSurgeonError",
     "Source",
     "SourceLayer",
+    "SourceRows",
     "SourceVersion",
     "StackHint",
     "TensorRef",
     "Upcycle",
     "VerifyError",
     "VerifyReport",
+    "VocabChange",
     "WriteOptions",
     "Zeros",
     "balanced_groups",
@@ -210,6 +227,7 @@ __all__ = [
     "open_source",
     "parse_dup",
     "parse_filters",
+    "parse_init",
     "parse_keep",
     "parse_layers",
     "parse_out_shard_size",
@@ -224,8 +242,11 @@ __all__ = [
     "plan_moe",
     "plan_prune_experts",
     "plan_upcycle",
+    "plan_vocab",
     "read_header",
     "read_keep",
+    "read_remap",
+    "read_tokens",
     "resolve",
     "resolve_cache_entry",
     "run_job",

@@ -9,7 +9,7 @@ after consumes. The CLI is a thin layer over these functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from shardsurgeon.errors import DestinationError, RecipeError, safe_text
@@ -21,18 +21,37 @@ from shardsurgeon.model.arch import (
     StackHint,
     model_type,
     resolve_zero_filters,
+    section_of,
 )
 from shardsurgeon.model.hfcache import hub_id, is_hub_id, resolve_model
 from shardsurgeon.model.license import source_license
 from shardsurgeon.model.source import Source, card_names_of, open_source
+from shardsurgeon.model.tokenizer import read_token_files
 from shardsurgeon.plan.experts import KeepSpec, experts_kind, parse_keep, prune_change, upcycle_change
 from shardsurgeon.plan.job import Job, job_layout
 from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES
 from shardsurgeon.plan.mergekit import merge_recipe, parse_config, to_mergekit_yaml
 from shardsurgeon.plan.mergekit_moe import parse_moe_config
 from shardsurgeon.plan.planner import Plan, make_plan
-from shardsurgeon.plan.recipe import ExpertChange, Recipe, expand_recipe, same_layers_recipe
-from shardsurgeon.plan.report import describe_expansion, describe_merge, describe_pruning, describe_upcycle
+from shardsurgeon.plan.recipe import ZERO_ROW, ExpertChange, Recipe, VocabChange, expand_recipe, same_layers_recipe
+from shardsurgeon.plan.report import (
+    describe_expansion,
+    describe_merge,
+    describe_pruning,
+    describe_upcycle,
+    describe_vocab,
+)
+from shardsurgeon.plan.vocab import (
+    ZERO_INIT,
+    InitSpec,
+    add_tokens_change,
+    pad_change,
+    parse_remap,
+    remap_change,
+    resolve_init,
+    trim_change,
+    vocab_matrices,
+)
 from shardsurgeon.storage.remote import is_url, normal_url
 from shardsurgeon.storage.smallfile import MAX_RECIPE_BYTES, read_small
 from shardsurgeon.write.card import CardModel, model_card
@@ -157,6 +176,111 @@ def plan_moe(
     plan = make_plan(recipe, sources)
     names = card_names_of(sources)
     return _job(sources, recipe, plan, describe_upcycle(plan, names[spec.base], names), "", max_shard_bytes, stack_hint)
+
+
+def plan_vocab(
+    src: str | Path,
+    *,
+    add_tokens: Sequence[str] = (),
+    special: bool = False,
+    init: InitSpec = ZERO_INIT,
+    head_init: InitSpec | None = None,
+    skip_existing: bool = False,
+    pad_to_multiple: int | None = None,
+    trim_to: int | None = None,
+    remap: Mapping[int, int] | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    stack_hint: StackHint = NO_HINT,
+) -> Job:
+    """Plan ``vocab``: tokens added (their rows started as ``init``, an untied head's as ``head_init``,
+    zeros by default), rows padded to a multiple, trimmed, or moved by ``remap`` (source id -> output
+    id); the tokenizer files and config made to match, every other tensor copied."""
+    source = _open(src, stack_hint)
+    files = read_token_files(source.folder)
+    matrices = vocab_matrices(source)
+    rows, untied = matrices.rows, bool(matrices.heads) and not _tied(source)
+    if (trim_to is not None or remap is not None) and (add_tokens or pad_to_multiple is not None):
+        raise RecipeError("vocab: --trim-to and --remap stand alone; add or pad in a second run")
+    if trim_to is not None and remap is not None:
+        raise RecipeError("vocab: give --trim-to or --remap, not both (a remap drops every row it does not map)")
+    if head_init is not None and head_init.kind != "zero" and not untied:
+        raise RecipeError(
+            f"--head-init {safe_text(head_init.shown, 60)}: {safe_text(source.reference)} has no untied output head "
+            "(its input embedding is the head); leave --head-init out"
+        )
+    change: VocabChange | None = None
+    if add_tokens:
+        row_init = resolve_init(init, files, rows, "--init")
+        head = resolve_init(head_init, files, rows, "--head-init") if head_init is not None else ZERO_ROW
+        change = add_tokens_change(
+            files, rows, add_tokens, special=special, init=row_init, head=head if untied else row_init,
+            skip_existing=skip_existing,
+        )  # fmt: skip
+    elif init != ZERO_INIT or head_init is not None:
+        raise RecipeError("--init and --head-init start the rows of --add-tokens; give the tokens to add")
+    if trim_to is not None:
+        change = trim_change(files, source.config, rows, trim_to)
+    if remap is not None:
+        change = remap_change(files, source.config, rows, remap)
+    if pad_to_multiple is not None:
+        change = pad_change(change, rows, pad_to_multiple)
+    if change is None:
+        raise RecipeError("vocab: nothing to do; give --add-tokens, --pad-to-multiple, --trim-to or --remap")
+    recipe = same_layers_recipe(source.reference, source.layer_count, None, _cast_to(dtype), change)
+    sources = {source.reference: source}
+    plan = make_plan(recipe, sources)
+    description = describe_vocab(plan, card_names_of(sources)[source.reference], rows, untied)
+    job = _job(sources, recipe, plan, description, "", max_shard_bytes, stack_hint)
+    job.files  # the token files made now: a tokenizer that cannot match the rows stops the plan  # noqa: B018
+    return job
+
+
+def _tied(source: Source) -> bool:
+    """Whether the config ties the output head to the input embedding (transformers' default: tied)."""
+    section = section_of(source.config, source.stack)
+    return bool(section.get("tie_word_embeddings", source.config.get("tie_word_embeddings", True)))
+
+
+MAX_TOKENS_BYTES = 16 << 20
+"""A file of new tokens: a few thousand lines at most in practice."""
+
+
+def read_tokens(text: str) -> tuple[str, list[str]]:
+    """``--add-tokens``: a file of one token a line (kept exactly, empty lines skipped), or a comma
+    list (each token stripped of surrounding spaces); with how the model card's command names it."""
+    path = Path(text)
+    if path.is_file():
+        raw = read_small(path, MAX_TOKENS_BYTES, RecipeError, "a file of tokens, one a line")
+        try:
+            lines = raw.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError:
+            raise RecipeError(f"--add-tokens {safe_text(text)}: is not UTF-8 text; expected one token a line") from None
+        tokens = [line for line in lines if line]
+        shown = path.name
+    else:
+        tokens = [part.strip() for part in text.split(",")]
+        if not all(tokens):
+            raise RecipeError(
+                f"--add-tokens {safe_text(text, 60)}: expected tokens separated by commas, or a file of one a line"
+            )
+        shown = text
+    if not tokens:
+        raise RecipeError(f"--add-tokens {safe_text(text)}: the file holds no token; give one a line")
+    return shown, tokens
+
+
+MAX_REMAP_BYTES = 64 << 20
+"""A remap of the largest vocabulary (262,144 ids) as indented JSON is about 8 MB."""
+
+
+def read_remap(text: str) -> dict[int, int]:
+    """``--remap FILE``: a JSON object of source ids to output ids."""
+    raw = read_small(Path(text), MAX_REMAP_BYTES, RecipeError, "a JSON map of token ids")
+    try:
+        return parse_remap(raw.decode("utf-8-sig"), f"--remap {safe_text(text)}")
+    except UnicodeDecodeError:
+        raise RecipeError(f"--remap {safe_text(text)}: is not a text file; expected JSON") from None
 
 
 MAX_KEEP_BYTES = 16 << 20

@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from shardsurgeon.format import DTYPES
+from shardsurgeon.errors import CheckpointError
+from shardsurgeon.format import DTYPES, TensorRef, numel
 from shardsurgeon.names import CHUNK_BYTES
 from shardsurgeon.plan.layout import ShardLayout
-from shardsurgeon.plan.tensors import Convert, Copy, Normal, Pieces, PlannedTensor, Zeros, pieces_of
+from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, Normal, Pieces, PlannedTensor, Zeros, pieces_of
 from shardsurgeon.units import Progress
 
 Read = Callable[[Path | str, int, int], bytes]
@@ -56,6 +57,9 @@ def expected_chunks(tensor: PlannedTensor, read: Read) -> Iterator[bytes | memor
                 count = piece.nbytes // out_itemsize
                 for start in range(0, count, CHUNK_ELEMENTS):
                     yield generated_bytes(op, tensor.dtype, piece.first + start, min(CHUNK_ELEMENTS, count - start))
+            case MeanRows() as op:
+                assert piece.source is not None
+                yield mean_row(op, piece.source, tensor.dtype, read)
             case Pieces():
                 raise AssertionError(f"{tensor.name}: pieces inside a piece")
 
@@ -88,6 +92,37 @@ def generated_bytes(op: Normal, dtype: str, first: int, count: int) -> bytes:
     return bytes(values.astype(DTYPES[dtype].numpy).tobytes())
 
 
+def mean_row(op: MeanRows, source: TensorRef, dtype: str, read: Read) -> bytes:
+    """The mean of rows ``op.rows`` of the matrix ``source``, one row of ``dtype``.
+
+    The rule: each element is the float64 sum of the rows' elements (each exactly in float64),
+    added one row after another in the order given, divided by the number of rows in float64, then
+    rounded once, to nearest even, into ``dtype``. Consecutive rows are read a few MiB at a time.
+    """
+    import numpy as np
+
+    width = numel(source.shape[1:])
+    row_bytes = width * DTYPES[source.dtype].itemsize
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    rows = op.rows
+    total = np.zeros(width, np.float64)
+    at = 0
+    while at < len(rows):
+        first, count = rows[at], 1
+        while count < step and at + count < len(rows) and rows[at + count] == first + count:
+            count += 1
+        raw = read(source.path, source.data_start + first * row_bytes, count * row_bytes)
+        if len(raw) != count * row_bytes:
+            raise CheckpointError(f"{source.path}: ends inside {source.name!r}; the source changed while running")
+        block = np.frombuffer(raw, DTYPES[source.dtype].numpy).reshape(count, width).astype(np.float64)
+        for row in block:
+            np.add(total, row, out=total)
+        at += count
+    with np.errstate(all="ignore"):
+        total /= np.float64(len(rows))
+        return bytes(total.astype(DTYPES[dtype].numpy).tobytes())
+
+
 def first_difference(
     tensor: PlannedTensor, read: Read, out_path: Path | str, out_offset: int, progress: Progress = _ignore
 ) -> int | None:
@@ -115,8 +150,9 @@ def differing_tensors(shard: ShardLayout, read: Read, where: Path | str, *, firs
     return differing
 
 
-def describe_expected(tensor: PlannedTensor) -> str:
-    """How ``tensor``'s bytes differ from what they must be, in words."""
+def describe_expected(tensor: PlannedTensor, at: int | None = None) -> str:
+    """How ``tensor``'s bytes differ from what they must be, in words; for a tensor made of pieces,
+    the piece that holds byte ``at`` of it."""
     source = f"{tensor.source.name} of {tensor.source.path}" if tensor.source is not None else ""
     match tensor.op:
         case Zeros():
@@ -130,7 +166,17 @@ def describe_expected(tensor: PlannedTensor) -> str:
             return f"differs from {source} cast to {tensor.dtype}{scaled}"
         case Normal(seed, std, stream):
             return f"differs from the numbers drawn with seed {seed} for {stream} (std {std:g})"
+        case MeanRows(rows):
+            return f"differs from the mean of {len(rows)} rows of {source}"
         case Pieces(parts):
+            start = 0
+            for number, piece in enumerate(parts, start=1):
+                if at is not None and start <= at < start + piece.nbytes:
+                    one = PlannedTensor(
+                        tensor.name, tensor.dtype, (piece.nbytes,), piece.op, piece.source, tensor.model
+                    )
+                    return f"in piece {number} of {len(parts)}: {describe_expected(one)}"
+                start += piece.nbytes
             return f"differs from the {len(parts)} pieces the plan makes it of"
 
 

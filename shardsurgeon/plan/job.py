@@ -17,10 +17,12 @@ from functools import cached_property
 
 from shardsurgeon.model.arch import NO_HINT, StackHint
 from shardsurgeon.model.source import Source, card_names_of
+from shardsurgeon.model.tokenizer import read_token_files
 from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, ShardLayout, plan_layout
 from shardsurgeon.plan.planner import Plan
 from shardsurgeon.plan.recipe import Recipe, recipe_to_json
 from shardsurgeon.plan.tensors import source_files
+from shardsurgeon.plan.token_files import token_files
 from shardsurgeon.storage.versions import SourceVersion
 
 
@@ -52,6 +54,12 @@ class Job:
             digest.update(version.key().encode())
         return digest.hexdigest()
 
+    @cached_property
+    def files(self) -> dict[str, bytes | None]:
+        """The small files the output holds instead of the donor's (None: left out): the token files
+        a vocabulary change rewrites; read from the donor when first asked for."""
+        return replaced_files(self.recipe, self.sources[self.recipe.donor])
+
     @property
     def card_names(self) -> dict[str, str]:
         """The name the model card gives each model reference (see :func:`model.source.card_names_of`)."""
@@ -62,6 +70,13 @@ class Job:
         by_where = {version.where: version for version in self.versions}
         paths = dict.fromkeys(str(path) for placed in shard.tensors for path in source_files(placed.tensor))
         return tuple(by_where[path] for path in paths if path in by_where)
+
+
+def replaced_files(recipe: Recipe, donor: Source) -> dict[str, bytes | None]:
+    """The files of the output of ``recipe`` that differ from ``donor``'s (see :attr:`Job.files`)."""
+    if recipe.vocab is None:
+        return {}
+    return token_files(recipe.vocab, read_token_files(donor.folder))
 
 
 def job_layout(recipe: Recipe, plan: Plan, sources: dict[str, Source], max_shard_bytes: int) -> Layout:

@@ -26,7 +26,8 @@ from shardsurgeon.model.checkpoint import TensorRef
 from shardsurgeon.model.source import Source
 from shardsurgeon.plan.experts import change_layer, changed_config, experts_kind
 from shardsurgeon.plan.recipe import LayerSource, Recipe
-from shardsurgeon.plan.tensors import Convert, Copy, Normal, Piece, PieceOp, Pieces, PlannedTensor, Zeros
+from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, Normal, Piece, PieceOp, Pieces, PlannedTensor, Zeros
+from shardsurgeon.plan.vocab import VocabMatrices, change_vocab, check_rows, vocab_config, vocab_matrices
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,8 @@ class Plan:
     fingerprint: str
     model_layers: dict[str, int]
     """Layer count of each model of the recipe."""
+    source_vocab_rows: int | None = None
+    """The rows of the source's vocabulary matrices, where the recipe changes them."""
 
     @property
     def source_layers(self) -> int:
@@ -93,16 +96,25 @@ def make_plan(recipe: Recipe, sources: Mapping[str, Source]) -> Plan:
         tensors.extend(layer)
     for ref in sources[recipe.tail.model].after:
         tensors.append(_planned(ref.name, ref, recipe.tail, recipe, matched))
+    vocab_rows = None
+    if recipe.vocab is not None:
+        head, tail = vocab_matrices(sources[recipe.head.model]), vocab_matrices(sources[recipe.tail.model])
+        matrices = VocabMatrices(head.embedding, tail.heads)
+        check_rows(recipe.vocab, matrices)
+        tensors, vocab_rows = change_vocab(recipe.vocab, tensors, matrices), matrices.rows
     _check_filters(recipe, matched, sources)
     _check_unique_names(tensors)
     layer_sources = [SourceLayer(sources[s.model].config, sources[s.model].stack, s.layer or 0) for s in recipe.layers]
     config = patch_config(donor.config, donor.stack, layer_sources)
     if recipe.experts is not None:
         config = changed_config(recipe.experts, config, donor.stack, len(recipe.layers))
+    if recipe.vocab is not None:
+        config = vocab_config(recipe.vocab, config, donor.stack)
     if recipe.output_dtype is not None:
         config = _set_dtype(config, donor.stack, torch_name(recipe.output_dtype))
     model_layers = {model: sources[model].layer_count for model in recipe.models}
-    return Plan(recipe, donor.stack, tuple(tensors), config, _fingerprint(tensors, config, sources), model_layers)
+    fingerprint = _fingerprint(tensors, config, sources)
+    return Plan(recipe, donor.stack, tuple(tensors), config, fingerprint, model_layers, vocab_rows)
 
 
 def _planned(name: str, ref: TensorRef, source: LayerSource, recipe: Recipe, matched: set[str]) -> PlannedTensor:
@@ -248,3 +260,5 @@ def _op_fields(op: PieceOp) -> tuple[Any, ...]:
             return op.kind, 1.0, None
         case Normal(seed, std, stream):
             return op.kind, std, None, seed, stream
+        case MeanRows(rows):
+            return op.kind, 1.0, None, [rows.start, rows.stop] if isinstance(rows, range) else list(rows)

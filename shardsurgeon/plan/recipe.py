@@ -90,6 +90,89 @@ ExpertChange = Upcycle | PruneExperts
 
 
 @dataclass(frozen=True, slots=True)
+class RowInit:
+    """How a new row of a vocabulary matrix starts: ``zero``; ``mean``, the mean of the source rows
+    ``rows`` (each counted as often as named; a range for all of them); ``copy``, source row
+    ``rows[0]`` as it is."""
+
+    kind: str
+    rows: range | tuple[int, ...] = ()
+
+    @property
+    def text(self) -> str:
+        if self.kind == "mean" and isinstance(self.rows, range):
+            return f"the mean of rows {self.rows.start}-{self.rows.stop - 1}"
+        if self.kind == "mean":
+            return f"the mean of rows {', '.join(map(str, self.rows))}"
+        return f"a copy of row {self.rows[0]}" if self.kind == "copy" else "zeros"
+
+
+ZERO_ROW = RowInit("zero")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRows:
+    """``count`` rows of the source's vocabulary matrices from row ``first`` on, as they are."""
+
+    first: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewRows:
+    """``count`` new rows: the input embedding's start as ``init``, an untied output head's as ``head``."""
+
+    count: int
+    init: RowInit = ZERO_ROW
+    head: RowInit = ZERO_ROW
+
+
+RowRun = SourceRows | NewRows
+
+
+@dataclass(frozen=True, slots=True)
+class NewToken:
+    """A token the tokenizer gains, at id ``id``."""
+
+    content: str
+    id: int
+    special: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VocabChange:
+    """The rows of the vocabulary matrices (input embedding, untied output head), run by run in
+    output order, and the tokens the tokenizer gains. Token ``i`` of the source becomes the output
+    row a :class:`SourceRows` run puts source row ``i`` at; a source row no run keeps is dropped."""
+
+    rows: tuple[RowRun, ...]
+    tokens: tuple[NewToken, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return sum(run.count for run in self.rows)
+
+    def id_map(self) -> dict[int, int]:
+        """Source id -> output id, for every source row kept (empty where rows only grow in place)."""
+        mapped: dict[int, int] = {}
+        at = 0
+        for run in self.rows:
+            if isinstance(run, SourceRows):
+                mapped.update(zip(range(run.first, run.first + run.count), range(at, at + run.count), strict=True))
+            at += run.count
+        return mapped
+
+    def new_id(self, source_id: int) -> int | None:
+        """Where source row ``source_id`` goes (None: dropped), without building the whole map."""
+        at = 0
+        for run in self.rows:
+            if isinstance(run, SourceRows) and run.first <= source_id < run.first + run.count:
+                return at + source_id - run.first
+            at += run.count
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class Recipe:
     """An output checkpoint described layer by layer; models are named by reference strings.
 
@@ -105,6 +188,7 @@ class Recipe:
     out_dtype: str | None = None
     base: str | None = None
     experts: ExpertChange | None = None
+    vocab: VocabChange | None = None
 
     @property
     def donor(self) -> str:
@@ -222,10 +306,16 @@ MAX_EXPERTS = 4096
 """Sixteen times the most routed experts of a published model (DeepSeek-V3: 256)."""
 
 
-def same_layers_recipe(model: str, num_layers: int, experts: ExpertChange, dtype: str | None = None) -> Recipe:
-    """Every layer of ``model`` in place, its experts changed by ``experts``."""
+def same_layers_recipe(
+    model: str,
+    num_layers: int,
+    experts: ExpertChange | None,
+    dtype: str | None = None,
+    vocab: VocabChange | None = None,
+) -> Recipe:
+    """Every layer of ``model`` in place, its experts changed by ``experts``, its vocabulary by ``vocab``."""
     layers = tuple(LayerSource(model, layer) for layer in range(num_layers))
-    return Recipe(layers, LayerSource(model, None), LayerSource(model, None), dtype, experts=experts)
+    return Recipe(layers, LayerSource(model, None), LayerSource(model, None), dtype, experts=experts, vocab=vocab)
 
 
 def recipe_to_json(recipe: Recipe, names: Mapping[str, str]) -> str:
@@ -251,7 +341,23 @@ def recipe_to_json(recipe: Recipe, names: Mapping[str, str]) -> str:
     }
     if recipe.experts is not None:
         record["experts"] = _experts_record(recipe.experts, refs)
+    if recipe.vocab is not None:
+        record["vocab"] = _vocab_record(recipe.vocab)
     return json.dumps(record, separators=(",", ":"))
+
+
+def _vocab_record(change: VocabChange) -> dict[str, Any]:
+    def init(row: RowInit) -> list[Any]:
+        if isinstance(row.rows, range):
+            return [row.kind, {"range": [row.rows.start, row.rows.stop]}]
+        return [row.kind, list(row.rows)]
+
+    def run(item: RowRun) -> list[Any]:
+        if isinstance(item, SourceRows):
+            return ["rows", item.first, item.count]
+        return ["new", item.count, init(item.init), init(item.head)]
+
+    return {"rows": [run(r) for r in change.rows], "tokens": [[t.content, t.id, t.special] for t in change.tokens]}
 
 
 def _experts_record(change: ExpertChange, refs: list[str]) -> dict[str, Any]:
@@ -315,6 +421,7 @@ def recipe_from_json(text: str, models: Sequence[str], layer_count: Callable[[st
             _recorded_dtype(record.get("out_dtype")),
             None if base is None else model(base),
             _recorded_experts(record.get("experts"), len(record["layers"]), model),
+            _recorded_vocab(record.get("vocab")),
         )
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
         raise RecipeError(
@@ -358,6 +465,58 @@ def _recorded_experts(record: Any, num_layers: int, model: Callable[[Any], str])
             raise ValueError("lists of kept experts of different lengths, or none")
         return PruneExperts(tuple(None if k is None else tuple(k) for k in keep))
     raise ValueError(f"change of the experts {kind!r}")
+
+
+MAX_VOCAB_ROWS = 1 << 24
+"""Sixty-four times the largest published vocabulary (Gemma's 262,144 rows)."""
+
+
+def _recorded_vocab(record: Any) -> VocabChange | None:
+    if record is None:
+        return None
+
+    def count(value: Any) -> int:
+        if not _is_index(value, MAX_VOCAB_ROWS + 1):
+            raise ValueError(f"row count {value!r}")
+        return int(value)
+
+    def init(item: Any) -> RowInit:
+        kind, rows = item
+        if isinstance(rows, dict):
+            start, stop = rows["range"]
+            if not (_is_index(start, MAX_VOCAB_ROWS) and _is_index(stop - 1, MAX_VOCAB_ROWS) and start < stop):
+                raise ValueError(f"rows {rows!r}")
+            rows = range(start, stop)
+        elif not all(_is_index(row, MAX_VOCAB_ROWS) for row in rows) or len(rows) > MAX_VOCAB_ROWS:
+            raise ValueError(f"rows {rows!r}")
+        made = RowInit(kind, rows if isinstance(rows, range) else tuple(rows))
+        if (kind, bool(made.rows)) not in (("zero", False), ("mean", True), ("copy", True)):
+            raise ValueError(f"new rows {item!r}")
+        if kind == "copy" and len(made.rows) != 1:
+            raise ValueError(f"new rows {item!r}")
+        return made
+
+    def run(item: Any) -> RowRun:
+        if item[0] == "rows":
+            _, first, number = item
+            if not _is_index(first, MAX_VOCAB_ROWS):
+                raise ValueError(f"first row {first!r}")
+            return SourceRows(first, count(number))
+        if item[0] == "new":
+            _, number, row, head = item
+            return NewRows(count(number), init(row), init(head))
+        raise ValueError(f"row run {item!r}")
+
+    rows = tuple(run(item) for item in record["rows"])
+    tokens = []
+    for content, token_id, special in record["tokens"]:
+        if not isinstance(content, str) or not content or not _is_index(token_id, MAX_VOCAB_ROWS):
+            raise ValueError(f"new token {content!r} at {token_id!r}")
+        tokens.append(NewToken(content, token_id, bool(special)))
+    change = VocabChange(rows, tuple(tokens))
+    if not 0 < change.size <= MAX_VOCAB_ROWS:
+        raise ValueError(f"{change.size} vocabulary rows")
+    return change
 
 
 def _is_index(value: Any, length: int) -> bool:

@@ -10,8 +10,9 @@ from shardsurgeon import __version__
 from shardsurgeon.format import TensorRef, torch_name
 from shardsurgeon.plan.layout import Layout
 from shardsurgeon.plan.planner import Plan
-from shardsurgeon.plan.recipe import LayerSource, PruneExperts, ScaleRule, Upcycle
-from shardsurgeon.plan.tensors import OP_KINDS, Convert, Normal, Piece, Pieces, Zeros, pieces_of
+from shardsurgeon.plan.recipe import LayerSource, NewRows, PruneExperts, ScaleRule, Upcycle
+from shardsurgeon.plan.tensors import OP_KINDS, Convert, MeanRows, Normal, Piece, Pieces, Zeros, pieces_of
+from shardsurgeon.plan.vocab import moves_ids
 from shardsurgeon.storage.remote import file_name
 from shardsurgeon.units import format_bytes
 
@@ -182,6 +183,45 @@ def describe_pruning(plan: Plan, base_model: str) -> str:
     return text + "."
 
 
+def describe_vocab(plan: Plan, base_model: str, rows: int, untied_head: bool) -> str:
+    """The model card's words for ``vocab``: the rows before and after, the tokens added and how
+    their rows start, and whether the ids moved."""
+    change = plan.recipe.vocab
+    assert change is not None
+    text = f"Changed the vocabulary of {base_model} from {rows} to {change.size} rows"
+    if change.tokens:
+        ids = [t.id for t in change.tokens]
+        special = sum(t.special for t in change.tokens)
+        text += (
+            f": added {len(change.tokens)} token{'s' if len(ids) > 1 else ''} ({_id_span(ids)}"
+            f"{', special' if special == len(ids) else ''})"
+        )
+        first = next(run for run in change.rows if isinstance(run, NewRows))
+        text += f" whose input embedding rows are {first.init.text}"
+        if untied_head:
+            text += f" and output head rows {first.head.text}"
+    moved = change.id_map()
+    if any(old != new for old, new in moved.items()):
+        text += "; token ids moved as the remap file says, the tokenizer files to match"
+    elif len(moved) < rows:
+        text += f"; rows {len(moved)} and on dropped"
+    padding = [run for run in change.rows if isinstance(run, NewRows) and run.init.kind == "zero"]
+    if padding and not change.tokens:
+        text += "; the rows added are zeros"
+    text += ". Every other tensor is the source's, byte for byte"
+    if plan.recipe.dtype:
+        text += f". Floating-point tensors were cast to {torch_name(plan.recipe.dtype)}"
+    return text + "."
+
+
+def _id_span(ids: Sequence[int]) -> str:
+    if len(ids) == 1:
+        return f"id {ids[0]}"
+    if list(ids) == list(range(ids[0], ids[0] + len(ids))):
+        return f"ids {ids[0]}-{ids[-1]}"
+    return f"ids {', '.join(map(str, ids))}"
+
+
 def _insertions(copies: Sequence[LayerGroup]) -> str:
     """``12 copies of layer 31 after it (output layers 32-43)``; single copies of several layers in one list."""
     if len(copies) > 1 and all(group.count == 1 for group in copies):
@@ -256,6 +296,24 @@ def experts_lines(plan: Plan) -> list[str]:
             return [f"experts: {len(kept)} layers keep {len(kept[0])} experts each ({which})"]
 
 
+def vocab_lines(plan: Plan) -> list[str]:
+    """The change of the vocabulary in a line or two, if the plan makes one."""
+    change = plan.recipe.vocab
+    if change is None:
+        return []
+    lines = [f"vocab: {plan.source_vocab_rows} -> {change.size} rows"]
+    if change.tokens:
+        new = next(run for run in change.rows if isinstance(run, NewRows))
+        special = " special" if all(t.special for t in change.tokens) else ""
+        lines.append(
+            f"  {len(change.tokens)}{special} tokens added ({_id_span([t.id for t in change.tokens])}): embedding rows "
+            f"{new.init.text}, output head rows {new.head.text}"
+        )
+    if moves_ids(change):
+        lines.append(f"  ids moved: {len(change.id_map())} rows kept, the tokenizer files and config ids to match")
+    return lines
+
+
 def dry_run_text(plan: Plan, layout: Layout) -> str:
     totals = op_bytes(plan)
     lines = [
@@ -263,9 +321,11 @@ def dry_run_text(plan: Plan, layout: Layout) -> str:
         f"config {plan.stack.count_path})",
         *describe_layers(plan),
         *experts_lines(plan),
+        *vocab_lines(plan),
         f"tensors: {len(plan.tensors)}: {format_bytes(totals['copy'])} copied, {format_bytes(totals['zeros'])} zeros "
         f"(holes, not written), {format_bytes(totals['convert'])} converted"
-        + (f", {format_bytes(totals['normal'])} generated (random router)" if totals["normal"] else ""),
+        + (f", {format_bytes(totals['normal'])} generated (random router)" if totals["normal"] else "")
+        + (f", {format_bytes(totals['mean'])} mean rows" if totals["mean"] else ""),
         f"shards: {len(layout.shards)}, {format_bytes(layout.nbytes)} in all",
     ]
     lines += [f"  {s.name}  {len(s.tensors)} tensors  {format_bytes(s.nbytes)}" for s in layout.shards]
@@ -326,6 +386,9 @@ def _piece_dict(piece: Piece) -> dict[str, Any]:
         record |= {"source": piece.source.name, "file": file_name(piece.source.path), "first_element": piece.first}
     if isinstance(piece.op, Convert):
         record |= {"scale": piece.op.scale}
+    if isinstance(piece.op, MeanRows):
+        rows = piece.op.rows
+        record |= {"rows": {"range": [rows.start, rows.stop]} if isinstance(rows, range) else list(rows)}
     if isinstance(piece.op, Normal):
         record |= {"seed": piece.op.seed, "std": piece.op.std, "stream": piece.op.stream, "first_element": piece.first}
     return record

@@ -28,8 +28,9 @@ from shardsurgeon.format import Header
 from shardsurgeon.model.arch import NO_HINT, StackHint, find_layer_stack
 from shardsurgeon.model.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TensorRef
 from shardsurgeon.model.otherfiles import other_files, remote_other_files
-from shardsurgeon.model.source import open_source
+from shardsurgeon.model.source import Source, open_source
 from shardsurgeon.plan.expected import describe_expected, differing_tensors, first_difference
+from shardsurgeon.plan.job import replaced_files
 from shardsurgeon.plan.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout
 from shardsurgeon.plan.planner import Plan, make_plan
 from shardsurgeon.plan.recipe import recipe_from_json, recorded_models
@@ -132,12 +133,13 @@ def verify_checkpoint(
     checksummed = _check_checksums(files, found)
     compared = 0
     if sources:
-        plan = _recorded_plan(
+        recorded = _recorded_plan(
             found, [s if isinstance(s, str) and is_url(s) else Path(s) for s in sources], stack_hint, notes
         )
-        if plan is not None:
+        if recorded is not None:
+            plan, donor = recorded
             (on_start or _ignore)(sum(t.nbytes for t in plan.tensors))
-            compared = _compare_with_sources(files, plan, config, found, progress or _ignore)
+            compared = _compare_with_sources(files, plan, donor, config, found, progress or _ignore)
     tensors = [found.tensor(name) for name in found.locations]
     return VerifyReport(
         files.shown,
@@ -303,8 +305,11 @@ def _read_json(files: CheckpointFolder, name: str, found: _Found, limit: int) ->
     return True, None
 
 
-def _recorded_plan(found: _Found, sources: list[Path | str], hint: StackHint, notes: list[str]) -> Plan | None:
-    """The plan re-derived from the recipe recorded in the shards, with ``sources`` as its models."""
+def _recorded_plan(
+    found: _Found, sources: list[Path | str], hint: StackHint, notes: list[str]
+) -> tuple[Plan, Source] | None:
+    """The plan re-derived from the recipe recorded in the shards, with ``sources`` as its models,
+    and the model that donates its small files."""
     recorded = {(h.metadata or {}).get(RECIPE_METADATA_KEY) for h in found.headers.values()}
     fingerprints = {(h.metadata or {}).get(PLAN_METADATA_KEY) for h in found.headers.values()}
     if len(recorded) != 1 or len(fingerprints) != 1:
@@ -338,7 +343,7 @@ def _recorded_plan(found: _Found, sources: list[Path | str], hint: StackHint, no
             f"{fingerprint}: the sources' headers or the shardsurgeon version differ from the run that "
             "wrote it; tensors are compared with the sources given"
         )
-    return plan
+    return plan, opened[recipe.donor]
 
 
 def _count(number: int, noun: str) -> str:
@@ -346,7 +351,7 @@ def _count(number: int, noun: str) -> str:
 
 
 def _compare_with_sources(
-    files: CheckpointFolder, plan: Plan, config: dict[str, Any] | None, found: _Found, progress: Progress
+    files: CheckpointFolder, plan: Plan, donor: Source, config: dict[str, Any] | None, found: _Found, progress: Progress
 ) -> int:
     if config is not None and config != plan.config:
         keys = [k for k in dict.fromkeys([*plan.config, *config]) if plan.config.get(k) != config.get(k)]
@@ -356,9 +361,15 @@ def _compare_with_sources(
             f"differs from the config the recipe gives at {keys[0]!r}: found {json.dumps(config.get(keys[0]))}, "
             f"expected {json.dumps(plan.config.get(keys[0]))}",
         )
-    for name, digest, where in _donor_files(plan.recipe.donor):
-        if files.sha256(name) != digest:
+    replaced = replaced_files(plan.recipe, donor)
+    for name, digest, where in _donor_files(donor.folder):
+        if name not in replaced and files.sha256(name) != digest:
             found.add(name, "", f"missing or different from {where}, which the output should carry as is")
+    for name, data in replaced.items():
+        if data is None and files.sha256(name) is not None:
+            found.add(name, "", "is in the output, which the recipe leaves out (its ids would disagree with the rows)")
+        elif data is not None and files.sha256(name) != hashlib.sha256(data).hexdigest():
+            found.add(name, "", "missing or different from the file the recipe makes of the source's")
     planned = {t.name for t in plan.tensors}
     for name, refs in found.locations.items():
         if name not in planned:
@@ -382,7 +393,9 @@ def _compare_with_sources(
             difference = first_difference(tensor, reader.read, ref.path, ref.data_start, progress)
             if difference is not None:
                 found.add(
-                    file_name(ref.path), tensor.name, f"{describe_expected(tensor)} at byte {difference} of the tensor"
+                    file_name(ref.path),
+                    tensor.name,
+                    f"{describe_expected(tensor, difference)} at byte {difference} of the tensor",
                 )
             compared += 1
     return compared

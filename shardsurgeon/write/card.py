@@ -45,7 +45,8 @@ def model_card(plan: Plan, models: Sequence[CardModel], command: str, what: str,
 
     ids = list(dict.fromkeys(m.hub_id for m in models if m.hub_id))
     experts = plan.recipe.experts
-    tags = ["shardsurgeon"] + (["mergekit", "merge"] if experts is None else ["moe"])
+    vocab = plan.recipe.vocab is not None
+    tags = ["shardsurgeon"] + (["moe"] if experts is not None else ["vocabulary"] if vocab else ["mergekit", "merge"])
     tags += ["block-expansion"] if any(s.inserted for s in plan.recipe.layers) else []
     tags += {None: [], Upcycle: ["sparse-upcycling"], PruneExperts: ["expert-pruning"]}[
         type(experts) if experts else None
@@ -56,7 +57,7 @@ def model_card(plan: Plan, models: Sequence[CardModel], command: str, what: str,
     front["library_name"] = "transformers"
     if ids:
         several = isinstance(experts, Upcycle) and bool(experts.expert_models)
-        front["base_model_relation"] = "merge" if experts is None or several else "finetune"
+        front["base_model_relation"] = "merge" if (experts is None and not vocab) or several else "finetune"
     common, license_text = _license(models)
     if common is not None:
         front["license"] = common.id

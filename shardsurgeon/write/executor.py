@@ -23,11 +23,12 @@ from shardsurgeon.errors import CheckpointError, DestinationError, OutputError
 from shardsurgeon.format import DTYPES
 from shardsurgeon.names import CHUNK_BYTES
 from shardsurgeon.plan.layout import CopyRun, PlacedPiece, ShardLayout
-from shardsurgeon.plan.tensors import Convert, Copy, Normal, Pieces, Zeros
+from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, Normal, Pieces, Zeros
 from shardsurgeon.storage import fileio
 from shardsurgeon.storage.fileio import CopiedPiece, CopyCounts
 from shardsurgeon.storage.remote import SourceFiles
 from shardsurgeon.units import Progress
+from shardsurgeon.write.means import RowMeans
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -122,6 +123,7 @@ class ShardWriter:
         self._converters: dict[tuple[str, str, float, str | None, int], list[ChunkConverter]] = {}
         self._io_thread: ThreadPoolExecutor | None = None
         self._read_buffers = (bytearray(0), bytearray(0))
+        self._means = RowMeans()
 
     def write(self, shard: ShardLayout, path: Path) -> ShardStats:
         """Write ``shard`` to ``path`` (created or truncated), durably synced; returns what it did."""
@@ -194,6 +196,11 @@ class ShardWriter:
                 return ShardStats(written=piece.nbytes, converted=piece.nbytes, fetched=fetched)
             case Normal() as op:
                 self._generate(placed, op, fd)
+                return ShardStats(written=piece.nbytes, converted=piece.nbytes)
+            case MeanRows() as op:
+                data = self._means.row(op, piece, placed.tensor.dtype, self._sources.read)
+                fileio.write_all_at(fd, data, placed.offset)
+                self._wrote(fd, placed.offset, len(data))
                 return ShardStats(written=piece.nbytes, converted=piece.nbytes)
             case Copy() | Pieces():
                 raise AssertionError(f"{placed.tensor.name}: a copy outside a copy run, or pieces in a piece")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ def write_small_files(
     steps: list[tuple[str, Callable[[], object]]] = [
         (CONFIG_FILE, lambda: write_json(folder / CONFIG_FILE, job.plan.config)),
         ("the index", lambda: write_index(folder, job.layout)),
-        (f"the other files of {donor}", lambda: copy_other_files(donor, folder)),
+        (f"the other files of {donor}", lambda: copy_other_files(donor, folder, job.files)),
         (CARD_FILE, write_card),
     ]
     if checksums:
@@ -72,20 +72,31 @@ def write_index(folder: Path, layout: Layout) -> None:
     write_json(folder / INDEX_FILE, {"metadata": {"total_size": layout.total_size}, "weight_map": weight_map})
 
 
-def copy_other_files(source: Path | str, folder: Path) -> list[str]:
+def copy_other_files(source: Path | str, folder: Path, replaced: Mapping[str, bytes | None]) -> list[str]:
+    """The source's other files, each as it is unless ``replaced`` gives the output's own bytes
+    (None: left out)."""
     if isinstance(source, str):
-        return _fetch_other_files(source, folder)
-    copied = []
-    for entry in other_files(source):
-        shutil.copyfile(entry, folder / entry.name)
-        sync_file(folder / entry.name)
-        copied.append(entry.name)
+        copied = _fetch_other_files(source, folder, replaced)
+    else:
+        copied = []
+        for entry in other_files(source):
+            if entry.name not in replaced:
+                shutil.copyfile(entry, folder / entry.name)
+                sync_file(folder / entry.name)
+                copied.append(entry.name)
+    for name, data in replaced.items():
+        if data is not None:
+            (folder / name).write_bytes(data)
+            sync_file(folder / name)
+            copied.append(name)
     return copied
 
 
-def _fetch_other_files(url: str, folder: Path) -> list[str]:
+def _fetch_other_files(url: str, folder: Path, replaced: Mapping[str, bytes | None]) -> list[str]:
     copied = []
     for name, data in remote_other_files(url):
+        if name in replaced:
+            continue
         (folder / name).write_bytes(data)
         sync_file(folder / name)
         copied.append(name)

@@ -26,11 +26,12 @@ from shardsurgeon.errors import CheckpointError, safe_text
 from shardsurgeon.format import DTYPES
 from shardsurgeon.names import SCRATCH_PREFIX
 from shardsurgeon.plan.layout import CopyRun, PlacedPiece, ShardLayout
-from shardsurgeon.plan.tensors import Convert, Normal, Piece, Zeros
+from shardsurgeon.plan.tensors import Convert, MeanRows, Normal, Piece, Zeros
 from shardsurgeon.storage.remote import SourceFiles
 from shardsurgeon.storage.s3 import S3Location, describe, failed_condition
 from shardsurgeon.units import Progress
 from shardsurgeon.write.executor import KEPT_CONVERTERS, ShardStats, converters_for
+from shardsurgeon.write.means import RowMeans
 from shardsurgeon.write.s3.parts import Copied, Joined, Made, Part, plan_parts, sent_nbytes
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class ShardBytes:
         self._shard = shard
         self._sources = sources
         self._segments = shard.segments()
+        self._means = RowMeans()
         self._starts = [_span(segment)[0] for segment in self._segments]
 
     def fill(self, offset: int, view: memoryview, workspace: Workspace) -> None:
@@ -104,6 +106,9 @@ class ShardBytes:
                 self._convert(segment, op, skip, view, workspace)
             case PlacedPiece(piece=Piece(op=Normal() as op)):
                 self._generate(segment, op, skip, view)
+            case PlacedPiece(piece=Piece(op=MeanRows() as op)):
+                row = self._means.row(op, segment.piece, segment.tensor.dtype, self._sources.read)
+                view[:] = row[skip : skip + len(view)]
             case _:
                 raise AssertionError(f"{segment}: a copy outside a copy run")
 

@@ -1,0 +1,405 @@
+"""A change of the vocabulary, built from the user's terms and applied to a plan and its files.
+
+The vocabulary matrices are the input embedding and an untied output head (and its bias): their
+rows are token ids. A :class:`~shardsurgeon.plan.recipe.VocabChange` says, run by run, which source
+rows each output row is, and what new rows start as: zeros (a hole), a copy of one row, or the
+exact mean of rows (:class:`~shardsurgeon.plan.tensors.MeanRows`). Every other tensor is copied
+as it is. Kept rows are byte ranges of the source, so they copy, share blocks and verify like any
+copy. The token files are made to match by :mod:`plan.token_files`. Pure but for the tokenizer
+the builders are given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shardsurgeon.errors import PlanError, RecipeError, safe_text
+from shardsurgeon.format import DTYPES, numel
+from shardsurgeon.model.arch import LayerStack, outside_rank
+from shardsurgeon.model.checkpoint import TensorRef
+from shardsurgeon.model.source import Source
+from shardsurgeon.model.tokenizer import ID_KEYS, TokenFiles
+from shardsurgeon.plan.recipe import (
+    MAX_VOCAB_ROWS,
+    ZERO_ROW,
+    NewRows,
+    NewToken,
+    RowInit,
+    RowRun,
+    SourceRows,
+    VocabChange,
+)
+from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, Piece, Pieces, PlannedTensor, Zeros
+
+_EMBEDDING_MARKERS = ("embed_tokens", "word_embeddings", "wte", "embed_in")
+"""Name parts of input embeddings, by architecture (Llama and most; BLOOM/BERT; GPT-2; GPT-NeoX)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VocabMatrices:
+    """A model's vocabulary matrices: the input embedding, and the tensors after the stack whose
+    rows are token ids (an untied head, its bias); ``rows`` is their row count."""
+
+    embedding: TensorRef
+    heads: tuple[TensorRef, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.embedding.shape[0]
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(ref.name for ref in (self.embedding, *self.heads))
+
+
+def vocab_matrices(source: Source) -> VocabMatrices:
+    """The vocabulary matrices of ``source``; a one-line refusal where it has no input embedding."""
+    embeddings = [
+        ref
+        for ref in source.before
+        if len(ref.shape) == 2
+        and any(marker in ref.name for marker in _EMBEDDING_MARKERS)
+        and "position" not in ref.name
+    ]
+    if len(embeddings) != 1:
+        found = ", ".join(ref.name for ref in embeddings) or "none"
+        raise PlanError(
+            f"{safe_text(source.reference)}: expected one input embedding (a matrix named *embed_tokens*, *wte*, "
+            f"*word_embeddings* or *embed_in* before the layers), found {safe_text(found, 120)}; its vocabulary "
+            "cannot be changed by this tool"
+        )
+    (embedding,) = embeddings
+    heads = tuple(
+        ref for ref in source.after if outside_rank(ref.name) == (1, 1) and ref.shape[:1] == embedding.shape[:1]
+    )
+    for ref in (embedding, *heads):
+        if not DTYPES[ref.dtype].is_float:
+            raise PlanError(f"tensor {ref.name!r} is {ref.dtype}; only float vocabulary matrices can gain or lose rows")
+    return VocabMatrices(embedding, heads)
+
+
+def change_vocab(change: VocabChange, tensors: Sequence[PlannedTensor], matrices: VocabMatrices) -> list[PlannedTensor]:
+    """``tensors`` with each vocabulary matrix made of the rows ``change`` gives."""
+    head_names = {ref.name for ref in matrices.heads}
+    return [
+        _resized(t, change, t.source.name in head_names)
+        if t.source is not None and t.source.name in matrices.names
+        else t
+        for t in tensors
+    ]
+
+
+def _resized(tensor: PlannedTensor, change: VocabChange, head: bool) -> PlannedTensor:
+    ref = tensor.source
+    assert ref is not None
+    width = numel(ref.shape[1:])
+    row_bytes = width * DTYPES[tensor.dtype].itemsize
+    kept = tensor.op if isinstance(tensor.op, Copy | Convert | Zeros) else Copy()
+    parts: list[Piece] = []
+
+    def add(piece: Piece) -> None:
+        last = parts[-1] if parts else None
+        if last is not None and isinstance(piece.op, Zeros) and isinstance(last.op, Zeros):
+            parts[-1] = Piece(Zeros(), last.nbytes + piece.nbytes)
+        else:
+            parts.append(piece)
+
+    for run in change.rows:
+        if isinstance(run, SourceRows):
+            add(Piece(kept, run.count * row_bytes, None if isinstance(kept, Zeros) else ref, run.first * width))
+            continue
+        init = run.head if head else run.init
+        for _ in range(run.count if init.kind != "zero" else 1):
+            match init.kind:
+                case "zero":
+                    add(Piece(Zeros(), run.count * row_bytes))
+                case "copy":
+                    add(Piece(Convert() if isinstance(kept, Zeros) else kept, row_bytes, ref, init.rows[0] * width))
+                case _:
+                    add(Piece(MeanRows(init.rows), row_bytes, ref))
+    shape = (change.size, *ref.shape[1:])
+    return PlannedTensor(tensor.name, tensor.dtype, shape, Pieces(tuple(parts)), ref, tensor.model)
+
+
+def check_rows(change: VocabChange, matrices: VocabMatrices) -> None:
+    """Every source row ``change`` names is a row of the matrices (a recorded recipe can be edited)."""
+    for ref in (matrices.embedding, *matrices.heads):
+        if ref.shape[0] != matrices.rows:
+            raise PlanError(
+                f"tensor {ref.name!r} has {ref.shape[0]} rows but the input embedding has {matrices.rows}; "
+                "the vocabulary matrices of the models disagree"
+            )
+    for run in change.rows:
+        for row in _named_rows(run):
+            if not 0 <= row < matrices.rows:
+                raise PlanError(
+                    f"vocabulary change: source row {row} does not exist ({matrices.embedding.name!r} has "
+                    f"{matrices.rows} rows); plan it again from this source"
+                )
+
+
+def _named_rows(run: RowRun) -> list[int]:
+    """The lowest and highest source row a run reads."""
+    if isinstance(run, SourceRows):
+        return [run.first, run.first + run.count - 1]
+    named = []
+    for init in (run.init, run.head):
+        if isinstance(init.rows, range):
+            named += [init.rows.start, init.rows.stop - 1]
+        elif init.rows:
+            named += [min(init.rows), max(init.rows)]
+    return named
+
+
+def vocab_config(change: VocabChange, config: Mapping[str, Any], stack: LayerStack) -> dict[str, Any]:
+    """The config with ``vocab_size`` (top level and the layers' section) and its token ids moved."""
+    moved = change.id_map() if moves_ids(change) else None
+
+    def patched(section: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(section)
+        if "vocab_size" in out or section is config:
+            out["vocab_size"] = change.size
+        if moved is not None:
+            out.update(moved_ids(out, moved))
+        return out
+
+    result = patched(config)
+    if stack.config_section:
+        node = result
+        for key in stack.config_section[:-1]:
+            node[key] = node = dict(node[key])
+        last = stack.config_section[-1]
+        node[last] = patched(node[last])
+    return result
+
+
+def moved_ids(record: Mapping[str, Any], moved: Mapping[int, int]) -> dict[str, Any]:
+    """The token-id keys of a config with each id moved (a planner's checks keep every one mapped)."""
+    out: dict[str, Any] = {}
+    for key in ID_KEYS:
+        value = record.get(key)
+        if isinstance(value, list):
+            out[key] = [moved.get(v, v) if isinstance(v, int) else v for v in value]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[key] = moved.get(value, value)
+    return out
+
+
+def moves_ids(change: VocabChange) -> bool:
+    """Whether any kept source row changes its id."""
+    at = 0
+    for run in change.rows:
+        if isinstance(run, SourceRows) and run.first != at:
+            return True
+        at += run.count
+    return False
+
+
+# --- the builders: a VocabChange from the user's terms ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InitSpec:
+    """``--init``/``--head-init`` as given: ``zero``, ``mean``, ``copy`` (of ``text``, a token) or
+    ``mean-of`` (the tokens ``text`` encodes to)."""
+
+    kind: str
+    text: str = ""
+
+    @property
+    def shown(self) -> str:
+        return self.kind if not self.text else f"{self.kind}:{self.text}"
+
+
+ZERO_INIT = InitSpec("zero")
+
+
+def parse_init(text: str, flag: str = "--init") -> InitSpec:
+    """``zero``, ``mean``, ``copy:TOKEN`` or ``mean-of:TEXT``."""
+    kind, colon, rest = text.partition(":")
+    if kind in ("zero", "mean") and not colon:
+        return InitSpec(kind)
+    if kind in ("copy", "mean-of") and rest:
+        return InitSpec(kind, rest)
+    raise RecipeError(f"{flag} {safe_text(text, 60)}: expected zero, mean, copy:TOKEN or mean-of:TEXT")
+
+
+def resolve_init(spec: InitSpec, files: TokenFiles, rows: int, flag: str) -> RowInit:
+    """The rows ``spec`` names in the source: ``mean`` is the mean of the rows of every token the
+    tokenizer has (all rows without a tokenizer), ``copy:TOKEN`` one token's row, ``mean-of:TEXT``
+    the mean of the rows of the ids TEXT encodes to (without special tokens), each as often as it
+    occurs."""
+    if spec.kind == "zero":
+        return ZERO_ROW
+    if spec.kind == "mean":
+        size = files.size
+        return RowInit("mean", range(min(rows, size) if size else rows))
+    tokenizer = files.need_tokenizer(f"{flag} {spec.shown}")
+    if spec.kind == "copy":
+        token_id = tokenizer.token_to_id(spec.text)
+        ids = [token_id] if token_id is not None else tokenizer.encode(spec.text, add_special_tokens=False).ids
+        if len(ids) != 1:
+            raise RecipeError(
+                f"{flag} {safe_text(spec.shown, 60)}: {safe_text(spec.text, 40)} is not one token of the tokenizer "
+                f"(it encodes to ids {ids[:8]}); name a single token, or use mean-of:TEXT"
+            )
+        return RowInit("copy", (_in_rows(ids[0], rows, flag, spec),))
+    ids = tokenizer.encode(spec.text, add_special_tokens=False).ids
+    if not ids:
+        raise RecipeError(f"{flag} {safe_text(spec.shown, 60)}: the text encodes to no token; give some text")
+    return RowInit("mean", tuple(_in_rows(i, rows, flag, spec) for i in ids))
+
+
+def _in_rows(token_id: int, rows: int, flag: str, spec: InitSpec) -> int:
+    if not 0 <= token_id < rows:
+        raise RecipeError(
+            f"{flag} {safe_text(spec.shown, 60)}: token id {token_id} has no row (the embedding has {rows} rows)"
+        )
+    return int(token_id)
+
+
+def add_tokens_change(
+    files: TokenFiles, rows: int, tokens: Sequence[str], *, special: bool, init: RowInit, head: RowInit,
+    skip_existing: bool,
+) -> VocabChange:  # fmt: skip
+    """``tokens`` added to the tokenizer at the ids the ``tokenizers`` library gives them; their rows
+    replace unused rows where the embedding has room past the tokenizer, else are appended."""
+    from shardsurgeon.plan.token_files import added_ids
+
+    tokenizer = files.need_tokenizer("--add-tokens")
+    if len(tokenizer.get_vocab(with_added_tokens=True)) > rows:
+        raise PlanError(
+            f"--add-tokens: the tokenizer knows {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the "
+            f"embedding has {rows} rows; the source's tokenizer and weights disagree"
+        )
+    wanted: list[str] = []
+    for token in tokens:
+        if token in wanted:
+            raise RecipeError(f"--add-tokens: {safe_text(token, 40)} is given twice; give each token once")
+        existing = tokenizer.token_to_id(token)
+        if existing is None:
+            wanted.append(token)
+        elif not skip_existing:
+            raise RecipeError(
+                f"--add-tokens: the tokenizer already has {safe_text(token, 40)} (id {existing}); leave it out, "
+                "or pass --existing skip"
+            )
+    if not wanted:
+        raise RecipeError("--add-tokens: every token given is already in the tokenizer; nothing to add")
+    new = [NewToken(token, token_id, special) for token, token_id in added_ids(files, wanted, special)]
+    by_id = {t.id: t for t in new}
+    size = max(rows, max(by_id) + 1)
+    runs = _runs((by_id.get(i) is None and i < rows, i) for i in range(size))
+    return VocabChange(tuple(_with_init(runs, init, head)), tuple(new))
+
+
+def _runs(rows: Iterable[tuple[bool, int]]) -> list[RowRun]:
+    """Runs of (is a source row, which) in output order: consecutive source rows become one run."""
+    runs: list[RowRun] = []
+    for is_source, row in rows:
+        last = runs[-1] if runs else None
+        if is_source and isinstance(last, SourceRows) and last.first + last.count == row:
+            runs[-1] = SourceRows(last.first, last.count + 1)
+        elif is_source:
+            runs.append(SourceRows(row, 1))
+        elif isinstance(last, NewRows):
+            runs[-1] = NewRows(last.count + 1)
+        else:
+            runs.append(NewRows(1))
+    return runs
+
+
+def _with_init(runs: list[RowRun], init: RowInit, head: RowInit) -> list[RowRun]:
+    return [NewRows(r.count, init, head) if isinstance(r, NewRows) else r for r in runs]
+
+
+def pad_change(change: VocabChange | None, rows: int, multiple: int) -> VocabChange:
+    """Zero rows appended so the row count is a multiple of ``multiple`` (after ``change``, if any)."""
+    if not 1 <= multiple <= MAX_VOCAB_ROWS:
+        raise RecipeError(f"--pad-to-multiple {multiple}: expected a whole number from 1 to {MAX_VOCAB_ROWS}")
+    change = change or VocabChange((SourceRows(0, rows),))
+    missing = -change.size % multiple
+    if missing == 0 and change.size == rows and len(change.rows) == 1:
+        raise RecipeError(
+            f"--pad-to-multiple {multiple}: the embedding has {rows} rows, already a multiple of {multiple}; "
+            "nothing to do"
+        )
+    if missing == 0:
+        return change
+    return VocabChange((*change.rows, NewRows(missing, ZERO_ROW, ZERO_ROW)), change.tokens)
+
+
+def trim_change(files: TokenFiles, config: Mapping[str, Any], rows: int, keep: int) -> VocabChange:
+    """Rows ``keep`` and on dropped; refused while the tokenizer or a config uses an id there."""
+    if not 1 <= keep < rows:
+        raise RecipeError(
+            f"--trim-to {keep}: expected a row count from 1 to {rows - 1} (the embedding has {rows} rows)"
+        )
+    for where, token_id in files.used_ids(config):
+        if token_id >= keep:
+            raise RecipeError(
+                f"--trim-to {keep}: {safe_text(where, 80)} uses id {token_id}, which would have no row; trim to at "
+                f"least {_highest(files, config) + 1}, or --remap the ids first"
+            )
+    return VocabChange((SourceRows(0, keep),))
+
+
+def _highest(files: TokenFiles, config: Mapping[str, Any]) -> int:
+    return max((token_id for _, token_id in files.used_ids(config)), default=-1)
+
+
+def remap_change(files: TokenFiles, config: Mapping[str, Any], rows: int, mapping: Mapping[int, int]) -> VocabChange:
+    """Source id -> output id for every row kept; output ids no source row takes are zero rows.
+    Every id a config names must be kept; a token of the tokenizer's own vocabulary too (an added
+    token may be dropped with its row)."""
+    if not mapping:
+        raise RecipeError('--remap: the map is empty; give {"SOURCE_ID": OUTPUT_ID, ...} for the rows to keep')
+    taken: dict[int, int] = {}
+    for old, new in mapping.items():
+        if not 0 <= old < rows:
+            raise RecipeError(f"--remap: source id {old} has no row (the embedding has {rows} rows)")
+        if not 0 <= new < MAX_VOCAB_ROWS:
+            raise RecipeError(f"--remap: output id {new} is out of range (0 to {MAX_VOCAB_ROWS - 1})")
+        if new in taken:
+            raise RecipeError(f"--remap: source ids {taken[new]} and {old} both map to {new}; give each output id once")
+        taken[new] = old
+    added = _added_ids(files)
+    for where, token_id in files.used_ids(config):
+        if token_id not in mapping and token_id not in added:
+            raise RecipeError(
+                f"--remap: {safe_text(where, 80)} uses id {token_id}, which the map drops; map it, or remove the "
+                "token from the tokenizer first (only added tokens are dropped with their rows)"
+            )
+    size = max(taken) + 1
+    runs = _runs((i in taken, taken.get(i, i)) for i in range(size))
+    return VocabChange(tuple(runs))
+
+
+def _added_ids(files: TokenFiles) -> set[int]:
+    tokenizer = files.tokenizer
+    if tokenizer is None:
+        return set()
+    return {int(i) for i in tokenizer.get_added_tokens_decoder()}
+
+
+def parse_remap(text: str, where: str) -> dict[int, int]:
+    """A remap file's JSON: ``{"SOURCE_ID": OUTPUT_ID, ...}``."""
+    import json
+
+    try:
+        record = json.loads(text)
+        if not isinstance(record, dict):
+            raise ValueError("not an object")
+        mapping = {}
+        for key, value in record.items():
+            if not (key.isdigit() and len(key) <= 9) or not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"entry {key!r}: {value!r}")
+            mapping[int(key)] = value
+        return mapping
+    except (ValueError, RecursionError) as e:
+        raise RecipeError(
+            f'{where}: expected a JSON object of source ids to output ids such as {{"0": 0, "5": 1}}, '
+            f"found {safe_text(str(e), 60)}"
+        ) from None
