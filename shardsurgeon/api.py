@@ -197,6 +197,24 @@ def plan_vocab(
     zeros by default), rows padded to a multiple, trimmed, or moved by ``remap`` (source id -> output
     id); the tokenizer files and config made to match, every other tensor copied."""
     source = _open(src, stack_hint)
+    change, rows, untied = _vocab_change(
+        source, add_tokens, special, init, head_init, skip_existing, pad_to_multiple, trim_to, remap
+    )
+    recipe = same_layers_recipe(source.reference, source.layer_count, None, _cast_to(dtype), change)
+    sources = {source.reference: source}
+    plan = make_plan(recipe, sources)
+    description = describe_vocab(plan, card_names_of(sources)[source.reference], rows, untied)
+    job = _job(sources, recipe, plan, description, "", max_shard_bytes, stack_hint)
+    job.files  # the token files made now: a tokenizer that cannot match the rows stops the plan  # noqa: B018
+    return job
+
+
+def _vocab_change(
+    source: Source, add_tokens: Sequence[str], special: bool, init: InitSpec, head_init: InitSpec | None,
+    skip_existing: bool, pad_to_multiple: int | None, trim_to: int | None, remap: Mapping[int, int] | None,
+) -> tuple[VocabChange, int, bool]:  # fmt: skip
+    """The change ``plan_vocab``'s terms make, the source's rows, and whether its head is untied (the
+    source's tokenizer is let go on return: a large vocabulary costs tens of MB in the library)."""
     files = read_token_files(source.folder)
     matrices = vocab_matrices(source)
     rows, untied = matrices.rows, bool(matrices.heads) and not _tied(source)
@@ -227,13 +245,7 @@ def plan_vocab(
         change = pad_change(change, rows, pad_to_multiple)
     if change is None:
         raise RecipeError("vocab: nothing to do; give --add-tokens, --pad-to-multiple, --trim-to or --remap")
-    recipe = same_layers_recipe(source.reference, source.layer_count, None, _cast_to(dtype), change)
-    sources = {source.reference: source}
-    plan = make_plan(recipe, sources)
-    description = describe_vocab(plan, card_names_of(sources)[source.reference], rows, untied)
-    job = _job(sources, recipe, plan, description, "", max_shard_bytes, stack_hint)
-    job.files  # the token files made now: a tokenizer that cannot match the rows stops the plan  # noqa: B018
-    return job
+    return change, rows, untied
 
 
 def _tied(source: Source) -> bool:

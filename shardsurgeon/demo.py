@@ -147,8 +147,21 @@ def _values(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float32).astype(ml_dtypes.bfloat16)
 
 
+def demo_tokenizer(size: int) -> str:
+    """A word-level tokenizer.json of ``size`` tokens: ``<unk>``, ``<s>``, ``</s>``, then ``w3``..."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    specials = ("<unk>", "<s>", "</s>")
+    vocab = {token: i for i, token in enumerate(specials)} | {f"w{i}": i for i in range(len(specials), size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    return str(tokenizer.to_str(pretty=True))
+
+
 def make_demo_checkpoint(folder: Path) -> Path:
-    """Build the demo source: 32 Mistral layers in 3 shards, with a tokenizer config."""
+    """Build the demo source: 32 Mistral layers in 3 shards, with a tokenizer (its last 24 rows
+    padding, as published vocabularies often have) and a tokenizer config."""
     try:
         save_checkpoint(
             folder,
@@ -158,6 +171,7 @@ def make_demo_checkpoint(folder: Path) -> Path:
             extra_files={
                 "tokenizer_config.json": json.dumps({"model_max_length": 4096, "bos_token": "<s>"}),
                 "generation_config.json": json.dumps({"bos_token_id": 1, "eos_token_id": 2}),
+                "tokenizer.json": demo_tokenizer(DEMO_SHAPE["vocab"] - 24),
             },
         )
     except OSError as e:

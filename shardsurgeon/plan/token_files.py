@@ -30,14 +30,14 @@ from shardsurgeon.model.tokenizer import (
     TokenFiles,
     load_tokenizer,
 )
-from shardsurgeon.plan.recipe import NewToken, VocabChange
+from shardsurgeon.plan.recipe import NewToken, SourceRows, VocabChange
 from shardsurgeon.plan.vocab import moved_ids, moves_ids
 
 
 def added_ids(files: TokenFiles, tokens: Sequence[str], special: bool) -> list[tuple[str, int]]:
     """The ids the ``tokenizers`` library gives ``tokens`` added to the source's tokenizer."""
     tokenizer = _with_added(files, [NewToken(t, -1, special) for t in tokens])
-    return [(t, int(tokenizer.token_to_id(t))) for t in tokens]
+    return [(t, int(tokenizer.token_to_id(t))) for t in tokens]  # the library's own ids, asked once
 
 
 def _with_added(files: TokenFiles, tokens: Sequence[NewToken]) -> Any:
@@ -63,8 +63,9 @@ def token_files(change: VocabChange, files: TokenFiles) -> dict[str, bytes | Non
 
 def _drops_tokens(change: VocabChange, files: TokenFiles) -> bool:
     tokenizer = files.tokenizer
-    if tokenizer is None:
-        return False
+    first = change.rows[0]
+    if tokenizer is None or (isinstance(first, SourceRows) and first.first == 0 and first.count >= (files.size or 0)):
+        return False  # every token's row stays where it is
     kept = change.id_map()
     return any(int(i) not in kept for i in tokenizer.get_vocab(with_added_tokens=True).values())
 
@@ -79,6 +80,7 @@ def _added(tokens: Sequence[NewToken], files: TokenFiles) -> dict[str, bytes | N
                 f"says {token.id}; the source's tokenizer changed since the plan was made: plan again"
             )
     text = tokenizer.to_str(pretty=True)
+    del tokenizer  # one tokenizer at a time: a large vocabulary costs tens of MB each
     _check_encodes(load_tokenizer(text, TOKENIZER_FILE), tokens)
     out: dict[str, bytes | None] = {TOKENIZER_FILE: text.encode()}
     entries = {str(t.id): _decoder_entry(t) for t in tokens}

@@ -269,7 +269,7 @@ def add_tokens_change(
     from shardsurgeon.plan.token_files import added_ids
 
     tokenizer = files.need_tokenizer("--add-tokens")
-    if len(tokenizer.get_vocab(with_added_tokens=True)) > rows:
+    if tokenizer.get_vocab_size(with_added_tokens=True) > rows:
         raise PlanError(
             f"--add-tokens: the tokenizer knows {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the "
             f"embedding has {rows} rows; the source's tokenizer and weights disagree"

@@ -1,0 +1,126 @@
+"""``shardsurgeon vocab --add-tokens`` against transformers' ``resize_token_embeddings`` (issue 20).
+
+The job: add 8 special tokens to a checkpoint of ``make_checkpoint.py``'s shape (``1b``:
+TinyLlama-shaped, untied head, 32,000 rows; ``7b``: Mistral-shaped), new embedding rows the mean
+of the old ones. transformers needs torch and is not a dependency: pass a Python that has torch
+and transformers (``--hf-python``). Each tool runs in a child measured by GNU time (wall with the
+sync after it, peak RSS), ``--pairs`` alternating pairs, medians printed as JSON lines. Then the
+outputs are compared: every tensor but the embedding and head byte-identical, and their old rows
+too (transformers' new rows are drawn at random around the mean, ours are the exact mean).
+
+    python bench/vocab.py --hf-python /work/mk-venv/bin/python [--shape 1b] [--pairs 3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from compare_mergekit import read_tensors
+from expand import remove, run_child
+from make_checkpoint import SHAPES, make_checkpoint
+
+NEW_TOKENS = [f"<tool_{i}>" for i in range(8)]
+TRANSFORMERS_JOB = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch
+src, out, tokens = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+tokenizer = AutoTokenizer.from_pretrained(src)
+tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+model.resize_token_embeddings(len(tokenizer))
+model.save_pretrained(out)
+tokenizer.save_pretrained(out)
+"""
+
+
+def emit(record: dict[str, object]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def write_tokenizer(folder: Path, size: int) -> None:
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<unk>", "<s>", "</s>")])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>"}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def compare(ours: Path, theirs: Path) -> dict[str, object]:
+    a, b = read_tensors(ours), read_tensors(theirs)
+    matrices = [n for n in a if "embed_tokens" in n or n.startswith("lm_head")]
+    others = sorted(set(a) - set(matrices))
+    differing = [n for n in others if a[n] != b.get(n)]
+    old_rows = {}
+    for name in matrices:
+        _, shape, data = a[name]
+        _, their_shape, their_data = b[name]
+        row = len(data) // shape[0]
+        kept = (shape[0] - len(NEW_TOKENS)) * row
+        old_rows[name] = {"ours": shape, "theirs": their_shape, "old_rows_equal": data[:kept] == their_data[:kept]}
+    return {"other_tensors": len(others), "other_tensors_differing": differing, "matrices": old_rows,
+            "same_names": sorted(a) == sorted(b)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf-python", required=True, help="a Python with torch and transformers")
+    parser.add_argument("--shape", choices=["1b", "7b"], default="1b")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench-vocab-", dir=args.workdir))
+    try:
+        shape = SHAPES[args.shape]
+        src = make_checkpoint(shape, work / "src")
+        write_tokenizer(src, shape.vocab_size)
+        ours_out, theirs_out = work / "ours", work / "theirs"
+        tokens = ",".join(NEW_TOKENS)
+        commands = {
+            "shardsurgeon vocab": [sys.executable, "-m", "shardsurgeon", "vocab", "--src", str(src), "--add-tokens",
+                                   tokens, "--special", "--init", "mean", "--out", str(ours_out), "-q"],
+            "transformers resize_token_embeddings": [args.hf_python, "-c", TRANSFORMERS_JOB, str(src),
+                                                     str(theirs_out), tokens],
+        }  # fmt: skip
+        copy_out = work / "copy"
+        commands["cp --reflink=never --sparse=never (yardstick)"] = [
+            "cp", "-r", "--reflink=never", "--sparse=never", str(src), str(copy_out)
+        ]  # fmt: skip
+        outputs = dict(zip(commands, (ours_out, theirs_out, copy_out), strict=True))
+        runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool in commands}
+        for pair in range(args.pairs):
+            for tool, cmd in commands.items():
+                out = outputs[tool]
+                remove(out)
+                child = run_child(cmd)
+                if child.exit_code != 0:
+                    emit({"tool": tool, "error": child.output_tail[-800:]})
+                    return 1
+                wall = child.wall_s + child.sync_s
+                runs[tool].append((wall, child.peak_rss_mb))
+                emit({"tool": tool, "run": f"pair {pair + 1}", "wall_s_with_sync": round(wall, 2),
+                      "peak_rss_mb": round(child.peak_rss_mb, 1)})  # fmt: skip
+        emit({"part": "bytes", **compare(ours_out, theirs_out)})
+        summary = {
+            tool: {"wall_s": round(statistics.median(w for w, _ in r), 2),
+                   "peak_rss_mb": round(statistics.median(m for _, m in r), 1)}
+            for tool, r in runs.items()
+        }  # fmt: skip
+        emit({"shape": args.shape, "median of pairs": args.pairs, **summary})
+        return 0
+    finally:
+        remove(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
