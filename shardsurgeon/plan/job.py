@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 from shardsurgeon.model.arch import NO_HINT, StackHint
 from shardsurgeon.model.routerfile import RouterFile
@@ -47,6 +48,13 @@ class Job:
         """Every source file as the plan saw it: the models' shards, then the file of routers."""
         shards = [shard for source in self.sources.values() for shard in source.checkpoint.shards]
         return tuple(shard.version for shard in [*shards, *([self.router_file.shard] if self.router_file else [])])
+
+    def local_files(self) -> tuple[list[Path], list[Path]]:
+        """The local source files: the models' shards (whose folders are sources too), and the
+        file of routers (a file alone: the folder holding it may hold an output)."""
+        router = self.router_file.shard.version if self.router_file is not None else None
+        shards = [Path(v.where) for v in self.versions if v.is_local and v is not router]
+        return shards, [Path(router.where)] if router is not None and router.is_local else []
 
     @cached_property
     def key(self) -> str:

@@ -85,8 +85,8 @@ def plan_file_bytes(job: Job, command: str) -> bytes:
 def write_plan_file(job: Job, path: Path, command: str) -> None:
     """Save the plan file at ``path``, which must not lie inside a source nor be a FIFO or device."""
     folders = [s.folder for s in job.sources.values() if isinstance(s.folder, Path)]
-    local_files = [Path(v.where) for v in job.versions if v.is_local]
-    check_outside_sources(path, folders, "--plan-json", "file", files=local_files)
+    files, lone_files = job.local_files()
+    check_outside_sources(path, folders, "--plan-json", "file", files=files, lone_files=lone_files)
     check_writable_target(path, OutputError, "--plan-json")
     try:
         path.write_bytes(plan_file_bytes(job, command))
