@@ -22,7 +22,7 @@ from compat_models import _LLAMA_LIKE, save_tiny_model  # noqa: E402
 from conftest import folder_bytes  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from shardsurgeon import WriteOptions, api  # noqa: E402
+from shardsurgeon import CheckpointError, WriteOptions, api  # noqa: E402
 from shardsurgeon.cli import cli  # noqa: E402
 
 EXPERTS, HIDDEN, LAYERS = 3, 32, 4
@@ -72,7 +72,8 @@ def models(tmp_path_factory):
 
 
 def upcycle(src: Path, router: Path | str, out: Path, *more: str | Path):
-    return invoke("upcycle", "--src", src, "--experts", EXPERTS, "--top-k", "2", "--router", router, "--out", out, *more)
+    args = ("--experts", EXPERTS, "--top-k", "2", "--router", router, "--out", out, *more)
+    return invoke("upcycle", "--src", src, *args)
 
 
 @pytest.mark.parametrize(
@@ -214,9 +215,7 @@ def test_the_router_file_changed_during_the_run_is_not_published(models, tmp_pat
             write_routers(routers)  # the same bytes, rewritten: another version all the same
             os.utime(routers, ns=(1, 1))
 
-    from shardsurgeon import CheckpointError
-
-    with pytest.raises(CheckpointError, match="r.safetensors: source file changed during the run"):
+    with pytest.raises(CheckpointError, match=r"r\.safetensors: source file changed during the run"):
         api.run_job(job, tmp_path / "out", command="upcycle", options=WriteOptions(progress=change_once))
     assert not (tmp_path / "out").exists()
 
