@@ -279,3 +279,22 @@ def test_a_mergekit_moe_config_of_hidden_gates_takes_the_routers_from_the_file(f
     sources = [a for m in ("base", "coder", "writer") for a in ("--src", fine_tunes / m)]
     checked = invoke("verify", tmp_path / "o", *sources, "--router", routers)
     assert checked.exit_code == 0 and "compared byte for byte" in checked.output, checked.output
+
+
+def test_a_router_file_by_url_is_read_by_range_and_verified(models, tmp_path):
+    pytest.importorskip("obstore", reason="the remote extra (obstore) is not installed")
+    from _servers import serve_http
+
+    served = tmp_path / "served"
+    served.mkdir()
+    routers = write_routers(served / "r.safetensors", dtype=ml_dtypes.bfloat16)
+    assert upcycle(models["mistral"], routers, tmp_path / "local", "-q").exit_code == 0
+    with serve_http(served) as http:
+        url = f"{http.url}/ok/r.safetensors"
+        result = upcycle(models["mistral"], url, tmp_path / "remote")
+        assert result.exit_code == 0, result.output
+        checked = invoke("verify", tmp_path / "remote", "--src", models["mistral"], "--router", url)
+        assert checked.exit_code == 0, checked.output
+        refused(upcycle(models["mistral"], f"{http.url}/ok/gone.safetensors", tmp_path / "o"), "gone.safetensors")
+    local, remote = folder_bytes(tmp_path / "local"), folder_bytes(tmp_path / "remote")
+    assert {k: v for k, v in local.items() if k != "README.md"} == {k: v for k, v in remote.items() if k != "README.md"}
