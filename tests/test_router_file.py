@@ -243,6 +243,7 @@ def test_verify_needs_the_router_file_and_finds_another(models, tmp_path):
     assert invoke("upcycle", "--src", models["mistral"], "--experts", EXPERTS, "--top-k", "2", "--out", plain,
                   "-q").exit_code == 0  # fmt: skip
     refused(invoke("verify", plain, "--src", models["mistral"], "--router", routers), "were not read from a file")
+    refused(invoke("verify", tmp_path / "moe", "--router", routers), "give the models too (--src)")
 
 
 # --- mergekit-moe configs -----------------------------------------------------------------------

@@ -114,6 +114,11 @@ def verify_checkpoint(
     ``router_file`` the routers of an output whose recipe took them from a file (the recipe records
     the file's name; this is the file). ``on_start`` gets the tensor bytes to compare once they are
     known, ``progress`` those compared, chunk by chunk."""
+    if router_file is not None and not sources:
+        raise RecipeError(
+            f"--router {safe_text(router_file)}: the routers are compared with the models' recipe; give the models "
+            "too (--src)"
+        )
     files = open_folder(folder)
     found = _Found()
     has_index, index = _read_json(files, INDEX_FILE, found, MAX_JSON_BYTES)
