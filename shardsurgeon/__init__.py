@@ -53,6 +53,7 @@ from shardsurgeon.model.arch import NO_HINT, LayerStack, SourceLayer, StackHint,
 from shardsurgeon.model.checkpoint import Checkpoint, Shard, TensorRef, open_checkpoint, resolve_cache_entry
 from shardsurgeon.model.describe import describe_checkpoint
 from shardsurgeon.model.hfcache import card_names
+from shardsurgeon.model.routerfile import RouterFile, open_router_file
 from shardsurgeon.model.source import Source, open_source, resolve
 from shardsurgeon.names import CHECKSUMS_FILE, CONFIG_FILE, INDEX_FILE, PARTIAL_SUFFIX, RESUME_NAME, SINGLE_FILE
 from shardsurgeon.plan.expected import by_definition
@@ -92,7 +93,7 @@ from shardsurgeon.plan.report import dry_run_text, plan_dict
 from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, PlannedTensor, Zeros
 from shardsurgeon.plan.vocab import ZERO_INIT, InitSpec, parse_init
 from shardsurgeon.storage.remote import EXTRA_HINT as REMOTE_EXTRA_HINT
-from shardsurgeon.storage.remote import is_url, normal_url, obstore_available
+from shardsurgeon.storage.remote import file_name, is_url, normal_url, obstore_available
 from shardsurgeon.storage.s3 import EXTRA_HINT as S3_EXTRA_HINT
 from shardsurgeon.storage.s3 import boto3_available
 from shardsurgeon.storage.versions import SourceVersion
@@ -179,6 +180,7 @@ __all__ = [
     "RecipeError",
     "Reflink",
     "Router",
+    "RouterFile",
     "RowInit",
     "RunResult",
     "Runner",
@@ -213,6 +215,7 @@ __all__ = [
     "dry_run_text",
     "encode_header",
     "expand_recipe",
+    "file_name",
     "find_layer_stack",
     "format_bytes",
     "is_url",
@@ -224,6 +227,7 @@ __all__ = [
     "normal_url",
     "obstore_available",
     "open_checkpoint",
+    "open_router_file",
     "open_source",
     "parse_dup",
     "parse_filters",

@@ -25,6 +25,7 @@ from shardsurgeon.model.arch import (
 )
 from shardsurgeon.model.hfcache import hub_id, is_hub_id, resolve_model
 from shardsurgeon.model.license import source_license
+from shardsurgeon.model.routerfile import RouterFile, open_router_file
 from shardsurgeon.model.source import Source, card_names_of, open_source
 from shardsurgeon.model.tokenizer import read_token_files
 from shardsurgeon.plan.experts import KeepSpec, experts_kind, parse_keep, prune_change, upcycle_change
@@ -33,7 +34,15 @@ from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES
 from shardsurgeon.plan.mergekit import merge_recipe, parse_config, to_mergekit_yaml
 from shardsurgeon.plan.mergekit_moe import parse_moe_config
 from shardsurgeon.plan.planner import Plan, make_plan
-from shardsurgeon.plan.recipe import ZERO_ROW, ExpertChange, Recipe, VocabChange, expand_recipe, same_layers_recipe
+from shardsurgeon.plan.recipe import (
+    ZERO_ROW,
+    ExpertChange,
+    Recipe,
+    Router,
+    VocabChange,
+    expand_recipe,
+    same_layers_recipe,
+)
 from shardsurgeon.plan.report import (
     describe_expansion,
     describe_merge,
@@ -94,17 +103,21 @@ def plan_upcycle(
     experts: int,
     top_k: int,
     router_seed: int | None = None,
+    router_file: str | Path | None = None,
     layers: Sequence[int] | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     stack_hint: StackHint = NO_HINT,
 ) -> Job:
     """Plan ``upcycle``: each dense MLP of ``layers`` (default: all) becomes ``experts`` copies of
-    itself behind a router of zeros, or of seeded normal numbers (``router_seed``), ``top_k`` of
-    them per token (Llama and Mistral to Mixtral, Qwen2 to Qwen2-MoE, Qwen3 to Qwen3-MoE)."""
+    itself behind a router of zeros, of seeded normal numbers (``router_seed``), or read from a
+    safetensors file (``router_file``, a path or URL: each upcycled layer's router under its output
+    name), ``top_k`` of them per token (Llama and Mistral to Mixtral, Qwen2 to Qwen2-MoE, Qwen3 to
+    Qwen3-MoE)."""
     source = _open(src, stack_hint)
-    change = upcycle_change(experts, top_k, router_seed, layers, source.config, source.stack)
-    return _experts_job(source, change, dtype, describe_upcycle, max_shard_bytes, stack_hint)
+    router = Router(router_seed, None if router_file is None else str(router_file))
+    change = upcycle_change(experts, top_k, router, layers, source.config, source.stack)
+    return _experts_job(source, change, dtype, describe_upcycle, max_shard_bytes, stack_hint, _router_file(router))
 
 
 def plan_prune_experts(
@@ -124,37 +137,46 @@ def plan_prune_experts(
 
 def _experts_job(
     source: Source, change: ExpertChange, dtype: str | None, describe: Callable[[Plan, str], str],
-    max_shard_bytes: int, stack_hint: StackHint,
+    max_shard_bytes: int, stack_hint: StackHint, router_file: RouterFile | None = None,
 ) -> Job:  # fmt: skip
     """The job of ``change`` to the experts of every layer of ``source``, in place."""
     recipe = same_layers_recipe(source.reference, source.layer_count, change, _cast_to(dtype))
     sources = {source.reference: source}
-    plan = make_plan(recipe, sources)
+    plan = make_plan(recipe, sources, router_file)
     description = describe(plan, card_names_of(sources)[source.reference])
-    return _job(sources, recipe, plan, description, "", max_shard_bytes, stack_hint)
+    return _job(sources, recipe, plan, description, "", max_shard_bytes, stack_hint, router_file)
+
+
+def _router_file(router: Router) -> RouterFile | None:
+    return None if router.file is None else open_router_file(router.file)
 
 
 def plan_moe(
     config_path: str | Path,
     *,
     seed: int = 0,
+    router_file: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     stack_hint: StackHint = NO_HINT,
     hub_cache: Path | None = None,
 ) -> Job:
     """Plan a mergekit-moe config: the base model's layers with each MLP made experts, expert i the
-    MLP of the config's i-th expert model (``gate_mode: random``: routers drawn with ``seed``)."""
+    MLP of the config's i-th expert model (``gate_mode: random``: routers drawn with ``seed``;
+    ``router_file``: the routers of a safetensors file, whatever the ``gate_mode``)."""
     path = Path(config_path)
     try:
         text = read_small(path, MAX_RECIPE_BYTES, RecipeError, "a mergekit-moe YAML config").decode("utf-8")
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: is not a text file; expected a mergekit-moe YAML config") from None
-    spec = parse_moe_config(text, str(path))
+    spec = parse_moe_config(text, str(path), router_file=router_file is not None)
     models = dict.fromkeys([spec.base, *spec.experts, *([spec.shared] if spec.shared else [])])
     sources = {model: open_source(resolve_model(model, path.parent, hub_cache), stack_hint, model) for model in models}
     base = sources[spec.base]
+    if router_file is not None and seed:
+        raise RecipeError(f"--seed {seed}: has no effect with --router FILE (the routers come from the file); give one")
+    router = Router(seed) if router_file is None else Router(file=str(router_file))
     change = upcycle_change(
-        len(spec.experts), spec.top_k, seed, None, base.config, base.stack, spec.experts, spec.shared
+        len(spec.experts), spec.top_k, router, None, base.config, base.stack, spec.experts, spec.shared
     )  # fmt: skip
     made = experts_kind(change, base.config, base.stack)
     for model in models:
@@ -173,9 +195,11 @@ def plan_moe(
             f"becomes {made.model_type}"
         )
     recipe = same_layers_recipe(spec.base, base.layer_count, change, spec.dtype)
-    plan = make_plan(recipe, sources)
+    opened = _router_file(router)
+    plan = make_plan(recipe, sources, opened)
     names = card_names_of(sources)
-    return _job(sources, recipe, plan, describe_upcycle(plan, names[spec.base], names), "", max_shard_bytes, stack_hint)
+    description = describe_upcycle(plan, names[spec.base], names)
+    return _job(sources, recipe, plan, description, "", max_shard_bytes, stack_hint, opened)
 
 
 def plan_vocab(
@@ -333,10 +357,10 @@ def _cast_to(dtype: str | None) -> str | None:
 
 def _job(
     sources: dict[str, Source], recipe: Recipe, plan: Plan, description: str, mergekit_yaml: str,
-    max_shard_bytes: int, stack_hint: StackHint,
+    max_shard_bytes: int, stack_hint: StackHint, router_file: RouterFile | None = None,
 ) -> Job:  # fmt: skip
-    layout = job_layout(recipe, plan, sources, max_shard_bytes)
-    return Job(sources, recipe, plan, layout, description, mergekit_yaml, max_shard_bytes, stack_hint)
+    layout = job_layout(recipe, plan, sources, max_shard_bytes, router_file)
+    return Job(sources, recipe, plan, layout, description, mergekit_yaml, max_shard_bytes, stack_hint, router_file)
 
 
 def plan_merge(

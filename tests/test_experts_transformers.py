@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -117,6 +118,33 @@ def test_mixtral_has_no_key_for_dense_layers(dense, tmp_path):
     )
     assert result.exit_code != 0 and "MixtralForCausalLM has no config key" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "arch, router, shared_gate",
+    [
+        ("mistral", "model.layers.{}.block_sparse_moe.gate.weight", None),
+        ("qwen2", "model.layers.{}.mlp.gate.weight", "model.layers.{}.mlp.shared_expert_gate.weight"),
+    ],
+)
+def test_routers_from_a_file_are_the_loaded_models_routers(dense, tmp_path, arch, router, shared_gate):
+    """A file of float32 routers, the output in bfloat16: transformers holds the file's values rounded."""
+    from safetensors.numpy import save_file
+
+    src, _ = dense(arch, "bfloat16")
+    rng = np.random.default_rng(5)
+    values = {router.format(layer): rng.standard_normal((4, 32)).astype(np.float32) for layer in range(4)}
+    if shared_gate is not None:
+        values[shared_gate.format(1)] = rng.standard_normal((1, 32)).astype(np.float32)
+    save_file(values, str(tmp_path / "routers.safetensors"))
+    run("upcycle", "--src", src, "--experts", "4", "--top-k", "2", "--router", tmp_path / "routers.safetensors",
+        "--out", tmp_path / "moe", "-q")  # fmt: skip
+    state = load(tmp_path / "moe", torch.bfloat16).state_dict()
+    for name, value in values.items():
+        loaded = state[name.replace("block_sparse_moe.", "mlp.")]  # transformers 5 names Mixtral's block mlp
+        assert torch.equal(loaded, torch.from_numpy(value).to(torch.bfloat16)), name
+    if shared_gate is not None:
+        assert not state[shared_gate.format(0)].any()
 
 
 # --- pruning ------------------------------------------------------------------------------------

@@ -66,7 +66,9 @@ def source(tmp_path_factory):
 def test_old_ids_keep_their_logits_bit_for_bit(source, tmp_path, arch, dtype, init, count):
     src, want = source(arch, dtype)
     new = [f"<new{i}>" for i in range(count)]
-    run("vocab", "--src", src, "--add-tokens", ",".join(new), "--special", "--init", init, "--out", tmp_path / "o", "-q")
+    run(
+        "vocab", "--src", src, "--add-tokens", ",".join(new), "--special", "--init", init, "--out", tmp_path / "o", "-q"
+    )
     model = load(tmp_path / "o", DTYPES[dtype])
     got = logits(model)
     new_ids = list(range(TOKENS, TOKENS + count))

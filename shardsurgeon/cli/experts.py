@@ -11,7 +11,9 @@ from shardsurgeon import (
     DEFAULT_MAX_SHARD_BYTES,
     KeepSpec,
     Reflink,
+    Router,
     StackHint,
+    file_name,
     parse_layers,
     parse_router,
     plan_moe,
@@ -37,10 +39,11 @@ SRC_HELP = (
 @click.option(
     "--router",
     default="zeros",
-    type=ParsedParam("zeros|random:SEED", parse_router),
-    metavar="zeros|random:SEED",
-    help="The routers: zeros (the model computes what the dense one did) or normal numbers of the config's "
-    "initializer_range drawn with SEED.",
+    type=ParsedParam("zeros|random:SEED|FILE", parse_router),
+    metavar="zeros|random:SEED|FILE",
+    help="The routers: zeros (the model computes what the dense one did), normal numbers of the config's "
+    "initializer_range drawn with SEED, or a safetensors file (path or URL) holding each upcycled layer's router "
+    "under its output name, [experts, hidden], any float dtype.",
 )
 @click.option(
     "--layers",
@@ -55,7 +58,7 @@ def upcycle(
     src: Path | str,
     experts: int,
     top_k: int,
-    router: int | None,
+    router: Router,
     layers: tuple[int, ...] | None,
     dtype: str | None,
     out: Path | str | None,
@@ -81,7 +84,7 @@ def upcycle(
     """
     params.need_output(out, dry_run, plan_json)
     job = plan_upcycle(
-        src, experts=experts, top_k=top_k, router_seed=router, layers=layers, dtype=dtype,
+        src, experts=experts, top_k=top_k, router_seed=router.seed, router_file=router.file, layers=layers, dtype=dtype,
         max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key),
     )  # fmt: skip
     command = command_line(
@@ -89,7 +92,7 @@ def upcycle(
         src=job.card_names[str(src)],
         experts=experts,
         top_k=top_k,
-        router=None if router is None else f"random:{router}",
+        router=None if router == Router() else _router_word(router),
         layers=None if layers is None else ",".join(map(str, layers)),
         dtype=dtype,
         max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
@@ -100,6 +103,11 @@ def upcycle(
     )
     options = params.write_options(force, dense, reflink, checksums, jobs, ray_address)
     plan_or_run(job, out, command, dry_run, plan_json, quiet, options)
+
+
+def _router_word(router: Router) -> str:
+    """How the model card's command names the routers: a file by its name alone (the card leaks no path)."""
+    return router.text if router.file is None else file_name(router.file)
 
 
 def _keep(text: str) -> tuple[str, KeepSpec]:
@@ -176,6 +184,13 @@ def prune_experts(
     help="Seed of the routers of gate_mode: random (the same routers on every machine).",
 )
 @click.option(
+    "--router",
+    "router_file",
+    metavar="FILE",
+    help="Take the routers from this safetensors file (path or URL), whatever the gate_mode: each layer's "
+    "router under its output name, [experts, hidden] (how hidden and cheap_embed gates computed elsewhere enter).",
+)
+@click.option(
     "--transformers-cache",
     type=click.Path(path_type=Path),
     metavar="DIR",
@@ -187,6 +202,7 @@ def moe(
     config: Path,
     out_argument: Path | str | None,
     seed: int,
+    router_file: str | None,
     transformers_cache: Path | None,
     out: Path | str | None,
     max_shard_size: int,
@@ -203,21 +219,23 @@ def moe(
     quiet: bool,
     verbose: bool,
 ) -> None:
-    """Make a mixture of experts from a mergekit-moe config (gate_mode: random).
+    """Make a mixture of experts from a mergekit-moe config (gate_mode: random, or any with --router FILE).
 
     \b
     shardsurgeon moe clowncar.yml ./clowncar-4x7b
+    shardsurgeon moe clowncar.yml ./clowncar-4x7b --router hidden-gates.safetensors
     """
     out = one_output(out_argument, out)
     params.need_output(out, dry_run, plan_json, "give the output folder (OUT or --out)")
     job = plan_moe(
-        config, seed=seed, max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key),
-        hub_cache=transformers_cache,
+        config, seed=seed, router_file=router_file, max_shard_bytes=max_shard_size,
+        stack_hint=StackHint(layer_prefix, layers_key), hub_cache=transformers_cache,
     )  # fmt: skip
     command = command_line(
         "moe",
         config=None,
         seed=seed or None,
+        router=None if router_file is None else file_name(router_file),
         max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
         dense=dense,
         checksums=checksums,

@@ -103,6 +103,12 @@ def demo(keep: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
     type=SOURCE,
     help="A source the output was made from (repeat, in the recipe's order): check every tensor's bytes.",
 )
+@click.option(
+    "--router",
+    "router_file",
+    metavar="FILE",
+    help="With --src: the file of routers the output was made from (upcycle or moe --router FILE).",
+)
 @click.option("--layer-prefix", help="Layer stack prefix, when it cannot be detected.")
 @click.option("--layers-key", help="config.json key that counts the layers.")
 @verbosity
@@ -110,6 +116,7 @@ def demo(keep: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
 def verify_command(
     folder: Path | str,
     sources: tuple[Path | str, ...],
+    router_file: str | None,
     layer_prefix: str | None,
     layers_key: str | None,
     quiet: bool,
@@ -124,10 +131,13 @@ def verify_command(
     shardsurgeon verify ./openchat-44
     shardsurgeon verify ./openchat-44 --src ./openchat-3.5-0106
     shardsurgeon verify s3://models/openchat-44 --src ./openchat-3.5-0106
+    shardsurgeon verify ./mixtral-init --src ./mistral-7b --router ./routers.safetensors
     """
     with verify_bar(quiet) as (on_start, progress):
         hint = StackHint(layer_prefix, layers_key)
-        report = verify_checkpoint(folder, sources, stack_hint=hint, progress=progress, on_start=on_start)
+        report = verify_checkpoint(
+            folder, sources, router_file=router_file, stack_hint=hint, progress=progress, on_start=on_start
+        )
     for mismatch in report.mismatches:
         click.echo(str(mismatch))
     if not quiet:

@@ -93,12 +93,14 @@ def _open_remote(remote: RemoteFolder) -> Checkpoint:
     else:
         shard_names = {SINGLE_FILE: None}
     missing = f"though {INDEX_FILE} lists it" if index is not None else f"and neither is {INDEX_FILE}"
-    shards_refs = (_read_remote_shard(remote, shard_name, missing) for shard_name in shard_names)
+    shards_refs = (read_remote_shard(remote, shard_name, missing) for shard_name in shard_names)
     tensors, shards = _collect(remote.url, remote.where(INDEX_FILE), shard_names, shards_refs)
     return Checkpoint(remote.url, tensors, shards, config, remote.fetched_nbytes)
 
 
-def _read_remote_shard(remote: RemoteFolder, shard_name: str, missing: str) -> tuple[Shard, list[TensorRef]]:
+def read_remote_shard(remote: RemoteFolder, shard_name: str, missing: str) -> tuple[Shard, list[TensorRef]]:
+    """The file ``shard_name`` under ``remote`` and its tensors, from its header; ``missing`` ends the
+    message when there is no such file."""
     where = remote.where(shard_name)
     found = remote.read_header(shard_name, missing)
     header = found.header
@@ -198,6 +200,12 @@ def _read_shard(root: Path, shard_name: str) -> tuple[Shard, list[TensorRef]]:
         raise CheckpointError(
             f"{path}: shard listed in {INDEX_FILE} is missing; download or copy the complete checkpoint"
         ) from None
+    return read_shard(path)
+
+
+def read_shard(path: Path) -> tuple[Shard, list[TensorRef]]:
+    """The local safetensors file at ``path`` and its tensors, from its header: its version is the
+    one the header was read from."""
     seen = local_version(path, "")
     header = read_header(path)
     with open(path, "rb") as f:

@@ -3,11 +3,11 @@
 Upcycling (:class:`~shardsurgeon.plan.recipe.Upcycle`) makes each dense MLP of the chosen layers
 the experts of a mixture: every expert a copy of the MLP (a copy of the same source bytes, so it
 shares blocks with the source on XFS and btrfs and is copied by the server on S3), and a router of
-zeros (a hole) or of seeded normal numbers. With a zero router every expert is equally likely, the
-top-k weights are renormalised to 1/k each, and the layer computes the dense MLP again: for top-k
-a power of two the sum is exact. Qwen2-MoE adds a shared expert behind a sigmoid gate; its gate is
-zeros (a weight of exactly 1/2) and its routed experts' down projections are halved (exact), so
-the two halves add up to the dense output.
+zeros (a hole), of seeded normal numbers, or read from a file (:mod:`plan.routers`). With a zero
+router every expert is equally likely, the top-k weights are renormalised to 1/k each, and the
+layer computes the dense MLP again: for top-k a power of two the sum is exact. Qwen2-MoE adds a
+shared expert behind a sigmoid gate; its gate is zeros (a weight of exactly 1/2) and its routed
+experts' down projections are halved (exact), so the two halves add up to the dense output.
 
 Pruning (:class:`~shardsurgeon.plan.recipe.PruneExperts`) keeps some experts of each layer, in the
 order given: one tensor per expert is renamed, a fused ``[E, ...]`` tensor and the router's rows
@@ -35,9 +35,11 @@ from shardsurgeon.model.moe import (
     expert_tensor,
     moe_kind,
 )
+from shardsurgeon.model.routerfile import RouterFile
 from shardsurgeon.model.source import Source
 from shardsurgeon.plan.recipe import MAX_EXPERTS, ExpertChange, PruneExperts, Router, Upcycle
-from shardsurgeon.plan.tensors import Convert, Copy, Normal, Piece, Pieces, PlannedTensor, Zeros
+from shardsurgeon.plan.routers import planned_router, planned_shared_gate
+from shardsurgeon.plan.tensors import Convert, Copy, Piece, Pieces, PlannedTensor, Zeros
 
 DEFAULT_INITIALIZER_RANGE = 0.02
 """transformers' ``initializer_range`` default, the random router's standard deviation when the
@@ -82,16 +84,17 @@ def experts_kind(change: ExpertChange | None, config: Mapping[str, Any], stack: 
 
 def change_layer(
     change: ExpertChange, kind: MoeKind, stack: LayerStack, position: int, layer: int, tensors: list[PlannedTensor],
-    config: Mapping[str, Any], layer_of: Callable[[str], list[PlannedTensor]],
+    config: Mapping[str, Any], layer_of: Callable[[str], list[PlannedTensor]], router_file: RouterFile | None = None,
 ) -> list[PlannedTensor]:  # fmt: skip
     """Output layer ``position`` (source layer ``layer``, whose planned ``tensors`` these are) with
     its experts changed; ``layer_of(model)`` plans another model's tensors of the same layer (the
-    experts of a mergekit-moe config)."""
+    experts of a mergekit-moe config); ``router_file`` is the opened file of routers the change
+    names, if it names one."""
     match change:
         case Upcycle():
             if change.layers is not None and layer not in change.layers:
                 return tensors
-            return _upcycled(change, kind, stack, position, tensors, config, layer_of)
+            return _upcycled(change, kind, stack, position, tensors, config, layer_of, router_file)
         case PruneExperts(keep):
             kept = keep[layer]
             return tensors if kept is None else _pruned(kept, kind, stack, position, tensors)
@@ -121,7 +124,7 @@ def _dense_mlp(
 
 def _upcycled(
     change: Upcycle, kind: MoeKind, stack: LayerStack, position: int, tensors: list[PlannedTensor],
-    config: Mapping[str, Any], layer_of: Callable[[str], list[PlannedTensor]],
+    config: Mapping[str, Any], layer_of: Callable[[str], list[PlannedTensor]], router_file: RouterFile | None,
 ) -> list[PlannedTensor]:  # fmt: skip
     found = _dense_mlp(tensors, stack, position, kind)
     experts = [_dense_mlp(layer_of(model), stack, position, kind) for model in change.expert_models]
@@ -137,13 +140,10 @@ def _upcycled(
         raise PlanError(
             f"config.json: initializer_range {safe_text(std)}: expected a positive number (the router's std)"
         )
-    made: list[PlannedTensor] = []
     router_name = stack.name(position, kind.router())
-    if change.router.seed is None:
-        made.append(PlannedTensor(router_name, gate.dtype, (change.experts, hidden), Zeros(), None, model))
-    else:
-        op = Normal(change.router.seed, float(std), router_name)
-        made.append(PlannedTensor(router_name, gate.dtype, (change.experts, hidden), op, None, model))
+    shape = (change.experts, hidden)
+    std = float(std) if change.router.seed is not None else DEFAULT_INITIALIZER_RANGE
+    made = [planned_router(change.router, router_file, router_name, gate.dtype, shape, model, std)]
     # copies of one MLP: the shared expert's gate of zeros weighs it by exactly 1/2, the routed half
     # is halved; experts of several models are copied as they are (as mergekit-moe does)
     halve = kind.shared_gate is not None and not change.expert_models
@@ -164,7 +164,7 @@ def _upcycled(
             )
     if kind.shared_gate is not None:
         name = stack.name(position, f"{kind.block}.{kind.shared_gate}.weight")
-        made.append(PlannedTensor(name, gate.dtype, (1, hidden), Zeros(), None, model))
+        made.append(planned_shared_gate(change.router, router_file, name, gate.dtype, (1, hidden), model))
     first = min(tensors.index(t) for t in found.values())
     rest = [t for t in tensors if t not in found.values()]
     return rest[:first] + made + rest[first:]
@@ -351,7 +351,7 @@ empty entry for a layer without experts), or a mapping of layer numbers to lists
 
 
 def upcycle_change(
-    experts: int, top_k: int, router_seed: int | None, layers: Sequence[int] | None, config: Mapping[str, Any],
+    experts: int, top_k: int, router: Router, layers: Sequence[int] | None, config: Mapping[str, Any],
     stack: LayerStack, expert_models: Sequence[str] = (), shared_model: str | None = None,
 ) -> Upcycle:  # fmt: skip
     """The :class:`Upcycle` of the user's numbers, checked against the model."""
@@ -359,11 +359,13 @@ def upcycle_change(
         raise RecipeError(f"--experts {experts}: expected between 1 and {MAX_EXPERTS}")
     if not 1 <= top_k <= experts:
         raise RecipeError(f"--top-k {top_k}: expected between 1 and the number of experts ({experts})")
-    if router_seed is not None and not 0 <= router_seed < 1 << 64:
-        raise RecipeError(f"--router random:{router_seed}: expected a seed between 0 and 2**64-1")
+    if router.seed is not None and not 0 <= router.seed < 1 << 64:
+        raise RecipeError(f"--router random:{router.seed}: expected a seed between 0 and 2**64-1")
+    if router.seed is not None and router.file is not None:
+        raise RecipeError(f"--router {safe_text(router.file)}: a file of routers takes no seed; give one or the other")
     kind = upcycle_kind(config, stack)
     chosen = None if layers is None else tuple(sorted(set(layers)))
-    change = Upcycle(experts, top_k, Router(router_seed), chosen, tuple(expert_models), shared_model)
+    change = Upcycle(experts, top_k, router, chosen, tuple(expert_models), shared_model)
     check_upcycle(change, kind, stack.count)
     return change
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 from shardsurgeon.model.arch import NO_HINT, StackHint
+from shardsurgeon.model.routerfile import RouterFile
 from shardsurgeon.model.source import Source, card_names_of
 from shardsurgeon.model.tokenizer import read_token_files
 from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES, RECIPE_METADATA_KEY, Layout, ShardLayout, plan_layout
@@ -28,7 +30,8 @@ from shardsurgeon.storage.versions import SourceVersion
 
 @dataclass(frozen=True)
 class Job:
-    """A planned rewrite of ``sources`` (by the model references of the recipe)."""
+    """A planned rewrite of ``sources`` (by the model references of the recipe), and of the file of
+    routers the recipe names, if any: a source file like the models' shards."""
 
     sources: dict[str, Source]
     recipe: Recipe
@@ -38,11 +41,20 @@ class Job:
     mergekit_yaml: str
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     stack_hint: StackHint = NO_HINT
+    router_file: RouterFile | None = None
 
     @cached_property
     def versions(self) -> tuple[SourceVersion, ...]:
-        """Every source file as the plan saw it."""
-        return tuple(shard.version for source in self.sources.values() for shard in source.checkpoint.shards)
+        """Every source file as the plan saw it: the models' shards, then the file of routers."""
+        shards = [shard for source in self.sources.values() for shard in source.checkpoint.shards]
+        return tuple(shard.version for shard in [*shards, *([self.router_file.shard] if self.router_file else [])])
+
+    def local_files(self) -> tuple[list[Path], list[Path]]:
+        """The local source files: the models' shards (whose folders are sources too), and the
+        file of routers (a file alone: the folder holding it may hold an output)."""
+        router = self.router_file.shard.version if self.router_file is not None else None
+        shards = [Path(v.where) for v in self.versions if v.is_local and v is not router]
+        return shards, [Path(router.where)] if router is not None and router.is_local else []
 
     @cached_property
     def key(self) -> str:
@@ -79,7 +91,12 @@ def replaced_files(recipe: Recipe, donor: Source) -> dict[str, bytes | None]:
     return token_files(recipe.vocab, read_token_files(donor.folder))
 
 
-def job_layout(recipe: Recipe, plan: Plan, sources: dict[str, Source], max_shard_bytes: int) -> Layout:
-    """The shards, each recording the recipe by published model names so ``verify`` can re-derive it."""
+def job_layout(
+    recipe: Recipe, plan: Plan, sources: dict[str, Source], max_shard_bytes: int, router_file: RouterFile | None = None
+) -> Layout:
+    """The shards, each recording the recipe by published model names (and the file of routers by
+    its file name) so ``verify`` can re-derive it."""
     names = {model: source.published_name for model, source in sources.items()}
+    if router_file is not None:
+        names[router_file.reference] = router_file.name
     return plan_layout(plan, max_shard_bytes, {RECIPE_METADATA_KEY: recipe_to_json(recipe, names)})

@@ -6,7 +6,9 @@ MLPs of a model of the same architecture, a fine-tune of the base), optionally s
 each model's MLP, which is what mergekit-moe 0.1.5 writes too. Gates: ``random`` is a seeded
 router here (mergekit-moe's own draw depends on torch's generator and cannot be reproduced);
 ``hidden`` and ``cheap_embed`` compute gates from the prompts with a forward pass through the
-models, which this tool does not do, and are refused in one line. Pure: no files are read here.
+models, which this tool does not do, and are refused in one line that names ``--router FILE``: a
+file of routers computed elsewhere replaces the gate mode, whichever it is. Pure: no files are
+read here.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class MoeConfig:
     """The model_type the config asks for (None: the one the base model's type becomes)."""
 
 
-def parse_moe_config(text: str, where: str) -> MoeConfig:
-    """The mergekit-moe config in ``text`` (from the file ``where``), checked key by key."""
+def parse_moe_config(text: str, where: str, *, router_file: bool = False) -> MoeConfig:
+    """The mergekit-moe config in ``text`` (from the file ``where``), checked key by key; with
+    ``router_file`` (routers come from a file) any of mergekit-moe's gate modes is accepted."""
     import yaml
 
     try:
@@ -56,14 +59,16 @@ def parse_moe_config(text: str, where: str) -> MoeConfig:
     if not isinstance(experts, list) or not experts:
         raise RecipeError(f"{where}: experts: expected a list of experts, each with a source_model")
     gate_mode = record.get("gate_mode", "hidden")
-    if gate_mode in GATE_MODES_NEEDING_A_FORWARD_PASS:
+    if gate_mode in GATE_MODES_NEEDING_A_FORWARD_PASS and not router_file:
         raise RecipeError(
             f"{where}: gate_mode {gate_mode}: its gates come from running the prompts through the models, a forward "
-            "pass this tool does not do; use gate_mode: random (a seeded router, --seed) and train the routers"
+            "pass this tool does not do; compute the routers elsewhere and pass them with --router FILE (a "
+            "safetensors file, docs/routers.md), or use gate_mode: random (a seeded router, --seed)"
         )
-    if gate_mode != "random":
+    if gate_mode not in ("random", *GATE_MODES_NEEDING_A_FORWARD_PASS):
         raise RecipeError(
-            f"{where}: gate_mode {safe_text(gate_mode)}: expected random (hidden and cheap_embed need torch)"
+            f"{where}: gate_mode {safe_text(gate_mode)}: expected random, hidden or cheap_embed (hidden and "
+            "cheap_embed with --router FILE)"
         )
     top_k = record.get("experts_per_token", 2)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(experts):

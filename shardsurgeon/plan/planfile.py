@@ -5,9 +5,10 @@ shard and offset) plus a ``job`` record that lets any process, on any machine th
 source paths, rebuild the very same job: the recipe, each source's folder and the version of each
 of its files (:class:`~shardsurgeon.storage.versions.SourceVersion`: device, inode, size, times and
 header digest, or for a URL the ETag or Last-Modified time), the layer-stack hint, the shard size,
-and the model card's texts. Reading it back re-plans from the sources and refuses, in one line,
-sources that are no longer the versions recorded, and a plan that no longer comes out the same
-(other headers, or another shardsurgeon version). Output bytes never depend on which process wrote
+the model card's texts, and the file of routers with its version, if the recipe names one.
+Reading it back re-plans from the sources and refuses, in one line, sources that are no longer the
+versions recorded, and a plan that no longer comes out the same (other headers, or another
+shardsurgeon version). Output bytes never depend on which process wrote
 a shard, so a plan can be split among writers (``apply --shards``) and finalized once.
 
 The file may have been edited by hand: every field is checked for its type and bounds before it is
@@ -26,10 +27,11 @@ import orjson
 
 from shardsurgeon.errors import CheckpointError, OutputError, PlanError, RecipeError, safe_text
 from shardsurgeon.model.arch import StackHint
+from shardsurgeon.model.routerfile import RouterFile, open_router_file
 from shardsurgeon.model.source import Source, open_source
 from shardsurgeon.plan.job import Job, job_layout
 from shardsurgeon.plan.planner import make_plan
-from shardsurgeon.plan.recipe import recipe_from_json, recipe_to_json, recorded_models
+from shardsurgeon.plan.recipe import Upcycle, recipe_from_json, recipe_to_json, recorded_models
 from shardsurgeon.plan.report import plan_dict
 from shardsurgeon.storage.overlap import check_outside_sources
 from shardsurgeon.storage.remote import file_name, is_url, join_name
@@ -70,6 +72,7 @@ def plan_file_bytes(job: Job, command: str) -> bytes:
         "format": FORMAT,
         "recipe": recipe_to_json(job.recipe, {}),
         "sources": [_source_record(source) for source in job.sources.values()],
+        "router_file": None if job.router_file is None else _router_file_record(job.router_file),
         "stack_hint": {"prefix": job.stack_hint.prefix, "count_key": job.stack_hint.count_key},
         "max_shard_bytes": job.max_shard_bytes,
         "description": job.description,
@@ -82,8 +85,8 @@ def plan_file_bytes(job: Job, command: str) -> bytes:
 def write_plan_file(job: Job, path: Path, command: str) -> None:
     """Save the plan file at ``path``, which must not lie inside a source nor be a FIFO or device."""
     folders = [s.folder for s in job.sources.values() if isinstance(s.folder, Path)]
-    local_files = [Path(v.where) for v in job.versions if v.is_local]
-    check_outside_sources(path, folders, "--plan-json", "file", files=local_files)
+    files, lone_files = job.local_files()
+    check_outside_sources(path, folders, "--plan-json", "file", files=files, lone_files=lone_files)
     check_writable_target(path, OutputError, "--plan-json")
     try:
         path.write_bytes(plan_file_bytes(job, command))
@@ -96,6 +99,14 @@ def _source_record(source: Source) -> dict[str, Any]:
         "reference": source.reference,
         "folder": str(source.folder.absolute()) if isinstance(source.folder, Path) else source.folder,
         "files": [shard.version.as_record() for shard in source.checkpoint.shards],
+    }
+
+
+def _router_file_record(router_file: RouterFile) -> dict[str, Any]:
+    where = router_file.shard.path
+    return {
+        "reference": str(where.absolute()) if isinstance(where, Path) else where,
+        "file": router_file.shard.version.as_record(),
     }
 
 
@@ -143,6 +154,7 @@ def _load(record: Any, shown: str) -> PlannedJob:
         if reference in sources:
             raise _FieldError(f"{at}.reference", f"{_shown(reference)} is recorded twice")
         sources[reference] = _reopen(source_record, at, hint, shown)
+    router_file = _reopen_router_file(job.get("router_file"), shown)
     recipe_text = _text(_get(job, "recipe", "job.recipe"), "job.recipe")
     max_shard_bytes = _count(
         _get(job, "max_shard_bytes", "job.max_shard_bytes"), "job.max_shard_bytes", 1, MAX_SIZE_BYTES
@@ -162,11 +174,15 @@ def _load(record: Any, shown: str) -> PlannedJob:
             raise _FieldError(
                 "job.recipe", f"names the models {_shown(references)}, job.sources {_shown(list(sources))}"
             )
-        recipe = recipe_from_json(recipe_text, references, lambda model: sources[model].layer_count)
+        reference = None if router_file is None else router_file.reference
+        recipe = recipe_from_json(recipe_text, references, lambda model: sources[model].layer_count, reference)
     except RecipeError as e:
         raise _FieldError("job.recipe", str(e)) from None
-    plan = make_plan(recipe, sources)
-    layout = job_layout(recipe, plan, sources, max_shard_bytes)
+    named = recipe.experts.router.file if isinstance(recipe.experts, Upcycle) else None
+    if (named is None) != (router_file is None):
+        raise _FieldError("job.router_file", "does not agree with the recipe's routers (a file in one, not the other)")
+    plan = make_plan(recipe, sources, router_file)
+    layout = job_layout(recipe, plan, sources, max_shard_bytes, router_file)
     fingerprint = _text(_get(top, "fingerprint", "fingerprint"), "fingerprint")
     planned = []
     for number, item in enumerate(_list(_get(top, "shards", "shards"), "shards", MAX_FILES)):
@@ -186,7 +202,7 @@ def _load(record: Any, shown: str) -> PlannedJob:
             f"file records {safe_text(fingerprint, 40)}); the sources' headers or the shardsurgeon version changed: "
             "make the plan again"
         )
-    rebuilt = Job(sources, recipe, plan, layout, description, mergekit_yaml, max_shard_bytes, hint)
+    rebuilt = Job(sources, recipe, plan, layout, description, mergekit_yaml, max_shard_bytes, hint, router_file)
     return PlannedJob(rebuilt, command)
 
 
@@ -220,6 +236,30 @@ def _reopen(record: dict[str, Any], at: str, hint: StackHint, shown: str) -> Sou
         for shard in source.checkpoint.shards
     )
     return replace(source, checkpoint=replace(source.checkpoint, shards=shards))
+
+
+def _reopen_router_file(record: Any, shown: str) -> RouterFile | None:
+    """The file of routers as the plan file records it, opened again: it must be the version recorded."""
+    if record is None:
+        return None
+    record = _object(record, "job.router_file")
+    reference = _text(_get(record, "reference", "job.router_file.reference"), "job.router_file.reference")
+    if "\0" in reference or not reference:
+        raise _FieldError("job.router_file.reference", "expected a file path or URL")
+    try:
+        recorded = SourceVersion.from_record(_get(record, "file", "job.router_file.file"), "job.router_file.file")
+    except ValueError as e:
+        raise _FieldError(*e.args) from None
+    opened = open_router_file(reference)
+    now = opened.shard.version
+    if not recorded.same_as(now):
+        raise CheckpointError(
+            f"{safe_text(reference)}: the file of routers changed since the plan {shown} was made "
+            f"({describe_change(recorded, now)}); make the plan again"
+        )
+    if recorded.racy:  # as the plan saw it: still no proof
+        return replace(opened, shard=replace(opened.shard, version=replace(now, racy=True)))
+    return opened
 
 
 def _get(record: dict[str, Any], key: str, field: str) -> Any:

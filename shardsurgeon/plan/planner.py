@@ -23,9 +23,11 @@ from shardsurgeon.errors import PlanError, RecipeError
 from shardsurgeon.format import DTYPES, torch_name
 from shardsurgeon.model.arch import LayerStack, SourceLayer, patch_config
 from shardsurgeon.model.checkpoint import TensorRef
+from shardsurgeon.model.routerfile import RouterFile
 from shardsurgeon.model.source import Source
 from shardsurgeon.plan.experts import change_layer, changed_config, experts_kind
 from shardsurgeon.plan.recipe import LayerSource, Recipe
+from shardsurgeon.plan.routers import check_every_tensor_used
 from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, Normal, Piece, PieceOp, Pieces, PlannedTensor, Zeros
 from shardsurgeon.plan.vocab import VocabMatrices, change_vocab, check_rows, vocab_config, vocab_matrices
 
@@ -61,8 +63,9 @@ class Plan:
         return len(self.recipe.layers)
 
 
-def make_plan(recipe: Recipe, sources: Mapping[str, Source]) -> Plan:
-    """Plan the output of ``recipe``; ``sources`` maps each model of the recipe to its record.
+def make_plan(recipe: Recipe, sources: Mapping[str, Source], router_file: RouterFile | None = None) -> Plan:
+    """Plan the output of ``recipe``; ``sources`` maps each model of the recipe to its record, and
+    ``router_file`` is the opened file of routers the recipe names, if it names one.
 
     The recipe's layer numbers are in range for these sources: its builders check that.
     """
@@ -91,8 +94,10 @@ def make_plan(recipe: Recipe, sources: Mapping[str, Source]) -> Plan:
             def same_layer_of(model: str, at: LayerSource = layer_source, here: int = position) -> list[PlannedTensor]:
                 return planned_layer(dataclasses.replace(at, model=model), here)  # an expert's source
 
-            change, stack = recipe.experts, donor.stack
-            layer = change_layer(change, kind, stack, position, layer_source.layer, layer, donor.config, same_layer_of)
+            change, stack, config = recipe.experts, donor.stack, donor.config
+            layer = change_layer(
+                change, kind, stack, position, layer_source.layer, layer, config, same_layer_of, router_file
+            )
         tensors.extend(layer)
     for ref in sources[recipe.tail.model].after:
         tensors.append(_planned(ref.name, ref, recipe.tail, recipe, matched))
@@ -104,6 +109,10 @@ def make_plan(recipe: Recipe, sources: Mapping[str, Source]) -> Plan:
         tensors, vocab_rows = change_vocab(recipe.vocab, tensors, matrices), matrices.rows
     _check_filters(recipe, matched, sources)
     _check_unique_names(tensors)
+    if router_file is not None:
+        check_every_tensor_used(
+            router_file, {t.name for t in tensors if t.source and t.source.path == router_file.shard.path}
+        )
     layer_sources = [SourceLayer(sources[s.model].config, sources[s.model].stack, s.layer or 0) for s in recipe.layers]
     config = patch_config(donor.config, donor.stack, layer_sources)
     if recipe.experts is not None:
@@ -113,7 +122,7 @@ def make_plan(recipe: Recipe, sources: Mapping[str, Source]) -> Plan:
     if recipe.output_dtype is not None:
         config = _set_dtype(config, donor.stack, torch_name(recipe.output_dtype))
     model_layers = {model: sources[model].layer_count for model in recipe.models}
-    fingerprint = _fingerprint(tensors, config, sources)
+    fingerprint = _fingerprint(tensors, config, sources, router_file)
     return Plan(recipe, donor.stack, tuple(tensors), config, fingerprint, model_layers, vocab_rows)
 
 
@@ -222,13 +231,16 @@ def _set_dtype(config: dict[str, Any], stack: LayerStack, name: str) -> dict[str
     return config
 
 
-def _fingerprint(tensors: list[PlannedTensor], config: dict[str, Any], sources: Mapping[str, Source]) -> str:
+def _fingerprint(
+    tensors: list[PlannedTensor], config: dict[str, Any], sources: Mapping[str, Source], router_file: RouterFile | None
+) -> str:
     """A digest of the plan that changes with anything that changes the output bytes.
 
-    Sources enter by their header digest and offsets, not their paths, so the output does not
-    depend on where the source lives.
+    Sources (and a file of routers) enter by their header digest and offsets, not their paths, so
+    the output does not depend on where the source lives.
     """
-    headers = {str(s.path): s.header_sha256 for source in sources.values() for s in source.checkpoint.shards}
+    shards = [s for source in sources.values() for s in source.checkpoint.shards]
+    headers = {str(s.path): s.header_sha256 for s in [*shards, *([router_file.shard] if router_file else [])]}
     described = []
     for t in tensors:
         entry: list[Any] = [t.name, t.dtype, t.shape]

@@ -51,14 +51,18 @@ class LayerSource:
 
 @dataclass(frozen=True, slots=True)
 class Router:
-    """How an upcycled router starts: all zeros (``seed`` None: every expert equally likely, so
-    the model computes what the dense one did), or numbers from a normal distribution of the
-    config's ``initializer_range`` drawn with ``seed`` (reproducible on every machine)."""
+    """How an upcycled router starts: all zeros (``seed`` and ``file`` None: every expert equally
+    likely, so the model computes what the dense one did), numbers from a normal distribution of
+    the config's ``initializer_range`` drawn with ``seed`` (reproducible on every machine), or the
+    tensors of a safetensors ``file`` of routers (named as the user gave it: a path or URL)."""
 
     seed: int | None = None
+    file: str | None = None
 
     @property
     def text(self) -> str:
+        if self.file is not None:
+            return self.file
         return "zeros" if self.seed is None else f"random:{self.seed}"
 
 
@@ -232,14 +236,19 @@ def parse_dup(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def parse_router(text: str) -> int | None:
-    """``--router``: ``zeros`` (None) or ``random:SEED`` (the seed)."""
+def parse_router(text: str) -> Router:
+    """``--router``: ``zeros``, ``random:SEED``, or anything else the path or URL of a file of routers."""
     kind, _, seed = text.strip().partition(":")
     if kind == "zeros" and not seed:
-        return None
+        return Router()
     if kind == "random" and re.fullmatch(r"[0-9]{1,20}", seed) and int(seed) < 1 << 64:
-        return int(seed)
-    raise RecipeError(f"--router {_clip(text)}: expected zeros or random:SEED (a whole number below 2**64)")
+        return Router(int(seed))
+    if kind in ("zeros", "random") or not text.strip():
+        raise RecipeError(
+            f"--router {_clip(text)}: expected zeros, random:SEED (a whole number below 2**64) or a safetensors "
+            "file of routers"
+        )
+    return Router(file=text)
 
 
 def parse_layers(text: str, flag: str = "--layers") -> tuple[int, ...]:
@@ -322,7 +331,8 @@ def recipe_to_json(recipe: Recipe, names: Mapping[str, str]) -> str:
     """A compact JSON record of the recipe, stored in the output so ``verify`` can re-derive the plan.
 
     Models are recorded by the names in ``names`` (Hugging Face ids), not by local paths; two models
-    of the same name stay two entries, so that ``verify`` can be given each.
+    of the same name stay two entries, so that ``verify`` can be given each. A file of routers is
+    recorded by its name in ``names`` too (its file name: ``verify --router FILE`` gives it again).
     """
 
     def source(s: LayerSource) -> list[Any]:
@@ -340,7 +350,7 @@ def recipe_to_json(recipe: Recipe, names: Mapping[str, str]) -> str:
         "base": None if recipe.base is None else refs.index(recipe.base),
     }
     if recipe.experts is not None:
-        record["experts"] = _experts_record(recipe.experts, refs)
+        record["experts"] = _experts_record(recipe.experts, refs, names)
     if recipe.vocab is not None:
         record["vocab"] = _vocab_record(recipe.vocab)
     return json.dumps(record, separators=(",", ":"))
@@ -360,10 +370,12 @@ def _vocab_record(change: VocabChange) -> dict[str, Any]:
     return {"rows": [run(r) for r in change.rows], "tokens": [[t.content, t.id, t.special] for t in change.tokens]}
 
 
-def _experts_record(change: ExpertChange, refs: list[str]) -> dict[str, Any]:
+def _experts_record(change: ExpertChange, refs: list[str], names: Mapping[str, str]) -> dict[str, Any]:
     match change:
         case Upcycle(experts, top_k, router, layers, expert_models, shared_model):
             fields: dict[str, Any] = {"experts": experts, "top_k": top_k, "router_seed": router.seed, "layers": layers}
+            if router.file is not None:
+                fields["router_file"] = names.get(router.file, router.file)
             if expert_models:
                 fields["expert_models"] = [refs.index(m) for m in expert_models]
                 fields["shared_model"] = None if shared_model is None else refs.index(shared_model)
@@ -383,8 +395,20 @@ def recorded_models(text: str) -> list[str]:
     raise RecipeError("recorded recipe is unreadable (no list of models); the output was not written by this version")
 
 
-def recipe_from_json(text: str, models: Sequence[str], layer_count: Callable[[str], int]) -> Recipe:
-    """Read back :func:`recipe_to_json` with ``models`` in place of the recorded names, in order.
+def recorded_router_file(text: str) -> str | None:
+    """The name of the file of routers a :func:`recipe_to_json` record names, if it names one."""
+    try:
+        name = json.loads(text)["experts"]["upcycle"]["router_file"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def recipe_from_json(
+    text: str, models: Sequence[str], layer_count: Callable[[str], int], router_file: str | None = None
+) -> Recipe:
+    """Read back :func:`recipe_to_json` with ``models`` in place of the recorded names, in order,
+    and ``router_file`` (a path or URL) in place of the recorded file of routers, if it names one.
 
     The record comes from a file anyone can edit, so every field is checked: layers in range for
     ``layer_count(model)``, finite scales, known cast targets.
@@ -420,7 +444,7 @@ def recipe_from_json(text: str, models: Sequence[str], layer_count: Callable[[st
             _recorded_dtype(record["dtype"]),
             _recorded_dtype(record.get("out_dtype")),
             None if base is None else model(base),
-            _recorded_experts(record.get("experts"), len(record["layers"]), model),
+            _recorded_experts(record.get("experts"), len(record["layers"]), model, router_file),
             _recorded_vocab(record.get("vocab")),
         )
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
@@ -430,7 +454,9 @@ def recipe_from_json(text: str, models: Sequence[str], layer_count: Callable[[st
         ) from None
 
 
-def _recorded_experts(record: Any, num_layers: int, model: Callable[[Any], str]) -> ExpertChange | None:
+def _recorded_experts(
+    record: Any, num_layers: int, model: Callable[[Any], str], router_file: str | None
+) -> ExpertChange | None:
     if record is None:
         return None
     (kind, fields), *more = record.items()
@@ -442,14 +468,18 @@ def _recorded_experts(record: Any, num_layers: int, model: Callable[[Any], str])
             raise ValueError(f"{experts!r} experts, top {top_k!r}")
         if seed is not None and not _is_index(seed, 1 << 64):
             raise ValueError(f"router seed {seed!r}")
+        recorded_file = fields.get("router_file")
+        if recorded_file is not None and (not isinstance(recorded_file, str) or seed is not None):
+            raise ValueError(f"router file {recorded_file!r}")
         if layers is not None and not all(_is_index(layer, num_layers) for layer in layers):
             raise ValueError(f"upcycled layers {layers!r}")
         expert_models = tuple(model(index) for index in fields.get("expert_models", ()))
         if expert_models and len(expert_models) != experts:
             raise ValueError(f"{len(expert_models)} expert models for {experts} experts")
         shared = fields.get("shared_model")
+        router = Router(seed, None if recorded_file is None else router_file or recorded_file)
         return Upcycle(
-            experts, top_k, Router(seed), None if layers is None else tuple(layers), expert_models,
+            experts, top_k, router, None if layers is None else tuple(layers), expert_models,
             None if shared is None else model(shared),
         )  # fmt: skip
     if kind == "prune":

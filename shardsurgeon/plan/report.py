@@ -141,7 +141,9 @@ def describe_upcycle(plan: Plan, base_model: str, names: Mapping[str, str] | Non
             f"Upcycled {base_model} into a mixture of experts ({architecture}): the MLP of {layers} became "
             f"{change.experts} experts, each a copy of it, {change.top_k} of them chosen per token"
         )
-    if change.expert_models:
+    if change.router.file is not None:
+        text += f", behind routers read from the file {file_name(change.router.file)} (computed or trained elsewhere)"
+    elif change.expert_models:
         text += f", behind routers of normal numbers drawn with seed {change.router.seed}"
     elif change.router.seed is None:
         text += (
@@ -152,12 +154,15 @@ def describe_upcycle(plan: Plan, base_model: str, names: Mapping[str, str] | Non
         text += f", behind a router of normal numbers drawn with seed {change.router.seed}"
     if "shared_expert_intermediate_size" in plan.config and not change.expert_models:
         halved = not any(isinstance(t.op, Zeros) and "shared_expert.down_proj" in t.name for t in plan.tensors)
+        gate = "its gate zeros (a weight of 1/2)"
+        if change.router.file is not None:
+            gate = "its gate the file's, or zeros (a weight of 1/2) where the file holds none"
         text += (
-            ". The shared expert is a copy of the MLP too, its gate zeros (a weight of 1/2), and the routed "
-            "experts' down projections are halved, so the two halves add up to the original MLP"
+            f". The shared expert is a copy of the MLP too, {gate}, and the routed experts' down projections are "
+            "halved, so with a zero gate the two halves add up to the original MLP"
             if halved
-            else ". The shared expert's gate is zeros and its down projection zeros (float16 weights cannot all be "
-            "halved exactly), so the routed copies alone give the original MLP"
+            else f". The shared expert is a copy of the MLP too, {gate}, and its down projection zeros (float16 "
+            "weights cannot all be halved exactly), so the routed copies alone give the original MLP"
         )
     if plan.recipe.dtype:
         text += f". Floating-point tensors were cast to {torch_name(plan.recipe.dtype)}"
@@ -289,7 +294,8 @@ def experts_lines(plan: Plan) -> list[str]:
         case Upcycle(experts, top_k, router, layers):
             where = "every layer" if layers is None else f"layers {','.join(map(str, layers))}"
             architecture = plan.config.get("architectures", ["?"])[0]
-            return [f"experts: {where} -> {experts} experts (top {top_k}), router {router.text} ({architecture})"]
+            words = router.text if router.file is None else f"from the file {router.file}"
+            return [f"experts: {where} -> {experts} experts (top {top_k}), router {words} ({architecture})"]
         case PruneExperts(keep):
             kept = [k for k in keep if k is not None]
             which = ",".join(map(str, kept[0])) if len(set(kept)) == 1 else "a list per layer"

@@ -58,17 +58,20 @@ def check_outside_sources(
     what: str = "output folder",
     *,
     files: Iterable[Path] = (),
+    lone_files: Iterable[Path] = (),
     beside: Sequence[Path] = (),
 ) -> None:
     """Refuse a ``path`` to write (an output folder, or some other ``what``) that is, holds or lies
     inside something a source is made of: the source folder, its Hugging Face cache entry, and every
-    real file its top-level files (and ``files``) resolve to, with the folder holding it; by real
-    path and by device and inode. ``beside`` are the names the run also writes, replaces or locks
-    next to ``path`` (a local output's staging and lock siblings): none may be a source either."""
+    real file its top-level files (and ``files``) resolve to, with the folder holding it; and each
+    of ``lone_files`` (a source file of no folder, such as a file of routers) by itself, its folder
+    free to hold an output; by real path and by device and inode. ``beside`` are the names the run
+    also writes, replaces or locks next to ``path`` (a local output's staging and lock siblings):
+    none may be a source either."""
     real = _resolved(path, flag)
     shown = f"{flag} {safe_text(path)}"
     article = "an" if what[0] in "aeiou" else "a"
-    protected = _protected(list(sources), files)
+    protected = _protected(list(sources), files, lone_files)
     for item in protected:
         if real == item.path and item.is_folder_of_source:
             raise DestinationError(
@@ -149,9 +152,10 @@ def _identity(path: Path, follow: bool = True) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def _protected(sources: list[Path], files: Iterable[Path]) -> list[_Protected]:
-    """The source folders, the Hugging Face cache entries (``models--org--name``) holding them, and
-    the real file behind each source file, with its folder, where that is somewhere else."""
+def _protected(sources: list[Path], files: Iterable[Path], lone_files: Iterable[Path] = ()) -> list[_Protected]:
+    """The source folders, the Hugging Face cache entries (``models--org--name``) holding them, the
+    real file behind each source file, with its folder, where that is somewhere else, and the real
+    file behind each lone file, without its folder."""
     found: dict[Path, _Protected] = {}
 
     def add(path: Path, name: str, is_folder_of_source: bool = False) -> None:
@@ -173,6 +177,11 @@ def _protected(sources: list[Path], files: Iterable[Path]) -> list[_Protected]:
             continue  # protected with the folder it is in
         add(real, f"the source file {safe_text(real)}")
         add(real.parent, f"{safe_text(real.parent)}, which holds the source file {safe_text(real.name)}")
+    for file in lone_files:
+        try:
+            add(file.resolve(), f"the source file {safe_text(file.resolve())}")
+        except (RuntimeError, OSError):
+            continue
     return list(found.values())
 
 

@@ -28,12 +28,13 @@ from shardsurgeon.format import Header
 from shardsurgeon.model.arch import NO_HINT, StackHint, find_layer_stack
 from shardsurgeon.model.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TensorRef
 from shardsurgeon.model.otherfiles import other_files, remote_other_files
+from shardsurgeon.model.routerfile import open_router_file
 from shardsurgeon.model.source import Source, open_source
 from shardsurgeon.plan.expected import describe_expected, differing_tensors, first_difference
 from shardsurgeon.plan.job import replaced_files
 from shardsurgeon.plan.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout
 from shardsurgeon.plan.planner import Plan, make_plan
-from shardsurgeon.plan.recipe import recipe_from_json, recorded_models
+from shardsurgeon.plan.recipe import recipe_from_json, recorded_models, recorded_router_file
 from shardsurgeon.storage.checksums import CHECKSUMS_FILE, tensor_crcs
 from shardsurgeon.storage.remote import SourceFiles, file_name, is_url, join_name
 from shardsurgeon.storage.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS
@@ -103,13 +104,21 @@ def verify_checkpoint(
     folder: str | os.PathLike[str],
     sources: Sequence[str | os.PathLike[str]] = (),
     *,
+    router_file: str | os.PathLike[str] | None = None,
     stack_hint: StackHint = NO_HINT,
     progress: Progress | None = None,
     on_start: Progress | None = None,
 ) -> VerifyReport:
     """Check the checkpoint in ``folder`` (a path, or an ``s3://`` or ``https://`` folder URL); with
-    ``sources`` (the models of its recorded recipe, in order) also every tensor's bytes. ``on_start``
-    gets the tensor bytes to compare once they are known, ``progress`` those compared, chunk by chunk."""
+    ``sources`` (the models of its recorded recipe, in order) also every tensor's bytes, and with
+    ``router_file`` the routers of an output whose recipe took them from a file (the recipe records
+    the file's name; this is the file). ``on_start`` gets the tensor bytes to compare once they are
+    known, ``progress`` those compared, chunk by chunk."""
+    if router_file is not None and not sources:
+        raise RecipeError(
+            f"--router {safe_text(router_file)}: the routers are compared with the models' recipe; give the models "
+            "too (--src)"
+        )
     files = open_folder(folder)
     found = _Found()
     has_index, index = _read_json(files, INDEX_FILE, found, MAX_JSON_BYTES)
@@ -134,7 +143,7 @@ def verify_checkpoint(
     compared = 0
     if sources:
         recorded = _recorded_plan(
-            found, [s if isinstance(s, str) and is_url(s) else Path(s) for s in sources], stack_hint, notes
+            found, [s if isinstance(s, str) and is_url(s) else Path(s) for s in sources], router_file, stack_hint, notes
         )
         if recorded is not None:
             plan, donor = recorded
@@ -306,10 +315,11 @@ def _read_json(files: CheckpointFolder, name: str, found: _Found, limit: int) ->
 
 
 def _recorded_plan(
-    found: _Found, sources: list[Path | str], hint: StackHint, notes: list[str]
-) -> tuple[Plan, Source] | None:
-    """The plan re-derived from the recipe recorded in the shards, with ``sources`` as its models,
-    and the model that donates its small files."""
+    found: _Found, sources: list[Path | str], router_file: str | os.PathLike[str] | None, hint: StackHint,
+    notes: list[str],
+) -> tuple[Plan, Source] | None:  # fmt: skip
+    """The plan re-derived from the recipe recorded in the shards, with ``sources`` as its models
+    and ``router_file`` as its file of routers, and the model that donates its small files."""
     recorded = {(h.metadata or {}).get(RECIPE_METADATA_KEY) for h in found.headers.values()}
     fingerprints = {(h.metadata or {}).get(PLAN_METADATA_KEY) for h in found.headers.values()}
     if len(recorded) != 1 or len(fingerprints) != 1:
@@ -330,13 +340,25 @@ def _recorded_plan(
             f"--src given {_count(len(sources), 'time')} but the output was made from "
             f"{_count(len(models), 'model')} ({', '.join(models)}); give one --src per model, in this order"
         )
+    recorded_file = recorded_router_file(text)
+    if recorded_file is None and router_file is not None:
+        raise RecipeError(
+            f"--router {safe_text(router_file)}: the output's routers were not read from a file; leave --router out"
+        )
+    if recorded_file is not None and router_file is None:
+        raise RecipeError(
+            f"the output's routers were read from the file {safe_text(recorded_file)}; give it with --router FILE "
+            "to check them"
+        )
+    routers = None if router_file is None else open_router_file(router_file)
     opened = {str(s): open_source(s, hint) for s in sources}
     try:
-        recipe = recipe_from_json(text, list(opened), lambda model: opened[model].layer_count)
+        reference = None if routers is None else routers.reference
+        recipe = recipe_from_json(text, list(opened), lambda model: opened[model].layer_count, reference)
     except RecipeError as e:
         found.add("", "", f"cannot check against --src: {e}")
         return None
-    plan = make_plan(recipe, opened)
+    plan = make_plan(recipe, opened, routers)
     if plan.fingerprint != fingerprint:
         notes.append(
             f"the plan re-derived from --src has fingerprint {plan.fingerprint}, the output records "

@@ -114,7 +114,7 @@ class LocalArea:
         self._part = part
         self._options = options
         self._folders = [s.folder for s in job.sources.values() if isinstance(s.folder, Path)]
-        self._files = [Path(v.where) for v in job.versions if v.is_local]
+        self._files, self._lone_files = job.local_files()
         self._identities = SourceIdentities(self._folders, job.versions)
         self._created: list[Path] = []
         self._lock: lock.Lock | None = None
@@ -260,7 +260,9 @@ class LocalArea:
 
     def _check(self) -> None:
         beside = [publish.sibling(self.out, kind) for kind in ("partial", "old", "lock", "commit")]
-        check_outside_sources(self.out, self._folders, "--out", files=self._files, beside=beside)
+        check_outside_sources(
+            self.out, self._folders, "--out", files=self._files, lone_files=self._lone_files, beside=beside
+        )
         if self._part.exclusive:
             check_destination(self.out, self._options.force)
             self._guard(self.out)
