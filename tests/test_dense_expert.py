@@ -267,3 +267,16 @@ def test_to_s3_is_the_local_output(models, tmp_path, seaweed_session, monkeypatc
     mine = folder_bytes(tmp_path / "local")
     assert sorted(remote) == sorted(mine)
     assert [name for name in mine if name != "README.md" and remote[name] != mine[name]] == []
+
+
+def test_an_upcycled_models_expert_is_the_dense_model_again(models, tmp_path):
+    """Upcycling and extraction read one table of class defaults, the two ways: a Mistral model made
+    Mixtral and back has the Mistral's tensors, byte for byte, and every key of its config."""
+    moe, dense = tmp_path / "moe", tmp_path / "dense"
+    assert invoke("upcycle", "--src", models["mistral"], "--experts", "3", "--top-k", "1", "--out", moe).exit_code == 0
+    assert invoke("prune-experts", "--src", moe, "--keep", "2", "--to-dense", "--out", dense).exit_code == 0
+    before, after = tensors(models["mistral"]), tensors(dense)
+    assert {k: v.tobytes() for k, v in after.items()} == {k: v.tobytes() for k, v in before.items()}
+    original = json.loads((models["mistral"] / "config.json").read_text())
+    again = json.loads((dense / "config.json").read_text())
+    assert {k: again.get(k) for k in original} == original
