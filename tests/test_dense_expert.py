@@ -280,3 +280,16 @@ def test_an_upcycled_models_expert_is_the_dense_model_again(models, tmp_path):
     original = json.loads((models["mistral"] / "config.json").read_text())
     again = json.loads((dense / "config.json").read_text())
     assert {k: again.get(k) for k in original} == original
+
+
+def test_a_cast_takes_the_experts_range_of_a_fused_tensor_and_rounds_it(models, tmp_path):
+    import ml_dtypes
+
+    out = tmp_path / "dense"
+    args = ("--keep", "4", "--to-dense", "--dtype", "bfloat16", "--out", out)
+    assert invoke("prune-experts", "--src", models["qwen3_moe_fused"], *args).exit_code == 0
+    up = tensors(models["qwen3_moe_fused"])["model.layers.1.mlp.experts.gate_up_proj"][4][64:]
+    got = tensors(out)["model.layers.1.mlp.up_proj.weight"]
+    assert got.view(np.uint16).tobytes() == up.astype(ml_dtypes.bfloat16).view(np.uint16).tobytes()
+    checked = invoke("verify", out, "--src", models["qwen3_moe_fused"])
+    assert checked.exit_code == 0 and "compared byte for byte" in checked.output, checked.output
