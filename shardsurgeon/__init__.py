@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from shardsurgeon.api import (
     card_of,
     destination_of,
+    plan_dense_expert,
     plan_expand,
     plan_merge,
     plan_moe,
@@ -56,6 +57,7 @@ from shardsurgeon.model.hfcache import card_names
 from shardsurgeon.model.routerfile import RouterFile, open_router_file
 from shardsurgeon.model.source import Source, open_source, resolve
 from shardsurgeon.names import CHECKSUMS_FILE, CONFIG_FILE, INDEX_FILE, PARTIAL_SUFFIX, RESUME_NAME, SINGLE_FILE
+from shardsurgeon.plan.dense import SharedExpert
 from shardsurgeon.plan.expected import by_definition
 from shardsurgeon.plan.experts import KeepSpec, parse_keep
 from shardsurgeon.plan.job import Job, job_layout
@@ -72,6 +74,7 @@ from shardsurgeon.plan.mergekit_options import MERGEKIT_FLAGS, MergekitFlag, par
 from shardsurgeon.plan.planfile import PlannedJob, load_plan_file, plan_file_bytes, write_plan_file
 from shardsurgeon.plan.planner import Plan, make_plan
 from shardsurgeon.plan.recipe import (
+    DenseExpert,
     LayerSource,
     NewRows,
     NewToken,
@@ -149,6 +152,7 @@ __all__ = [
     "Convert",
     "Copy",
     "CopyRun",
+    "DenseExpert",
     "DestinationError",
     "FormatError",
     "Header",
@@ -190,6 +194,7 @@ __all__ = [
     "ShardStarted",
     "ShardStats",
     "ShardSurgeonError",
+    "SharedExpert",
     "Source",
     "SourceLayer",
     "SourceRows",
@@ -238,6 +243,7 @@ __all__ = [
     "parse_router",
     "parse_size",
     "patch_config",
+    "plan_dense_expert",
     "plan_dict",
     "plan_expand",
     "plan_file_bytes",

@@ -28,7 +28,15 @@ from shardsurgeon.model.license import source_license
 from shardsurgeon.model.routerfile import RouterFile, open_router_file
 from shardsurgeon.model.source import Source, card_names_of, open_source
 from shardsurgeon.model.tokenizer import read_token_files
-from shardsurgeon.plan.experts import KeepSpec, experts_kind, parse_keep, prune_change, upcycle_change
+from shardsurgeon.plan.dense import SharedExpert
+from shardsurgeon.plan.experts import (
+    KeepSpec,
+    dense_change,
+    experts_kind,
+    parse_keep,
+    prune_change,
+    upcycle_change,
+)
 from shardsurgeon.plan.job import Job, job_layout
 from shardsurgeon.plan.layout import DEFAULT_MAX_SHARD_BYTES
 from shardsurgeon.plan.mergekit import merge_recipe, parse_config, to_mergekit_yaml
@@ -44,6 +52,7 @@ from shardsurgeon.plan.recipe import (
     same_layers_recipe,
 )
 from shardsurgeon.plan.report import (
+    describe_dense,
     describe_expansion,
     describe_merge,
     describe_pruning,
@@ -133,6 +142,23 @@ def plan_prune_experts(
     source = _open(src, stack_hint)
     change = prune_change(keep, source)
     return _experts_job(source, change, dtype, describe_pruning, max_shard_bytes, stack_hint)
+
+
+def plan_dense_expert(
+    src: str | Path,
+    *,
+    keep: KeepSpec | None,
+    shared_expert: SharedExpert | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    stack_hint: StackHint = NO_HINT,
+) -> Job:
+    """Plan ``prune-experts --to-dense``: a dense model whose every layer with experts has the one
+    expert ``keep`` names for it as its MLP (Mixtral to Mistral, Qwen3-MoE to Qwen3, Qwen2-MoE to
+    Qwen2), or with ``shared_expert`` take the shared expert; ``drop`` drops it (Qwen2-MoE must say)."""
+    source = _open(src, stack_hint)
+    change = dense_change(keep, shared_expert, source)
+    return _experts_job(source, change, dtype, describe_dense, max_shard_bytes, stack_hint)
 
 
 def _experts_job(

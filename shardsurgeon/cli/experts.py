@@ -9,13 +9,17 @@ import click
 
 from shardsurgeon import (
     DEFAULT_MAX_SHARD_BYTES,
+    Job,
     KeepSpec,
+    RecipeError,
     Reflink,
     Router,
+    SharedExpert,
     StackHint,
     file_name,
     parse_layers,
     parse_router,
+    plan_dense_expert,
     plan_moe,
     plan_prune_experts,
     plan_upcycle,
@@ -120,18 +124,31 @@ def _keep(text: str) -> tuple[str, KeepSpec]:
 @click.option("--src", required=True, type=SOURCE, help=SRC_HELP)
 @click.option(
     "--keep",
-    required=True,
     type=ParsedParam("LIST|FILE", _keep),
     metavar="LIST|FILE",
     help="Experts to keep, in their new order: 0,3,5 for every layer, or a JSON file (a list, a list per layer, "
     'or {"LAYER": [...]}).',
+)
+@click.option(
+    "--to-dense",
+    is_flag=True,
+    help="Make a dense model: each layer's one kept expert becomes its MLP, the router is dropped (Mixtral to "
+    "Mistral, Qwen3-MoE to Qwen3, Qwen2-MoE to Qwen2).",
+)
+@click.option(
+    "--shared-expert",
+    type=click.Choice(["drop", "take"]),
+    help="With --to-dense, for a model with a shared expert (Qwen2-MoE): drop it (the kept expert is the MLP) "
+    "or take it as the MLP (no --keep).",
 )
 @click.option("--dtype", type=DTYPE, help="Cast floating-point tensors to this dtype.")
 @writing_options
 @reports_errors
 def prune_experts(
     src: Path | str,
-    keep: tuple[str, KeepSpec],
+    keep: tuple[str, KeepSpec] | None,
+    to_dense: bool,
+    shared_expert: SharedExpert | None,
     dtype: str | None,
     out: Path | str | None,
     max_shard_size: int,
@@ -148,21 +165,28 @@ def prune_experts(
     quiet: bool,
     verbose: bool,
 ) -> None:
-    """Keep some experts of each layer of a mixture of experts (and their router rows).
+    """Keep some experts of each layer of a mixture of experts (and their router rows), or one as a dense model.
 
     \b
     shardsurgeon prune-experts --src ./Mixtral-8x7B-v0.1 --keep 0,2,5,7 --out ./mixtral-4x7b
     shardsurgeon prune-experts --src ./Qwen3-30B-A3B --keep reap-keep.json --out ./qwen3-pruned
+    shardsurgeon prune-experts --src ./Mixtral-8x7B-v0.1 --keep 3 --to-dense --out ./mistral-expert-3
     """
     params.need_output(out, dry_run, plan_json)
-    text, spec = keep
-    job = plan_prune_experts(
-        src, keep=spec, dtype=dtype, max_shard_bytes=max_shard_size, stack_hint=StackHint(layer_prefix, layers_key)
-    )
+    text, spec = keep if keep is not None else (None, None)
+    hint = StackHint(layer_prefix, layers_key)
+    if to_dense:
+        job = plan_dense_expert(
+            src, keep=spec, shared_expert=shared_expert, dtype=dtype, max_shard_bytes=max_shard_size, stack_hint=hint
+        )
+    else:
+        job = _pruning_job(src, spec, shared_expert, dtype, max_shard_size, hint)
     command = command_line(
         "prune-experts",
         src=job.card_names[str(src)],
         keep=text,
+        to_dense=to_dense,
+        shared_expert=shared_expert,
         dtype=dtype,
         max_shard_size=None if max_shard_size == DEFAULT_MAX_SHARD_BYTES else max_shard_size,
         dense=dense,
@@ -172,6 +196,17 @@ def prune_experts(
     )
     options = params.write_options(force, dense, reflink, checksums, jobs, ray_address)
     plan_or_run(job, out, command, dry_run, plan_json, quiet, options)
+
+
+def _pruning_job(
+    src: Path | str, keep: KeepSpec | None, shared_expert: SharedExpert | None, dtype: str | None, max_shard_bytes: int,
+    hint: StackHint,
+) -> Job:  # fmt: skip
+    if shared_expert is not None:
+        raise RecipeError("--shared-expert: only with --to-dense (a pruned mixture keeps its shared expert)")
+    if keep is None:
+        raise RecipeError("--keep: missing; give the experts to keep, such as --keep 0,2,5,7")
+    return plan_prune_experts(src, keep=keep, dtype=dtype, max_shard_bytes=max_shard_bytes, stack_hint=hint)
 
 
 @cli.command()

@@ -71,6 +71,72 @@ MOE_KINDS = {kind.model_type: kind for kind in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, D
 UPCYCLE_TARGETS = {"llama": MIXTRAL, "mistral": MIXTRAL, "qwen3": QWEN3_MOE, "qwen2": QWEN2_MOE}
 """The sparse architecture each dense one is upcycled to, by the dense ``model_type``."""
 
+DENSE_TARGETS = {"mixtral": ("mistral", "MistralForCausalLM"), "qwen3_moe": ("qwen3", "Qwen3ForCausalLM"),
+                 "qwen2_moe": ("qwen2", "Qwen2ForCausalLM")}  # fmt: skip
+"""The dense architecture an expert of each sparse one becomes, by the sparse ``model_type``
+(``model_type``, class). Mixtral's attention is Mistral's, sliding window included, so Mixtral
+becomes Mistral, never Llama (which has no sliding window). DeepSeek has no dense class."""
+
+MOE_CONFIG_KEYS = (
+    "num_local_experts", "num_experts", "num_experts_per_tok", "output_router_logits", "router_aux_loss_coef",
+    "router_jitter_noise", "router_z_loss_coef", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob", "qkv_bias",
+)  # fmt: skip
+"""Keys of a sparse config that its dense class has no use for (Qwen2 always has q/k/v biases)."""
+
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048, "intermediate_size": 11008},
+    "mistral": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 131072, "sliding_window": 4096},
+    "qwen2": {
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "hidden_size": 4096,
+        "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "max_window_layers": 28,
+    },
+    "qwen3": {
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "head_dim": 128,
+        "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "max_window_layers": 28,
+    },
+    "mixtral": {
+        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 131072, "sliding_window": None,
+        "intermediate_size": 14336, "num_key_value_heads": 8,
+    },
+    "qwen3_moe": {
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "hidden_size": 2048,
+        "intermediate_size": 6144, "num_hidden_layers": 24, "num_key_value_heads": 4, "moe_intermediate_size": 768,
+    },
+    "qwen2_moe": {
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "hidden_size": 2048,
+        "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "max_window_layers": 28, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+        "qkv_bias": True,
+    },
+}  # fmt: skip
+"""What transformers assumes for a key a config leaves out, by ``model_type``, where a dense class
+and its sparse counterpart assume differently (Mixtral's eps is 1e-5 and its rope theta 1e6,
+Mistral's 1e-6 and 1e4; Qwen3-MoE's head size is hidden/heads, Qwen3's 128; sizes and head
+counts): :func:`class_defaults` writes them out, so a model made into the other class computes
+what it did. A Llama config without ``num_key_value_heads`` has as many as attention heads."""
+
+
+def class_defaults(config: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The keys ``config`` (of ``model_type``) leaves out, with the values its class gives them:
+    rope theta as ``rope_parameters``, the head size as hidden size over heads where unknown."""
+    out: dict[str, Any] = {}
+    for key, value in CLASS_DEFAULTS[model_type].items():
+        if key == "rope_theta":
+            if "rope_theta" not in config and "rope_parameters" not in config and "rope_scaling" not in config:
+                out["rope_parameters"] = {"rope_type": "default", "rope_theta": value}
+        elif key not in config:
+            out[key] = value
+    if model_type == "llama" and "num_key_value_heads" not in config and "num_attention_heads" in config:
+        out["num_key_value_heads"] = config["num_attention_heads"]
+    known = {**config, **out}
+    if "head_dim" not in known and "hidden_size" in known and "num_attention_heads" in known:
+        out["head_dim"] = int(known["hidden_size"]) // int(known["num_attention_heads"])
+    return out
+
+
 TOP_K_KEY = "num_experts_per_tok"
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 """Every key a config may count routed experts by: transformers 5 saves Qwen3-MoE's count as

@@ -32,37 +32,20 @@ from shardsurgeon.model.moe import (
     TOP_K_KEY,
     UPCYCLE_TARGETS,
     MoeKind,
+    class_defaults,
     expert_tensor,
     moe_kind,
 )
 from shardsurgeon.model.routerfile import RouterFile
 from shardsurgeon.model.source import Source
-from shardsurgeon.plan.recipe import MAX_EXPERTS, ExpertChange, PruneExperts, Router, Upcycle
+from shardsurgeon.plan.dense import SharedExpert, dense_config, dense_layer, dense_recipe
+from shardsurgeon.plan.recipe import MAX_EXPERTS, DenseExpert, ExpertChange, PruneExperts, Router, Upcycle
 from shardsurgeon.plan.routers import planned_router, planned_shared_gate
 from shardsurgeon.plan.tensors import Convert, Copy, Piece, Pieces, PlannedTensor, Zeros
 
 DEFAULT_INITIALIZER_RANGE = 0.02
 """transformers' ``initializer_range`` default, the random router's standard deviation when the
 config has none."""
-
-_DENSE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048, "intermediate_size": 11008},
-    "mistral": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 131072, "sliding_window": 4096},
-    "qwen2": {
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "hidden_size": 4096,
-        "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-        "max_window_layers": 28,
-    },
-    "qwen3": {
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "head_dim": 128,
-        "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_key_value_heads": 32,
-        "max_window_layers": 28,
-    },
-}  # fmt: skip
-"""What transformers assumes for a key a dense config leaves out, where the sparse class assumes
-otherwise (Mixtral's eps is 1e-5 and its rope theta 1e6; Qwen3-MoE's head size is hidden/heads;
-sizes and head counts): written out, so the upcycled model computes what the dense one did. A
-Llama config without ``num_key_value_heads`` has as many as attention heads (Mixtral's default is 8)."""
 
 
 def experts_kind(change: ExpertChange | None, config: Mapping[str, Any], stack: LayerStack) -> MoeKind | None:
@@ -72,7 +55,7 @@ def experts_kind(change: ExpertChange | None, config: Mapping[str, Any], stack: 
             return None
         case Upcycle():
             return upcycle_kind(config, stack)
-        case PruneExperts():
+        case PruneExperts() | DenseExpert():
             kind = moe_kind(config)
             if kind is None:
                 raise RecipeError(
@@ -98,6 +81,8 @@ def change_layer(
         case PruneExperts(keep):
             kept = keep[layer]
             return tensors if kept is None else _pruned(kept, kind, stack, position, tensors)
+        case DenseExpert():
+            return dense_layer(change, kind, stack, position, layer, tensors)
 
 
 def _dense_mlp(
@@ -237,6 +222,8 @@ def changed_config(
             return upcycled_config(change, config, stack, num_layers)
         case PruneExperts(keep):
             return pruned_config(keep, config)
+        case DenseExpert():
+            return dense_config(change, config, num_layers)
 
 
 def upcycled_config(change: Upcycle, config: Mapping[str, Any], stack: LayerStack, num_layers: int) -> dict[str, Any]:
@@ -244,16 +231,7 @@ def upcycled_config(change: Upcycle, config: Mapping[str, Any], stack: LayerStac
     kind = upcycle_kind(config, stack)
     dropped = ("attention_bias", "mlp_bias", "pretraining_tp") if kind is MIXTRAL else ("pretraining_tp",)
     out = {key: value for key, value in config.items() if key not in dropped}
-    for key, value in _DENSE_DEFAULTS[dense_type].items():
-        if key == "rope_theta":
-            if "rope_theta" not in config and "rope_parameters" not in config and "rope_scaling" not in config:
-                out["rope_parameters"] = {"rope_type": "default", "rope_theta": value}
-        elif key not in config:
-            out[key] = value
-    if dense_type == "llama" and "num_key_value_heads" not in config and "num_attention_heads" in config:
-        out["num_key_value_heads"] = config["num_attention_heads"]
-    if "head_dim" not in out and "hidden_size" in out and "num_attention_heads" in out:
-        out["head_dim"] = int(out["hidden_size"]) // int(out["num_attention_heads"])
+    out.update(class_defaults(config, dense_type))
     out["model_type"] = kind.model_type
     out["architectures"] = [kind.architecture]
     out[kind.experts_key] = change.experts
@@ -374,11 +352,7 @@ def prune_change(keep: KeepSpec, source: Source) -> PruneExperts:
     """The :class:`PruneExperts` of ``keep`` for ``source``, checked: every layer with experts gets
     a list, each expert in range and named once, the same count in every layer (transformers reads
     one count), no fewer than the top-k, and DeepSeek's expert groups kept whole in number."""
-    kind = experts_kind(PruneExperts(()), source.config, source.stack)
-    assert kind is not None
-    counts = _expert_counts(source)
-    if not counts:
-        raise RecipeError(f"prune-experts: {source.reference} has no layer with a router ({kind.router()})")
+    kind, counts = _routed_layers(source)
     per_layer = _keep_per_layer(keep, counts, source.layer_count)
     for layer, kept in per_layer.items():
         if not kept:
@@ -405,6 +379,25 @@ def prune_change(keep: KeepSpec, source: Source) -> PruneExperts:
         )
     _check_groups(per_layer, counts, source.config)
     return PruneExperts(tuple(per_layer.get(layer) for layer in range(source.layer_count)))
+
+
+def dense_change(keep: KeepSpec | None, shared: SharedExpert | None, source: Source) -> DenseExpert:
+    """The :class:`DenseExpert` of ``keep`` (one expert for every layer with experts, or one per
+    layer) or, with ``shared`` take, of the shared expert, checked against ``source``."""
+    kind, counts = _routed_layers(source)
+    per_layer = None if keep is None else _keep_per_layer(keep, counts, source.layer_count)
+    return dense_recipe(kind, per_layer, counts, source.config, source.layer_count, shared)
+
+
+def _routed_layers(source: Source) -> tuple[MoeKind, dict[int, int]]:
+    """The mixture's architecture and the expert count of each layer with a router; refused where
+    the model is no mixture or no layer has a router."""
+    kind = experts_kind(PruneExperts(()), source.config, source.stack)
+    assert kind is not None
+    counts = _expert_counts(source)
+    if not counts:
+        raise RecipeError(f"prune-experts: {source.reference} has no layer with a router ({kind.router()})")
+    return kind, counts
 
 
 def _expert_counts(source: Source) -> dict[int, int]:

@@ -3,7 +3,7 @@
 A recipe is pure data in the shape of a mergekit passthrough config: an ordered list of output
 layers, each naming a model and a source layer and carrying scale rules, plus the donors of the
 tensors before and after the stack, an optional dtype to cast to, and an optional change of the
-experts (:class:`Upcycle`, :class:`PruneExperts`). ``expand`` flags build one with
+experts (:class:`Upcycle`, :class:`PruneExperts`, :class:`DenseExpert`). ``expand`` flags build one with
 :func:`expand_recipe`, ``upcycle`` and ``prune-experts`` with :func:`same_layers_recipe`. No
 files, no tensors: layer counts come in as plain integers.
 """
@@ -90,7 +90,19 @@ class PruneExperts:
     keep: tuple[tuple[int, ...] | None, ...]
 
 
-ExpertChange = Upcycle | PruneExperts
+@dataclass(frozen=True, slots=True)
+class DenseExpert:
+    """Each layer with experts becomes a dense layer: its MLP is expert ``expert[i]`` of layer i
+    (None: a layer without experts, which stays as it is), or with ``shared`` its shared expert
+    (Qwen2-MoE; then ``expert`` is all None). The router, the other experts and the shared
+    expert's gate are dropped; the config is the dense class's (Mixtral to Mistral, Qwen3-MoE to
+    Qwen3, Qwen2-MoE to Qwen2)."""
+
+    expert: tuple[int | None, ...]
+    shared: bool = False
+
+
+ExpertChange = Upcycle | PruneExperts | DenseExpert
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +394,8 @@ def _experts_record(change: ExpertChange, refs: list[str], names: Mapping[str, s
             return {"upcycle": fields}
         case PruneExperts(keep):
             return {"prune": {"keep": [None if k is None else list(k) for k in keep]}}
+        case DenseExpert(expert, shared):
+            return {"dense": {"expert": list(expert), "shared": shared}}
 
 
 def recorded_models(text: str) -> list[str]:
@@ -494,6 +508,8 @@ def _recorded_experts(
         if len({len(k) for k in keep if k is not None}) != 1:
             raise ValueError("lists of kept experts of different lengths, or none")
         return PruneExperts(tuple(None if k is None else tuple(k) for k in keep))
+    if kind == "dense":
+        return _recorded_dense(fields, num_layers)
     raise ValueError(f"change of the experts {kind!r}")
 
 
@@ -547,6 +563,17 @@ def _recorded_vocab(record: Any) -> VocabChange | None:
     if not 0 < change.size <= MAX_VOCAB_ROWS:
         raise ValueError(f"{change.size} vocabulary rows")
     return change
+
+
+def _recorded_dense(fields: Any, num_layers: int) -> DenseExpert:
+    expert, shared = fields["expert"], fields["shared"]
+    if not isinstance(expert, list) or len(expert) != num_layers:
+        raise ValueError(f"{expert!r} as the expert of each of {num_layers} layers")
+    if not all(e is None or _is_index(e, MAX_EXPERTS) for e in expert) or not isinstance(shared, bool):
+        raise ValueError(f"dense experts {expert!r}, shared {shared!r}")
+    if shared == any(e is not None for e in expert):
+        raise ValueError("a dense MLP from the shared expert and from a routed one, or from neither")
+    return DenseExpert(tuple(expert), shared)
 
 
 def _is_index(value: Any, length: int) -> bool:

@@ -10,7 +10,7 @@ from shardsurgeon import __version__
 from shardsurgeon.format import TensorRef, torch_name
 from shardsurgeon.plan.layout import Layout
 from shardsurgeon.plan.planner import Plan
-from shardsurgeon.plan.recipe import LayerSource, NewRows, PruneExperts, ScaleRule, Upcycle
+from shardsurgeon.plan.recipe import DenseExpert, LayerSource, NewRows, PruneExperts, ScaleRule, Upcycle
 from shardsurgeon.plan.tensors import OP_KINDS, Convert, MeanRows, Normal, Piece, Pieces, Zeros, pieces_of
 from shardsurgeon.plan.vocab import moves_ids
 from shardsurgeon.storage.remote import file_name
@@ -219,12 +219,34 @@ def describe_vocab(plan: Plan, base_model: str, rows: int, untied_head: bool) ->
     return text + "."
 
 
+def describe_dense(plan: Plan, base_model: str) -> str:
+    """The model card's words for ``prune-experts --to-dense``: which expert each layer's MLP is."""
+    text = f"Extracted a dense model from the mixture of experts {base_model}: {_dense_words(plan)}"
+    if plan.recipe.dtype:
+        text += f". Floating-point tensors were cast to {torch_name(plan.recipe.dtype)}"
+    return text + "."
+
+
 def _id_span(ids: Sequence[int]) -> str:
     if len(ids) == 1:
         return f"id {ids[0]}"
     if list(ids) == list(range(ids[0], ids[0] + len(ids))):
         return f"ids {ids[0]}-{ids[-1]}"
     return f"ids {', '.join(map(str, ids))}"
+
+
+def _dense_words(plan: Plan) -> str:
+    change = plan.recipe.experts
+    assert isinstance(change, DenseExpert)
+    architecture = plan.config.get("architectures", ["?"])[0]
+    if change.shared:
+        return f"the MLP of each layer with experts is its shared expert ({architecture})"
+    kept = [(layer, e) for layer, e in enumerate(change.expert) if e is not None]
+    experts = {e for _, e in kept}
+    which = (
+        f"expert {kept[0][1]}" if len(experts) == 1 else "; ".join(f"layer {layer}: expert {e}" for layer, e in kept)
+    )
+    return f"the MLP of {len(kept)} layers with experts is one expert ({which}), the router dropped ({architecture})"
 
 
 def _insertions(copies: Sequence[LayerGroup]) -> str:
@@ -300,6 +322,8 @@ def experts_lines(plan: Plan) -> list[str]:
             kept = [k for k in keep if k is not None]
             which = ",".join(map(str, kept[0])) if len(set(kept)) == 1 else "a list per layer"
             return [f"experts: {len(kept)} layers keep {len(kept[0])} experts each ({which})"]
+        case DenseExpert():
+            return [f"experts: {_dense_words(plan)}"]
 
 
 def vocab_lines(plan: Plan) -> list[str]:

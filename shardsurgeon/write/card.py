@@ -10,7 +10,7 @@ from typing import Any
 from shardsurgeon.errors import safe_text
 from shardsurgeon.model.license import License
 from shardsurgeon.plan.planner import Plan
-from shardsurgeon.plan.recipe import PruneExperts, Upcycle
+from shardsurgeon.plan.recipe import DenseExpert, ExpertChange, PruneExperts, Upcycle
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,16 @@ class CardModel:
     license: License | None
 
 
+def _experts_tags(change: ExpertChange) -> list[str]:
+    match change:
+        case Upcycle():
+            return ["moe", "sparse-upcycling"]
+        case PruneExperts():
+            return ["moe", "expert-pruning"]
+        case DenseExpert():
+            return ["expert-extraction"]  # a dense model, made from a mixture of experts
+
+
 def model_card(plan: Plan, models: Sequence[CardModel], command: str, what: str, mergekit_yaml: str) -> str:
     """The README.md of the output: front matter, what was done, how, and the mergekit config.
 
@@ -31,7 +41,7 @@ def model_card(plan: Plan, models: Sequence[CardModel], command: str, what: str,
     checks the field; a model known only by its folder is named in the text);
     ``base_model_relation: merge``, since a passthrough merge, of one model or several, is neither
     a fine-tune nor an adapter nor a quantization, but ``finetune`` for a model whose experts were
-    made or pruned (a model derived from one, to be trained further: the relation the Hub gives
+    made, pruned or extracted (a model derived from one, to be trained further: the relation the Hub gives
     upcycled and pruned models); and a ``license`` only when every model names
     the same one: a license taken from one model would claim the others' weights for it, so
     differing or unknown licenses are left to the publisher and the text says which model names
@@ -46,11 +56,11 @@ def model_card(plan: Plan, models: Sequence[CardModel], command: str, what: str,
     ids = list(dict.fromkeys(m.hub_id for m in models if m.hub_id))
     experts = plan.recipe.experts
     vocab = plan.recipe.vocab is not None
-    tags = ["shardsurgeon"] + (["moe"] if experts is not None else ["vocabulary"] if vocab else ["mergekit", "merge"])
+    if experts is not None:
+        tags = ["shardsurgeon", *_experts_tags(experts)]
+    else:
+        tags = ["shardsurgeon"] + (["vocabulary"] if vocab else ["mergekit", "merge"])
     tags += ["block-expansion"] if any(s.inserted for s in plan.recipe.layers) else []
-    tags += {None: [], Upcycle: ["sparse-upcycling"], PruneExperts: ["expert-pruning"]}[
-        type(experts) if experts else None
-    ]
     front: dict[str, Any] = {}
     if ids:
         front["base_model"] = ids[0] if len(ids) == 1 else ids
