@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shardsurgeon.errors import DestinationError, RecipeError, safe_text
 from shardsurgeon.format import CAST_TARGETS, cast_target
+from shardsurgeon.memory import release_freed_memory
 from shardsurgeon.model.arch import (
     DEFAULT_RESIDUAL_OUTPUTS,
     NO_HINT,
@@ -256,6 +257,7 @@ def plan_vocab(
     description = describe_vocab(plan, card_names_of(sources)[source.reference], rows, untied)
     job = _job(sources, recipe, plan, description, "", max_shard_bytes, stack_hint)
     job.files  # the token files made now: a tokenizer that cannot match the rows stops the plan  # noqa: B018
+    release_freed_memory()  # what the tokenizers library held, before the writing needs its own
     return job
 
 

@@ -243,6 +243,8 @@ def _reopen_router_file(record: Any, shown: str) -> RouterFile | None:
     if record is None:
         return None
     record = _object(record, "job.router_file")
+    if not {"reference", "file"} & record.keys():
+        raise _FieldError("job.router_file", f"expected null or an object of reference and file, not {_shown(record)}")
     reference = _text(_get(record, "reference", "job.router_file.reference"), "job.router_file.reference")
     if "\0" in reference or not reference:
         raise _FieldError("job.router_file.reference", "expected a file path or URL")
