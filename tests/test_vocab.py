@@ -300,3 +300,45 @@ def test_a_bad_remap_file(src, tmp_path):
     assert "both map to 0" in refused("--src", folder, "--remap", tmp_path / "map.json", "--out", tmp_path / "o")
     (tmp_path / "map.json").write_text("[1, 2]")
     assert "expected a JSON object" in refused("--src", folder, "--remap", tmp_path / "map.json", "--out", tmp_path)
+
+
+def test_a_stopped_run_resumes_to_the_bytes_of_a_whole_run(src, tmp_path):
+    from _s3kit import stop_after
+    from conftest import folder_bytes
+
+    from shardsurgeon import InitSpec, WriteOptions, plan_vocab, run_job
+
+    folder, _ = src
+    args = ("--add-tokens", "n1,n2", "--init", "mean", "--max-shard-size", "1KB")
+    vocab("--src", folder, *args, "--out", tmp_path / "whole" / "out")
+    job = plan_vocab(folder, add_tokens=["n1", "n2"], init=InitSpec("mean"), max_shard_bytes=1000)
+    assert len(job.layout.shards) > 2
+    with pytest.raises(KeyboardInterrupt):
+        run_job(job, tmp_path / "out", command="vocab", options=WriteOptions(progress=stop_after(1500)))
+    result = run_cli("vocab", "--src", folder, *args, "--out", tmp_path / "out")
+    assert result.exit_code == 0 and "kept from an earlier run" in result.output, result.output
+    whole, resumed = folder_bytes(tmp_path / "whole" / "out"), folder_bytes(tmp_path / "out")
+    assert {k: v for k, v in resumed.items() if k != "README.md"} == {
+        k: v for k, v in whole.items() if k != "README.md"
+    }
+
+
+def test_from_and_to_s3_is_the_local_output(src, tmp_path, seaweed_session, monkeypatch):
+    import boto3
+    from _s3kit import objects_under, own_buckets
+    from _servers import s3_environment, upload_folder
+    from conftest import folder_bytes
+
+    folder, _ = src
+    weed = own_buckets(seaweed_session, "vocab")
+    for key, value in s3_environment(weed.endpoint).items():
+        monkeypatch.setenv(key, value)
+    upload_folder(weed.endpoint, "vocab", "src", folder)
+    args = ("--add-tokens", "n1,n2", "--special", "--init", "mean-of:w3 w4", "--max-shard-size", "1KB")
+    vocab("--src", folder, *args, "--out", tmp_path / "local")
+    vocab("--src", "s3://vocab/src", *args, "--out", "s3://vocab/out")
+    remote = objects_under(boto3.client("s3"), "s3://vocab/out")
+    mine = folder_bytes(tmp_path / "local")
+    assert sorted(remote) == sorted(mine)
+    assert [name for name in mine if name != "README.md" and remote[name] != mine[name]] == []
+    assert verify_checkpoint("s3://vocab/out", ["s3://vocab/src"]).ok
