@@ -128,7 +128,7 @@ def test_any_edit_of_a_field_is_accepted_or_one_line_naming_it(planned, data):
     else:
         target[keys[-1]] = data.draw(VALUES, label="value")
     name = str(keys[-1])
-    optional = name in ("validator", "modified", "prefix", "count_key", "racy")
+    optional = name in ("validator", "modified", "prefix", "count_key", "racy", "router_file")
     accepted = {type(original)} | ({bool} if name == "racy" else {str, type(None)} if optional else set())
     try:
         load_plan_file(write(root, edited))

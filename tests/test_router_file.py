@@ -163,7 +163,7 @@ def test_a_plan_file_records_the_router_file_and_refuses_it_changed(models, tmp_
     assert record["reference"] == str(routers.absolute()) and record["file"]["nbytes"] == routers.stat().st_size
     assert invoke("apply", tmp_path / "plan.json", tmp_path / "applied" / "out", "-q").exit_code == 0
     assert folder_bytes(tmp_path / "applied" / "out") == folder_bytes(tmp_path / "run" / "out")
-    for edited, problem in ((5, "job.router_file: expected an object"), (None, "job.router_file: does not agree")):
+    for edited, problem in ((5, "job.router_file: expected an object"), (None, "job.router_file: missing")):
         plan = json.loads((tmp_path / "plan.json").read_text())
         plan["job"]["router_file"] = edited
         (tmp_path / "edited.json").write_text(json.dumps(plan))

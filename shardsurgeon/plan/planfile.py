@@ -31,7 +31,7 @@ from shardsurgeon.model.routerfile import RouterFile, open_router_file
 from shardsurgeon.model.source import Source, open_source
 from shardsurgeon.plan.job import Job, job_layout
 from shardsurgeon.plan.planner import make_plan
-from shardsurgeon.plan.recipe import Upcycle, recipe_from_json, recipe_to_json, recorded_models
+from shardsurgeon.plan.recipe import recipe_from_json, recipe_to_json, recorded_models, recorded_router_file
 from shardsurgeon.plan.report import plan_dict
 from shardsurgeon.storage.overlap import check_outside_sources
 from shardsurgeon.storage.remote import file_name, is_url, join_name
@@ -154,8 +154,8 @@ def _load(record: Any, shown: str) -> PlannedJob:
         if reference in sources:
             raise _FieldError(f"{at}.reference", f"{_shown(reference)} is recorded twice")
         sources[reference] = _reopen(source_record, at, hint, shown)
-    router_file = _reopen_router_file(job.get("router_file"), shown)
     recipe_text = _text(_get(job, "recipe", "job.recipe"), "job.recipe")
+    router_file = _reopen_router_file(job.get("router_file"), recorded_router_file(recipe_text), shown)
     max_shard_bytes = _count(
         _get(job, "max_shard_bytes", "job.max_shard_bytes"), "job.max_shard_bytes", 1, MAX_SIZE_BYTES
     )
@@ -178,9 +178,6 @@ def _load(record: Any, shown: str) -> PlannedJob:
         recipe = recipe_from_json(recipe_text, references, lambda model: sources[model].layer_count, reference)
     except RecipeError as e:
         raise _FieldError("job.recipe", str(e)) from None
-    named = recipe.experts.router.file if isinstance(recipe.experts, Upcycle) else None
-    if (named is None) != (router_file is None):
-        raise _FieldError("job.router_file", "does not agree with the recipe's routers (a file in one, not the other)")
     plan = make_plan(recipe, sources, router_file)
     layout = job_layout(recipe, plan, sources, max_shard_bytes, router_file)
     fingerprint = _text(_get(top, "fingerprint", "fingerprint"), "fingerprint")
@@ -238,8 +235,13 @@ def _reopen(record: dict[str, Any], at: str, hint: StackHint, shown: str) -> Sou
     return replace(source, checkpoint=replace(source.checkpoint, shards=shards))
 
 
-def _reopen_router_file(record: Any, shown: str) -> RouterFile | None:
-    """The file of routers as the plan file records it, opened again: it must be the version recorded."""
+def _reopen_router_file(record: Any, named: str | None, shown: str) -> RouterFile | None:
+    """The file of routers as the plan file records it (absent in plan files made before routers
+    came from files: none), opened again: it must be the version recorded, and the one the recipe
+    names (``named``, by file name) if and only if there is one."""
+    if (record is None) != (named is None):
+        problem = "expected null: the recipe reads its routers from no file" if named is None else "missing"
+        raise _FieldError("job.router_file", f"{problem} (the recipe names {_shown(named)})")
     if record is None:
         return None
     record = _object(record, "job.router_file")
