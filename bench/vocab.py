@@ -8,12 +8,19 @@ sync after it, peak RSS), ``--pairs`` alternating pairs, medians printed as JSON
 outputs are compared: every tensor but the embedding and head byte-identical, and their old rows
 too (transformers' new rows are drawn at random around the mean, ours are the exact mean).
 
-    python bench/vocab.py --hf-python /work/mk-venv/bin/python [--shape 1b] [--pairs 3] [--workdir DIR]
+With ``--fs xfs`` everything happens inside an XFS image (``mkfs.xfs -m reflink=1``, sparse, on a
+loop device, as bench/upcycle.py does): our copies share the source's blocks, and the extra disk our
+output takes is printed; the dense cp yardstick runs first in each triple and is removed at once, so
+the disk holds at most the source and two outputs.
+
+    python bench/vocab.py --hf-python /work/mk-venv/bin/python [--shape 1b|7b] [--fs ext4|xfs]
+        [--pairs 3] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -21,8 +28,9 @@ import tempfile
 from pathlib import Path
 
 from compare_mergekit import read_tensors
-from expand import remove, run_child
-from make_checkpoint import SHAPES, make_checkpoint
+from expand import machine, remove, run_child
+from make_checkpoint import SHAPES, Shape, checkpoint_nbytes, make_checkpoint
+from reflink import loop_mount, settled_used_bytes
 
 NEW_TOKENS = [f"<tool_{i}>" for i in range(8)]
 TRANSFORMERS_JOB = """
@@ -76,50 +84,68 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf-python", required=True, help="a Python with torch and transformers")
     parser.add_argument("--shape", choices=["1b", "7b"], default="1b")
+    parser.add_argument("--fs", choices=["ext4", "xfs"], default="ext4")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
+    shape = SHAPES[args.shape]
     work = Path(tempfile.mkdtemp(prefix="bench-vocab-", dir=args.workdir))
+    emit({"shape": shape.name, "fs": args.fs, "machine": machine(work)})
     try:
-        shape = SHAPES[args.shape]
-        src = make_checkpoint(shape, work / "src")
-        write_tokenizer(src, shape.vocab_size)
-        ours_out, theirs_out = work / "ours", work / "theirs"
-        tokens = ",".join(NEW_TOKENS)
-        commands = {
-            "shardsurgeon vocab": [sys.executable, "-m", "shardsurgeon", "vocab", "--src", str(src), "--add-tokens",
-                                   tokens, "--special", "--init", "mean", "--out", str(ours_out), "-q"],
-            "transformers resize_token_embeddings": [args.hf_python, "-c", TRANSFORMERS_JOB, str(src),
-                                                     str(theirs_out), tokens],
-        }  # fmt: skip
-        copy_out = work / "copy"
-        commands["cp --reflink=never --sparse=never (yardstick)"] = [
-            "cp", "-r", "--reflink=never", "--sparse=never", str(src), str(copy_out)
-        ]  # fmt: skip
-        outputs = dict(zip(commands, (ours_out, theirs_out, copy_out), strict=True))
-        runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool in commands}
-        for pair in range(args.pairs):
-            for tool, cmd in commands.items():
-                out = outputs[tool]
-                remove(out)
-                child = run_child(cmd)
-                if child.exit_code != 0:
-                    emit({"tool": tool, "error": child.output_tail[-800:]})
-                    return 1
-                wall = child.wall_s + child.sync_s
-                runs[tool].append((wall, child.peak_rss_mb))
-                emit({"tool": tool, "run": f"pair {pair + 1}", "wall_s_with_sync": round(wall, 2),
-                      "peak_rss_mb": round(child.peak_rss_mb, 1)})  # fmt: skip
-        emit({"part": "bytes", **compare(ours_out, theirs_out)})
-        summary = {
-            tool: {"wall_s": round(statistics.median(w for w, _ in r), 2),
-                   "peak_rss_mb": round(statistics.median(m for _, m in r), 1)}
-            for tool, r in runs.items()
-        }  # fmt: skip
-        emit({"shape": args.shape, "median of pairs": args.pairs, **summary})
-        return 0
+        with contextlib.ExitStack() as stack:
+            root = work
+            if args.fs == "xfs":
+                root = stack.enter_context(loop_mount("xfs", work, int(checkpoint_nbytes(shape) * 2.2) + (2 << 30)))
+            return compare_runs(root, shape, args)
     finally:
         remove(work)
+
+
+def compare_runs(root: Path, shape: Shape, args: argparse.Namespace) -> int:
+    src = make_checkpoint(shape, root / "src")
+    write_tokenizer(src, shape.vocab_size)
+    ours_out, theirs_out, copy_out = root / "ours", root / "theirs", root / "copy"
+    tokens = ",".join(NEW_TOKENS)
+    commands = {
+        "cp --reflink=never --sparse=never (yardstick)": (
+            ["cp", "-r", "--reflink=never", "--sparse=never", str(src), str(copy_out)], copy_out),
+        "shardsurgeon vocab": ([sys.executable, "-m", "shardsurgeon", "vocab", "--src", str(src), "--add-tokens",
+                                tokens, "--special", "--init", "mean", "--out", str(ours_out), "-q"], ours_out),
+        "transformers resize_token_embeddings": (
+            [args.hf_python, "-c", TRANSFORMERS_JOB, str(src), str(theirs_out), tokens], theirs_out),
+    }  # fmt: skip
+    runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool in commands}
+    extra: list[int] = []
+    for pair in range(args.pairs):
+        for tool, (cmd, out) in commands.items():
+            remove(out)
+            before = settled_used_bytes(root) if args.fs == "xfs" and out == ours_out else 0
+            child = run_child(cmd)
+            if child.exit_code != 0:
+                emit({"tool": tool, "error": child.output_tail[-800:]})
+                return 1
+            wall = child.wall_s + child.sync_s
+            runs[tool].append((wall, child.peak_rss_mb))
+            record = {"tool": tool, "run": f"pair {pair + 1}", "wall_s_with_sync": round(wall, 2),
+                      "peak_rss_mb": round(child.peak_rss_mb, 1)}  # fmt: skip
+            if before:
+                extra.append(settled_used_bytes(root) - before)
+                record["extra_disk_mb"] = round(extra[-1] / 1e6, 1)
+            emit(record)
+            if out == copy_out:
+                remove(copy_out)
+    emit({"part": "bytes", **compare(ours_out, theirs_out)})
+    summary: dict[str, object] = {
+        tool: {"wall_s": round(statistics.median(w for w, _ in r), 2),
+               "peak_rss_mb": round(statistics.median(m for _, m in r), 1)}
+        for tool, r in runs.items()
+    }  # fmt: skip
+    if extra:
+        summary["ours_extra_disk_mb"] = round(statistics.median(extra) / 1e6, 1)
+    emit({"shape": args.shape, "fs": args.fs, "median of pairs": args.pairs, **summary})
+    remove(ours_out)
+    remove(theirs_out)
+    return 0
 
 
 if __name__ == "__main__":
