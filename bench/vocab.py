@@ -117,8 +117,9 @@ def compare_runs(root: Path, shape: Shape, args: argparse.Namespace) -> int:
     runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool in commands}
     extra: list[int] = []
     for pair in range(args.pairs):
+        for _, out in commands.values():
+            remove(out)  # the disk holds the source and at most two outputs (7b: 43.5 GB)
         for tool, (cmd, out) in commands.items():
-            remove(out)
             before = settled_used_bytes(root) if args.fs == "xfs" and out == ours_out else 0
             child = run_child(cmd)
             if child.exit_code != 0:
