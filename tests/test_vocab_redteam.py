@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 from _vocabkit import write_bpe_tokenizer, write_word_tokenizer
-from conftest import read_tensors, run_cli, write_tiny_checkpoint
+from conftest import run_cli, write_tiny_checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from shardsurgeon import verify_checkpoint
 
 HIDDEN, ROWS, TOKENS = 8, 24, 20
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -111,7 +109,7 @@ def byte_level_src(tmp_path: Path) -> tuple[Path, Tokenizer]:
 
 
 def test_a_token_the_byte_level_vocabulary_has_as_one_token_is_existing(tmp_path):
-    """" the" is token ``Ġthe`` of a GPT-2/Llama-3 style tokenizer. Observed: it is added again as a
+    """ " the" is token ``Ġthe`` of a GPT-2/Llama-3 style tokenizer. Observed: it is added again as a
     new token with a zero row, and as added tokens match first, every " the" of ordinary text now
     encodes to the new, untrained id instead of ``Ġthe``."""
     folder, source = byte_level_src(tmp_path)
@@ -217,7 +215,10 @@ def test_remap_refuses_to_drop_a_token_the_tokenizer_config_names(tmp_path):
     transformers adds "<y>" back at id 21 -- an eos/pad id with no row (IndexError when padding)."""
     folder = make_src(tmp_path)
     ok("--src", folder, "--add-tokens", "<x>,<y>", "--special", "--out", tmp_path / "a")
-    config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text()) | {"eos_token": "<y>", "pad_token": "<y>"}
+    config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text()) | {
+        "eos_token": "<y>",
+        "pad_token": "<y>",
+    }
     (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps(config))
     mapping = write_map(tmp_path, {i: i for i in range(21)})
     result = run("--src", tmp_path / "a", "--remap", mapping, "--out", tmp_path / "b")
