@@ -242,3 +242,36 @@ def test_many_tokens_are_planned_in_linear_time(tmp_path):
     began = time.monotonic()
     ok("--src", folder, "--add-tokens", tmp_path / "tokens.txt", "--special", "--dry-run")
     assert time.monotonic() - began < 20
+
+
+# --- the model card -------------------------------------------------------------------------------------
+
+
+def test_the_card_of_tokens_added_in_the_padding_drops_no_rows(tmp_path):
+    """Two tokens take padding rows 20 and 21 of 24 (Qwen's case: 151,665 tokens, 151,936 rows).
+    Observed card: "... from 24 to 24 rows: added 2 tokens (ids 20-21, special) ...; rows 22 and on
+    dropped" -- no row was dropped (rows 22 and 23 are kept)."""
+    folder = make_src(tmp_path)
+    ok("--src", folder, "--add-tokens", "<a>,<b>", "--special", "--out", tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "from 24 to 24 rows" in card and "dropped" not in card
+
+
+# --- remap files -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param('{"0": 5, "00": 0, ', id="leading-zero-key"),
+        pytest.param('{"0": 5, "0": 0, ', id="duplicate-key"),
+    ],
+)
+def test_a_remap_naming_a_source_id_twice_is_refused(tmp_path, text):
+    """json.loads keeps the last of two equal keys, and "00" is read as 0: observed, the entry
+    "0": 5 is silently ignored and the output written with row 0 at id 0."""
+    folder = make_src(tmp_path)
+    path = tmp_path / "map.json"
+    path.write_text(text + ", ".join(f'"{i}": {i}' for i in range(1, TOKENS)) + "}")
+    message = one_line_refusal("--src", folder, "--remap", path, "--out", tmp_path / "out")
+    assert "0" in message
