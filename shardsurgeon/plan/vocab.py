@@ -493,18 +493,28 @@ def _added_ids(files: TokenFiles) -> set[int]:
     return {int(i) for i in tokenizer.get_added_tokens_decoder()}
 
 
+def _is_id_text(key: str) -> bool:
+    """A source id as a remap file writes it: ASCII digits, no leading zero, at most 9 digits."""
+    return key.isascii() and key.isdigit() and len(key) <= 9 and (key == "0" or not key.startswith("0"))
+
+
 def parse_remap(text: str, where: str) -> dict[int, int]:
     """A remap file's JSON: ``{"SOURCE_ID": OUTPUT_ID, ...}``."""
     import json
 
+    class Pairs(tuple):  # every entry of an object as written: a dict keeps only the last of two equal keys
+        __slots__ = ()
+
     try:
-        record = json.loads(text)
-        if not isinstance(record, dict):
+        record = json.loads(text, object_pairs_hook=Pairs)
+        if not isinstance(record, Pairs):
             raise ValueError("not an object")
         mapping = {}
-        for key, value in record.items():
-            if not (key.isdigit() and len(key) <= 9) or not isinstance(value, int) or isinstance(value, bool):
+        for key, value in record:
+            if not _is_id_text(key) or not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"entry {key!r}: {value!r}")
+            if int(key) in mapping:
+                raise ValueError(f"source id {int(key)} given twice")
             mapping[int(key)] = value
         return mapping
     except (ValueError, RecursionError) as e:
