@@ -275,3 +275,22 @@ def test_a_remap_naming_a_source_id_twice_is_refused(tmp_path, text):
     path.write_text(text + ", ".join(f'"{i}": {i}' for i in range(1, TOKENS)) + "}")
     message = one_line_refusal("--src", folder, "--remap", path, "--out", tmp_path / "out")
     assert "0" in message
+
+
+# --- text from the command line that is not UTF-8 -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(("--add-tokens", "a\udcffb"), id="add-tokens"),
+        pytest.param(("--add-tokens", "new", "--init", "copy:w\udcff"), id="init-copy"),
+        pytest.param(("--add-tokens", "new", "--init", "mean-of:w3 \udcff"), id="init-mean-of"),
+    ],
+)
+def test_a_token_that_is_not_utf8_is_a_one_line_refusal(tmp_path, args):
+    """A shell argument with a byte that is not UTF-8 reaches Python as a lone surrogate. Observed for
+    --add-tokens: ``internal error: UnicodeEncodeError: 'utf-8' codec can't encode character
+    '\\udcff'``."""
+    folder = make_src(tmp_path)
+    one_line_refusal("--src", folder, *args, "--special", "--out", tmp_path / "out")
