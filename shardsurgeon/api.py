@@ -64,6 +64,7 @@ from shardsurgeon.plan.vocab import (
     ZERO_INIT,
     InitSpec,
     add_tokens_change,
+    is_utf8,
     pad_change,
     parse_remap,
     remap_change,
@@ -331,6 +332,8 @@ def read_tokens(text: str) -> tuple[str, list[str]]:
         shown = text
     if not tokens:
         raise RecipeError(f"--add-tokens {safe_text(text)}: the file holds no token; give one a line")
+    if not all(is_utf8(token) for token in tokens):
+        raise RecipeError(f"--add-tokens {safe_text(text, 60)}: is not UTF-8 text; give the tokens as UTF-8")
     return shown, tokens
 
 

@@ -218,12 +218,23 @@ ZERO_INIT = InitSpec("zero")
 
 def parse_init(text: str, flag: str = "--init") -> InitSpec:
     """``zero``, ``mean``, ``copy:TOKEN`` or ``mean-of:TEXT``."""
+    if not is_utf8(text):
+        raise RecipeError(f"{flag} {safe_text(text, 60)}: is not UTF-8 text; give the token as UTF-8")
     kind, colon, rest = text.partition(":")
     if kind in ("zero", "mean") and not colon:
         return InitSpec(kind)
     if kind in ("copy", "mean-of") and rest:
         return InitSpec(kind, rest)
     raise RecipeError(f"{flag} {safe_text(text, 60)}: expected zero, mean, copy:TOKEN or mean-of:TEXT")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` is UTF-8 (a shell argument that is not reaches Python as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def resolve_init(spec: InitSpec, files: TokenFiles, rows: int, flag: str) -> RowInit:
