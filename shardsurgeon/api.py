@@ -64,6 +64,7 @@ from shardsurgeon.plan.vocab import (
     ZERO_INIT,
     InitSpec,
     add_tokens_change,
+    is_utf8,
     pad_change,
     parse_remap,
     remap_change,
@@ -285,7 +286,7 @@ def _vocab_change(
         head = resolve_init(head_init, files, rows, "--head-init") if head_init is not None else ZERO_ROW
         change = add_tokens_change(
             files, rows, add_tokens, special=special, init=row_init, head=head if untied else row_init,
-            skip_existing=skip_existing,
+            skip_existing=skip_existing, config=source.config,
         )  # fmt: skip
     elif init != ZERO_INIT or head_init is not None:
         raise RecipeError("--init and --head-init start the rows of --add-tokens; give the tokens to add")
@@ -317,7 +318,7 @@ def read_tokens(text: str) -> tuple[str, list[str]]:
     if path.is_file():
         raw = read_small(path, MAX_TOKENS_BYTES, RecipeError, "a file of tokens, one a line")
         try:
-            lines = raw.decode("utf-8-sig").splitlines()
+            lines = [line.removesuffix("\r") for line in raw.decode("utf-8-sig").split("\n")]
         except UnicodeDecodeError:
             raise RecipeError(f"--add-tokens {safe_text(text)}: is not UTF-8 text; expected one token a line") from None
         tokens = [line for line in lines if line]
@@ -331,6 +332,8 @@ def read_tokens(text: str) -> tuple[str, list[str]]:
         shown = text
     if not tokens:
         raise RecipeError(f"--add-tokens {safe_text(text)}: the file holds no token; give one a line")
+    if not all(is_utf8(token) for token in tokens):
+        raise RecipeError(f"--add-tokens {safe_text(text, 60)}: is not UTF-8 text; give the tokens as UTF-8")
     return shown, tokens
 
 

@@ -30,7 +30,18 @@ SLOW_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "vocab.json", "merges
 """The files of a slow (Python or SentencePiece) tokenizer, which only their own libraries read."""
 
 ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id", "sep_token_id")
-"""The keys of config.json and generation_config.json that hold token ids (an id, or a list of ids)."""
+"""The best-known keys of config.json and generation_config.json that hold token ids (an id, or a
+list of ids); :func:`is_id_key` names every such key."""
+ID_KEY_SUFFIXES = ("_token_id", "_token_ids", "_token_index")
+"""Multimodal and generation configs name ids by these suffixes too: image_token_id (Llava, Qwen2-VL),
+image_token_index/boi_token_index (Gemma 3), forced_eos_token_id (BART, NLLB), video_token_id..."""
+ID_LIST_KEYS = ("suppress_tokens", "begin_suppress_tokens")
+"""Lists of ids in a generation config (Whisper)."""
+
+
+def is_id_key(key: str) -> bool:
+    """Whether a config key holds a token id or a list of them."""
+    return key in ID_KEYS or key in ID_LIST_KEYS or key.endswith(ID_KEY_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -92,8 +103,8 @@ class TokenFiles:
 
 
 def config_ids(record: Mapping[str, Any]) -> Iterator[tuple[str, int]]:
-    """The token ids a config names (:data:`ID_KEYS`, also in a nested ``text_config``)."""
-    for key in ID_KEYS:
+    """The token ids a config names (:func:`is_id_key`, also in a nested ``text_config``)."""
+    for key in [k for k in record if isinstance(k, str) and is_id_key(k)]:
         value = record.get(key)
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, int) and not isinstance(item, bool) and item >= 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +122,8 @@ def make_plan(recipe: Recipe, sources: Mapping[str, Source], router_file: Router
     if recipe.output_dtype is not None:
         config = _set_dtype(config, donor.stack, torch_name(recipe.output_dtype))
     model_layers = {model: sources[model].layer_count for model in recipe.models}
-    fingerprint = _fingerprint(tensors, config, sources, router_file)
+    tokens = recipe.vocab.tokens if recipe.vocab is not None else ()
+    fingerprint = _fingerprint(tensors, config, sources, router_file, tokens)
     return Plan(recipe, donor.stack, tuple(tensors), config, fingerprint, model_layers, vocab_rows)
 
 
@@ -232,7 +233,11 @@ def _set_dtype(config: dict[str, Any], stack: LayerStack, name: str) -> dict[str
 
 
 def _fingerprint(
-    tensors: list[PlannedTensor], config: dict[str, Any], sources: Mapping[str, Source], router_file: RouterFile | None
+    tensors: list[PlannedTensor],
+    config: dict[str, Any],
+    sources: Mapping[str, Source],
+    router_file: RouterFile | None,
+    tokens: Sequence[Any] = (),
 ) -> str:
     """A digest of the plan that changes with anything that changes the output bytes.
 
@@ -249,7 +254,10 @@ def _fingerprint(
         else:
             entry += [*_op_fields(t.op), *(_source_fields(t.source, headers) if t.source is not None else ("", 0))]
         described.append(entry)
-    payload = orjson.dumps({"version": __version__, "tensors": described, "config": config})
+    record: dict[str, Any] = {"version": __version__, "tensors": described, "config": config}
+    if tokens:  # the tokens a vocabulary change adds make the output's token files
+        record["tokens"] = [[t.content, t.id, t.special] for t in tokens]
+    payload = orjson.dumps(record)
     return hashlib.sha256(payload).hexdigest()[:32]
 
 

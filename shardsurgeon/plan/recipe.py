@@ -556,9 +556,14 @@ def _recorded_vocab(record: Any) -> VocabChange | None:
     rows = tuple(run(item) for item in record["rows"])
     tokens = []
     for content, token_id, special in record["tokens"]:
-        if not isinstance(content, str) or not content or not _is_index(token_id, MAX_VOCAB_ROWS):
+        if (
+            not isinstance(content, str)
+            or not content
+            or not _is_index(token_id, MAX_VOCAB_ROWS)
+            or not isinstance(special, bool)
+        ):
             raise ValueError(f"new token {content!r} at {token_id!r}")
-        tokens.append(NewToken(content, token_id, bool(special)))
+        tokens.append(NewToken(content, token_id, special))
     change = VocabChange(rows, tuple(tokens))
     if not 0 < change.size <= MAX_VOCAB_ROWS:
         raise ValueError(f"{change.size} vocabulary rows")

@@ -208,7 +208,7 @@ def describe_vocab(plan: Plan, base_model: str, rows: int, untied_head: bool) ->
     moved = change.id_map()
     if any(old != new for old, new in moved.items()):
         text += "; token ids moved as the remap file says, the tokenizer files to match"
-    elif len(moved) < rows:
+    elif len(moved) < rows and not change.tokens:  # added tokens take unused rows in place: none dropped
         text += f"; rows {len(moved)} and on dropped"
     padding = [run for run in change.rows if isinstance(run, NewRows) and run.init.kind == "zero"]
     if padding and not change.tokens:

@@ -20,7 +20,7 @@ from shardsurgeon.format import DTYPES, numel
 from shardsurgeon.model.arch import LayerStack, outside_rank
 from shardsurgeon.model.checkpoint import TensorRef
 from shardsurgeon.model.source import Source
-from shardsurgeon.model.tokenizer import ID_KEYS, TokenFiles
+from shardsurgeon.model.tokenizer import TOKENIZER_FILE, TokenFiles, is_id_key
 from shardsurgeon.plan.recipe import (
     MAX_VOCAB_ROWS,
     ZERO_ROW,
@@ -178,7 +178,7 @@ def vocab_config(change: VocabChange, config: Mapping[str, Any], stack: LayerSta
 def moved_ids(record: Mapping[str, Any], moved: Mapping[int, int]) -> dict[str, Any]:
     """The token-id keys of a config with each id moved (a planner's checks keep every one mapped)."""
     out: dict[str, Any] = {}
-    for key in ID_KEYS:
+    for key in [k for k in record if isinstance(k, str) and is_id_key(k)]:
         value = record.get(key)
         if isinstance(value, list):
             out[key] = [moved.get(v, v) if isinstance(v, int) else v for v in value]
@@ -218,12 +218,23 @@ ZERO_INIT = InitSpec("zero")
 
 def parse_init(text: str, flag: str = "--init") -> InitSpec:
     """``zero``, ``mean``, ``copy:TOKEN`` or ``mean-of:TEXT``."""
+    if not is_utf8(text):
+        raise RecipeError(f"{flag} {safe_text(text, 60)}: is not UTF-8 text; give the token as UTF-8")
     kind, colon, rest = text.partition(":")
     if kind in ("zero", "mean") and not colon:
         return InitSpec(kind)
     if kind in ("copy", "mean-of") and rest:
         return InitSpec(kind, rest)
     raise RecipeError(f"{flag} {safe_text(text, 60)}: expected zero, mean, copy:TOKEN or mean-of:TEXT")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` is UTF-8 (a shell argument that is not reaches Python as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def resolve_init(spec: InitSpec, files: TokenFiles, rows: int, flag: str) -> RowInit:
@@ -262,7 +273,7 @@ def _in_rows(token_id: int, rows: int, flag: str, spec: InitSpec) -> int:
 
 def add_tokens_change(
     files: TokenFiles, rows: int, tokens: Sequence[str], *, special: bool, init: RowInit, head: RowInit,
-    skip_existing: bool,
+    skip_existing: bool, config: Mapping[str, Any] | None = None,
 ) -> VocabChange:  # fmt: skip
     """``tokens`` added to the tokenizer at the ids the ``tokenizers`` library gives them; their rows
     replace unused rows where the embedding has room past the tokenizer, else are appended."""
@@ -274,13 +285,14 @@ def add_tokens_change(
             f"--add-tokens: the tokenizer knows {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the "
             f"embedding has {rows} rows; the source's tokenizer and weights disagree"
         )
-    wanted: list[str] = []
+    wanted: dict[str, None] = {}
+    unknown = _unknown_ids(files)
     for token in tokens:
         if token in wanted:
             raise RecipeError(f"--add-tokens: {safe_text(token, 40)} is given twice; give each token once")
-        existing = tokenizer.token_to_id(token)
+        existing = _existing_id(tokenizer, token, unknown)
         if existing is None:
-            wanted.append(token)
+            wanted[token] = None
         elif not skip_existing:
             raise RecipeError(
                 f"--add-tokens: the tokenizer already has {safe_text(token, 40)} (id {existing}); leave it out, "
@@ -288,11 +300,50 @@ def add_tokens_change(
             )
     if not wanted:
         raise RecipeError("--add-tokens: every token given is already in the tokenizer; nothing to add")
-    new = [NewToken(token, token_id, special) for token, token_id in added_ids(files, wanted, special)]
+    new = [NewToken(token, token_id, special) for token, token_id in added_ids(files, list(wanted), special)]
     by_id = {t.id: t for t in new}
+    for where, token_id in files.used_ids(config or {}):
+        if token_id in by_id:
+            raise RecipeError(
+                f"--add-tokens: {safe_text(by_id[token_id].content, 40)} would take id {token_id}, which "
+                f"{safe_text(where, 80)} already names; add the token that id stands for to the tokenizer first, or "
+                "take the id out of the config"
+            )
     size = max(rows, max(by_id) + 1)
     runs = _runs((by_id.get(i) is None and i < rows, i) for i in range(size))
     return VocabChange(tuple(_with_init(runs, init, head)), tuple(new))
+
+
+def _existing_id(tokenizer: Any, token: str, unknown: set[int]) -> int | None:
+    """The id the tokenizer already has for the text ``token``: its id if the text encodes to one
+    token (a byte-level vocabulary holds " the" as "Ġthe"), None if the text is new. Refused where
+    the vocabulary names a string that the text does not encode to (the byte-level alphabet's "é"
+    is the byte 0xE9, the text "é" two bytes): added, it would take that row."""
+    named = tokenizer.token_to_id(token)
+    ids = tokenizer.encode(token, add_special_tokens=False).ids
+    if named is not None and ids != [named]:
+        raise RecipeError(
+            f"--add-tokens: {safe_text(token, 40)} is the tokenizer's name for id {named}, but the text encodes to "
+            f"ids {ids[:8]}; it cannot be added as a token of its own: leave it out"
+        )
+    if named is not None:
+        return int(named)
+    if len(ids) == 1 and ids[0] not in unknown:
+        return int(ids[0])
+    return None
+
+
+def _unknown_ids(files: TokenFiles) -> set[int]:
+    """The id a text the vocabulary lacks encodes to (a model's unk token), if it has one."""
+    record = files.json(TOKENIZER_FILE) or {}
+    model = record.get("model") if isinstance(record, dict) else None
+    if not isinstance(model, dict):
+        return set()
+    if isinstance(model.get("unk_id"), int):
+        return {model["unk_id"]}
+    unk = model.get("unk_token")
+    token_id = files.tokenizer.token_to_id(unk) if isinstance(unk, str) else None
+    return set() if token_id is None else {int(token_id)}
 
 
 def _runs(rows: Iterable[tuple[bool, int]]) -> list[RowRun]:
@@ -372,9 +423,78 @@ def remap_change(files: TokenFiles, config: Mapping[str, Any], rows: int, mappin
                 f"--remap: {safe_text(where, 80)} uses id {token_id}, which the map drops; map it, or remove the "
                 "token from the tokenizer first (only added tokens are dropped with their rows)"
             )
+    for token_id, where in _kept_ids(files).items():
+        if token_id not in mapping:
+            raise RecipeError(
+                f"--remap: {safe_text(where, 100)} uses id {token_id}, which the map drops; map it (only an added "
+                "token nothing else names is dropped with its row)"
+            )
     size = max(taken) + 1
     runs = _runs((i in taken, taken.get(i, i)) for i in range(size))
     return VocabChange(tuple(runs))
+
+
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+_SPECIAL_LIST_KEYS = ("additional_special_tokens", "extra_special_tokens")
+
+
+def _kept_ids(files: TokenFiles) -> dict[int, str]:
+    """Ids of added tokens a remap may not drop, with where they are named: a token of the model's
+    own vocabulary too, one the post-processor inserts, one the tokenizer configs name by its text
+    (transformers would add it back at an id with no row)."""
+    tokenizer = files.tokenizer
+    if tokenizer is None:
+        return {}
+    kept: dict[int, str] = {}
+    own = tokenizer.get_vocab(with_added_tokens=False)
+    for token_id, added in tokenizer.get_added_tokens_decoder().items():
+        if own.get(added.content) == token_id:
+            kept[int(token_id)] = f"{added.content!r}, in the vocabulary of tokenizer.json as well as added,"
+    record = files.json(TOKENIZER_FILE)
+    for token_id in _processor_ids(record.get("post_processor") if isinstance(record, dict) else None):
+        kept.setdefault(token_id, f"the post-processor of {TOKENIZER_FILE}")
+    from shardsurgeon.model.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE
+
+    for name in (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE):
+        config = files.json(name)
+        if not isinstance(config, dict):
+            continue
+        for key, content in _named_tokens(config):
+            token_id = tokenizer.token_to_id(content)
+            if token_id is not None:
+                kept.setdefault(int(token_id), f"{key} {content!r} of {name}")
+    return kept
+
+
+def _processor_ids(processor: Any) -> list[int]:
+    if not isinstance(processor, dict):
+        return []
+    ids: list[int] = []
+    for inner in processor.get("processors") or []:
+        ids += _processor_ids(inner)
+    for entry in (
+        (processor.get("special_tokens") or {}).values() if isinstance(processor.get("special_tokens"), dict) else []
+    ):
+        ids += [i for i in entry.get("ids", []) if isinstance(i, int)]
+    for key in ("sep", "cls"):
+        if isinstance(processor.get(key), list) and len(processor[key]) == 2 and isinstance(processor[key][1], int):
+            ids.append(processor[key][1])
+    return ids
+
+
+def _named_tokens(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The special tokens a tokenizer config names by their text."""
+
+    def content(value: Any) -> str | None:
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else None
+
+    named = [(key, content(config.get(key))) for key in _SPECIAL_TOKEN_KEYS]
+    for key in _SPECIAL_LIST_KEYS:
+        value = config.get(key)
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+        named += [(key, content(item)) for item in items]
+    return [(key, text) for key, text in named if text is not None]
 
 
 def _added_ids(files: TokenFiles) -> set[int]:
@@ -384,18 +504,28 @@ def _added_ids(files: TokenFiles) -> set[int]:
     return {int(i) for i in tokenizer.get_added_tokens_decoder()}
 
 
+def _is_id_text(key: str) -> bool:
+    """A source id as a remap file writes it: ASCII digits, no leading zero, at most 9 digits."""
+    return key.isascii() and key.isdigit() and len(key) <= 9 and (key == "0" or not key.startswith("0"))
+
+
 def parse_remap(text: str, where: str) -> dict[int, int]:
     """A remap file's JSON: ``{"SOURCE_ID": OUTPUT_ID, ...}``."""
     import json
 
+    class Pairs(tuple):  # every entry of an object as written: a dict keeps only the last of two equal keys
+        __slots__ = ()
+
     try:
-        record = json.loads(text)
-        if not isinstance(record, dict):
+        record = json.loads(text, object_pairs_hook=Pairs)
+        if not isinstance(record, Pairs):
             raise ValueError("not an object")
         mapping = {}
-        for key, value in record.items():
-            if not (key.isdigit() and len(key) <= 9) or not isinstance(value, int) or isinstance(value, bool):
+        for key, value in record:
+            if not _is_id_text(key) or not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"entry {key!r}: {value!r}")
+            if int(key) in mapping:
+                raise ValueError(f"source id {int(key)} given twice")
             mapping[int(key)] = value
         return mapping
     except (ValueError, RecursionError) as e:
