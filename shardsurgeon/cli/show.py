@@ -32,7 +32,7 @@ def progress(
     if quiet:
         yield None, None
         return
-    shard_bytes = {s.name: s.nbytes - len(s.header) for s in layout.shards}
+    shard_bytes = {s.name: s.nbytes - s.header_nbytes for s in layout.shards}
     tally = start_tally(layout.total_size, monotonic())
 
     def info(_: int | None) -> str:

@@ -178,7 +178,7 @@ def _pruned(
         elif found.index is not None:
             if found.index in new_index:
                 name = stack.name(position, f"{found.block}.experts.{new_index[found.index]}.{found.tail}")
-                out.append(dataclasses.replace(tensor, name=name))
+                out.append(tensor if name == tensor.name else dataclasses.replace(tensor, name=name))
         else:
             out.append(_rows(tensor, keep))
     return out

@@ -28,7 +28,19 @@ from shardsurgeon.model.source import Source
 from shardsurgeon.plan.experts import change_layer, changed_config, experts_kind
 from shardsurgeon.plan.recipe import LayerSource, Recipe
 from shardsurgeon.plan.routers import check_every_tensor_used
-from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, Normal, Piece, PieceOp, Pieces, PlannedTensor, Zeros
+from shardsurgeon.plan.tensors import (
+    COPY,
+    ZEROS,
+    Convert,
+    Copy,
+    MeanRows,
+    Normal,
+    Piece,
+    PieceOp,
+    Pieces,
+    PlannedTensor,
+    Zeros,
+)
 from shardsurgeon.plan.vocab import VocabMatrices, change_vocab, check_rows, vocab_config, vocab_matrices
 
 
@@ -135,9 +147,9 @@ def _planned(name: str, ref: TensorRef, source: LayerSource, recipe: Recipe, mat
     work = recipe.dtype if recipe.dtype is not None and is_float else ref.dtype
     final = recipe.output_dtype if recipe.output_dtype is not None and is_float else ref.dtype
     if factor == 0.0:
-        return PlannedTensor(name, final, ref.shape, Zeros(), ref, source.model)
+        return PlannedTensor(name, final, ref.shape, ZEROS, ref, source.model)
     if factor == 1.0 and work == ref.dtype == final:
-        return PlannedTensor(name, final, ref.shape, Copy(), ref, source.model)
+        return PlannedTensor(name, final, ref.shape, COPY, ref, source.model)
     if factor != 1.0 and not is_float:
         raise PlanError(
             f"tensor {ref.name!r} of {source.model} is {ref.dtype}, which cannot be scaled by {factor:g}; "
@@ -246,19 +258,21 @@ def _fingerprint(
     """
     shards = [s for source in sources.values() for s in source.checkpoint.shards]
     headers = {str(s.path): s.header_sha256 for s in [*shards, *([router_file.shard] if router_file else [])]}
-    described = []
-    for t in tensors:
+    # the digest of orjson.dumps({"version", "tensors": [...], "config", "tokens"?}), made one tensor at a time:
+    # the whole payload of 100,000 tensors would be 15 MB at once
+    digest = hashlib.sha256(b'{"version":' + orjson.dumps(__version__) + b',"tensors":[')
+    for number, t in enumerate(tensors):
         entry: list[Any] = [t.name, t.dtype, t.shape]
         if isinstance(t.op, Pieces):
             entry += [[_piece_fields(p, headers) for p in t.op.parts]]
         else:
             entry += [*_op_fields(t.op), *(_source_fields(t.source, headers) if t.source is not None else ("", 0))]
-        described.append(entry)
-    record: dict[str, Any] = {"version": __version__, "tensors": described, "config": config}
+        digest.update(b"," + orjson.dumps(entry) if number else orjson.dumps(entry))
+    digest.update(b'],"config":' + orjson.dumps(config))
     if tokens:  # the tokens a vocabulary change adds make the output's token files
-        record["tokens"] = [[t.content, t.id, t.special] for t in tokens]
-    payload = orjson.dumps(record)
-    return hashlib.sha256(payload).hexdigest()[:32]
+        digest.update(b',"tokens":' + orjson.dumps([[t.content, t.id, t.special] for t in tokens]))
+    digest.update(b"}")
+    return digest.hexdigest()[:32]
 
 
 def _source_fields(ref: TensorRef, headers: Mapping[str, str]) -> tuple[str, int]:

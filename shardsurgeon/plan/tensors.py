@@ -66,6 +66,10 @@ class MeanRows:
     kind: ClassVar[str] = "mean"
 
 
+COPY = Copy()
+ZEROS = Zeros()
+"""The one record of each op without fields, which every tensor it makes shares."""
+
 PieceOp = Copy | Zeros | Convert | Normal | MeanRows
 
 

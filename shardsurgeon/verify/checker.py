@@ -441,7 +441,7 @@ def compare_with_plan(layout: Layout, folder: Path) -> list[Mismatch]:
             path = folder / shard.name
             if not path.is_file():
                 mismatches.append(Mismatch(shard.name, "", "shard file is missing"))
-            elif files.read(path, 0, len(shard.header)) != shard.header:
+            elif files.read(path, 0, shard.header_nbytes) != shard.header:
                 mismatches.append(Mismatch(shard.name, "", "header differs from the plan's"))
             elif path.stat().st_size != shard.nbytes:
                 mismatches.append(Mismatch(shard.name, "", f"is {path.stat().st_size} bytes, expected {shard.nbytes}"))

@@ -131,7 +131,7 @@ class ShardWriter:
             fd = fileio.open_new(path)
         except OSError as e:
             raise OutputError(f"{path}: cannot create shard: {e.strerror}") from None
-        stats = ShardStats(written=len(shard.header))
+        stats = ShardStats(written=shard.header_nbytes)
         try:
             fileio.set_size(fd, shard.nbytes)
             fileio.write_all_at(fd, shard.header, 0)

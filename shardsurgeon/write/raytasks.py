@@ -52,7 +52,7 @@ class RayTasks:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 shard = pending.pop(done[0])
                 total += _result(ray, done[0])
-                progress(shard.nbytes - len(shard.header))
+                progress(shard.nbytes - shard.header_nbytes)
             return total
         finally:
             if started_here:

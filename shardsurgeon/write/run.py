@@ -51,7 +51,7 @@ def write_job(
         todo = [s for s in wanted if s not in kept] if part.write else []
         area.prepare(kept, todo, options)
         for shard in kept:
-            progress(shard.nbytes - len(shard.header))
+            progress(shard.nbytes - shard.header_nbytes)
         stats = ShardStats()
         if todo:
             runner = options.runner or InProcess()

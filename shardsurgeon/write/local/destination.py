@@ -187,7 +187,7 @@ class LocalArea:
             if os.lstat(path).st_size != shard.nbytes or path.is_symlink():
                 return False
             with open(path, "rb") as f:
-                return f.read(len(shard.header)) == shard.header
+                return f.read(shard.header_nbytes) == shard.header
         except OSError:
             return False
 

@@ -183,7 +183,7 @@ class S3Folder:
                 shard.name,
                 "checking a finished shard",
                 self.client.get_object,
-                Range=f"bytes=0-{len(shard.header) - 1}",
+                Range=f"bytes=0-{shard.header_nbytes - 1}",
             )
             return bool(answer["Body"].read() == shard.header)
         except OutputError:

@@ -112,7 +112,7 @@ def plan_parts(shard: ShardLayout, zeros_url: str | None) -> list[Part]:
 
 def _pieces(shard: ShardLayout, zeros_url: str | None) -> Iterator[Made | Copied]:
     """The shard's bytes in order as pieces, neighbouring made ones merged."""
-    pending = Made(0, len(shard.header))
+    pending = Made(0, shard.header_nbytes)
     for segment in shard.segments():
         match segment:
             case CopyRun(path=str() as url) if url.startswith("s3://"):

@@ -82,8 +82,8 @@ class ShardBytes:
     def fill(self, offset: int, view: memoryview, workspace: Workspace) -> None:
         """Put the shard's bytes ``offset`` to ``offset + len(view)`` into ``view``."""
         end = offset + len(view)
-        header = self._shard.header
-        if offset < len(header):
+        if offset < self._shard.header_nbytes:
+            header = self._shard.header
             view[: min(end, len(header)) - offset] = header[offset : min(end, len(header))]
         first = max(0, bisect.bisect_right(self._starts, offset) - 1)
         for segment in self._segments[first:]:
@@ -246,7 +246,7 @@ class S3ShardWriter:
             uploaded = upload.copy(number, source, 0, part.nbytes, what="a part assembled", if_match=etag)
         else:
             uploaded = self._put(upload, number, part, made)
-        header = len(shard.header)
+        header = shard.header_nbytes
         with self._lock:  # the caller's callback runs in one thread at a time, as in a local run
             self._progress(part.nbytes - max(0, min(part.offset + part.nbytes, header) - part.offset))
         return uploaded
