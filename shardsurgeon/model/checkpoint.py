@@ -12,14 +12,15 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from shardsurgeon.errors import CheckpointError, safe_text
-from shardsurgeon.format import MAX_TENSORS, TensorRef, read_header
+from shardsurgeon.format import MAX_TENSORS, Header, TensorRef, read_header
 from shardsurgeon.model.hfcache import snapshot
+from shardsurgeon.model.table import TensorTable
 from shardsurgeon.names import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from shardsurgeon.storage.remote import RemoteFolder, file_name, is_url, normal_url
 from shardsurgeon.storage.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
@@ -47,10 +48,11 @@ class Shard:
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """A source checkpoint: tensors in source order (shard file name, then data offset); ``folder``
-    is a local folder or (a ``str``) a folder URL, ``fetched_nbytes`` what opening a URL fetched."""
+    is a local folder or (a ``str``) a folder URL, ``fetched_nbytes`` what opening a URL fetched.
+    An opened checkpoint's ``tensors`` are a compact :class:`TensorTable`; tests may give a dict."""
 
     folder: Path | str
-    tensors: dict[str, TensorRef]
+    tensors: Mapping[str, TensorRef]
     shards: tuple[Shard, ...]
     config: dict[str, Any]
     fetched_nbytes: int = 0
@@ -72,8 +74,13 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointError(f"{root}: is a file, expected a checkpoint folder (with config.json and shards)")
     shard_names = _shard_names(root)
-    shards_refs = (_read_shard(root, shard_name) for shard_name in shard_names)
-    tensors, shards = _collect(str(root), root / INDEX_FILE, shard_names, shards_refs)
+    headers = (_read_shard(root, shard_name) for shard_name in shard_names)
+    index_path = root / INDEX_FILE
+
+    def index_names() -> dict[str, set[str]]:
+        return _index_names(_read_json(index_path, MAX_JSON_BYTES), index_path)
+
+    tensors, shards = _collect(str(root), index_path, shard_names, headers, index_names)
     return Checkpoint(root, tensors, shards, _read_config(root))
 
 
@@ -88,63 +95,108 @@ def _open_remote(remote: RemoteFolder) -> Checkpoint:
             "checkpoint, under which config.json and the weights sit (Hub: https://huggingface.co/ORG/NAME/resolve/main/)"
         )
     config = _config_of(raw_config, remote.where(CONFIG_FILE))
-    if index is not None:
-        shard_names = _index_shards(_parse_json(index, remote.where(INDEX_FILE)), remote.where(INDEX_FILE))
-    else:
-        shard_names = {SINGLE_FILE: None}
+    single: dict[str, _Listed | None] = {SINGLE_FILE: None}
+    shard_names = _read_index(index, remote.where(INDEX_FILE)) if index is not None else single
     missing = f"though {INDEX_FILE} lists it" if index is not None else f"and neither is {INDEX_FILE}"
-    shards_refs = (read_remote_shard(remote, shard_name, missing) for shard_name in shard_names)
-    tensors, shards = _collect(remote.url, remote.where(INDEX_FILE), shard_names, shards_refs)
+    index = None  # 10 MB for 100,000 tensors: read again only to say what is wrong
+    headers = (_read_remote_shard(remote, shard_name, missing) for shard_name in shard_names)
+
+    def index_names() -> dict[str, set[str]]:
+        raw = remote.read_small(INDEX_FILE, MAX_JSON_BYTES, "JSON") or b"{}"
+        return _index_names(_parse_json(raw, remote.where(INDEX_FILE)), remote.where(INDEX_FILE))
+
+    tensors, shards = _collect(remote.url, remote.where(INDEX_FILE), shard_names, headers, index_names)
     return Checkpoint(remote.url, tensors, shards, config, remote.fetched_nbytes)
 
 
 def read_remote_shard(remote: RemoteFolder, shard_name: str, missing: str) -> tuple[Shard, list[TensorRef]]:
     """The file ``shard_name`` under ``remote`` and its tensors, from its header; ``missing`` ends the
     message when there is no such file."""
+    shard, header = _read_remote_shard(remote, shard_name, missing)
+    return shard, _refs(shard.path, header)
+
+
+def _read_remote_shard(remote: RemoteFolder, shard_name: str, missing: str) -> tuple[Shard, Header]:
     where = remote.where(shard_name)
     found = remote.read_header(shard_name, missing)
     header = found.header
-    refs = [TensorRef(e.name, where, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
     version = SourceVersion(
         where, header.data_start + header.data_nbytes, found.sha256, validator=found.etag, modified=found.modified
     )
-    return Shard(where, version), refs
+    return Shard(where, version), header
 
 
 def _collect(
     root: str,
     index_path: Path | str,
-    shard_names: dict[str, set[str] | None],
-    shards_refs: Iterable[tuple[Shard, list[TensorRef]]],
-) -> tuple[dict[str, TensorRef], tuple[Shard, ...]]:
-    """Every shard's tensors in one map, checked against the index: no tensor twice, none missing."""
-    tensors: dict[str, TensorRef] = {}
+    shard_names: dict[str, _Listed | None],
+    headers: Iterable[tuple[Shard, Header]],
+    index_names: Callable[[], dict[str, set[str]]],
+) -> tuple[TensorTable, tuple[Shard, ...]]:
+    """Every shard's tensors in one table, checked against the index: no tensor twice, none missing.
+
+    Each shard's names are checked by their count and the sum of their hashes; only where those
+    differ is the index read again (``index_names``) to say which name is wrong.
+    """
+    tensors = TensorTable()
     shards = []
-    for (shard_name, expected), (shard, refs) in zip(shard_names.items(), shards_refs, strict=True):
+    for (shard_name, listed), (shard, header) in zip(shard_names.items(), headers, strict=True):
         shards.append(shard)
-        for ref in refs:
-            if ref.name in tensors:
-                raise CheckpointError(
-                    f"{root}: tensor {ref.name!r} is in both {file_name(tensors[ref.name].path)} and "
-                    f"{shard_name}; the checkpoint is inconsistent"
-                )
-            if expected is not None and ref.name not in expected:
-                raise CheckpointError(
-                    f"{shard.path}: holds tensor {ref.name!r} that {INDEX_FILE} does not list; "
-                    "the index and the shards disagree"
-                )
-            tensors[ref.name] = ref
+        if listed is not None and listed != _listing(e.name for e in header.tensors):
+            expected = index_names().get(shard_name, set())
+            problem = _mismatch(root, index_path, shard_name, shard, header, tensors, expected)
+            if problem is not None:  # else the index names a tensor twice, which json.loads forgives
+                raise problem
+        tensors.add_header(shard.path, header)
         if len(tensors) > MAX_TENSORS:
             raise CheckpointError(f"{root}: the shards hold more than the {MAX_TENSORS} tensors supported")
-        for name in sorted((expected or set()) - {r.name for r in refs}):
-            raise CheckpointError(
-                f"{index_path}: maps tensor {name!r} to {shard_name}, which does not hold it; "
-                "the index and the shards disagree"
-            )
     if not tensors:
         names = ", ".join(file_name(s.path) for s in shards)
         raise CheckpointError(f"{root}: the checkpoint holds no tensors; expected at least one in {names}")
     return tensors, tuple(shards)
+
+
+@dataclass(frozen=True, slots=True)
+class _Listed:
+    """The tensor names an index gives one shard, as a count and the sum of their hashes: a set of
+    100,000 names would cost more than the checkpoint's table."""
+
+    count: int
+    hash_sum: int
+
+
+def _listing(names: Iterable[str]) -> _Listed:
+    count = hash_sum = 0
+    for name in names:
+        count += 1
+        hash_sum += hash(name)
+    return _Listed(count, hash_sum)
+
+
+def _mismatch(
+    root: str, index_path: Path | str, shard_name: str, shard: Shard, header: Header, earlier: TensorTable,
+    expected: set[str],
+) -> CheckpointError | None:  # fmt: skip
+    """What is wrong with a shard whose names differ from its index's: the first tensor found in an
+    earlier shard too, or one the index does not list, else the first the index lists that it lacks."""
+    earlier_names = set(earlier)
+    for entry in header.tensors:
+        if entry.name in earlier_names:
+            return CheckpointError(
+                f"{root}: tensor {entry.name!r} is in both {file_name(earlier[entry.name].path)} and "
+                f"{shard_name}; the checkpoint is inconsistent"
+            )
+        if entry.name not in expected:
+            return CheckpointError(
+                f"{shard.path}: holds tensor {entry.name!r} that {INDEX_FILE} does not list; "
+                "the index and the shards disagree"
+            )
+    for name in sorted(expected - {e.name for e in header.tensors}):
+        return CheckpointError(
+            f"{index_path}: maps tensor {name!r} to {shard_name}, which does not hold it; "
+            "the index and the shards disagree"
+        )
+    return None
 
 
 def resolve_cache_entry(path: Path) -> Path:
@@ -154,11 +206,11 @@ def resolve_cache_entry(path: Path) -> Path:
     return snapshot(path) or path
 
 
-def _shard_names(root: Path) -> dict[str, set[str] | None]:
+def _shard_names(root: Path) -> dict[str, _Listed | None]:
     """Shard file names in sorted order, each with the tensor names the index assigns to it."""
     index_path = root / INDEX_FILE
     if index_path.exists():
-        return _index_shards(_read_json(index_path, MAX_JSON_BYTES), index_path)
+        return _read_index(read_small(index_path, MAX_JSON_BYTES, CheckpointError, "JSON"), index_path)
     if os.path.lexists(root / SINGLE_FILE):  # a broken link too: reading it then says what is wrong
         return {SINGLE_FILE: None}
     others = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".gguf"))
@@ -169,8 +221,112 @@ def _shard_names(root: Path) -> dict[str, set[str] | None]:
     )
 
 
-def _index_shards(index: Any, index_path: Path | str) -> dict[str, set[str] | None]:
+def _read_index(raw: bytes, index_path: Path | str) -> dict[str, _Listed | None]:
+    """The shards the index ``raw`` names, sorted, each with the tensor names it assigns to that shard."""
+    return _streamed_index(raw) or _index_shards(_parse_json(raw, index_path), index_path)
+
+
+_JSON = json.JSONDecoder()
+
+
+def _streamed_index(raw: bytes) -> dict[str, _Listed | None] | None:
+    """:func:`_index_shards` of a well-formed index, read one weight_map entry at a time with the json
+    module's own scanners: ``json.loads`` would hold every name and shard name at once (40 MB for
+    100,000 tensors). None for anything unusual, which the full parse then reads or reports."""
+    try:
+        text = raw.decode("utf-8")
+        at = _skip(text, 0)
+        if text[at : at + 1] != "{":
+            return None
+        listing = None
+        while True:
+            at = _skip(text, at + 1)
+            if text[at : at + 1] != '"':
+                return None
+            key, at = json.decoder.scanstring(text, at + 1)  # type: ignore[attr-defined]
+            at = _colon(text, at)
+            if key == "weight_map":
+                if listing is not None or text[at : at + 1] != "{":
+                    return None
+                listing, at = _streamed_weight_map(text, at)
+                if not listing:
+                    return None
+            else:
+                _, at = _JSON.raw_decode(text, at)
+            at = _skip(text, at)
+            if text[at : at + 1] == "}":
+                break
+            if text[at : at + 1] != ",":
+                return None
+        if _skip(text, at + 1) != len(text) or listing is None:
+            return None
+        return {shard: listing[shard] for shard in sorted(listing)}
+    except (ValueError, RecursionError):
+        return None
+
+
+def _streamed_weight_map(text: str, at: int) -> tuple[dict[str, _Listed] | None, int]:
+    """The listing of the weight_map object at ``text[at]``, and where it ends; None if unusual."""
+    by_shard: dict[str, _Listed] = {}
+    empty = _Listed(0, 0)
+    while True:
+        at = _skip(text, at + 1)
+        if text[at : at + 1] != '"':
+            return None, at
+        name, at = json.decoder.scanstring(text, at + 1)  # type: ignore[attr-defined]
+        at = _colon(text, at)
+        if text[at : at + 1] != '"':
+            return None, at
+        shard, at = json.decoder.scanstring(text, at + 1)  # type: ignore[attr-defined]
+        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            return None, at
+        listed = by_shard.get(shard, empty)
+        by_shard[shard] = _Listed(listed.count + 1, listed.hash_sum + hash(name))
+        at = _skip(text, at)
+        if text[at : at + 1] == "}":
+            return by_shard, at + 1
+        if text[at : at + 1] != ",":
+            return None, at
+
+
+def _skip(text: str, at: int) -> int:
+    """Where the JSON whitespace from ``text[at]`` on ends."""
+    while text[at : at + 1] in (" ", "\t", "\n", "\r"):
+        at += 1
+    return at
+
+
+def _colon(text: str, at: int) -> int:
+    """Where the value after the ``:`` at or after ``text[at]`` begins."""
+    at = _skip(text, at)
+    if text[at : at + 1] != ":":
+        raise ValueError("expected ':'")
+    return _skip(text, at + 1)
+
+
+def _index_shards(index: Any, index_path: Path | str) -> dict[str, _Listed | None]:
     """The shards an index names, sorted, each with the tensor names it assigns to that shard."""
+    by_shard: dict[str, _Listed] = {}
+    empty = _Listed(0, 0)
+    for name, shard in _weight_map(index, index_path).items():
+        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise CheckpointError(
+                f"{index_path}: tensor {name!r} maps to {shard!r}, expected a file name in the same folder"
+            )
+        listed = by_shard.get(shard, empty)
+        by_shard[shard] = _Listed(listed.count + 1, listed.hash_sum + hash(name))
+    return {shard: by_shard[shard] for shard in sorted(by_shard)}
+
+
+def _index_names(index: Any, index_path: Path | str) -> dict[str, set[str]]:
+    """The tensor names of each shard of an index."""
+    by_shard: dict[str, set[str]] = {}
+    for name, shard in _weight_map(index, index_path).items():
+        by_shard.setdefault(shard, set()).add(name)
+    return by_shard
+
+
+def _weight_map(index: Any, index_path: Path | str) -> dict[str, str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -180,17 +336,10 @@ def _index_shards(index: Any, index_path: Path | str) -> dict[str, set[str] | No
         )
     if not weight_map:
         raise CheckpointError(f"{index_path}: weight_map is empty; the checkpoint holds no tensors")
-    by_shard: dict[str, set[str]] = {}
-    for name, shard in weight_map.items():
-        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-            raise CheckpointError(
-                f"{index_path}: tensor {name!r} maps to {shard!r}, expected a file name in the same folder"
-            )
-        by_shard.setdefault(shard, set()).add(name)
-    return {shard: by_shard[shard] for shard in sorted(by_shard)}
+    return weight_map
 
 
-def _read_shard(root: Path, shard_name: str) -> tuple[Shard, list[TensorRef]]:
+def _read_shard(root: Path, shard_name: str) -> tuple[Shard, Header]:
     path = root / shard_name
     try:
         os.stat(path)
@@ -200,12 +349,23 @@ def _read_shard(root: Path, shard_name: str) -> tuple[Shard, list[TensorRef]]:
         raise CheckpointError(
             f"{path}: shard listed in {INDEX_FILE} is missing; download or copy the complete checkpoint"
         ) from None
-    return read_shard(path)
+    return shard_header(path)
 
 
 def read_shard(path: Path) -> tuple[Shard, list[TensorRef]]:
     """The local safetensors file at ``path`` and its tensors, from its header: its version is the
     one the header was read from."""
+    shard, header = shard_header(path)
+    return shard, _refs(path, header)
+
+
+def _refs(path: Path | str, header: Header) -> list[TensorRef]:
+    return [TensorRef(e.name, path, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
+
+
+def shard_header(path: Path) -> tuple[Shard, Header]:
+    """The local safetensors file at ``path`` and its decoded header, with the version the header
+    was read from."""
     seen = local_version(path, "")
     header = read_header(path)
     with open(path, "rb") as f:
@@ -216,8 +376,7 @@ def read_shard(path: Path) -> tuple[Shard, list[TensorRef]]:
             f"{safe_text(path)}: source file changed while its header was read ({describe_change(seen, now)}); "
             "run again once the source no longer changes"
         )
-    refs = [TensorRef(e.name, path, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
-    return Shard(path, replace(seen, header_sha256=digest)), refs  # the header pins the size: the file's
+    return Shard(path, replace(seen, header_sha256=digest)), header  # the header pins the size: the file's
 
 
 def _read_config(root: Path) -> dict[str, Any]:

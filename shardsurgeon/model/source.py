@@ -11,14 +11,16 @@ data and never writes.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from array import array
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from shardsurgeon.model.arch import NO_HINT, LayerStack, StackHint, find_layer_stack, outside_rank
 from shardsurgeon.model.checkpoint import Checkpoint, TensorRef, open_checkpoint
 from shardsurgeon.model.hfcache import base_model_id, card_names
+from shardsurgeon.model.table import TensorTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,32 @@ class LayerTensor:
         return self.ref.name[self.start :]
 
 
+class Layers(Sequence[tuple[LayerTensor, ...]]):
+    """The stack's tensors by layer, each layer's made when asked for from the checkpoint's table:
+    the table holds each tensor once, compactly, and a layer is a row of positions in it."""
+
+    __slots__ = ("_positions", "_prefix", "_table")
+
+    def __init__(self, table: TensorTable, prefix: str, positions: Sequence[array[int]]) -> None:
+        self._table = table
+        self._prefix = prefix
+        self._positions = tuple(positions)
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    @overload
+    def __getitem__(self, layer: int) -> tuple[LayerTensor, ...]: ...
+    @overload
+    def __getitem__(self, layer: slice) -> Sequence[tuple[LayerTensor, ...]]: ...
+    def __getitem__(self, layer: int | slice) -> tuple[LayerTensor, ...] | Sequence[tuple[LayerTensor, ...]]:
+        if isinstance(layer, slice):
+            return [self[i] for i in range(len(self))[layer]]
+        positions = self._positions[layer]
+        start = len(self._prefix) + len(str(range(len(self))[layer])) + 2  # after "{prefix}.{layer}."
+        return tuple(LayerTensor(start, self._table.ref(position)) for position in positions)
+
+
 @dataclass(frozen=True, slots=True)
 class Source:
     """One model: ``layers[i]`` holds layer i's tensors in source order; ``before`` and ``after``
@@ -44,7 +72,7 @@ class Source:
     """The model as the recipe names it: a path or a Hugging Face id."""
     checkpoint: Checkpoint
     stack: LayerStack
-    layers: tuple[tuple[LayerTensor, ...], ...]
+    layers: Sequence[tuple[LayerTensor, ...]]
     before: tuple[TensorRef, ...]
     after: tuple[TensorRef, ...]
     published_name: str
@@ -78,15 +106,18 @@ def open_source(folder: str | os.PathLike[str], hint: StackHint = NO_HINT, refer
 
 def resolve(checkpoint: Checkpoint, hint: StackHint, reference: str) -> Source:
     """The :class:`Source` of an opened checkpoint (no files read: tests build checkpoints by hand)."""
-    stack = find_layer_stack(checkpoint.tensors, checkpoint.config, hint)
-    layers: list[list[LayerTensor]] = [[] for _ in range(stack.count)]
+    table = checkpoint.tensors
+    if not isinstance(table, TensorTable):  # a checkpoint built by hand
+        table = TensorTable(table.values())
+    stack = find_layer_stack(table, checkpoint.config, hint)
+    layers = [array("I") for _ in range(stack.count)]
     outside: list[TensorRef] = []
-    for name, ref in checkpoint.tensors.items():
+    for position, name in enumerate(table):
         split = stack.split(name)
         if split is None:
-            outside.append(ref)
+            outside.append(table.ref(position))
         else:
-            layers[split[0]].append(LayerTensor(len(name) - len(split[1]), ref))
+            layers[split[0]].append(position)
     ranked = sorted(enumerate(outside), key=lambda item: (outside_rank(item[1].name), item[0]))
     before = tuple(ref for _, ref in ranked if outside_rank(ref.name)[0] == 0)
     after = tuple(ref for _, ref in ranked if outside_rank(ref.name)[0] != 0)
@@ -94,7 +125,7 @@ def resolve(checkpoint: Checkpoint, hint: StackHint, reference: str) -> Source:
         reference,
         checkpoint,
         stack,
-        tuple(map(tuple, layers)),
+        Layers(table, stack.prefix, layers),
         before,
         after,
         base_model_id(checkpoint.folder, checkpoint.config),
