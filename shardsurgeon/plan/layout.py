@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import zlib
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,7 +210,7 @@ def plan_layout(
     Every shard's ``__metadata__`` holds ``format: pt``, the plan fingerprint and ``metadata``.
     """
     metadata = {"format": "pt", PLAN_METADATA_KEY: plan.fingerprint, **(metadata or {})}
-    parts = [part for group in _by_source_file(plan.tensors) for part in _cut(group, max_shard_bytes)]
+    parts = (part for group in _by_source_file(plan.tensors) for part in _cut(group, max_shard_bytes))
     shards = _packed(parts, max_shard_bytes, metadata)
     named = []
     for number, shard in enumerate(shards, start=1):
@@ -224,7 +224,7 @@ def plan_layout(
     return Layout(tuple(named))
 
 
-def _packed(parts: list[list[_Item]], max_shard_bytes: int, metadata: Mapping[str, str]) -> list[ShardLayout]:
+def _packed(parts: Iterable[list[_Item]], max_shard_bytes: int, metadata: Mapping[str, str]) -> list[ShardLayout]:
     """Each part arranged as a shard; neighbouring parts share one where they fit in it together and
     lose no shareable byte by it (tensors too small to share, a source file small enough), so small
     sources do not give one small output file per source file. Names come later."""
@@ -253,20 +253,28 @@ def _arranged(items: list[_Item], metadata: Mapping[str, str]) -> ShardLayout:
     return max(candidates, key=lambda shard: shard.shareable_bytes)
 
 
-def _by_source_file(tensors: Sequence[PlannedTensor]) -> list[list[_Item]]:
+def _by_source_file(tensors: Sequence[PlannedTensor]) -> Iterator[list[_Item]]:
     """Tensors grouped by source file (first named first), each group in source order by instance;
     a tensor made from no source (a router of zeros, one drawn from a seed) joins the group of the
-    tensor before it in the plan."""
-    seen: dict[tuple[Path | str | None, str], int] = {}
+    tensor before it in the plan. Each group is let go once the next is asked for."""
+    groups = _grouped(tensors)
+    while groups:
+        group = groups.pop(next(iter(groups)))
+        yield sorted(group, key=lambda i: (i.instance, i.src_offset, i.order))
+
+
+def _grouped(tensors: Sequence[PlannedTensor]) -> dict[Path | str | None, list[_Item]]:
+    seen: dict[Path | str | None, dict[str, int]] = {}  # by path, then name: no key tuple per tensor
     groups: dict[Path | str | None, list[_Item]] = {}
     path: Path | str | None = None
     for order, tensor in enumerate(tensors):
         path = tensor.source.path if tensor.source is not None else path
-        key = (path, tensor.source.name if tensor.source is not None else tensor.name)
-        instance = seen.get(key, 0)
-        seen[key] = instance + 1
+        counts = seen.setdefault(path, {})
+        name = tensor.source.name if tensor.source is not None else tensor.name
+        instance = counts.get(name, 0)
+        counts[name] = instance + 1
         groups.setdefault(path, []).append(_Item(tensor, order, instance))
-    return [sorted(group, key=lambda i: (i.instance, i.src_offset, i.order)) for group in groups.values()]
+    return groups
 
 
 def _cut(items: list[_Item], max_shard_bytes: int) -> list[list[_Item]]:
