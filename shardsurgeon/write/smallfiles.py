@@ -68,8 +68,17 @@ def write_index(folder: Path, layout: Layout) -> None:
     """The index json, only when there is more than one shard (like transformers)."""
     if len(layout.shards) == 1:
         return
-    weight_map = {p.tensor.name: s.name for s in layout.shards for p in s.tensors}
-    write_json(folder / INDEX_FILE, {"metadata": {"total_size": layout.total_size}, "weight_map": weight_map})
+    path = folder / INDEX_FILE
+    with path.open("w", encoding="utf-8") as f:  # as json.dumps(indent=2) writes it, one entry at a time
+        f.write(f'{{\n  "metadata": {{\n    "total_size": {layout.total_size}\n  }},\n  "weight_map": {{')
+        separator = "\n"
+        for shard in layout.shards:
+            shard_name = json.dumps(shard.name, ensure_ascii=False)
+            for placed in shard.tensors:
+                f.write(f"{separator}    {json.dumps(placed.tensor.name, ensure_ascii=False)}: {shard_name}")
+                separator = ",\n"
+        f.write("\n  }\n}\n" if separator != "\n" else "}\n}\n")
+    sync_file(path)
 
 
 def copy_other_files(source: Path | str, folder: Path, replaced: Mapping[str, bytes | None]) -> list[str]:
