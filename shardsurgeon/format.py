@@ -186,19 +186,32 @@ def encode_header(
     multiple of 8, at least that), with as many more spaces as make the data start there. Readers
     skip trailing spaces as JSON whitespace, so the extra padding is free placement.
     """
-    header: dict[str, Any] = {}
+    # json.dumps of the header as a dict of dicts, written entry by entry: the dict of a shard of
+    # thousands of tensors would cost a hundred times its text
+    parts = []
     if metadata is not None:
-        header["__metadata__"] = dict(metadata)
+        parts.append('"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False))
     offset = 0
     for name, dtype, shape, nbytes in entries:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        dims = ",".join(map(str, shape))
+        parts.append(
+            f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":{json.dumps(dtype)},"shape":[{dims}],'
+            f'"data_offsets":[{offset},{offset + nbytes}]}}'
+        )
         offset += nbytes
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text = ("{" + ",".join(parts) + "}").encode()
     minimal = HEADER_LENGTH_BYTES + len(text) + (-len(text) % 8)
-    wanted = minimal if data_start is None else data_start
-    if wanted < minimal or wanted % 8:
-        raise ValueError(f"data start {wanted}: must be a multiple of 8 and at least {minimal}")
-    text += b" " * (wanted - HEADER_LENGTH_BYTES - len(text))
+    return padded_header(struct.pack("<Q", len(text)) + text, minimal if data_start is None else data_start)
+
+
+def padded_header(header: bytes, data_start: int) -> bytes:
+    """``header`` (as :func:`encode_header` makes it) with spaces added so that the data starts at
+    ``data_start``, a multiple of 8 at least as far as the header's JSON needs."""
+    text = header[HEADER_LENGTH_BYTES:].rstrip(b" ")
+    minimal = HEADER_LENGTH_BYTES + len(text) + (-len(text) % 8)
+    if data_start < minimal or data_start % 8:
+        raise ValueError(f"data start {data_start}: must be a multiple of 8 and at least {minimal}")
+    text += b" " * (data_start - HEADER_LENGTH_BYTES - len(text))
     return struct.pack("<Q", len(text)) + text
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardsurgeon.errors import PlanError
-from shardsurgeon.format import DTYPES, HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, encode_header
+from shardsurgeon.format import DTYPES, HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, encode_header, padded_header
 from shardsurgeon.model.checkpoint import SINGLE_FILE
 from shardsurgeon.plan.planner import Plan
 from shardsurgeon.plan.tensors import Copy, Piece, PlannedTensor, pieces_of
@@ -293,10 +293,11 @@ def _cut(items: list[_Item], max_shard_bytes: int) -> list[list[_Item]]:
 def _placed(items: list[_Item], metadata: Mapping[str, str]) -> ShardLayout:
     """The shard holding ``items`` in this order, its header padded to the phase that shares most."""
     entries = [(i.tensor.name, i.tensor.dtype, i.tensor.shape, i.nbytes) for i in items]
-    minimal = len(encode_header(entries, metadata))
+    header = encode_header(entries, metadata)
+    del entries
     phase = _best_phase(items)
-    padding = 0 if phase is None else (phase - minimal) % BLOCK_BYTES
-    header = encode_header(entries, metadata, data_start=minimal + padding)
+    padding = 0 if phase is None else (phase - len(header)) % BLOCK_BYTES
+    header = padded_header(header, len(header) + padding)
     offset = len(header)
     placed = []
     for item in items:
