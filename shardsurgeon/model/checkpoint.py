@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -20,10 +19,11 @@ from typing import Any
 from shardsurgeon.errors import CheckpointError, safe_text
 from shardsurgeon.format import MAX_TENSORS, Header, TensorRef, read_header
 from shardsurgeon.model.hfcache import snapshot
+from shardsurgeon.model.index import Listing, index_names, listing, parse_json, read_index
 from shardsurgeon.model.table import TensorTable
 from shardsurgeon.names import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from shardsurgeon.storage.remote import RemoteFolder, file_name, is_url, normal_url
-from shardsurgeon.storage.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, PARSE_ERRORS, read_small
+from shardsurgeon.storage.smallfile import MAX_CONFIG_BYTES, MAX_JSON_BYTES, read_small
 from shardsurgeon.storage.versions import SourceVersion, describe_change, local_version
 
 
@@ -77,10 +77,10 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     headers = (_read_shard(root, shard_name) for shard_name in shard_names)
     index_path = root / INDEX_FILE
 
-    def index_names() -> dict[str, set[str]]:
-        return _index_names(_read_json(index_path, MAX_JSON_BYTES), index_path)
+    def names() -> dict[str, set[str]]:
+        return index_names(read_small(index_path, MAX_JSON_BYTES, CheckpointError, "JSON"), index_path)
 
-    tensors, shards = _collect(str(root), index_path, shard_names, headers, index_names)
+    tensors, shards = _collect(str(root), index_path, shard_names, headers, names)
     return Checkpoint(root, tensors, shards, _read_config(root))
 
 
@@ -95,17 +95,18 @@ def _open_remote(remote: RemoteFolder) -> Checkpoint:
             "checkpoint, under which config.json and the weights sit (Hub: https://huggingface.co/ORG/NAME/resolve/main/)"
         )
     config = _config_of(raw_config, remote.where(CONFIG_FILE))
-    single: dict[str, _Listed | None] = {SINGLE_FILE: None}
-    shard_names = _read_index(index, remote.where(INDEX_FILE)) if index is not None else single
+    shard_names: dict[str, Listing | None] = {SINGLE_FILE: None}
+    if index is not None:
+        shard_names = {**read_index(index, remote.where(INDEX_FILE))}
     missing = f"though {INDEX_FILE} lists it" if index is not None else f"and neither is {INDEX_FILE}"
     index = None  # 10 MB for 100,000 tensors: read again only to say what is wrong
     headers = (_read_remote_shard(remote, shard_name, missing) for shard_name in shard_names)
 
-    def index_names() -> dict[str, set[str]]:
+    def names() -> dict[str, set[str]]:
         raw = remote.read_small(INDEX_FILE, MAX_JSON_BYTES, "JSON") or b"{}"
-        return _index_names(_parse_json(raw, remote.where(INDEX_FILE)), remote.where(INDEX_FILE))
+        return index_names(raw, remote.where(INDEX_FILE))
 
-    tensors, shards = _collect(remote.url, remote.where(INDEX_FILE), shard_names, headers, index_names)
+    tensors, shards = _collect(remote.url, remote.where(INDEX_FILE), shard_names, headers, names)
     return Checkpoint(remote.url, tensors, shards, config, remote.fetched_nbytes)
 
 
@@ -129,7 +130,7 @@ def _read_remote_shard(remote: RemoteFolder, shard_name: str, missing: str) -> t
 def _collect(
     root: str,
     index_path: Path | str,
-    shard_names: dict[str, _Listed | None],
+    shard_names: dict[str, Listing | None],
     headers: Iterable[tuple[Shard, Header]],
     index_names: Callable[[], dict[str, set[str]]],
 ) -> tuple[TensorTable, tuple[Shard, ...]]:
@@ -142,7 +143,7 @@ def _collect(
     shards = []
     for (shard_name, listed), (shard, header) in zip(shard_names.items(), headers, strict=True):
         shards.append(shard)
-        if listed is not None and listed != _listing(e.name for e in header.tensors):
+        if listed is not None and listed != listing(e.name for e in header.tensors):
             expected = index_names().get(shard_name, set())
             problem = _mismatch(root, index_path, shard_name, shard, header, tensors, expected)
             if problem is not None:  # else the index names a tensor twice, which json.loads forgives
@@ -154,23 +155,6 @@ def _collect(
         names = ", ".join(file_name(s.path) for s in shards)
         raise CheckpointError(f"{root}: the checkpoint holds no tensors; expected at least one in {names}")
     return tensors, tuple(shards)
-
-
-@dataclass(frozen=True, slots=True)
-class _Listed:
-    """The tensor names an index gives one shard, as a count and the sum of their hashes: a set of
-    100,000 names would cost more than the checkpoint's table."""
-
-    count: int
-    hash_sum: int
-
-
-def _listing(names: Iterable[str]) -> _Listed:
-    count = hash_sum = 0
-    for name in names:
-        count += 1
-        hash_sum += hash(name)
-    return _Listed(count, hash_sum)
 
 
 def _mismatch(
@@ -206,11 +190,11 @@ def resolve_cache_entry(path: Path) -> Path:
     return snapshot(path) or path
 
 
-def _shard_names(root: Path) -> dict[str, _Listed | None]:
+def _shard_names(root: Path) -> dict[str, Listing | None]:
     """Shard file names in sorted order, each with the tensor names the index assigns to it."""
     index_path = root / INDEX_FILE
     if index_path.exists():
-        return _read_index(read_small(index_path, MAX_JSON_BYTES, CheckpointError, "JSON"), index_path)
+        return {**read_index(read_small(index_path, MAX_JSON_BYTES, CheckpointError, "JSON"), index_path)}
     if os.path.lexists(root / SINGLE_FILE):  # a broken link too: reading it then says what is wrong
         return {SINGLE_FILE: None}
     others = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".gguf"))
@@ -219,124 +203,6 @@ def _shard_names(root: Path) -> dict[str, _Listed | None]:
         f"{root}: expected {INDEX_FILE} or {SINGLE_FILE}, {found}; pass a Hugging Face checkpoint "
         "folder with safetensors weights"
     )
-
-
-def _read_index(raw: bytes, index_path: Path | str) -> dict[str, _Listed | None]:
-    """The shards the index ``raw`` names, sorted, each with the tensor names it assigns to that shard."""
-    return _streamed_index(raw) or _index_shards(_parse_json(raw, index_path), index_path)
-
-
-_JSON = json.JSONDecoder()
-
-
-def _streamed_index(raw: bytes) -> dict[str, _Listed | None] | None:
-    """:func:`_index_shards` of a well-formed index, read one weight_map entry at a time with the json
-    module's own scanners: ``json.loads`` would hold every name and shard name at once (40 MB for
-    100,000 tensors). None for anything unusual, which the full parse then reads or reports."""
-    try:
-        text = raw.decode("utf-8")
-        at = _skip(text, 0)
-        if text[at : at + 1] != "{":
-            return None
-        listing = None
-        while True:
-            at = _skip(text, at + 1)
-            if text[at : at + 1] != '"':
-                return None
-            key, at = json.decoder.scanstring(text, at + 1)  # type: ignore[attr-defined]
-            at = _colon(text, at)
-            if key == "weight_map":
-                if listing is not None or text[at : at + 1] != "{":
-                    return None
-                listing, at = _streamed_weight_map(text, at)
-                if not listing:
-                    return None
-            else:
-                _, at = _JSON.raw_decode(text, at)
-            at = _skip(text, at)
-            if text[at : at + 1] == "}":
-                break
-            if text[at : at + 1] != ",":
-                return None
-        if _skip(text, at + 1) != len(text) or listing is None:
-            return None
-        return {shard: listing[shard] for shard in sorted(listing)}
-    except (ValueError, RecursionError):
-        return None
-
-
-def _streamed_weight_map(text: str, at: int) -> tuple[dict[str, _Listed] | None, int]:
-    """The listing of the weight_map object at ``text[at]``, and where it ends; None if unusual."""
-    by_shard: dict[str, _Listed] = {}
-    empty = _Listed(0, 0)
-    while True:
-        at = _skip(text, at + 1)
-        if text[at : at + 1] != '"':
-            return None, at
-        name, at = json.decoder.scanstring(text, at + 1)  # type: ignore[attr-defined]
-        at = _colon(text, at)
-        if text[at : at + 1] != '"':
-            return None, at
-        shard, at = json.decoder.scanstring(text, at + 1)  # type: ignore[attr-defined]
-        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-            return None, at
-        listed = by_shard.get(shard, empty)
-        by_shard[shard] = _Listed(listed.count + 1, listed.hash_sum + hash(name))
-        at = _skip(text, at)
-        if text[at : at + 1] == "}":
-            return by_shard, at + 1
-        if text[at : at + 1] != ",":
-            return None, at
-
-
-def _skip(text: str, at: int) -> int:
-    """Where the JSON whitespace from ``text[at]`` on ends."""
-    while text[at : at + 1] in (" ", "\t", "\n", "\r"):
-        at += 1
-    return at
-
-
-def _colon(text: str, at: int) -> int:
-    """Where the value after the ``:`` at or after ``text[at]`` begins."""
-    at = _skip(text, at)
-    if text[at : at + 1] != ":":
-        raise ValueError("expected ':'")
-    return _skip(text, at + 1)
-
-
-def _index_shards(index: Any, index_path: Path | str) -> dict[str, _Listed | None]:
-    """The shards an index names, sorted, each with the tensor names it assigns to that shard."""
-    by_shard: dict[str, _Listed] = {}
-    empty = _Listed(0, 0)
-    for name, shard in _weight_map(index, index_path).items():
-        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-            raise CheckpointError(
-                f"{index_path}: tensor {name!r} maps to {shard!r}, expected a file name in the same folder"
-            )
-        listed = by_shard.get(shard, empty)
-        by_shard[shard] = _Listed(listed.count + 1, listed.hash_sum + hash(name))
-    return {shard: by_shard[shard] for shard in sorted(by_shard)}
-
-
-def _index_names(index: Any, index_path: Path | str) -> dict[str, set[str]]:
-    """The tensor names of each shard of an index."""
-    by_shard: dict[str, set[str]] = {}
-    for name, shard in _weight_map(index, index_path).items():
-        by_shard.setdefault(shard, set()).add(name)
-    return by_shard
-
-
-def _weight_map(index: Any, index_path: Path | str) -> dict[str, str]:
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
-        raise CheckpointError(
-            f'{index_path}: expected an object with a "weight_map" of tensor name to shard file; the index is corrupt'
-        )
-    if not weight_map:
-        raise CheckpointError(f"{index_path}: weight_map is empty; the checkpoint holds no tensors")
-    return weight_map
 
 
 def _read_shard(root: Path, shard_name: str) -> tuple[Shard, Header]:
@@ -393,24 +259,7 @@ def _config_of(raw: bytes | None, path: Path | str) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: missing; a Hugging Face checkpoint needs its config.json to describe the layers"
         )
-    config = _parse_json(raw, path)
+    config = parse_json(raw, path)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}")
     return config
-
-
-def _read_json(path: Path, limit: int) -> Any:
-    return _parse_json(read_small(path, limit, CheckpointError, "JSON"), path)
-
-
-def _parse_json(raw: bytes, path: Path | str) -> Any:
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise CheckpointError(f"{path}: cannot read JSON (nested too deeply); the file is corrupt") from None
-    except PARSE_ERRORS as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({_clip(str(e))}); the file is corrupt") from None
-
-
-def _clip(text: str, limit: int = 100) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -93,22 +94,25 @@ class CopyRun:
 
 @dataclass(frozen=True, slots=True, init=False)
 class ShardLayout:
-    """A shard: its name, its header (kept compressed: the headers of 100,000 tensors are 15 MB of
-    JSON that repeats itself, and each is needed only while its shard is written or checked), and
-    its tensors in data order."""
+    """A shard: its name, its header and its tensors in data order, held compactly (a shard of a
+    100,000-tensor plan would otherwise hold a record and an offset object per tensor and 15 MB of
+    header JSON that repeats itself; each is needed only while its shard is written or checked)."""
 
     name: str
     packed_header: bytes
     """The header bytes, zlib-compressed."""
     header_nbytes: int
     """Length of the header, which is where the data starts."""
-    tensors: tuple[PlacedTensor, ...]
+    planned: tuple[PlannedTensor, ...]
+    packed_offsets: bytes
+    """Each tensor's offset, as 8-byte integers."""
 
     def __init__(self, name: str, header: bytes, tensors: tuple[PlacedTensor, ...]) -> None:
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "packed_header", zlib.compress(header, 1))
         object.__setattr__(self, "header_nbytes", len(header))
-        object.__setattr__(self, "tensors", tensors)
+        object.__setattr__(self, "planned", tuple(p.tensor for p in tensors))
+        object.__setattr__(self, "packed_offsets", array("q", [p.offset for p in tensors]).tobytes())
 
     @property
     def header(self) -> bytes:
@@ -116,9 +120,14 @@ class ShardLayout:
         return zlib.decompress(self.packed_header)
 
     @property
+    def tensors(self) -> tuple[PlacedTensor, ...]:
+        """The tensors in data order, each with its offset."""
+        return tuple(map(PlacedTensor, self.planned, memoryview(self.packed_offsets).cast("q")))
+
+    @property
     def nbytes(self) -> int:
         """Final size of the shard file."""
-        return self.header_nbytes + sum(p.tensor.nbytes for p in self.tensors)
+        return self.header_nbytes + sum(t.nbytes for t in self.planned)
 
     def segments(self) -> list[PlacedPiece | CopyRun]:
         """What to write, in data order: copied pieces merged into runs where they lie one after the
@@ -156,7 +165,7 @@ class Layout:
     @property
     def total_size(self) -> int:
         """Sum of tensor data bytes, as the index's ``metadata.total_size`` reports it."""
-        return sum(p.tensor.nbytes for s in self.shards for p in s.tensors)
+        return sum(t.nbytes for s in self.shards for t in s.planned)
 
     @property
     def nbytes(self) -> int:
@@ -165,7 +174,7 @@ class Layout:
     @property
     def copied_bytes(self) -> int:
         """Bytes of tensors copied unchanged from a source."""
-        return sum(piece.nbytes for s in self.shards for p in s.tensors for piece in pieces_of(p.tensor)
+        return sum(piece.nbytes for s in self.shards for t in s.planned for piece in pieces_of(t)
                    if isinstance(piece.op, Copy))  # fmt: skip
 
     @property

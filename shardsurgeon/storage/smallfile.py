@@ -35,12 +35,13 @@ def read_small(path: Path, limit: int, error: type[ShardSurgeonError], what: str
     except OSError as e:
         raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise error(f"{path}: is {_kind(mode)}, expected {what} in a regular file")
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise error(f"{path}: is {_kind(status.st_mode)}, expected {what} in a regular file")
         chunks, size = [], 0
+        wanted = max(status.st_size + 1, 1 << 20)  # the file in one read (then one bytes, not two)
         while size <= limit:
-            chunk = os.read(fd, min(limit + 1 - size, 1 << 20))
+            chunk = os.read(fd, min(limit + 1 - size, wanted))
             if not chunk:
                 break
             chunks.append(chunk)
