@@ -245,7 +245,8 @@ class RangeCopier:
     ) -> None:
         self._use_kernel = use_kernel
         self._block_bytes = block_bytes
-        self._buffer = bytearray(chunk_bytes)
+        self._chunk_bytes = chunk_bytes
+        self._buffer = bytearray(0)  # made on first use: the kernel path never needs it
         self._refused: set[tuple[int, int]] = set()
 
     def copy_range(
@@ -320,6 +321,8 @@ class RangeCopier:
         report: Callable[[CopiedPiece], None],
     ) -> int:
         done = 0
+        if nbytes and not self._buffer:
+            self._buffer = bytearray(self._chunk_bytes)
         while done < nbytes:
             view = memoryview(self._buffer)[: min(nbytes - done, len(self._buffer))]
             got = read_at(src_fd, view, src_offset + done)
