@@ -215,13 +215,13 @@ def _read_shard(root: Path, shard_name: str) -> tuple[Shard, Header]:
         raise CheckpointError(
             f"{path}: shard listed in {INDEX_FILE} is missing; download or copy the complete checkpoint"
         ) from None
-    return shard_header(path)
+    return _shard_header(path)
 
 
 def read_shard(path: Path) -> tuple[Shard, list[TensorRef]]:
     """The local safetensors file at ``path`` and its tensors, from its header: its version is the
     one the header was read from."""
-    shard, header = shard_header(path)
+    shard, header = _shard_header(path)
     return shard, _refs(path, header)
 
 
@@ -229,7 +229,7 @@ def _refs(path: Path | str, header: Header) -> list[TensorRef]:
     return [TensorRef(e.name, path, e.dtype, e.shape, header.data_start + e.begin, e.nbytes) for e in header.tensors]
 
 
-def shard_header(path: Path) -> tuple[Shard, Header]:
+def _shard_header(path: Path) -> tuple[Shard, Header]:
     """The local safetensors file at ``path`` and its decoded header, with the version the header
     was read from."""
     seen = local_version(path, "")

@@ -265,16 +265,19 @@ def _arranged(items: list[_Item], metadata: Mapping[str, str]) -> ShardLayout:
 def _by_source_file(tensors: Sequence[PlannedTensor]) -> Iterator[list[_Item]]:
     """Tensors grouped by source file (first named first), each group in source order by instance;
     a tensor made from no source (a router of zeros, one drawn from a seed) joins the group of the
-    tensor before it in the plan. Each group is let go once the next is asked for."""
+    tensor before it in the plan. A group's items are made when it is asked for."""
     groups = _grouped(tensors)
     while groups:
-        group = groups.pop(next(iter(groups)))
-        yield sorted(group, key=lambda i: (i.instance, i.src_offset, i.order))
+        orders, instances = groups.pop(next(iter(groups)))
+        items = [_Item(tensors[order], order, instance) for order, instance in zip(orders, instances, strict=True)]
+        yield sorted(items, key=lambda i: (i.instance, i.src_offset, i.order))
 
 
-def _grouped(tensors: Sequence[PlannedTensor]) -> dict[Path | str | None, list[_Item]]:
+def _grouped(tensors: Sequence[PlannedTensor]) -> dict[Path | str | None, tuple[array[int], array[int]]]:
+    """Each group as the plan positions of its tensors and their instances, in arrays: an item
+    object (and a position object) per tensor of a 100,000-tensor plan would cost 5 MB."""
     seen: dict[Path | str | None, dict[str, int]] = {}  # by path, then name: no key tuple per tensor
-    groups: dict[Path | str | None, list[_Item]] = {}
+    groups: dict[Path | str | None, tuple[array[int], array[int]]] = {}
     path: Path | str | None = None
     for order, tensor in enumerate(tensors):
         path = tensor.source.path if tensor.source is not None else path
@@ -282,7 +285,9 @@ def _grouped(tensors: Sequence[PlannedTensor]) -> dict[Path | str | None, list[_
         name = tensor.source.name if tensor.source is not None else tensor.name
         instance = counts.get(name, 0)
         counts[name] = instance + 1
-        groups.setdefault(path, []).append(_Item(tensor, order, instance))
+        orders, instances = groups.setdefault(path, (array("Q"), array("Q")))
+        orders.append(order)
+        instances.append(instance)
     return groups
 
 
