@@ -29,8 +29,8 @@ MAX_HEADER_BYTES = 100_000_000
 HEADER_LENGTH_BYTES = 8
 MAX_TENSOR_BYTES = 2**63 - 1
 MAX_TENSORS = 500_000
-"""Tensors in one checkpoint (DeepSeek-V3 has 92k): each costs about 0.3 kB while planned (plus
-its name; bench/RESULTS.md), so this bounds what a header can make the planner hold."""
+"""Tensors in one checkpoint (DeepSeek-V3 has 92k): each costs about 0.3 kB while planned, its name
+included (bench/RESULTS.md), so this bounds what a header can make the planner hold."""
 
 
 @dataclass(frozen=True, slots=True)
