@@ -342,3 +342,21 @@ def test_from_and_to_s3_is_the_local_output(src, tmp_path, seaweed_session, monk
     assert sorted(remote) == sorted(mine)
     assert [name for name in mine if name != "README.md" and remote[name] != mine[name]] == []
     assert verify_checkpoint("s3://vocab/out", ["s3://vocab/src"]).ok
+
+
+def test_from_a_web_server_is_the_local_output(src, tmp_path):
+    """A source by https-like URL (a web server with range requests, which lists nothing): the token
+    files are found among the usual names and read whole, the shards by range."""
+    pytest.importorskip("obstore", reason="the remote extra (obstore) is not installed")
+    from _servers import serve_http
+    from conftest import folder_bytes
+
+    folder, _ = src
+    args = ("--add-tokens", "n1", "--special", "--init", "copy:w9")
+    vocab("--src", folder, *args, "--out", tmp_path / "local")
+    with serve_http(folder.parent) as http:
+        url = f"{http.url}/ok/{folder.name}"
+        vocab("--src", url, *args, "--out", tmp_path / "remote")
+        assert verify_checkpoint(tmp_path / "remote", [url]).ok
+    local, remote = folder_bytes(tmp_path / "local"), folder_bytes(tmp_path / "remote")
+    assert {k: v for k, v in local.items() if k != "README.md"} == {k: v for k, v in remote.items() if k != "README.md"}
