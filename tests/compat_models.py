@@ -233,3 +233,26 @@ def fixed_input(seed: int = 1234) -> torch.Tensor:
     """The fixed token ids the logits are compared on: shape [1, SEQ_LEN], no special image tokens."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB - 8, (1, SEQ_LEN), generator=gen)
+
+
+def run_ok(*args: str | Path) -> None:
+    """A shardsurgeon command run in process; it must succeed."""
+    from click.testing import CliRunner
+
+    from shardsurgeon.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+
+
+def load_checked(path: Path, dtype: torch.dtype, **config):
+    """The model at ``path`` as transformers loads it, with no missing, unexpected or mismatched weight."""
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **config)
+    assert not {k: v for k, v in info.items() if v}, info
+    return model.eval()
+
+
+def logits_of(model, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits on ``ids`` (default: :func:`fixed_input`)."""
+    with torch.no_grad():
+        return model(fixed_input() if ids is None else ids).logits

@@ -16,34 +16,14 @@ transformers = pytest.importorskip("transformers")
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
+from _clikit import invoke, refused, tensors  # noqa: E402
 from compat_models import _LLAMA_LIKE, save_tiny_model  # noqa: E402
 from conftest import folder_bytes  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
 
 from shardsurgeon import WriteOptions, api  # noqa: E402
-from shardsurgeon.cli import cli  # noqa: E402
 
 _QWEN2 = {k: v for k, v in _LLAMA_LIKE.items() if k != "head_dim"}
-
-
-def invoke(*args: str | Path):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def refused(result, *parts: str) -> None:
-    assert result.exit_code not in (0, None), result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for part in parts:
-        assert part in lines[0], lines[0]
-
-
-def tensors(folder: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out |= load_file(shard)
-    return out
 
 
 def fused(src: Path, dst: Path, block: str, projections: tuple[str, str, str]) -> Path:

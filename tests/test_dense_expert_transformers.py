@@ -15,11 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from click.testing import CliRunner  # noqa: E402
-from compat_models import _LLAMA_LIKE, fixed_input, save_tiny_model  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from compat_models import _LLAMA_LIKE, save_tiny_model  # noqa: E402
+from compat_models import load_checked as load  # noqa: E402
+from compat_models import logits_of as logits  # noqa: E402
+from compat_models import run_ok as run  # noqa: E402
 
-from shardsurgeon.cli import cli  # noqa: E402
 from shardsurgeon.model.moe import CLASS_DEFAULTS  # noqa: E402
 
 pytestmark = pytest.mark.compat
@@ -42,22 +42,6 @@ MOE = {
 }  # fmt: skip
 DENSE_CLASS = {"mixtral": "MistralForCausalLM", "qwen3_moe": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2ForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def run(*args: str | Path) -> None:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-
-
-def load(path: Path, dtype: torch.dtype, **config):
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **config)
-    assert not {k: v for k, v in info.items() if v}, info
-    return model.eval()
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(fixed_input()).logits
 
 
 class Constant(torch.nn.Module):

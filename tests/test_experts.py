@@ -12,24 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from click.testing import CliRunner  # noqa: E402
+from _clikit import invoke, refused  # noqa: E402
 from compat_models import _LLAMA_LIKE, save_tiny_model  # noqa: E402
 from conftest import folder_bytes  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
-
-from shardsurgeon.cli import cli  # noqa: E402
-
-
-def invoke(*args: str | Path):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def refused(result, *parts: str) -> None:
-    assert result.exit_code not in (0, None), result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for part in parts:
-        assert part in lines[0], lines[0]
 
 
 def tensors(folder: Path) -> dict:

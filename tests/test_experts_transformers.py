@@ -16,9 +16,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402
-from compat_models import _LLAMA_LIKE, fixed_input, save_tiny_model  # noqa: E402
+from compat_models import _LLAMA_LIKE, save_tiny_model  # noqa: E402
+from compat_models import load_checked as load  # noqa: E402
+from compat_models import logits_of as logits  # noqa: E402
+from compat_models import run_ok as run  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 from shardsurgeon.cli import cli  # noqa: E402
 
@@ -38,22 +40,6 @@ DENSE = {
 SPARSE = {"mistral": "MixtralForCausalLM", "llama": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM",
           "qwen3": "Qwen3MoeForCausalLM"}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def run(*args: str | Path) -> None:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-
-
-def load(path: Path, dtype: torch.dtype):
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
-    assert not {k: v for k, v in info.items() if v}, info
-    return model.eval()
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(fixed_input()).logits
 
 
 @pytest.fixture(scope="module")

@@ -17,37 +17,18 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from click.testing import CliRunner  # noqa: E402
+from _clikit import invoke, refused, tensors  # noqa: E402
+from _s3kit import stop_after  # noqa: E402
 from compat_models import _LLAMA_LIKE, save_tiny_model  # noqa: E402
 from conftest import folder_bytes  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from shardsurgeon import CheckpointError, WriteOptions, api  # noqa: E402
-from shardsurgeon.cli import cli  # noqa: E402
 
 EXPERTS, HIDDEN, LAYERS = 3, 32, 4
 MIXTRAL_ROUTER = "model.layers.{}.block_sparse_moe.gate.weight"
 QWEN_ROUTER = "model.layers.{}.mlp.gate.weight"
 QWEN_SHARED_GATE = "model.layers.{}.mlp.shared_expert_gate.weight"
-
-
-def invoke(*args: str | Path):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def refused(result, *parts: str) -> None:
-    assert result.exit_code not in (0, None), result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for part in parts:
-        assert part in lines[0], lines[0]
-
-
-def tensors(folder: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out |= load_file(shard)
-    return out
 
 
 def router_values(layer: int, shape: tuple[int, ...] = (EXPERTS, HIDDEN)) -> np.ndarray:
@@ -180,18 +161,6 @@ def test_dry_run_says_where_the_routers_come_from(models, tmp_path):
     assert result.exit_code == 0 and f"router from the file {routers}" in result.output, result.output
 
 
-def _stop_after(limit: int):
-    done = 0
-
-    def progress(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if done >= limit:
-            raise KeyboardInterrupt
-
-    return progress
-
-
 def test_a_stopped_run_resumes_and_keeps_what_it_proves(models, tmp_path):
     routers = write_routers(tmp_path / "r.safetensors", dtype=ml_dtypes.bfloat16)
     job = api.plan_upcycle(
@@ -200,7 +169,7 @@ def test_a_stopped_run_resumes_and_keeps_what_it_proves(models, tmp_path):
     assert routers in {Path(v.where) for v in job.versions}
     assert len(job.layout.shards) > 2
     with pytest.raises(KeyboardInterrupt):
-        api.run_job(job, tmp_path / "out", command="upcycle", options=WriteOptions(progress=_stop_after(60_000)))
+        api.run_job(job, tmp_path / "out", command="upcycle", options=WriteOptions(progress=stop_after(60_000)))
     result = api.run_job(job, tmp_path / "out", command="upcycle")
     assert result.shards_reused > 0
     assert upcycle(models["mistral"], routers, tmp_path / "whole", "-q", "--max-shard-size", "40KB").exit_code == 0

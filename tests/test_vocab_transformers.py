@@ -15,11 +15,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from _vocabkit import write_word_tokenizer  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
 from compat_models import VOCAB, fixed_input, llama_config, qwen2_config, save_tiny_model  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from shardsurgeon.cli import cli  # noqa: E402
+from compat_models import load_checked as load  # noqa: E402
+from compat_models import logits_of as logits  # noqa: E402
+from compat_models import run_ok as run  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 pytestmark = pytest.mark.compat
 
@@ -27,22 +27,6 @@ TOKENS = VOCAB - 8
 """The tokenizer knows 120 tokens; rows 120-127 are padding."""
 ARCHS = {"llama": llama_config, "qwen2": qwen2_config}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def run(*args: str | Path) -> None:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-
-
-def load(path: Path, dtype: torch.dtype):
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
-    assert not {k: v for k, v in info.items() if v}, info
-    return model.eval()
-
-
-def logits(model, ids: torch.Tensor | None = None) -> torch.Tensor:
-    with torch.no_grad():
-        return model(fixed_input() if ids is None else ids).logits
 
 
 @pytest.fixture(scope="module")
