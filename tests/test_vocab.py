@@ -360,3 +360,14 @@ def test_from_a_web_server_is_the_local_output(src, tmp_path):
         assert verify_checkpoint(tmp_path / "remote", [url]).ok
     local, remote = folder_bytes(tmp_path / "local"), folder_bytes(tmp_path / "remote")
     assert {k: v for k, v in local.items() if k != "README.md"} == {k: v for k, v in remote.items() if k != "README.md"}
+
+
+def test_a_remap_that_leaves_a_gap_among_added_tokens_says_why(tmp_path):
+    """Added tokens at 20 and 21; a map moving 21 to 23 leaves a gap the library would close."""
+    folder = tmp_path / "src"
+    write_tiny_checkpoint(folder, layers=1, shards=1, vocab=24)
+    write_word_tokenizer(folder, TOKENS)
+    vocab("--src", folder, "--add-tokens", "<a>,<b>", "--special", "--out", tmp_path / "added")
+    (tmp_path / "map.json").write_text(json.dumps({**{str(i): i for i in range(21)}, "21": 23}))
+    message = refused("--src", tmp_path / "added", "--remap", tmp_path / "map.json", "--out", tmp_path / "o")
+    assert "numbers added tokens past the vocabulary without gaps" in message

@@ -187,13 +187,21 @@ def _moved_processor(processor: Any, moved: Mapping[int, int]) -> Any:
 
 
 def _check_moved(before: Any, after: Any, moved: Mapping[int, int]) -> None:
+    added = {int(i) for i in before.get_added_tokens_decoder()}
     for token, old in before.get_vocab(with_added_tokens=True).items():
         new = after.token_to_id(token)
-        if new != moved.get(old):
+        if new == moved.get(old):
+            continue
+        if old in added:
             raise PlanError(
-                f"{TOKENIZER_FILE}: after the remap {safe_text(token, 40)} has id {new}, expected {moved.get(old)}; "
-                "this tokenizer's format is not one the remap knows"
+                f"--remap: the added token {safe_text(token, 40)} would read as id {new}, not {moved.get(old)}: the "
+                "tokenizers library numbers added tokens past the vocabulary without gaps; map the added tokens "
+                "onto consecutive ids right after the vocabulary's"
             )
+        raise PlanError(
+            f"{TOKENIZER_FILE}: after the remap {safe_text(token, 40)} has id {new}, expected {moved.get(old)}; "
+            "this tokenizer's format is not one the remap knows"
+        )
 
 
 def _dumps(value: Any) -> bytes:
