@@ -90,6 +90,11 @@ class TokenFiles:
     def used_ids(self, config: Mapping[str, Any]) -> Iterator[tuple[str, int]]:
         """Every token id the tokenizer and the configs name, with where: the ids a remap must move
         and a trim must keep."""
+        yield from self.tokenizer_ids()
+        yield from self.config_ids(config)
+
+    def tokenizer_ids(self) -> Iterator[tuple[str, int]]:
+        """Every token id the tokenizer names (added tokens too), with where."""
         if self.tokenizer is not None:
             for token, token_id in self.tokenizer.get_vocab(with_added_tokens=True).items():
                 yield f"token {token!r} of {TOKENIZER_FILE}", int(token_id)
@@ -97,6 +102,9 @@ class TokenFiles:
         for key in decoder:
             if str(key).isdigit():
                 yield f"added_tokens_decoder of {TOKENIZER_CONFIG_FILE}", int(key)
+
+    def config_ids(self, config: Mapping[str, Any]) -> Iterator[tuple[str, int]]:
+        """Every token id ``config`` (config.json) and the generation config name, with where."""
         for where, record in (("config.json", config), (GENERATION_CONFIG_FILE, self.json(GENERATION_CONFIG_FILE))):
             for key, value in config_ids(record or {}):
                 yield f"{key} of {where}", value

@@ -416,8 +416,14 @@ def remap_change(files: TokenFiles, config: Mapping[str, Any], rows: int, mappin
         if new in taken:
             raise RecipeError(f"--remap: source ids {taken[new]} and {old} both map to {new}; give each output id once")
         taken[new] = old
+    for where, token_id in files.config_ids(config):
+        if token_id not in mapping:
+            raise RecipeError(
+                f"--remap: {safe_text(where, 80)} uses id {token_id}, which the map drops; map it, or take the id "
+                "out of the config"
+            )
     added = _added_ids(files)
-    for where, token_id in files.used_ids(config):
+    for where, token_id in files.tokenizer_ids():
         if token_id not in mapping and token_id not in added:
             raise RecipeError(
                 f"--remap: {safe_text(where, 80)} uses id {token_id}, which the map drops; map it, or remove the "
