@@ -121,6 +121,18 @@ def config_ids(record: Mapping[str, Any]) -> Iterator[tuple[str, int]]:
         yield from ((f"text_config.{k}", v) for k, v in config_ids(record["text_config"]))
 
 
+def moved_ids(record: Mapping[str, Any], moved: Mapping[int, int]) -> dict[str, Any]:
+    """The token-id keys of a config with each id moved (a planner's checks keep every one mapped)."""
+    out: dict[str, Any] = {}
+    for key in [k for k in record if isinstance(k, str) and is_id_key(k)]:
+        value = record.get(key)
+        if isinstance(value, list):
+            out[key] = [moved.get(v, v) if isinstance(v, int) else v for v in value]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[key] = moved.get(value, value)
+    return out
+
+
 def load_tokenizer(raw: bytes | str, shown: str) -> Any:
     """A ``tokenizers.Tokenizer`` from the text of a tokenizer.json."""
     from tokenizers import Tokenizer  # loads only where tokens are read

@@ -20,7 +20,13 @@ from shardsurgeon.format import DTYPES, numel
 from shardsurgeon.model.arch import LayerStack, outside_rank
 from shardsurgeon.model.checkpoint import TensorRef
 from shardsurgeon.model.source import Source
-from shardsurgeon.model.tokenizer import TOKENIZER_FILE, TokenFiles, is_id_key
+from shardsurgeon.model.tokenizer import (
+    SPECIAL_TOKENS_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    TokenFiles,
+    moved_ids,
+)
 from shardsurgeon.plan.recipe import (
     MAX_VOCAB_ROWS,
     ZERO_ROW,
@@ -32,6 +38,7 @@ from shardsurgeon.plan.recipe import (
     VocabChange,
 )
 from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, Piece, Pieces, PlannedTensor, Zeros
+from shardsurgeon.plan.token_files import added_ids
 
 _EMBEDDING_MARKERS = ("embed_tokens", "word_embeddings", "wte", "embed_in")
 """Name parts of input embeddings, by architecture (Llama and most; BLOOM/BERT; GPT-2; GPT-NeoX)."""
@@ -155,7 +162,7 @@ def _named_rows(run: RowRun) -> list[int]:
 
 def vocab_config(change: VocabChange, config: Mapping[str, Any], stack: LayerStack) -> dict[str, Any]:
     """The config with ``vocab_size`` (top level and the layers' section) and its token ids moved."""
-    moved = change.id_map() if moves_ids(change) else None
+    moved = change.id_map() if change.moves_ids() else None
 
     def patched(section: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(section)
@@ -173,28 +180,6 @@ def vocab_config(change: VocabChange, config: Mapping[str, Any], stack: LayerSta
         last = stack.config_section[-1]
         node[last] = patched(node[last])
     return result
-
-
-def moved_ids(record: Mapping[str, Any], moved: Mapping[int, int]) -> dict[str, Any]:
-    """The token-id keys of a config with each id moved (a planner's checks keep every one mapped)."""
-    out: dict[str, Any] = {}
-    for key in [k for k in record if isinstance(k, str) and is_id_key(k)]:
-        value = record.get(key)
-        if isinstance(value, list):
-            out[key] = [moved.get(v, v) if isinstance(v, int) else v for v in value]
-        elif isinstance(value, int) and not isinstance(value, bool):
-            out[key] = moved.get(value, value)
-    return out
-
-
-def moves_ids(change: VocabChange) -> bool:
-    """Whether any kept source row changes its id."""
-    at = 0
-    for run in change.rows:
-        if isinstance(run, SourceRows) and run.first != at:
-            return True
-        at += run.count
-    return False
 
 
 # --- the builders: a VocabChange from the user's terms ---------------------------------------------
@@ -277,8 +262,6 @@ def add_tokens_change(
 ) -> VocabChange:  # fmt: skip
     """``tokens`` added to the tokenizer at the ids the ``tokenizers`` library gives them; their rows
     replace unused rows where the embedding has room past the tokenizer, else are appended."""
-    from shardsurgeon.plan.token_files import added_ids
-
     tokenizer = files.need_tokenizer("--add-tokens")
     if tokenizer.get_vocab_size(with_added_tokens=True) > rows:
         raise PlanError(
@@ -459,8 +442,6 @@ def _kept_ids(files: TokenFiles) -> dict[int, str]:
     record = files.json(TOKENIZER_FILE)
     for token_id in _processor_ids(record.get("post_processor") if isinstance(record, dict) else None):
         kept.setdefault(token_id, f"the post-processor of {TOKENIZER_FILE}")
-    from shardsurgeon.model.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE
-
     for name in (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE):
         config = files.json(name)
         if not isinstance(config, dict):
