@@ -17,7 +17,7 @@ from typing import Any
 
 from shardsurgeon.errors import PlanError, RecipeError, safe_text
 from shardsurgeon.format import DTYPES, numel
-from shardsurgeon.model.arch import LayerStack, outside_rank
+from shardsurgeon.model.arch import INPUT_EMBEDDING_MARKERS, LayerStack, outside_rank
 from shardsurgeon.model.checkpoint import TensorRef
 from shardsurgeon.model.source import Source
 from shardsurgeon.model.tokenizer import (
@@ -39,9 +39,6 @@ from shardsurgeon.plan.recipe import (
 )
 from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, Piece, Pieces, PlannedTensor, Zeros
 from shardsurgeon.plan.token_files import added_ids
-
-_EMBEDDING_MARKERS = ("embed_tokens", "word_embeddings", "wte", "embed_in")
-"""Name parts of input embeddings, by architecture (Llama and most; BLOOM/BERT; GPT-2; GPT-NeoX)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +64,7 @@ def vocab_matrices(source: Source) -> VocabMatrices:
         ref
         for ref in source.before
         if len(ref.shape) == 2
-        and any(marker in ref.name for marker in _EMBEDDING_MARKERS)
+        and any(marker in ref.name for marker in INPUT_EMBEDDING_MARKERS)
         and "position" not in ref.name
     ]
     if len(embeddings) != 1:
