@@ -3,7 +3,7 @@
 The vocabulary matrices are the input embedding and an untied output head (and its bias): their
 rows are token ids. A :class:`~shardsurgeon.plan.recipe.VocabChange` says, run by run, which source
 rows each output row is, and what new rows start as: zeros (a hole), a copy of one row, or the
-exact mean of rows (:class:`~shardsurgeon.plan.tensors.MeanRows`). Every other tensor is copied
+mean of rows (:class:`~shardsurgeon.plan.tensors.MeanRows`). Every other tensor is copied
 as it is. Kept rows are byte ranges of the source, so they copy, share blocks and verify like any
 copy. The token files are made to match by :mod:`plan.token_files`. Pure but for the tokenizer
 the builders are given.
