@@ -362,3 +362,13 @@ def test_single_file_with_no_tensors(tmp_path):
     write_config(tmp_path)
     write_safetensors(tmp_path / "model.safetensors", [], {"format": "pt"})
     fails(CheckpointError, tmp_path, match="the checkpoint holds no tensors")
+
+
+def test_tensor_in_two_shards_that_an_index_lists_under_both(tmp_path):
+    make_checkpoint(tmp_path, TWO_SHARDS)
+    write_safetensors(tmp_path / SHARD2, [*TWO_SHARDS[SHARD2], ("model.embed_tokens.weight", "BF16", (8, 4))])
+    entries = [f'"{name}": "{shard}"' for shard, specs in TWO_SHARDS.items() for name, _, _ in specs]
+    entries.append(f'"model.embed_tokens.weight": "{SHARD2}"')  # the name again: json.loads keeps this one
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {' + ", ".join(entries) + "}}")
+    message = fails(CheckpointError, tmp_path, match="holds tensor 'model.embed_tokens.weight' that .* does not list")
+    assert message.startswith(f"{tmp_path / SHARD1}: ")

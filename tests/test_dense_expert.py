@@ -273,3 +273,15 @@ def test_a_cast_takes_the_experts_range_of_a_fused_tensor_and_rounds_it(models, 
     assert got.view(np.uint16).tobytes() == up.astype(ml_dtypes.bfloat16).view(np.uint16).tobytes()
     checked = invoke("verify", out, "--src", models["qwen3_moe_fused"])
     assert checked.exit_code == 0 and "compared byte for byte" in checked.output, checked.output
+
+
+def test_a_plan_file_leaving_a_layer_with_experts_without_its_expert_is_refused(models, tmp_path):
+    args = ("prune-experts", "--src", models["mixtral"], "--keep", "4", "--to-dense")
+    assert invoke(*args, "--plan-json", tmp_path / "plan.json").exit_code == 0
+    text = (tmp_path / "plan.json").read_text()
+    edited = text.replace('\\"expert\\":[4,4,4,4]', '\\"expert\\":[null,4,4,4]')
+    assert edited != text
+    (tmp_path / "plan.json").write_text(edited)
+    result = invoke("apply", tmp_path / "plan.json", tmp_path / "out")
+    refused(result, "layer 0 has experts but the recipe names none to become its MLP")
+    assert not (tmp_path / "out").exists()

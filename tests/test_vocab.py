@@ -371,3 +371,17 @@ def test_a_remap_that_leaves_a_gap_among_added_tokens_says_why(tmp_path):
     (tmp_path / "map.json").write_text(json.dumps({**{str(i): i for i in range(21)}, "21": 23}))
     message = refused("--src", tmp_path / "added", "--remap", tmp_path / "map.json", "--out", tmp_path / "o")
     assert "numbers added tokens past the vocabulary without gaps" in message
+
+
+def test_remap_refuses_to_drop_an_added_token_the_config_names(tmp_path):
+    """Added tokens at 20 and 21, config.json's pad_token_id 21: a map dropping 21 would leave the
+    config naming an id with no row."""
+    folder = tmp_path / "src"
+    write_tiny_checkpoint(folder, layers=1, shards=1, vocab=24)
+    write_word_tokenizer(folder, TOKENS)
+    vocab("--src", folder, "--add-tokens", "<a>,<b>", "--out", tmp_path / "added")
+    config = json.loads((tmp_path / "added" / "config.json").read_text())
+    (tmp_path / "added" / "config.json").write_text(json.dumps({**config, "pad_token_id": 21}))
+    (tmp_path / "map.json").write_text(json.dumps({str(i): i for i in range(21)}))
+    message = refused("--src", tmp_path / "added", "--remap", tmp_path / "map.json", "--out", tmp_path / "o")
+    assert "pad_token_id of config.json uses id 21, which the map drops" in message

@@ -161,6 +161,14 @@ def _edited_plan(tmp_path: Path, edit) -> Path:
     return tmp_path / "plan.json"
 
 
+def _mean_of_two(run: list) -> list:
+    """A run of new rows whose mean of a range of rows is made the mean of the range's two ends."""
+    if run[0] != "new":
+        return run
+    ends = [(kind, rows["range"] if isinstance(rows, dict) else rows) for kind, rows in run[2:]]
+    return [*run[:2], *([kind, list(rows)] for kind, rows in ends)]
+
+
 @pytest.mark.parametrize(
     "edit",
     [
@@ -175,6 +183,14 @@ def test_an_edited_token_list_in_a_plan_file_is_refused(tmp_path, edit):
     token at all, another token, or special tokens from ``"no"``)."""
     plan = _edited_plan(tmp_path, edit)
     one_line_refusal(plan, "--out", tmp_path / "out", command="apply")
+
+
+def test_a_plan_file_whose_mean_of_a_range_is_made_the_mean_of_its_two_ends_is_refused(tmp_path):
+    """The mean of rows 0-19 and the mean of rows 0 and 20 are different bytes: the fingerprint tells
+    them apart (a plan file so edited, or a resumed job of the other, must not pass as the same plan)."""
+    plan = _edited_plan(tmp_path, lambda v: v.update(rows=[_mean_of_two(r) for r in v["rows"]]))
+    message = one_line_refusal(plan, "--out", tmp_path / "out", command="apply")
+    assert "planning again from its sources gives another plan" in message
 
 
 # --- add-tokens: a row past the tokenizer is not free while a config names its id --------------------

@@ -50,8 +50,8 @@ def _remap(text: str) -> tuple[str, dict[int, int]]:
     "init",
     type=ParsedParam("zero|mean|copy:TOKEN|mean-of:TEXT", parse_init),
     metavar="zero|mean|copy:TOKEN|mean-of:TEXT",
-    help="How the new rows of the input embedding start: zeros, the exact mean of every token's row, a copy of one "
-    "token's row, or the exact mean of the rows TEXT encodes to. Default: zero.",
+    help="How the new rows of the input embedding start: zeros, the mean of every token's row, a copy of one "
+    "token's row, or the mean of the rows TEXT encodes to (float64 sums, rounded once). Default: zero.",
 )
 @click.option(
     "--head-init",

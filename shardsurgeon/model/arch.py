@@ -43,7 +43,9 @@ _INDEX = "0|[1-9][0-9]{0,8}"
 under a billion (a longer number is no layer, and Python would refuse to read 4,300 digits)."""
 _NUMBERED = re.compile(rf"^(?P<prefix>.+?)\.(?P<index>{_INDEX})\.(?P<rest>.+)$", re.DOTALL)
 _LAYER = re.compile(rf"(?:{_INDEX})")  # used with fullmatch: "$" would also match before a newline
-_HEAD_MARKERS = ("embed_tokens", "embed_in", "wte", "wpe", "word_embeddings", "embeddings")
+INPUT_EMBEDDING_MARKERS = ("embed_tokens", "word_embeddings", "wte", "embed_in")
+"""Name parts of input embeddings, by architecture (Llama and most; BLOOM/BERT; GPT-2; GPT-NeoX)."""
+_HEAD_MARKERS = (*INPUT_EMBEDDING_MARKERS, "wpe", "embeddings")
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,13 +136,17 @@ def _streamed(raw: bytes) -> dict[str, Listing] | None:
 
 
 def _streamed_weight_map(raw: bytes, at: int) -> tuple[dict[str, Listing], int]:
-    """The listings of the weight_map whose ``{`` ends at ``at``, and where the map ends."""
+    """The listings of the weight_map whose ``{`` ends at ``at``, and where the map ends. A name
+    given twice is unusual (json.loads keeps its last shard; counted under both, a tensor that
+    two shards hold would pass both checks)."""
     by_shard: dict[str, Listing] = {}
+    seen: set[int] = set()  # names by hash, while the index is read: a repeat (or a collision) is unusual
     while True:
         name, at = _string(raw, _skip(raw, at))
         shard, at = _string(raw, _skip(raw, _expect(raw, _skip(raw, at), b":")))
-        if not _is_file_name(shard):
+        if not _is_file_name(shard) or hash(name) in seen:
             raise _Unusual
+        seen.add(hash(name))
         by_shard[shard] = by_shard.get(shard, EMPTY).add(name)
         at = _skip(raw, at)
         if raw[at : at + 1] == b"}":

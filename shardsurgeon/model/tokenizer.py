@@ -90,6 +90,11 @@ class TokenFiles:
     def used_ids(self, config: Mapping[str, Any]) -> Iterator[tuple[str, int]]:
         """Every token id the tokenizer and the configs name, with where: the ids a remap must move
         and a trim must keep."""
+        yield from self.tokenizer_ids()
+        yield from self.config_ids(config)
+
+    def tokenizer_ids(self) -> Iterator[tuple[str, int]]:
+        """Every token id the tokenizer names (added tokens too), with where."""
         if self.tokenizer is not None:
             for token, token_id in self.tokenizer.get_vocab(with_added_tokens=True).items():
                 yield f"token {token!r} of {TOKENIZER_FILE}", int(token_id)
@@ -97,6 +102,9 @@ class TokenFiles:
         for key in decoder:
             if str(key).isdigit():
                 yield f"added_tokens_decoder of {TOKENIZER_CONFIG_FILE}", int(key)
+
+    def config_ids(self, config: Mapping[str, Any]) -> Iterator[tuple[str, int]]:
+        """Every token id ``config`` (config.json) and the generation config name, with where."""
         for where, record in (("config.json", config), (GENERATION_CONFIG_FILE, self.json(GENERATION_CONFIG_FILE))):
             for key, value in config_ids(record or {}):
                 yield f"{key} of {where}", value
@@ -111,6 +119,18 @@ def config_ids(record: Mapping[str, Any]) -> Iterator[tuple[str, int]]:
                 yield key, item
     if isinstance(record.get("text_config"), dict):
         yield from ((f"text_config.{k}", v) for k, v in config_ids(record["text_config"]))
+
+
+def moved_ids(record: Mapping[str, Any], moved: Mapping[int, int]) -> dict[str, Any]:
+    """The token-id keys of a config with each id moved (a planner's checks keep every one mapped)."""
+    out: dict[str, Any] = {}
+    for key in [k for k in record if isinstance(k, str) and is_id_key(k)]:
+        value = record.get(key)
+        if isinstance(value, list):
+            out[key] = [moved.get(v, v) if isinstance(v, int) else v for v in value]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[key] = moved.get(value, value)
+    return out
 
 
 def load_tokenizer(raw: bytes | str, shown: str) -> Any:

@@ -115,8 +115,12 @@ def dense_layer(
     expert = change.expert[layer]
     rests = {t.name: stack.split(t.name)[1] for t in tensors}  # type: ignore[index]
     has_router = any((found := expert_tensor(rest)) is not None and found.router for rest in rests.values())
-    if not has_router or (expert is None and not change.shared):
+    if not has_router:
         return tensors
+    if expert is None and not change.shared:  # a recorded recipe can be edited
+        raise PlanError(
+            f"layer {layer} has experts but the recipe names none to become its MLP; plan it again from this source"
+        )
     mlp: dict[str, PlannedTensor] = {}
     out: list[PlannedTensor] = []
     first = None

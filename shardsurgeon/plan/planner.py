@@ -295,4 +295,4 @@ def _op_fields(op: PieceOp) -> tuple[Any, ...]:
         case Normal(seed, std, stream):
             return op.kind, std, None, seed, stream
         case MeanRows(rows):
-            return op.kind, 1.0, None, [rows.start, rows.stop] if isinstance(rows, range) else list(rows)
+            return op.kind, 1.0, None, ["range", rows.start, rows.stop] if isinstance(rows, range) else list(rows)

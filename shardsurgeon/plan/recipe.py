@@ -178,6 +178,15 @@ class VocabChange:
             at += run.count
         return mapped
 
+    def moves_ids(self) -> bool:
+        """Whether any kept source row changes its id."""
+        at = 0
+        for run in self.rows:
+            if isinstance(run, SourceRows) and run.first != at:
+                return True
+            at += run.count
+        return False
+
     def new_id(self, source_id: int) -> int | None:
         """Where source row ``source_id`` goes (None: dropped), without building the whole map."""
         at = 0

@@ -12,7 +12,6 @@ from shardsurgeon.plan.layout import Layout
 from shardsurgeon.plan.planner import Plan
 from shardsurgeon.plan.recipe import DenseExpert, LayerSource, NewRows, PruneExperts, ScaleRule, Upcycle
 from shardsurgeon.plan.tensors import OP_KINDS, Convert, MeanRows, Normal, Piece, Pieces, Zeros, pieces_of
-from shardsurgeon.plan.vocab import moves_ids
 from shardsurgeon.storage.remote import file_name
 from shardsurgeon.units import format_bytes
 
@@ -339,7 +338,7 @@ def vocab_lines(plan: Plan) -> list[str]:
             f"  {len(change.tokens)}{special} tokens added ({_id_span([t.id for t in change.tokens])}): embedding rows "
             f"{new.init.text}, output head rows {new.head.text}"
         )
-    if moves_ids(change):
+    if change.moves_ids():
         lines.append(f"  ids moved: {len(change.id_map())} rows kept, the tokenizer files and config ids to match")
     return lines
 

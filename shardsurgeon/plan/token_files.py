@@ -29,9 +29,9 @@ from shardsurgeon.model.tokenizer import (
     TOKENIZER_FILE,
     TokenFiles,
     load_tokenizer,
+    moved_ids,
 )
 from shardsurgeon.plan.recipe import NewToken, SourceRows, VocabChange
-from shardsurgeon.plan.vocab import moved_ids, moves_ids
 
 
 def added_ids(files: TokenFiles, tokens: Sequence[str], special: bool) -> list[tuple[str, int]]:
@@ -56,7 +56,7 @@ def token_files(change: VocabChange, files: TokenFiles) -> dict[str, bytes | Non
     out: dict[str, bytes | None] = {}
     if change.tokens:
         out |= _added(change.tokens, files)
-    if moves_ids(change) or _drops_tokens(change, files):
+    if change.moves_ids() or _drops_tokens(change, files):
         out |= _moved(change, files)
     return out
 

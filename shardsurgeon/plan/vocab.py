@@ -3,7 +3,7 @@
 The vocabulary matrices are the input embedding and an untied output head (and its bias): their
 rows are token ids. A :class:`~shardsurgeon.plan.recipe.VocabChange` says, run by run, which source
 rows each output row is, and what new rows start as: zeros (a hole), a copy of one row, or the
-exact mean of rows (:class:`~shardsurgeon.plan.tensors.MeanRows`). Every other tensor is copied
+mean of rows (:class:`~shardsurgeon.plan.tensors.MeanRows`). Every other tensor is copied
 as it is. Kept rows are byte ranges of the source, so they copy, share blocks and verify like any
 copy. The token files are made to match by :mod:`plan.token_files`. Pure but for the tokenizer
 the builders are given.
@@ -17,10 +17,16 @@ from typing import Any
 
 from shardsurgeon.errors import PlanError, RecipeError, safe_text
 from shardsurgeon.format import DTYPES, numel
-from shardsurgeon.model.arch import LayerStack, outside_rank
+from shardsurgeon.model.arch import INPUT_EMBEDDING_MARKERS, LayerStack, outside_rank
 from shardsurgeon.model.checkpoint import TensorRef
 from shardsurgeon.model.source import Source
-from shardsurgeon.model.tokenizer import TOKENIZER_FILE, TokenFiles, is_id_key
+from shardsurgeon.model.tokenizer import (
+    SPECIAL_TOKENS_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    TokenFiles,
+    moved_ids,
+)
 from shardsurgeon.plan.recipe import (
     MAX_VOCAB_ROWS,
     ZERO_ROW,
@@ -32,9 +38,7 @@ from shardsurgeon.plan.recipe import (
     VocabChange,
 )
 from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, Piece, Pieces, PlannedTensor, Zeros
-
-_EMBEDDING_MARKERS = ("embed_tokens", "word_embeddings", "wte", "embed_in")
-"""Name parts of input embeddings, by architecture (Llama and most; BLOOM/BERT; GPT-2; GPT-NeoX)."""
+from shardsurgeon.plan.token_files import added_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +64,7 @@ def vocab_matrices(source: Source) -> VocabMatrices:
         ref
         for ref in source.before
         if len(ref.shape) == 2
-        and any(marker in ref.name for marker in _EMBEDDING_MARKERS)
+        and any(marker in ref.name for marker in INPUT_EMBEDDING_MARKERS)
         and "position" not in ref.name
     ]
     if len(embeddings) != 1:
@@ -155,7 +159,7 @@ def _named_rows(run: RowRun) -> list[int]:
 
 def vocab_config(change: VocabChange, config: Mapping[str, Any], stack: LayerStack) -> dict[str, Any]:
     """The config with ``vocab_size`` (top level and the layers' section) and its token ids moved."""
-    moved = change.id_map() if moves_ids(change) else None
+    moved = change.id_map() if change.moves_ids() else None
 
     def patched(section: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(section)
@@ -173,28 +177,6 @@ def vocab_config(change: VocabChange, config: Mapping[str, Any], stack: LayerSta
         last = stack.config_section[-1]
         node[last] = patched(node[last])
     return result
-
-
-def moved_ids(record: Mapping[str, Any], moved: Mapping[int, int]) -> dict[str, Any]:
-    """The token-id keys of a config with each id moved (a planner's checks keep every one mapped)."""
-    out: dict[str, Any] = {}
-    for key in [k for k in record if isinstance(k, str) and is_id_key(k)]:
-        value = record.get(key)
-        if isinstance(value, list):
-            out[key] = [moved.get(v, v) if isinstance(v, int) else v for v in value]
-        elif isinstance(value, int) and not isinstance(value, bool):
-            out[key] = moved.get(value, value)
-    return out
-
-
-def moves_ids(change: VocabChange) -> bool:
-    """Whether any kept source row changes its id."""
-    at = 0
-    for run in change.rows:
-        if isinstance(run, SourceRows) and run.first != at:
-            return True
-        at += run.count
-    return False
 
 
 # --- the builders: a VocabChange from the user's terms ---------------------------------------------
@@ -277,8 +259,6 @@ def add_tokens_change(
 ) -> VocabChange:  # fmt: skip
     """``tokens`` added to the tokenizer at the ids the ``tokenizers`` library gives them; their rows
     replace unused rows where the embedding has room past the tokenizer, else are appended."""
-    from shardsurgeon.plan.token_files import added_ids
-
     tokenizer = files.need_tokenizer("--add-tokens")
     if tokenizer.get_vocab_size(with_added_tokens=True) > rows:
         raise PlanError(
@@ -416,8 +396,14 @@ def remap_change(files: TokenFiles, config: Mapping[str, Any], rows: int, mappin
         if new in taken:
             raise RecipeError(f"--remap: source ids {taken[new]} and {old} both map to {new}; give each output id once")
         taken[new] = old
+    for where, token_id in files.config_ids(config):
+        if token_id not in mapping:
+            raise RecipeError(
+                f"--remap: {safe_text(where, 80)} uses id {token_id}, which the map drops; map it, or take the id "
+                "out of the config"
+            )
     added = _added_ids(files)
-    for where, token_id in files.used_ids(config):
+    for where, token_id in files.tokenizer_ids():
         if token_id not in mapping and token_id not in added:
             raise RecipeError(
                 f"--remap: {safe_text(where, 80)} uses id {token_id}, which the map drops; map it, or remove the "
@@ -453,8 +439,6 @@ def _kept_ids(files: TokenFiles) -> dict[int, str]:
     record = files.json(TOKENIZER_FILE)
     for token_id in _processor_ids(record.get("post_processor") if isinstance(record, dict) else None):
         kept.setdefault(token_id, f"the post-processor of {TOKENIZER_FILE}")
-    from shardsurgeon.model.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE
-
     for name in (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE):
         config = files.json(name)
         if not isinstance(config, dict):
