@@ -89,8 +89,11 @@ def test_a_qwen2_shared_expert_gate_comes_from_the_file_where_it_has_one(models,
     for layer in (0, 1, 3):
         assert not out[QWEN_SHARED_GATE.format(layer)].any()  # as for a zero router: a weight of 1/2
     assert out[QWEN_ROUTER.format(1)].tobytes() == router_values(1).tobytes()
-    down = tensors(models["qwen2"])["model.layers.1.mlp.down_proj.weight"]
-    assert out["model.layers.1.mlp.experts.0.down_proj.weight"].tobytes() == (down * 0.5).tobytes()
+    source = tensors(models["qwen2"])
+    for layer, factor in ((1, 0.5), (2, 1.0)):  # halved where the gate is zeros; a trained gate: copies
+        down = source[f"model.layers.{layer}.mlp.down_proj.weight"]
+        got = out[f"model.layers.{layer}.mlp.experts.0.down_proj.weight"]
+        assert got.tobytes() == (down * np.array(factor, down.dtype)).tobytes(), layer
 
 
 def _crafted(tmp_path: Path, case: str) -> Path:

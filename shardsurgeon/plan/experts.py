@@ -129,9 +129,14 @@ def _upcycled(
     shape = (change.experts, hidden)
     std = float(std) if change.router.seed is not None else DEFAULT_INITIALIZER_RANGE
     made = [planned_router(change.router, router_file, router_name, gate.dtype, shape, model, std)]
+    shared_gate = None
+    if kind.shared_gate is not None:
+        name = stack.name(position, f"{kind.block}.{kind.shared_gate}.weight")
+        shared_gate = planned_shared_gate(change.router, router_file, name, gate.dtype, (1, hidden), model)
     # copies of one MLP: the shared expert's gate of zeros weighs it by exactly 1/2, the routed half
-    # is halved; experts of several models are copied as they are (as mergekit-moe does)
-    halve = kind.shared_gate is not None and not change.expert_models
+    # is halved; experts of several models, and a layer whose shared gate a router file gives (trained
+    # elsewhere: no identity to keep), are copied as they are (as mergekit-moe does)
+    halve = shared_gate is not None and isinstance(shared_gate.op, Zeros) and not change.expert_models
     # halving is exact but for subnormal numbers, which float16 weights hold (below 6.1e-5): there the
     # routed experts stay whole copies and the shared expert's down projection is zeros instead
     zero_shared_down = halve and found["down_proj"].dtype == "F16"
@@ -147,9 +152,8 @@ def _upcycled(
             made.append(
                 dataclasses.replace(tensor, op=Zeros()) if zero_shared_down and dense == "down_proj" else tensor
             )
-    if kind.shared_gate is not None:
-        name = stack.name(position, f"{kind.block}.{kind.shared_gate}.weight")
-        made.append(planned_shared_gate(change.router, router_file, name, gate.dtype, (1, hidden), model))
+    if shared_gate is not None:
+        made.append(shared_gate)
     first = min(tensors.index(t) for t in found.values())
     rest = [t for t in tensors if t not in found.values()]
     return rest[:first] + made + rest[first:]

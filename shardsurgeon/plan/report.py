@@ -156,9 +156,10 @@ def describe_upcycle(plan: Plan, base_model: str, names: Mapping[str, str] | Non
         gate = "its gate zeros (a weight of 1/2)"
         if change.router.file is not None:
             gate = "its gate the file's, or zeros (a weight of 1/2) where the file holds none"
+        where = " where the gate is zeros" if change.router.file is not None else ""
         text += (
             f". The shared expert is a copy of the MLP too, {gate}, and the routed experts' down projections are "
-            "halved, so with a zero gate the two halves add up to the original MLP"
+            f"halved{where}, so with a zero gate the two halves add up to the original MLP"
             if halved
             else f". The shared expert is a copy of the MLP too, {gate}, and its down projection zeros (float16 "
             "weights cannot all be halved exactly), so the routed copies alone give the original MLP"
