@@ -94,7 +94,7 @@ from shardsurgeon.plan.recipe import (
 )
 from shardsurgeon.plan.report import dry_run_text, plan_dict
 from shardsurgeon.plan.tensors import Convert, Copy, MeanRows, PlannedTensor, Zeros
-from shardsurgeon.plan.vocab import ZERO_INIT, InitSpec, parse_init
+from shardsurgeon.plan.vocab_terms import ZERO_INIT, InitSpec, parse_init
 from shardsurgeon.storage.remote import EXTRA_HINT as REMOTE_EXTRA_HINT
 from shardsurgeon.storage.remote import file_name, is_url, normal_url, obstore_available
 from shardsurgeon.storage.s3 import EXTRA_HINT as S3_EXTRA_HINT

@@ -22,13 +22,11 @@ from shardsurgeon.model.arch import (
     StackHint,
     model_type,
     resolve_zero_filters,
-    section_of,
 )
 from shardsurgeon.model.hfcache import hub_id, is_hub_id, resolve_model
 from shardsurgeon.model.license import source_license
 from shardsurgeon.model.routerfile import RouterFile, open_router_file
 from shardsurgeon.model.source import Source, card_names_of, open_source
-from shardsurgeon.model.tokenizer import read_token_files
 from shardsurgeon.plan.dense import SharedExpert
 from shardsurgeon.plan.experts import (
     KeepSpec,
@@ -44,11 +42,9 @@ from shardsurgeon.plan.mergekit import merge_recipe, parse_config, to_mergekit_y
 from shardsurgeon.plan.mergekit_moe import parse_moe_config
 from shardsurgeon.plan.planner import Plan, make_plan
 from shardsurgeon.plan.recipe import (
-    ZERO_ROW,
     ExpertChange,
     Recipe,
     Router,
-    VocabChange,
     expand_recipe,
     same_layers_recipe,
 )
@@ -60,18 +56,7 @@ from shardsurgeon.plan.report import (
     describe_upcycle,
     describe_vocab,
 )
-from shardsurgeon.plan.vocab import (
-    ZERO_INIT,
-    InitSpec,
-    add_tokens_change,
-    is_utf8,
-    pad_change,
-    parse_remap,
-    remap_change,
-    resolve_init,
-    trim_change,
-    vocab_matrices,
-)
+from shardsurgeon.plan.vocab_terms import ZERO_INIT, InitSpec, is_utf8, parse_remap, vocab_change
 from shardsurgeon.storage.remote import is_url, normal_url
 from shardsurgeon.storage.smallfile import MAX_RECIPE_BYTES, read_small
 from shardsurgeon.write.card import CardModel, model_card
@@ -249,7 +234,7 @@ def plan_vocab(
     zeros by default), rows padded to a multiple, trimmed, or moved by ``remap`` (source id -> output
     id); the tokenizer files and config made to match, every other tensor copied."""
     source = _open(src, stack_hint)
-    change, rows, untied = _vocab_change(
+    change, rows, untied = vocab_change(
         source, add_tokens, special, init, head_init, skip_existing, pad_to_multiple, trim_to, remap
     )
     recipe = same_layers_recipe(source.reference, source.layer_count, None, _cast_to(dtype), change)
@@ -262,51 +247,8 @@ def plan_vocab(
     return job
 
 
-def _vocab_change(
-    source: Source, add_tokens: Sequence[str], special: bool, init: InitSpec, head_init: InitSpec | None,
-    skip_existing: bool, pad_to_multiple: int | None, trim_to: int | None, remap: Mapping[int, int] | None,
-) -> tuple[VocabChange, int, bool]:  # fmt: skip
-    """The change ``plan_vocab``'s terms make, the source's rows, and whether its head is untied (the
-    source's tokenizer is let go on return: a large vocabulary costs tens of MB in the library)."""
-    files = read_token_files(source.folder)
-    matrices = vocab_matrices(source)
-    rows, untied = matrices.rows, bool(matrices.heads) and not _tied(source)
-    if (trim_to is not None or remap is not None) and (add_tokens or pad_to_multiple is not None):
-        raise RecipeError("vocab: --trim-to and --remap stand alone; add or pad in a second run")
-    if trim_to is not None and remap is not None:
-        raise RecipeError("vocab: give --trim-to or --remap, not both (a remap drops every row it does not map)")
-    if head_init is not None and head_init.kind != "zero" and not untied:
-        raise RecipeError(
-            f"--head-init {safe_text(head_init.shown, 60)}: {safe_text(source.reference)} has no untied output head "
-            "(its input embedding is the head); leave --head-init out"
-        )
-    change: VocabChange | None = None
-    if add_tokens:
-        row_init = resolve_init(init, files, rows, "--init")
-        head = resolve_init(head_init, files, rows, "--head-init") if head_init is not None else ZERO_ROW
-        change = add_tokens_change(
-            files, rows, add_tokens, special=special, init=row_init, head=head if untied else row_init,
-            skip_existing=skip_existing, config=source.config,
-        )  # fmt: skip
-    elif init != ZERO_INIT or head_init is not None:
-        raise RecipeError("--init and --head-init start the rows of --add-tokens; give the tokens to add")
-    if trim_to is not None:
-        change = trim_change(files, source.config, rows, trim_to)
-    if remap is not None:
-        change = remap_change(files, source.config, rows, remap)
-    if pad_to_multiple is not None:
-        change = pad_change(change, rows, pad_to_multiple)
-    if change is None:
-        raise RecipeError("vocab: nothing to do; give --add-tokens, --pad-to-multiple, --trim-to or --remap")
-    return change, rows, untied
-
-
-def _tied(source: Source) -> bool:
-    """Whether the config ties the output head to the input embedding (transformers' default: tied)."""
-    section = section_of(source.config, source.stack)
-    return bool(section.get("tie_word_embeddings", source.config.get("tie_word_embeddings", True)))
-
-
+TOKEN_FILE_SUFFIXES = (".txt", ".lst", ".list", ".tokens", ".json", ".jsonl", ".csv", ".tsv")
+"""Names that mean a file of tokens: given and missing, they are a typo, not a token to add."""
 MAX_TOKENS_BYTES = 16 << 20
 """A file of new tokens: a few thousand lines at most in practice."""
 
@@ -323,6 +265,11 @@ def read_tokens(text: str) -> tuple[str, list[str]]:
             raise RecipeError(f"--add-tokens {safe_text(text)}: is not UTF-8 text; expected one token a line") from None
         tokens = [line for line in lines if line]
         shown = path.name
+    elif path.suffix.lower() in TOKEN_FILE_SUFFIXES and "," not in text:
+        raise RecipeError(
+            f"--add-tokens {safe_text(text)}: no such file; give a file of one token a line, or tokens separated "
+            "by commas (a token that looks like a file name goes in a file)"
+        )
     else:
         tokens = [part.strip() for part in text.split(",")]
         if not all(tokens):

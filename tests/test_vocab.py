@@ -385,3 +385,8 @@ def test_remap_refuses_to_drop_an_added_token_the_config_names(tmp_path):
     (tmp_path / "map.json").write_text(json.dumps({str(i): i for i in range(21)}))
     message = refused("--src", tmp_path / "added", "--remap", tmp_path / "map.json", "--out", tmp_path / "o")
     assert "pad_token_id of config.json uses id 21, which the map drops" in message
+
+
+def test_a_missing_token_file_is_refused_not_added_as_a_token(src, tmp_path):
+    folder, _ = src
+    assert "no such file" in refused("--src", folder, "--add-tokens", tmp_path / "tokns.txt", "--out", tmp_path / "o")
