@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shardsurgeon.errors import RecipeError, safe_text
+
 DENSE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 """A dense layer's gated MLP, as ``mlp.{name}.weight``: gate, up, down."""
 
@@ -173,3 +175,24 @@ def expert_tensor(rest: str) -> ExpertTensor | None:
 
 def moe_kind(config: Mapping[str, Any]) -> MoeKind | None:
     return MOE_KINDS.get(str(config.get("model_type", "")))
+
+
+def layer_types(config: Mapping[str, Any], num_layers: int, model_type: str) -> list[str]:
+    """The attention of each layer of a Qwen2, Qwen3 or Qwen2-MoE model, as its class decides it:
+    the config's ``layer_types``, else the class's rule where a sliding window is used: Qwen2 and
+    Qwen3 slide from ``max_window_layers`` on, Qwen2-MoE in every other layer below it."""
+    types = config.get("layer_types")
+    if isinstance(types, list) and len(types) == num_layers and all(isinstance(t, str) for t in types):
+        return list(types)
+    if types is not None:
+        raise RecipeError(
+            f"config.json: layer_types: expected one name per layer ({num_layers}), found {safe_text(types)}"
+        )
+    first = config.get("max_window_layers", 28)
+    if model_type == "qwen2_moe":
+        slides = bool(config.get("use_sliding_window"))
+        return [
+            "sliding_attention" if slides and (i + 1) % 2 and i < first else "full_attention" for i in range(num_layers)
+        ]
+    window = config.get("sliding_window") if config.get("use_sliding_window") else None
+    return ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(num_layers)]

@@ -26,6 +26,7 @@ from shardsurgeon.model.moe import (
     MoeKind,
     class_defaults,
     expert_tensor,
+    layer_types,
     moe_kind,
 )
 from shardsurgeon.plan.recipe import DenseExpert
@@ -218,25 +219,8 @@ def dense_config(change: DenseExpert, config: Mapping[str, Any], num_layers: int
     out["architectures"] = [architecture]
     out["intermediate_size"] = size
     if kind is QWEN2_MOE:
-        out["layer_types"] = _qwen2_moe_layer_types(config, num_layers)
+        out["layer_types"] = layer_types(config, num_layers, "qwen2_moe")
     if kind.model_type == "qwen3_moe":
         slides = bool(config.get("use_sliding_window")) and config.get("sliding_window", 4096) is not None
         out["layer_types"] = ["sliding_attention" if slides else "full_attention"] * num_layers
     return out
-
-
-def _qwen2_moe_layer_types(config: Mapping[str, Any], num_layers: int) -> list[str]:
-    """The attention of each Qwen2-MoE layer as its class decides it: the config's ``layer_types``,
-    else sliding in every other layer below ``max_window_layers`` where a sliding window is used."""
-    types = config.get("layer_types")
-    if isinstance(types, list) and len(types) == num_layers and all(isinstance(t, str) for t in types):
-        return list(types)
-    if types is not None:
-        raise RecipeError(
-            f"config.json: layer_types: expected one name per layer ({num_layers}), found {safe_text(types)}"
-        )
-    below = config.get("max_window_layers", 28)
-    slides = bool(config.get("use_sliding_window"))
-    return [
-        "sliding_attention" if slides and (i + 1) % 2 and i < below else "full_attention" for i in range(num_layers)
-    ]

@@ -34,6 +34,7 @@ from shardsurgeon.model.moe import (
     MoeKind,
     class_defaults,
     expert_tensor,
+    layer_types,
     moe_kind,
 )
 from shardsurgeon.model.routerfile import RouterFile
@@ -252,28 +253,13 @@ def upcycled_config(change: Upcycle, config: Mapping[str, Any], stack: LayerStac
     if kind is QWEN2_MOE:
         out["shared_expert_intermediate_size"] = out["intermediate_size"]
         out["qkv_bias"] = True
-        out["layer_types"] = _qwen_layer_types(config, num_layers)  # Qwen2-MoE's own rule differs from Qwen2's
+        out["layer_types"] = layer_types(config, num_layers, "qwen2")  # Qwen2-MoE's own rule differs from Qwen2's
     if kind.model_type == "qwen3_moe":
-        types = set(_qwen_layer_types(config, num_layers))
+        types = set(layer_types(config, num_layers, "qwen2"))
         out["use_sliding_window"] = types == {"sliding_attention"}  # Qwen3-MoE slides every layer or none
         out.pop("layer_types", None)
         out.pop("max_window_layers", None)
     return out
-
-
-def _qwen_layer_types(config: Mapping[str, Any], num_layers: int) -> list[str]:
-    """The attention of each layer of a Qwen2 or Qwen3 model, as its class decides it: the config's
-    ``layer_types``, else sliding from ``max_window_layers`` on where a sliding window is used."""
-    types = config.get("layer_types")
-    if isinstance(types, list) and len(types) == num_layers and all(isinstance(t, str) for t in types):
-        return list(types)
-    if types is not None:
-        raise RecipeError(
-            f"config.json: layer_types: expected one name per layer ({num_layers}), found {safe_text(types)}"
-        )
-    window = config.get("sliding_window") if config.get("use_sliding_window") else None
-    first = config.get("max_window_layers", 28)
-    return ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(num_layers)]
 
 
 def upcycle_kind(config: Mapping[str, Any], stack: LayerStack) -> MoeKind:
@@ -296,7 +282,7 @@ def upcycle_kind(config: Mapping[str, Any], stack: LayerStack) -> MoeKind:
             f"upcycle: this {dense_type} model has biases in its attention or MLP (attention_bias/mlp_bias in "
             "config.json), which Mixtral has no place for"
         )
-    if kind.model_type == "qwen3_moe" and len(set(_qwen_layer_types(config, stack.count))) > 1:
+    if kind.model_type == "qwen3_moe" and len(set(layer_types(config, stack.count, "qwen3"))) > 1:
         raise RecipeError(
             "upcycle: this qwen3 model mixes sliding and full attention across layers (layer_types in config.json); "
             "Qwen3-MoE gives every layer the same attention, so its outputs would differ"
