@@ -1,7 +1,8 @@
 """``shardsurgeon vocab --add-tokens`` against transformers' ``resize_token_embeddings`` (issue 20).
 
 The job: add 8 special tokens to a checkpoint of ``make_checkpoint.py``'s shape (``1b``:
-TinyLlama-shaped, untied head, 32,000 rows; ``7b``: Mistral-shaped), new embedding rows the mean
+TinyLlama-shaped, untied head, 32,000 rows; ``7b``: Mistral-shaped; ``wide``: a 256,000-row tied
+embedding, for the tokenizer's share of memory), new embedding rows the mean
 of the old ones. transformers needs torch and is not a dependency: pass a Python that has torch
 and transformers (``--hf-python``). Each tool runs in a child measured by GNU time (wall with the
 sync after it, peak RSS), ``--pairs`` alternating pairs, medians printed as JSON lines. Then the
@@ -115,7 +116,7 @@ def compare(ours: Path, theirs: Path) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf-python", required=True, help="a Python with torch and transformers")
-    parser.add_argument("--shape", choices=["1b", "7b"], default="1b")
+    parser.add_argument("--shape", choices=["1b", "7b", "wide"], default="1b")
     parser.add_argument("--fs", choices=["ext4", "xfs"], default="ext4")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)

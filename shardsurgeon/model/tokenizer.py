@@ -93,6 +93,25 @@ class TokenFiles:
         yield from self.tokenizer_ids()
         yield from self.config_ids(config)
 
+    def ids_from(self, first: int, end: int) -> Iterator[tuple[str, int]]:
+        """The ids in ``[first, end)`` the tokenizer or the configs use, with where, highest first: a
+        lookup per id, not a dictionary of the whole vocabulary (which costs about 500 bytes a token)."""
+        decoder = (self.json(TOKENIZER_CONFIG_FILE) or {}).get("added_tokens_decoder") or {}
+        named = {int(k): f"added_tokens_decoder of {TOKENIZER_CONFIG_FILE}" for k in decoder if str(k).isdigit()}
+        named |= {token_id: where for where, token_id in self.config_ids({}) if token_id not in named}
+        tokenizer = self.tokenizer
+        for token_id in range(end - 1, first - 1, -1):
+            token = tokenizer.id_to_token(token_id) if tokenizer is not None else None
+            if token is not None:
+                yield f"token {token!r} of {TOKENIZER_FILE}", token_id
+            elif token_id in named:
+                yield named[token_id], token_id
+
+    def release_tokenizer(self) -> None:
+        """Let the source's tokenizer go (it is read again if asked for): a large vocabulary costs
+        tens of MB in the library, and a second tokenizer is about to be made."""
+        self.__dict__.pop("tokenizer", None)
+
     def tokenizer_ids(self) -> Iterator[tuple[str, int]]:
         """Every token id the tokenizer names (added tokens too), with where."""
         if self.tokenizer is not None:

@@ -132,9 +132,11 @@ def add_tokens_change(
             )
     if not wanted:
         raise RecipeError("--add-tokens: every token given is already in the tokenizer; nothing to add")
+    del tokenizer
+    files.release_tokenizer()  # one tokenizer at a time: the library's copy with the tokens added is next
     new = [NewToken(token, token_id, special) for token, token_id in added_ids(files, list(wanted), special)]
     by_id = {t.id: t for t in new}
-    for where, token_id in files.used_ids(config or {}):
+    for where, token_id in files.config_ids(config or {}):  # the tokenizer's own ids are below the new ones
         if token_id in by_id:
             raise RecipeError(
                 f"--add-tokens: {safe_text(by_id[token_id].content, 40)} would take id {token_id}, which "
@@ -220,17 +222,21 @@ def trim_change(files: TokenFiles, config: Mapping[str, Any], rows: int, keep: i
         raise RecipeError(
             f"--trim-to {keep}: expected a row count from 1 to {rows - 1} (the embedding has {rows} rows)"
         )
-    for where, token_id in files.used_ids(config):
+    end = max(rows, files.size or 0, *(token_id + 1 for _, token_id in files.config_ids(config)))
+    config_named = {token_id: where for where, token_id in files.config_ids(config)}
+    for where, token_id in files.ids_from(keep, end):  # highest first
+        where = config_named.get(token_id, where)
+        raise RecipeError(
+            f"--trim-to {keep}: {safe_text(where, 80)} uses id {token_id}, which would have no row; trim to at "
+            f"least {token_id + 1}, or --remap the ids first"
+        )
+    for where, token_id in files.config_ids(config):
         if token_id >= keep:
             raise RecipeError(
                 f"--trim-to {keep}: {safe_text(where, 80)} uses id {token_id}, which would have no row; trim to at "
-                f"least {_highest(files, config) + 1}, or --remap the ids first"
+                f"least {token_id + 1}, or --remap the ids first"
             )
     return VocabChange((SourceRows(0, keep),))
-
-
-def _highest(files: TokenFiles, config: Mapping[str, Any]) -> int:
-    return max((token_id for _, token_id in files.used_ids(config)), default=-1)
 
 
 def remap_change(files: TokenFiles, config: Mapping[str, Any], rows: int, mapping: Mapping[int, int]) -> VocabChange:
