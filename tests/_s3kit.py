@@ -110,6 +110,18 @@ def server_with_a_model(
     yield weed, src, src2
 
 
+def objects(s3: Any, bucket: str, prefix: str = "", *, keep_prefix: bool = False) -> dict[str, bytes]:
+    """Every object of ``bucket`` whose key starts with ``prefix`` (all pages), by its key without the
+    prefix (``keep_prefix``: by its whole key)."""
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
+    return {key if keep_prefix else key.removeprefix(prefix): s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            for key in keys}  # fmt: skip
+
+
 def objects_under(s3: Any, url: str) -> dict[str, bytes]:
     """Every object under the S3 folder ``url``, by its name in that folder."""
     bucket, _, prefix = url.removeprefix("s3://").partition("/")

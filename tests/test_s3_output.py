@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from _s3kit import SEED, SHAPE, server_with_a_model
+from _s3kit import objects_under as objects
 from _servers import SeaweedFS, create_bucket, s3_environment, seaweedfs, weed_binary
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
@@ -48,12 +49,6 @@ def run(*args: str | Path) -> Result:
 def local_output(src: Path, flags: tuple[str, ...], out: Path) -> dict[str, bytes]:
     assert run("expand", "--src", src, *flags, "--out", out, "-q").exit_code == 0
     return {p.name: p.read_bytes() for p in out.iterdir()}
-
-
-def objects(s3: Any, url: str) -> dict[str, bytes]:
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/").get("Contents", [])
-    return {o["Key"].rpartition("/")[2]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
 
 
 def unfinished_uploads(s3: Any, url: str) -> list[str]:

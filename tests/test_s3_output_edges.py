@@ -8,6 +8,7 @@ own, so a test that destroys data (the findings) cannot disturb another.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from _s3kit import SEED, SHAPE, server_with_a_model, stop_after
+from _s3kit import objects as all_objects
 from _servers import SeaweedFS, create_bucket, s3_environment, upload_folder
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
@@ -44,6 +46,9 @@ pytest.importorskip("boto3", reason="the remote extra (boto3) is not installed")
 TESTS = Path(__file__).parent
 MiB = 1 << 20
 
+objects = functools.partial(all_objects, keep_prefix=True)
+"""Objects by their whole key."""
+
 
 # --- fixtures and helpers ---------------------------------------------------------------------
 
@@ -65,15 +70,6 @@ def bucket(server: Any, name: str, uploads: dict[str, Path] | None = None) -> st
 
 def run(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def objects(s3: Any, bucket: str, prefix: str = "") -> dict[str, bytes]:
-    keys = [
-        o["Key"]
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        for o in page.get("Contents", [])
-    ]
-    return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
 def uploads(s3: Any, bucket: str, prefix: str = "") -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _s3kit import SEED, SHAPE, server_with_a_model, stop_after
+from _s3kit import SEED, SHAPE, objects, server_with_a_model, stop_after
 from _servers import SeaweedFS, s3_environment
 from click.testing import CliRunner, Result
 from conftest import write_tiny_checkpoint
@@ -54,15 +54,6 @@ def s3c(server, monkeypatch) -> Any:
 
 def run(*args: str | Path, catch: bool = False) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch)
-
-
-def objects(client: Any, bucket: str, prefix: str) -> dict[str, bytes]:
-    keys = [
-        o["Key"]
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        for o in page.get("Contents", [])
-    ]
-    return {key.removeprefix(prefix): client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
 def local_output(src: Path | str, flags: tuple[str, ...], out: Path) -> dict[str, bytes]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _s3kit import SMALL_SHAPE, server_with_a_model
+from _s3kit import SMALL_SHAPE, objects, server_with_a_model
 from _servers import upload_folder
 from click.testing import CliRunner, Result
 from conftest import folder_bytes, write_tiny_checkpoint
@@ -52,15 +52,6 @@ def one_line_error(result: Result, status: int, *parts: str) -> None:
     assert "internal error" not in result.output, result.output
     for part in parts:
         assert part in result.output, result.output
-
-
-def objects(s3: Any, bucket: str, prefix: str) -> dict[str, bytes]:
-    keys = [
-        o["Key"]
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        for o in page.get("Contents", [])
-    ]
-    return {key.removeprefix(prefix): s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
 LOCAL = ("--dup", "1x2", "--zero", "o_proj,down_proj", "--max-shard-size", "200KB")
