@@ -390,3 +390,11 @@ def test_remap_refuses_to_drop_an_added_token_the_config_names(tmp_path):
 def test_a_missing_token_file_is_refused_not_added_as_a_token(src, tmp_path):
     folder, _ = src
     assert "no such file" in refused("--src", folder, "--add-tokens", tmp_path / "tokns.txt", "--out", tmp_path / "o")
+
+
+def test_verify_finds_a_token_file_the_source_had_not(src, tmp_path):
+    folder, _ = src
+    vocab("--src", folder, "--add-tokens", "n1", "--out", tmp_path / "out")
+    (tmp_path / "out" / "added_tokens.json").write_text('{"n1": 7}')
+    problems = " ".join(str(m) for m in verify_checkpoint(tmp_path / "out", [folder]).mismatches)
+    assert "added_tokens.json" in problems and "neither in the source nor made by the recipe" in problems

@@ -30,6 +30,7 @@ from shardsurgeon.model.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, 
 from shardsurgeon.model.otherfiles import other_files, remote_other_files
 from shardsurgeon.model.routerfile import open_router_file
 from shardsurgeon.model.source import Source, open_source
+from shardsurgeon.model.tokenizer import SLOW_TOKENIZER_FILES, TOKEN_FILES
 from shardsurgeon.plan.expected import describe_expected, differing_tensors, first_difference
 from shardsurgeon.plan.job import replaced_files
 from shardsurgeon.plan.layout import PLAN_METADATA_KEY, RECIPE_METADATA_KEY, Layout
@@ -384,9 +385,16 @@ def _compare_with_sources(
             f"expected {json.dumps(plan.config.get(keys[0]))}",
         )
     replaced = replaced_files(plan.recipe, donor)
+    carried = set()
     for name, digest, where in _donor_files(donor.folder):
+        carried.add(name)
         if name not in replaced and files.sha256(name) != digest:
             found.add(name, "", f"missing or different from {where}, which the output should carry as is")
+    # where the recipe changed the token rows, a token file from elsewhere could name ids they disagree with
+    extra = [n for n in (*TOKEN_FILES, *SLOW_TOKENIZER_FILES) if n not in carried and n not in replaced]
+    for name in extra if plan.recipe.vocab is not None else ():
+        if files.sha256(name) is not None:
+            found.add(name, "", "is in the output but neither in the source nor made by the recipe: ids unchecked")
     for name, data in replaced.items():
         if data is None and files.sha256(name) is not None:
             found.add(name, "", "is in the output, which the recipe leaves out (its ids would disagree with the rows)")
