@@ -93,16 +93,20 @@ class TokenFiles:
         yield from self.tokenizer_ids()
         yield from self.config_ids(config)
 
-    def ids_from(self, first: int, end: int) -> Iterator[tuple[str, int]]:
-        """The ids in ``[first, end)`` the tokenizer or the configs use, with where, highest first: a
-        lookup per id, not a dictionary of the whole vocabulary (which costs about 500 bytes a token)."""
+    def ids_from(self, first: int, config: Mapping[str, Any]) -> Iterator[tuple[str, int]]:
+        """The ids from ``first`` on that ``config`` (config.json), the generation config, the
+        tokenizer or its config use, with where (a config's name first), highest first: a lookup per
+        id, not a dictionary of the whole vocabulary (which costs about 500 bytes a token)."""
         decoder = (self.json(TOKENIZER_CONFIG_FILE) or {}).get("added_tokens_decoder") or {}
         named = {int(k): f"added_tokens_decoder of {TOKENIZER_CONFIG_FILE}" for k in decoder if str(k).isdigit()}
-        named |= {token_id: where for where, token_id in self.config_ids({}) if token_id not in named}
+        configs = {token_id: where for where, token_id in self.config_ids(config)}
         tokenizer = self.tokenizer
+        end = max(first, self.size or 0, *(token_id + 1 for token_id in (*named, *configs)))
         for token_id in range(end - 1, first - 1, -1):
             token = tokenizer.id_to_token(token_id) if tokenizer is not None else None
-            if token is not None:
+            if token_id in configs:
+                yield configs[token_id], token_id
+            elif token is not None:
                 yield f"token {token!r} of {TOKENIZER_FILE}", token_id
             elif token_id in named:
                 yield named[token_id], token_id
