@@ -178,6 +178,11 @@ class VocabChange:
             at += run.count
         return mapped
 
+    @property
+    def kept(self) -> int:
+        """Source rows the output keeps."""
+        return sum(run.count for run in self.rows if isinstance(run, SourceRows))
+
     def moves_ids(self) -> bool:
         """Whether any kept source row changes its id."""
         at = 0
@@ -186,15 +191,6 @@ class VocabChange:
                 return True
             at += run.count
         return False
-
-    def new_id(self, source_id: int) -> int | None:
-        """Where source row ``source_id`` goes (None: dropped), without building the whole map."""
-        at = 0
-        for run in self.rows:
-            if isinstance(run, SourceRows) and run.first <= source_id < run.first + run.count:
-                return at + source_id - run.first
-            at += run.count
-        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -205,11 +205,10 @@ def describe_vocab(plan: Plan, base_model: str, rows: int, untied_head: bool) ->
         text += f" whose input embedding rows are {first.init.text}"
         if untied_head:
             text += f" and output head rows {first.head.text}"
-    moved = change.id_map()
-    if any(old != new for old, new in moved.items()):
+    if change.moves_ids():
         text += "; token ids moved as the remap file says, the tokenizer files to match"
-    elif len(moved) < rows and not change.tokens:  # added tokens take unused rows in place: none dropped
-        text += f"; rows {len(moved)} and on dropped"
+    elif change.kept < rows and not change.tokens:  # added tokens take unused rows in place: none dropped
+        text += f"; rows {change.kept} and on dropped"
     padding = [run for run in change.rows if isinstance(run, NewRows) and run.init.kind == "zero"]
     if padding and not change.tokens:
         text += "; the rows added are zeros"
@@ -340,7 +339,7 @@ def vocab_lines(plan: Plan) -> list[str]:
             f"{new.init.text}, output head rows {new.head.text}"
         )
     if change.moves_ids():
-        lines.append(f"  ids moved: {len(change.id_map())} rows kept, the tokenizer files and config ids to match")
+        lines.append(f"  ids moved: {change.kept} rows kept, the tokenizer files and config ids to match")
     return lines
 
 

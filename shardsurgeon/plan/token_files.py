@@ -84,16 +84,15 @@ def _added(tokens: Sequence[NewToken], files: TokenFiles) -> dict[str, bytes | N
     _check_encodes(load_tokenizer(text, TOKENIZER_FILE), tokens)
     out: dict[str, bytes | None] = {TOKENIZER_FILE: text.encode()}
     entries = {str(t.id): _decoder_entry(t) for t in tokens}
+    specials = [t.content for t in tokens if t.special]
     config = files.json(TOKENIZER_CONFIG_FILE)
     if isinstance(config, dict):
         config = {**config, "added_tokens_decoder": {**(config.get("added_tokens_decoder") or {}), **entries}}
-        specials = [t.content for t in tokens if t.special]
         for key in ("additional_special_tokens", "extra_special_tokens"):
             if specials and isinstance(config.get(key), list):
                 config[key] = [*config[key], *(s for s in specials if s not in config[key])]
         out[TOKENIZER_CONFIG_FILE] = _dumps(config)
     special_map = files.json(SPECIAL_TOKENS_FILE)
-    specials = [t.content for t in tokens if t.special]
     if isinstance(special_map, dict) and specials:
         present = special_map.get("additional_special_tokens") or []
         shown = {item if isinstance(item, str) else item.get("content") for item in present}
