@@ -256,3 +256,22 @@ def logits_of(model, ids: torch.Tensor | None = None) -> torch.Tensor:
     """The logits on ``ids`` (default: :func:`fixed_input`)."""
     with torch.no_grad():
         return model(fixed_input() if ids is None else ids).logits
+
+
+def logits_with_routers_masked(model, routers: set[int], kept: Callable[[int], bool]) -> torch.Tensor:
+    """The logits with every router logit of an expert ``kept`` refuses set to minus infinity: each
+    ``torch.nn.functional.linear`` whose weight is one of ``routers`` (by ``id``) masks its columns."""
+    real = torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        y = real(x, weight, bias)
+        if id(weight) in routers:
+            y = y.clone()
+            y[..., [e for e in range(weight.shape[0]) if not kept(e)]] = float("-inf")
+        return y
+
+    torch.nn.functional.linear = linear
+    try:
+        return logits_of(model)
+    finally:
+        torch.nn.functional.linear = real

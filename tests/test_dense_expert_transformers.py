@@ -15,7 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from compat_models import _LLAMA_LIKE, save_tiny_model  # noqa: E402
+from compat_models import (  # noqa: E402
+    _LLAMA_LIKE,
+    logits_with_routers_masked,
+    save_tiny_model,
+)
 from compat_models import load_checked as load  # noqa: E402
 from compat_models import logits_of as logits  # noqa: E402
 from compat_models import run_ok as run  # noqa: E402
@@ -67,20 +71,7 @@ def routed_to_one(path: Path, expert: int, dtype: torch.dtype, shared: str | Non
         if shared == "take" and name.endswith(".experts") and hasattr(module, "down_proj"):
             with torch.no_grad():
                 module.down_proj[expert].zero_()
-    real = torch.nn.functional.linear
-
-    def linear(x, weight, bias=None):
-        y = real(x, weight, bias)
-        if id(weight) in routers:
-            y = y.clone()
-            y[..., [e for e in range(weight.shape[0]) if e != expert]] = float("-inf")
-        return y
-
-    torch.nn.functional.linear = linear
-    try:
-        return logits(model)
-    finally:
-        torch.nn.functional.linear = real
+    return logits_with_routers_masked(model, routers, lambda e: e == expert)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402
-from compat_models import _LLAMA_LIKE, save_tiny_model  # noqa: E402
+from compat_models import (  # noqa: E402
+    _LLAMA_LIKE,
+    logits_with_routers_masked,
+    save_tiny_model,
+)
 from compat_models import load_checked as load  # noqa: E402
 from compat_models import logits_of as logits  # noqa: E402
 from compat_models import run_ok as run  # noqa: E402
@@ -158,20 +162,7 @@ def masked_logits(path: Path, keep: list[int], experts: int) -> torch.Tensor:
     routers = {
         id(m.weight) for name, m in model.named_modules() if name.endswith(".gate") and m.weight.shape[0] == experts
     }
-    real = torch.nn.functional.linear
-
-    def linear(x, weight, bias=None):
-        y = real(x, weight, bias)
-        if id(weight) in routers:
-            y = y.clone()
-            y[..., dropped] = float("-inf")
-        return y
-
-    torch.nn.functional.linear = linear
-    try:
-        return logits(model)
-    finally:
-        torch.nn.functional.linear = real
+    return logits_with_routers_masked(model, routers, lambda e: e not in dropped)
 
 
 @pytest.mark.parametrize("arch", MOE)
