@@ -258,11 +258,11 @@ def read_tokens(text: str) -> tuple[str, list[str]]:
     list (each token stripped of surrounding spaces); with how the model card's command names it."""
     path = Path(text)
     if path.is_file():
-        raw = read_small(path, MAX_TOKENS_BYTES, RecipeError, "a file of tokens, one a line")
-        try:
-            lines = [line.removesuffix("\r") for line in raw.decode("utf-8-sig").split("\n")]
-        except UnicodeDecodeError:
-            raise RecipeError(f"--add-tokens {safe_text(text)}: is not UTF-8 text; expected one token a line") from None
+        content = _flag_file(
+            "--add-tokens", text, MAX_TOKENS_BYTES, "a file of tokens, one a line",
+            "is not UTF-8 text; expected one token a line",
+        )  # fmt: skip
+        lines = [line.removesuffix("\r") for line in content.split("\n")]
         tokens = [line for line in lines if line]
         shown = path.name
     elif path.suffix.lower() in TOKEN_FILE_SUFFIXES and "," not in text:
@@ -290,11 +290,10 @@ MAX_REMAP_BYTES = 64 << 20
 
 def read_remap(text: str) -> dict[int, int]:
     """``--remap FILE``: a JSON object of source ids to output ids."""
-    raw = read_small(Path(text), MAX_REMAP_BYTES, RecipeError, "a JSON map of token ids")
-    try:
-        return parse_remap(raw.decode("utf-8-sig"), f"--remap {safe_text(text)}")
-    except UnicodeDecodeError:
-        raise RecipeError(f"--remap {safe_text(text)}: is not a text file; expected JSON") from None
+    content = _flag_file(
+        "--remap", text, MAX_REMAP_BYTES, "a JSON map of token ids", "is not a text file; expected JSON"
+    )
+    return parse_remap(content, f"--remap {safe_text(text)}")
 
 
 MAX_KEEP_BYTES = 16 << 20
@@ -309,12 +308,20 @@ def read_keep(text: str) -> tuple[KeepSpec, Path | None]:
     stripped = text.strip()
     if stripped[:1].isdigit() or stripped[:1] in ("[", "{", "-"):
         return parse_keep(text), None
-    path = Path(text)
-    raw = read_small(path, MAX_KEEP_BYTES, RecipeError, "a JSON list of the experts to keep")
+    content = _flag_file(
+        "--keep", text, MAX_KEEP_BYTES, "a JSON list of the experts to keep", "is not a text file; expected JSON"
+    )
+    return parse_keep(content, f"--keep {safe_text(text)}"), Path(text)
+
+
+def _flag_file(flag: str, text: str, limit: int, what: str, not_text: str) -> str:
+    """The text of the file a flag names (at most ``limit`` bytes, a BOM dropped); ``not_text``
+    completes the refusal of one that is not UTF-8."""
+    raw = read_small(Path(text), limit, RecipeError, what)
     try:
-        return parse_keep(raw.decode("utf-8-sig"), f"--keep {safe_text(text)}"), path
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise RecipeError(f"--keep {safe_text(text)}: is not a text file; expected JSON") from None
+        raise RecipeError(f"{flag} {safe_text(text)}: {not_text}") from None
 
 
 def _open(src: str | Path, stack_hint: StackHint) -> Source:
